@@ -1,0 +1,27 @@
+# Set-up is part of every target: a fresh machine with only Python needs nothing else.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench clean-demo
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PYTHON=$(abspath $(PY)) bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py --quick
+	$(PY) bench/sampling.py --quick
+	$(PY) bench/attention.py --quick
+	$(PY) bench/flops.py --quick

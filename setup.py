@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="anatomical-ldm",
+    version="0.1.0",
+    description="CompVis-compatible latent diffusion on current PyTorch/Lightning with anatomical register tokens "
+    "for medical image generation",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "pytorch-lightning>=2.1,<3",
+        "omegaconf>=2.3",
+        "einops>=0.6",
+        "nibabel>=5.0",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "scipy>=1.10",
+        "tqdm>=4.64",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        # the installable distribution of taming-transformers (provides VectorQuantizer2);
+        # the registry's `taming-transformers` 0.0.1 lacks it
+        "taming-transformers-rom1504>=0.0.6",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        "metrics": ["torchmetrics>=1.0"],
+    },
+)
