@@ -1,0 +1,599 @@
+"""Denoising diffusion models (CompVis-compatible names, parameters and state-dict keys).
+
+- :class:`DDPM`: the diffusion process (schedule buffers, ``q_sample``, losses, the eps/x0 prediction
+  dispatcher, ancestral sampling), EMA, optimiser and Lightning steps; Ho et al. 2020.
+- :class:`LatentDiffusion`: DDPM in the latent space of a frozen first-stage autoencoder, with optional
+  conditioning (``concat``, ``crossattn``, ``hybrid``, ``adm``); Rombach et al. 2022.
+- :class:`DiffusionWrapper`: routes conditioning into the UNet.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+from torch import nn
+
+from ldm.models.diffusion.ckpt_utils import load_weights
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.training import DiffusionLightningMixin
+from ldm.models.diffusion.sampling_utils import (SCHEDULE_BUFFERS, ancestral_sample_loop, denoise_grid,
+                                                 diffusion_row, guided_output, latent_log_images, schedule_arrays,
+                                                 truncate_cond)
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.ema import LitEma
+from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, count_params, default, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+_NONE_STRINGS = ("None", "none", "null", "")
+
+
+def _normalize_conditioning_key(key: Optional[str]) -> Optional[str]:
+    key = None if key in _NONE_STRINGS else key
+    if key not in CONDITIONING_KEYS:
+        raise ValueError(f"conditioning_key must be one of {CONDITIONING_KEYS}, got {key!r}")
+    return key
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` and feeds it the conditioning ``conditioning_key`` asks for.
+
+    Args:
+        diff_model_config: ``{target, params}`` of the UNet.
+        conditioning_key: None (or the string "None"), "concat" (channel-concatenate ``c_concat``),
+            "crossattn" (``c_crossattn`` as ``context``), "hybrid" (both) or "adm" (``c_crossattn[0]`` as ``y``).
+    """
+
+    # conditioning key -> (concatenate c_concat to x?, UNet keyword that receives c_crossattn)
+    _ROUTES = {None: (False, None), "concat": (True, None), "crossattn": (False, "context"),
+               "hybrid": (True, "context"), "adm": (False, "y")}
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: Optional[str]) -> None:
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = _normalize_conditioning_key(conditioning_key)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
+                c_crossattn: Optional[Sequence[torch.Tensor]] = None, **kwargs: Any) -> Any:
+        concat, keyword = self._ROUTES[self.conditioning_key]
+        if concat:
+            if c_concat is None:
+                raise ValueError(f"conditioning_key {self.conditioning_key!r} needs c_concat conditioning")
+            x = torch.cat([x, *c_concat], dim=1)
+        if keyword is not None:
+            if c_crossattn is None:
+                raise ValueError(f"conditioning_key {self.conditioning_key!r} needs c_crossattn conditioning")
+            kwargs[keyword] = c_crossattn[0] if keyword == "y" else torch.cat(list(c_crossattn), dim=1)
+        return self.diffusion_model(x, t, **kwargs)
+
+
+class DDPM(DiffusionLightningMixin, pl.LightningModule):
+    """Gaussian diffusion in pixel space with a UNet denoiser (CompVis parameters).
+
+    Args:
+        unet_config: ``{target, params}`` of the denoiser. timesteps, beta_schedule, linear_start,
+            linear_end, cosine_s, given_betas: the noise schedule. loss_type: "l1" or "l2".
+        ckpt_path, ignore_keys, load_only_unet: weights to load after construction (see :meth:`init_from_ckpt`).
+        monitor: metric name for checkpointing. use_ema: keep an EMA of the weights in ``model_ema``.
+        first_stage_key: batch key of the images. image_size, channels: sample shape.
+        log_every_t: interval of logged intermediates. clip_denoised: clamp x_0 to [-1, 1] when sampling.
+        original_elbo_weight, l_simple_weight: weights of the VLB and simple losses. v_posterior: blend of the
+            posterior variance with beta_t. conditioning_key: see :class:`DiffusionWrapper`.
+        parameterization: "eps" (predict noise) or "x0". scheduler_config: ``{target, params}`` of an
+            ``ldm.lr_scheduler`` multiplier (step-wise LambdaLR). use_positional_encodings: not supported (must be False).
+        learn_logvar, logvar_init: learned per-timestep loss log-variance (Kendall & Gal style weighting).
+    """
+
+    def __init__(self, unet_config: Mapping[str, Any], timesteps: int = 1000, beta_schedule: str = "linear",
+                 loss_type: str = "l2", ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (),
+                 load_only_unet: bool = False, monitor: Optional[str] = "val/loss", use_ema: bool = True,
+                 first_stage_key: str = "image", image_size: int = 256, channels: int = 3, log_every_t: int = 100,
+                 clip_denoised: bool = True, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                 cosine_s: float = 8e-3, given_betas: Optional[Sequence[float]] = None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: Optional[str] = None, parameterization: str = "eps",
+                 scheduler_config: Optional[Mapping[str, Any]] = None, use_positional_encodings: bool = False,
+                 learn_logvar: bool = False, logvar_init: float = 0.0) -> None:
+        super().__init__()
+        if parameterization not in ("eps", "x0"):
+            raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
+        if loss_type not in ("l1", "l2"):
+            raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+        if use_positional_encodings:
+            raise ValueError("use_positional_encodings=True (bounding-box positional conditioning) is not supported")
+        self.parameterization = parameterization
+        self.cond_stage_model = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        count_params(self.model, verbose=True)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model)
+            logger.info("Keeping EMAs of %d parameters.", len(self.model_ema.m_name2s_name))
+        self.use_scheduler = scheduler_config is not None
+        self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer("logvar", logvar, persistent=False)
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    # ------------------------------------------------------------------ schedule and the forward process
+    def register_schedule(self, given_betas: Optional[Sequence[float]] = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3) -> None:
+        """Compute the schedule once and store it as float32 buffers (CompVis names; lvlb_weights non-persistent)."""
+        if given_betas is not None:
+            betas = given_betas
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end,
+                                       cosine_s=cosine_s)
+        arrays = schedule_arrays(betas, self.v_posterior, self.parameterization)
+        self.num_timesteps = int(len(arrays["betas"]))
+        self.linear_start, self.linear_end = linear_start, linear_end
+        for name in SCHEDULE_BUFFERS:
+            self.register_buffer(name, torch.tensor(arrays[name], dtype=torch.float32))
+        self.register_buffer("lvlb_weights", torch.tensor(arrays["lvlb_weights"], dtype=torch.float32),
+                             persistent=False)
+
+    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Mean, variance and log-variance of q(x_t | x_0)."""
+        mean = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
+        log_variance = extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7)."""
+        mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        variance = extract_into_tensor(self.posterior_variance, t, x_t.shape)
+        log_variance = extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        return mean, variance, log_variance
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return ((extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0)
+                / extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
+    # ------------------------------------------------------------------ the network and its predictions
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False,
+                    **model_kwargs: Any) -> Any:
+        """Run the UNet on ``x_noisy`` at steps ``t`` with ``cond`` routed by ``conditioning_key``.
+
+        ``cond`` is a tensor, a list of tensors or a ``{c_concat, c_crossattn}`` dict. Returns whatever the
+        UNet returns (a tuple when ``model_kwargs`` asks for extra outputs, e.g. ``return_anatomy=True``).
+        ``return_ids`` is accepted for CompVis call compatibility.
+        """
+        del return_ids
+        key = self.model.conditioning_key
+        if not isinstance(cond, dict):
+            if key is None or cond is None:
+                cond = {}
+            else:
+                cond = {"c_concat" if key == "concat" else "c_crossattn": cond if isinstance(cond, list) else [cond]}
+        return self.model(x_noisy, t, **cond, **model_kwargs)
+
+    def model_predictions(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None,
+                          unconditional_guidance_scale: float = 1.0,
+                          unconditional_conditioning: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one eps/x0 dispatcher every sampler uses: returns ``(eps, x0)`` whatever the parameterization."""
+        out = guided_output(self.apply_model, x, t, cond, unconditional_guidance_scale, unconditional_conditioning)
+        if self.parameterization == "eps":
+            return out, self.predict_start_from_noise(x, t, out)
+        return self.predict_noise_from_start(x, t, out), out
+
+    def p_mean_variance(self, x: torch.Tensor, cond: Any, t: torch.Tensor,
+                        clip_denoised: bool) -> tuple[torch.Tensor, ...]:
+        """Mean, variance, log-variance of p(x_{t-1} | x_t) and the x_0 prediction."""
+        _, x0 = self.model_predictions(x, t, cond)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, variance, log_variance = self.q_posterior(x0, x, t)
+        return mean, variance, log_variance, x0
+
+    def cond_for_step(self, cond: Any, t: torch.Tensor) -> Any:
+        """Conditioning used at step ``t`` of ancestral sampling (unchanged here)."""
+        return cond
+
+    @torch.no_grad()
+    def sample(self, batch_size: int = 16, return_intermediates: bool = False, **kwargs: Any) -> Any:
+        """Ancestral samples of shape ``[batch_size, channels, image_size, image_size]``."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        return ancestral_sample_loop(self, None, shape, return_intermediates=return_intermediates, **kwargs)
+
+    # ------------------------------------------------------------------ losses
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        if self.loss_type == "l1":
+            loss = (target - pred).abs()
+        else:
+            loss = torch.nn.functional.mse_loss(target, pred, reduction="none")
+        return loss.mean() if mean else loss
+
+    def diffusion_loss(self, model_output: torch.Tensor, x_start: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Simple loss (weighted by the per-step log-variance) + ``original_elbo_weight`` * VLB term."""
+        prefix = "train" if self.training else "val"
+        target = noise if self.parameterization == "eps" else x_start
+        loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, target.ndim)))
+        loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
+        logvar_t = self.logvar[t].to(loss_simple.device)
+        loss = loss_simple / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
+            loss_dict["logvar"] = self.logvar.data.mean()
+        loss = self.l_simple_weight * loss.mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
+        loss = loss + self.original_elbo_weight * loss_vlb
+        loss_dict[f"{prefix}/loss"] = loss
+        return loss, loss_dict
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        noise = default(noise, lambda: torch.randn_like(x_start))
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        return self.diffusion_loss(model_output, x_start, t, noise)
+
+    def forward(self, x: torch.Tensor, c: Any = None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device).long()
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    # ------------------------------------------------------------------ data and Lightning steps
+    def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
+        """``batch[k]`` (B,H,W[,C] channels-last, CompVis convention) as a float B,C,H,W tensor."""
+        if k not in batch:
+            raise ValueError(f"batch has no key {k!r} (keys: {sorted(batch)}); check first_stage_key / cond_stage_key")
+        x = torch.as_tensor(batch[k])
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        x = self.get_input(batch, self.first_stage_key)
+        return self(x)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser updates: the denoiser (+ ``logvar`` when learned)."""
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    # ------------------------------------------------------------------ checkpoints
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> list[str]:
+        """Load weights from ``path`` (see :func:`~ldm.models.diffusion.ckpt_utils.load_weights`).
+
+        Extra keys or other shapes raise ``ValueError`` naming the file; missing keys are logged and returned.
+        """
+        missing = load_weights(self, path, ignore_keys, only_model, key_filter=self._drop_optional_keys)
+        self.restarted_from_ckpt = True
+        return missing
+
+    def _drop_optional_keys(self, sd: dict, own: Mapping[str, Any], path: str) -> dict:
+        """Remove keys that legitimately differ between configs (EMA copies when ``use_ema`` is off)."""
+        if not self.use_ema:
+            ema = [k for k in sd if k.startswith("model_ema.")]
+            if ema:
+                logger.info("use_ema is off: ignoring %d model_ema.* entries of %s", len(ema), path)
+                sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+        return sd
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 2, sample: bool = True,
+                   return_keys: Optional[Sequence[str]] = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Inputs, the forward diffusion of a few inputs, and EMA samples with their denoising rows."""
+        x = self.get_input(batch, self.first_stage_key).to(self.device)
+        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
+        log = {"inputs": x[:N]}
+        log["diffusion_row"] = diffusion_row(self, x[:n_row], lambda z: z)
+        if sample:
+            with self.ema_scope("Plotting"):
+                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True, verbose=False)
+            log["samples"] = samples
+            log["denoise_row"] = denoise_grid(lambda z: z, denoise_row)
+        if return_keys:
+            log = {k: v for k, v in log.items() if k in return_keys}
+        return log
+
+
+class LatentDiffusion(DDPM):
+    """DDPM in the latent space of a frozen first stage (``z = scale_factor * E(x)``), optionally conditioned.
+
+    Args:
+        first_stage_config: ``{target, params}`` of the autoencoder (frozen, kept in eval mode).
+        cond_stage_config: ``{target, params}`` of the conditioning encoder, or ``"__is_first_stage__"``
+            (encode with the first stage) or ``"__is_unconditional__"`` (no conditioning, whatever
+            ``conditioning_key`` says).
+        num_timesteps_cond: >1 noises the conditioning on a shortened schedule (``cond_ids``).
+        cond_stage_key: batch key of the conditioning input. cond_stage_trainable: train the cond encoder
+            jointly. concat_mode: default routing ("concat" or "crossattn") when ``conditioning_key`` is None.
+        cond_stage_forward: name of the cond encoder method to call instead of ``encode``/``forward``.
+        conditioning_key: see :class:`DiffusionWrapper`.
+        scale_factor: latent scaling. scale_by_std: set ``scale_factor = 1 / std(z)`` from the first training
+            batch (kept in the ``scale_factor`` buffer, so checkpoints carry it).
+        **kwargs: the :class:`DDPM` parameters (``ckpt_path``/``ignore_keys`` load after the first stage is built).
+    """
+
+    def __init__(self, first_stage_config: Mapping[str, Any], cond_stage_config: Any,
+                 num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
+                 cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
+                 conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 **kwargs: Any) -> None:
+        self.num_timesteps_cond = default(num_timesteps_cond, 1)
+        self.scale_by_std = scale_by_std
+        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
+            raise ValueError(f"num_timesteps_cond ({self.num_timesteps_cond}) exceeds timesteps")
+        unconditional = cond_stage_config == UNCONDITIONAL_SENTINEL
+        if unconditional:
+            conditioning_key = None
+        elif conditioning_key in _NONE_STRINGS:
+            raise ValueError(f"conditioning_key is {conditioning_key!r} but cond_stage_config is a real encoder; "
+                             "use concat/crossattn/hybrid/adm, or cond_stage_config: __is_unconditional__")
+        elif conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self._scale_factor_fixed = not scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+            self.register_load_state_dict_pre_hook(LatentDiffusion._note_loaded_scale_factor)
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def register_schedule(self, *args: Any, **kwargs: Any) -> None:
+        super().register_schedule(*args, **kwargs)
+        self.shorter_cond_schedule = self.num_timesteps_cond > 1
+        if self.shorter_cond_schedule:
+            cond_ids = torch.full((self.num_timesteps,), self.num_timesteps - 1, dtype=torch.long)
+            cond_ids[: self.num_timesteps_cond] = torch.round(
+                torch.linspace(0, self.num_timesteps - 1, self.num_timesteps_cond)).long()
+            self.register_buffer("cond_ids", cond_ids, persistent=False)
+
+    # ------------------------------------------------------------------ stages
+    def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
+        model = instantiate_from_config(config)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad = False
+        self.first_stage_model = model
+
+    def instantiate_cond_stage(self, config: Any) -> None:
+        if config == UNCONDITIONAL_SENTINEL:
+            logger.info("Training %s as an unconditional model.", type(self).__name__)
+            self.cond_stage_model = None
+            return
+        if config == FIRST_STAGE_SENTINEL:
+            if self.cond_stage_trainable:
+                raise ValueError("cond_stage_trainable=True needs a real cond_stage_config, not __is_first_stage__")
+            logger.info("Using the first stage also as cond stage.")
+            self.cond_stage_model = self.first_stage_model
+            return
+        model = instantiate_from_config(config)
+        if not self.cond_stage_trainable:
+            model.eval()
+            for param in model.parameters():
+                param.requires_grad = False
+        self.cond_stage_model = model
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """As ``nn.Module.train`` but the frozen first stage (and a frozen cond stage) stay in eval mode."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if self.cond_stage_model is not None and not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable:
+            logger.info("%s: also optimizing conditioner params!", type(self).__name__)
+            params = params + list(self.cond_stage_model.parameters())
+        return params
+
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        """The first stage's encoding of ``x`` (a posterior distribution or a tensor)."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
+        """``scale_factor`` * a sample of the posterior (or the tensor itself)."""
+        return self.scale_factor * self._raw_latent(encoder_posterior)
+
+    @staticmethod
+    def _raw_latent(encoder_posterior: Any) -> torch.Tensor:
+        if isinstance(encoder_posterior, torch.Tensor):
+            return encoder_posterior
+        if callable(getattr(encoder_posterior, "sample", None)):
+            return encoder_posterior.sample()
+        raise TypeError(f"encoder_posterior of type {type(encoder_posterior).__name__} is neither a tensor "
+                        "nor a distribution with sample()")
+
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
+                           force_not_quantize: bool = False) -> torch.Tensor:
+        """Decode latents ``z`` (divided by ``scale_factor``) to images; differentiable when ``z`` needs grad."""
+        if predict_cids:
+            if z.dim() == 4:
+                z = torch.argmax(z.exp(), dim=1).long()
+            z = self.first_stage_model.quantize.get_codebook_entry(z, shape=None)
+            z = rearrange(z, "b h w c -> b c h w").contiguous()
+        z = 1.0 / self.scale_factor * z
+        if any(cls.__name__ == "VQModelInterface" for cls in type(self.first_stage_model).__mro__):
+            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
+        return self.first_stage_model.decode(z)
+
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """Encode raw conditioning ``c`` with the cond stage (``cond_stage_forward``, ``encode`` or ``forward``)."""
+        if self.cond_stage_model is None:
+            raise ValueError("this model is unconditional (cond_stage_config: __is_unconditional__)")
+        if self.cond_stage_forward is not None:
+            if not callable(getattr(self.cond_stage_model, self.cond_stage_forward, None)):
+                raise ValueError(f"cond_stage_forward {self.cond_stage_forward!r} is not a method of "
+                                 f"{type(self.cond_stage_model).__name__}")
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if callable(getattr(self.cond_stage_model, "encode", None)):
+            c = self.cond_stage_model.encode(c)
+            return c if isinstance(c, torch.Tensor) or not callable(getattr(c, "mode", None)) else c.mode()
+        return self.cond_stage_model(c)
+
+    # ------------------------------------------------------------------ scale_by_std
+    @staticmethod
+    def _note_loaded_scale_factor(module: "LatentDiffusion", state_dict: Mapping[str, Any], prefix: str,
+                                  *args: Any) -> None:
+        if prefix + "scale_factor" in state_dict:
+            module._scale_factor_fixed = True
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With ``scale_by_std``, set ``scale_factor = 1 / std(z)`` from the first batch of a fresh run."""
+        if not self.scale_by_std or self._scale_factor_fixed or self.global_step != 0 or batch_idx != 0:
+            return
+        if float(self.scale_factor) != 1.0:
+            logger.warning("scale_by_std: replacing the configured scale_factor %s", float(self.scale_factor))
+        x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
+        z = self._raw_latent(self.encode_first_stage(x)).detach().float()
+        std = z.flatten().std()
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            std = trainer.strategy.broadcast(std, src=0)  # every rank uses rank 0's value
+        self.scale_factor.copy_(1.0 / std)
+        self._scale_factor_fixed = True
+        logger.info("scale_by_std: set scale_factor = %.6g (1 / std of the first batch's latents)",
+                    float(self.scale_factor))
+
+    def _drop_optional_keys(self, sd: dict, own: Mapping[str, Any], path: str) -> dict:
+        sd = super()._drop_optional_keys(sd, own, path)
+        if "scale_factor" in sd and "scale_factor" not in own:
+            logger.warning("scale_by_std is off: ignoring scale_factor=%s stored in %s, using %s",
+                           float(sd["scale_factor"]), path, self.scale_factor)
+            sd = {k: v for k, v in sd.items() if k != "scale_factor"}
+        return sd
+
+    # ------------------------------------------------------------------ data and training
+    @torch.no_grad()
+    def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
+                  force_c_encode: bool = False, cond_key: Optional[str] = None, return_original_cond: bool = False,
+                  bs: Optional[int] = None) -> list[Any]:
+        """``[z, c]`` (+ ``[x, xrec]`` with ``return_first_stage_outputs``, + ``[xc]`` with ``return_original_cond``)."""
+        x = super().get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            cond_key = default(cond_key, self.cond_stage_key)
+            if cond_key == self.first_stage_key:
+                xc = x
+            elif cond_key in ("caption", "coordinates_bbox"):
+                xc = batch[cond_key]
+            elif cond_key == "class_label":
+                xc = batch
+            else:
+                xc = super().get_input(batch, cond_key).to(self.device)
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(xc if isinstance(xc, (dict, list)) else xc.to(self.device))
+            else:
+                c = xc
+            if bs is not None:
+                c = c[:bs]
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        x, c = self.get_input(batch, self.first_stage_key)
+        return self(x, c)
+
+    def forward(self, x: torch.Tensor, c: Any = None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        if self.model.conditioning_key is not None:
+            if c is None:
+                raise ValueError(f"conditioning_key is {self.model.conditioning_key!r} but no conditioning was given")
+            if self.cond_stage_trainable:
+                c = self.get_learned_conditioning(c)
+            c = self.cond_for_step(c, t)
+        return self.p_losses(x, c, t, *args, **kwargs)
+
+    def cond_for_step(self, cond: Any, t: torch.Tensor) -> Any:
+        """With a shortened cond schedule, the conditioning noised to step ``cond_ids[t]``."""
+        if self.shorter_cond_schedule and isinstance(cond, torch.Tensor):
+            cond = self.q_sample(x_start=cond, t=self.cond_ids[t], noise=torch.randn_like(cond.float()))
+        return cond
+
+    # ------------------------------------------------------------------ sampling and images
+    @torch.no_grad()
+    def sample(self, cond: Any, batch_size: int = 16, return_intermediates: bool = False,
+               x_T: Optional[torch.Tensor] = None, verbose: bool = True, shape: Optional[Sequence[int]] = None,
+               **kwargs: Any) -> Any:
+        """Ancestral (DDPM) samples in latent space; ``kwargs`` as ``ancestral_sample_loop``."""
+        shape = tuple(shape) if shape is not None else (batch_size, self.channels, self.image_size, self.image_size)
+        cond = truncate_cond(cond, batch_size)
+        return ancestral_sample_loop(self, cond, shape, x_T=x_T, return_intermediates=return_intermediates,
+                                     verbose=verbose, **kwargs)
+
+    @torch.no_grad()
+    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any) -> tuple[Any, Any]:
+        """``(samples, intermediates)`` from DDIM (``ddim=True``) or the ancestral sampler."""
+        if ddim:
+            shape = (self.channels, self.image_size, self.image_size)
+            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
+        kwargs.pop("eta", None)
+        return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True, **kwargs)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
+                   ddim_steps: Optional[int] = 200, ddim_eta: float = 1.0, return_keys: Optional[Sequence[str]] = None,
+                   plot_denoise_rows: bool = False, plot_progressive_rows: bool = True,
+                   plot_diffusion_rows: bool = True, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Images for the image logger, in [-1, 1]: inputs, reconstruction, conditioning (when image-like),
+        diffusion_row, samples (EMA weights; DDIM unless ``ddim_steps`` is None), denoise_row, progressive_row.
+        Other CompVis keyword arguments (``split``, ``inpaint``, ``quantize_denoised``, ...) are ignored.
+        """
+        return latent_log_images(self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps,
+                                 ddim_eta=ddim_eta, return_keys=return_keys, plot_denoise_rows=plot_denoise_rows,
+                                 plot_progressive_rows=plot_progressive_rows, plot_diffusion_rows=plot_diffusion_rows)

@@ -1,0 +1,85 @@
+"""Lightning behaviour shared by the diffusion models: training/validation steps with the CompVis log
+keys, the EMA update and ``ema_scope``, and the optimiser with its step-wise LambdaLR schedule.
+
+The host class provides ``shared_step(batch) -> (loss, loss_dict)``, ``model``, ``use_ema`` /
+``model_ema``, ``use_scheduler`` / ``scheduler_config``, ``first_stage_key``, ``trainable_parameters()``
+and ``learning_rate`` (set by main.py from ``base_learning_rate``).
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionLightningMixin:
+    """Training/validation steps, EMA handling and optimisers for :class:`~ldm.models.diffusion.ddpm.DDPM`.
+
+    Args: none (a mixin; see the module docstring for what the host class provides).
+    """
+
+    def _batch_size(self, batch: Mapping[str, Any]) -> Optional[int]:
+        value = batch.get(self.first_stage_key) if isinstance(batch, Mapping) else None
+        return int(value.shape[0]) if hasattr(value, "shape") else None
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, loss_dict = self.shared_step(batch)
+        bs = self._batch_size(batch)
+        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True,
+                 on_epoch=False, batch_size=bs)
+        if self.use_scheduler:
+            lr = self.optimizers().param_groups[0]["lr"]
+            self.log("lr_abs", lr, prog_bar=True, logger=True, on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        bs = self._batch_size(batch)
+        _, loss_dict_no_ema = self.shared_step(batch)
+        with self.ema_scope():
+            _, loss_dict_ema = self.shared_step(batch)
+        loss_dict_ema = {f"{key}_ema": value for key, value in loss_dict_ema.items()}
+        for logged in (loss_dict_no_ema, loss_dict_ema):  # synced across ranks: "val/..." drives checkpointing
+            self.log_dict(logged, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=bs,
+                          sync_dist=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None) -> Iterator[None]:
+        """Swap the EMA weights into ``self.model`` for the duration of the block (no-op without EMA)."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                logger.info("%s: switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    logger.info("%s: restored training weights", context)
+
+    def configure_optimizers(self) -> Any:
+        lr = getattr(self, "learning_rate", None)
+        if lr is None:
+            raise ValueError("learning_rate is not set on the model: main.py sets it from model.base_learning_rate; "
+                             "set model.learning_rate yourself when training without main.py")
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        if not self.use_scheduler:
+            return opt
+        multiplier = instantiate_from_config(self.scheduler_config)
+        logger.info("Setting up LambdaLR scheduler (step-wise) from %s", self.scheduler_config.get("target"))
+        scheduler = {"scheduler": LambdaLR(opt, lr_lambda=multiplier.schedule), "interval": "step", "frequency": 1}
+        return [opt], [scheduler]

@@ -1,0 +1,134 @@
+"""DDIMSampler: step counts 1..T, the analytic single-point model, x0 parameterisation, guidance, seeds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddpm import LatentDiffusion
+
+FIRST_STAGE = {
+    "target": "ldm.models.autoencoder.AutoencoderKL",
+    "params": {"embed_dim": 2, "lossconfig": {"target": "torch.nn.Identity"},
+               "ddconfig": {"double_z": True, "z_channels": 2, "resolution": 16, "in_channels": 1, "out_ch": 1,
+                            "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                            "dropout": 0.0}},
+}
+UNET = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": {"image_size": 8, "in_channels": 2, "out_channels": 2, "model_channels": 32,
+                   "attention_resolutions": [], "num_res_blocks": 1, "channel_mult": [1], "num_heads": 1}}
+
+
+def tiny_ldm(timesteps: int = 1000, **kw) -> LatentDiffusion:
+    model = LatentDiffusion(first_stage_config=FIRST_STAGE, cond_stage_config="__is_unconditional__",
+                            unet_config=UNET, timesteps=timesteps, image_size=8, channels=2, linear_start=0.0015,
+                            linear_end=0.0205, use_ema=False, **kw)
+    return model.eval()
+
+
+@pytest.mark.parametrize("steps,expected_timesteps", [(1, [1]), (10, list(range(1, 1000, 100)))])
+def test_ddim_timesteps_follow_reference(steps, expected_timesteps):
+    sampler = DDIMSampler(tiny_ldm())
+    sampler.make_schedule(steps, verbose=False)
+    assert sampler.ddim_timesteps.tolist() == expected_timesteps
+    ac = sampler.model.alphas_cumprod
+    assert torch.allclose(sampler.ddim_alphas, ac[expected_timesteps])
+    assert sampler.ddim_alphas_prev[0].item() == pytest.approx(ac[0].item())  # not 1
+    assert torch.all(sampler.ddim_sigmas == 0)
+
+
+@pytest.mark.parametrize("steps", [1, 25])
+def test_tiny_model_runs_any_step_count(steps):
+    model = tiny_ldm(timesteps=25)
+    samples, inter = DDIMSampler(model).sample(steps, 2, (2, 8, 8), verbose=False, log_every_t=5)
+    assert samples.shape == (2, 2, 8, 8) and torch.isfinite(samples).all()
+    assert set(inter) == {"x_inter", "pred_x0"} and len(inter["x_inter"]) == len(inter["pred_x0"]) >= 2
+    assert samples.device == model.alphas_cumprod.device
+
+
+def test_bad_step_count_raises():
+    with pytest.raises(ValueError, match="DDIM steps"):
+        DDIMSampler(tiny_ldm(timesteps=25)).sample(26, 1, (2, 8, 8), verbose=False)
+    with pytest.raises(ValueError, match="DDIM steps"):
+        DDIMSampler(tiny_ldm(timesteps=25)).sample(0, 1, (2, 8, 8), verbose=False)
+
+
+def _analytic(model: LatentDiffusion, point: torch.Tensor, monkeypatch, param: str = "eps") -> None:
+    """Replace the UNet by the exact denoiser of data concentrated at ``point``."""
+    def apply_model(x, t, cond, **kw):
+        if param == "x0":
+            return point.expand_as(x)
+        a = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return (x - a.sqrt() * point) / (1 - a).sqrt()
+    monkeypatch.setattr(model, "apply_model", apply_model)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 10, 50, 1000])
+@pytest.mark.parametrize("param", ["eps", "x0"])
+def test_eta0_lands_on_the_data_point(monkeypatch, steps, param):
+    model = tiny_ldm(parameterization=param)
+    point = torch.linspace(-1, 1, 2 * 8 * 8).reshape(1, 2, 8, 8)
+    _analytic(model, point, monkeypatch, param)
+    x_T = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    sampler = DDIMSampler(model)
+    samples, inter = sampler.sample(steps, 2, (2, 8, 8), eta=0.0, x_T=x_T, verbose=False)
+    ac = model.alphas_cumprod.double()
+    t_first = int(sampler.ddim_timesteps[-1])
+    eps = (x_T.double() - ac[t_first].sqrt() * point) / (1 - ac[t_first]).sqrt()
+    # eta=0 with the exact eps keeps eps fixed; the last step ends at alphas_cumprod[0] (CompVis), not at 1
+    expected = ac[0].sqrt() * point + (1 - ac[0]).sqrt() * eps
+    assert torch.allclose(samples.double(), expected, atol=2e-4, rtol=1e-4)
+    assert torch.allclose(inter["pred_x0"][-1], point.expand_as(samples), atol=2e-4)
+    assert (samples - point).abs().max().item() < 0.05 * eps.abs().max().item()  # sqrt(1 - a_0) ~ 0.039
+
+
+def test_eta_and_generator(monkeypatch):
+    model = tiny_ldm(timesteps=50)
+    x_T = torch.randn(1, 2, 8, 8)
+    a, _ = DDIMSampler(model).sample(5, 1, (2, 8, 8), eta=1.0, x_T=x_T, verbose=False,
+                                     generator=torch.Generator().manual_seed(4))
+    b, _ = DDIMSampler(model).sample(5, 1, (2, 8, 8), eta=1.0, x_T=x_T, verbose=False,
+                                     generator=torch.Generator().manual_seed(4))
+    c, _ = DDIMSampler(model).sample(5, 1, (2, 8, 8), eta=0.0, x_T=x_T, verbose=False)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(5, ddim_eta=1.0, verbose=False)
+    ap, at = sampler.ddim_alphas_prev[2].item(), sampler.ddim_alphas[2].item()
+    assert sampler.ddim_sigmas[2].item() == pytest.approx(math.sqrt((1 - ap) / (1 - at) * (1 - at / ap)), rel=1e-5)
+
+
+def test_classifier_free_guidance_combines_outputs(monkeypatch):
+    model = tiny_ldm(timesteps=50)
+    # a "model" that returns the conditioning value, so guided eps = u + s (c - u)
+    monkeypatch.setattr(model, "apply_model", lambda x, t, c, **kw: c.reshape(-1, 1, 1, 1).expand_as(x))
+    x = torch.zeros(2, 2, 8, 8)
+    t = torch.tensor([10, 10])
+    eps, x0 = model.model_predictions(x, t, torch.tensor([2.0, 2.0]), unconditional_guidance_scale=3.0,
+                                      unconditional_conditioning=torch.tensor([0.5, 0.5]))
+    assert torch.allclose(eps, torch.full_like(x, 0.5 + 3.0 * 1.5))
+    assert torch.allclose(x0, model.predict_start_from_noise(x, t, eps))
+
+
+def test_inpainting_mask_keeps_known_region():
+    model = tiny_ldm(timesteps=50)
+    x0 = torch.full((1, 2, 8, 8), 0.7)
+    mask = torch.zeros(1, 2, 8, 8)
+    mask[..., :4] = 1.0
+    g = torch.Generator().manual_seed(0)
+    samples, _ = DDIMSampler(model).sample(10, 1, (2, 8, 8), mask=mask, x0=x0, verbose=False, generator=g)
+    # the last step re-noises the known part to t=1 and then takes a deterministic step: close to x0
+    assert (samples[..., :4] - 0.7).abs().mean() < 0.2
+    assert (samples[..., 4:] - 0.7).abs().mean() > 0.5  # the unknown region is sampled, not copied
+    with pytest.raises(ValueError, match="mask"):
+        DDIMSampler(model).sample(2, 1, (2, 8, 8), mask=mask, verbose=False)
+
+
+@pytest.mark.gpu
+def test_runs_on_cuda():
+    model = tiny_ldm(timesteps=50).to(torch.device("cuda", 0))
+    samples, _ = DDIMSampler(model).sample(5, 2, (2, 8, 8), verbose=False,
+                                           generator=torch.Generator().manual_seed(0))
+    assert samples.is_cuda and torch.isfinite(samples).all()
