@@ -1,0 +1,1 @@
+"""Evaluation of generated samples: image statistics, anatomical plausibility, reports, register inspection."""

@@ -1,0 +1,152 @@
+"""An independent segmentation network (small UNet) for judging the anatomy of generated samples.
+
+It is trained on the real training split (``scripts/train_segmenter.py``) and applied to samples of any model,
+baseline included, so both are measured by the same yardstick.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    groups = 8 if cout % 8 == 0 else 1
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.SiLU())
+
+
+class SegmenterUNet(nn.Module):
+    """A small UNet: ``depth`` levels of two 3x3 conv blocks, max-pool down, bilinear up with skips.
+
+    Args:
+        in_channels: image channels.
+        num_classes: output classes (logits ``[B, num_classes, H, W]``).
+        base_channels: channels at full resolution, doubled per level.
+        depth: number of resolution levels; inputs are padded to a multiple of ``2 ** (depth - 1)``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 6, base_channels: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        if depth < 1 or num_classes < 2:
+            raise ValueError(f"depth must be >= 1 and num_classes >= 2, got {depth} and {num_classes}")
+        self.hparams = {"in_channels": in_channels, "num_classes": num_classes, "base_channels": base_channels,
+                        "depth": depth}
+        chans = [base_channels * 2 ** i for i in range(depth)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for c in chans:
+            self.down.append(_block(cin, c))
+            cin = c
+        self.up = nn.ModuleList(_block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth - 1)))
+        self.head = nn.Conv2d(chans[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        mult = 2 ** (len(self.down) - 1)
+        ph, pw = (-h) % mult, (-w) % mult
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)[..., :h, :w]
+
+
+def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images ``[B, C, H, W]`` from the data contract's channels-last ``image``, masks, has-mask flags."""
+    image = torch.as_tensor(batch["image"]).float()
+    if image.ndim == 3:
+        image = image[..., None]
+    image = image.permute(0, 3, 1, 2).contiguous()
+    mask = torch.as_tensor(batch["segmentation"]).long()
+    has = torch.as_tensor(batch.get("has_segmentation", torch.ones(mask.shape[0], dtype=torch.bool))).bool()
+    return image, mask, has
+
+
+def train_segmenter(dataset: Any, num_classes: int, steps: int = 500, batch_size: int = 16, lr: float = 2e-3,
+                    base_channels: int = 16, depth: int = 3, ignore_index: int = 255, seed: int = 0,
+                    device: Optional[torch.device] = None, progress: bool = False) -> SegmenterUNet:
+    """Train a ``SegmenterUNet`` with cross-entropy on labelled examples of ``dataset`` for ``steps`` steps."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    if len(dataset) == 0:
+        raise ValueError("the segmenter's training dataset is empty")
+    torch.manual_seed(seed)
+    first = dataset[0]
+    in_ch = int(np.asarray(first["image"]).shape[-1]) if np.asarray(first["image"]).ndim == 3 else 1
+    model = SegmenterUNet(in_ch, num_classes, base_channels, depth).to(device or "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                        generator=torch.Generator().manual_seed(seed))
+    model.train()
+    step, bar = 0, tqdm(total=steps, desc="segmenter", disable=not progress)
+    while step < steps:
+        for batch in loader:
+            image, mask, has = batch_to_tensors(batch)
+            if not has.any():
+                continue
+            image, mask = image[has].to(next(model.parameters()).device), mask[has].to(next(model.parameters()).device)
+            loss = F.cross_entropy(model(image), mask, ignore_index=ignore_index)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=float(loss.detach()))
+            if step >= steps:
+                break
+        else:
+            if step == 0:
+                raise ValueError("no example of the segmenter's training dataset has a mask (has_segmentation)")
+    bar.close()
+    model.eval()
+    return model
+
+
+def save_segmenter(path: str, model: SegmenterUNet, meta: Optional[dict[str, Any]] = None) -> str:
+    """Save weights and hyper-parameters (plain types only, so it loads with ``weights_only=True``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hparams": dict(model.hparams), "meta": dict(meta or {})}, path)
+    return path
+
+
+def load_segmenter(path: str, device: Optional[torch.device] = None) -> tuple[SegmenterUNet, dict[str, Any]]:
+    """Load a segmenter written by ``save_segmenter``; returns ``(model, meta)``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"segmenter checkpoint not found: {path} (train one with scripts/train_segmenter.py)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "hparams" not in obj or "state_dict" not in obj:
+        raise ValueError(f"{path} is not a segmenter checkpoint from scripts/train_segmenter.py")
+    model = SegmenterUNet(**obj["hparams"])
+    model.load_state_dict(obj["state_dict"])
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, dict(obj.get("meta", {}))
+
+
+@torch.no_grad()
+def segment(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """Argmax masks ``[N, H, W]`` for images ``[N, C, H, W]`` in ``[-1, 1]``."""
+    device = next(model.parameters()).device
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    return torch.cat([model(b.to(device).float()).argmax(1).cpu() for b in batches])

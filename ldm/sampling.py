@@ -1,0 +1,410 @@
+"""Loading a trained run for sampling, seeded per-sample noise, and writing samples to disk.
+
+``scripts/sample.py`` is a thin command line around these functions. A run is a log directory
+(``logs/<timestamp>_<name>/{checkpoints/last.ckpt, configs/*-project.yaml}``) or a checkpoint file inside one;
+a bare state dict or a safetensors file is accepted too when the config is given.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ldm.util import instantiate_from_config, load_checkpoint_state_dict, load_state_dict_report
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAMES = ("last.ckpt", "last.safetensors", "model.ckpt", "model.safetensors")
+IMAGE_DIR, MASK_DIR, MASK_COLOUR_DIR = "images", "masks", "masks_colour"
+_INDEX_RE = re.compile(r"^(\d{6,})\.png$")
+
+
+# ------------------------------------------------------------------------------------------- run loading
+def resolve_run(path: str) -> tuple[str, Optional[str]]:
+    """``(checkpoint_path, run_dir_or_None)`` for a run directory or a checkpoint file."""
+    if os.path.isdir(path):
+        for name in CHECKPOINT_NAMES:
+            for candidate in (os.path.join(path, "checkpoints", name), os.path.join(path, name)):
+                if os.path.isfile(candidate):
+                    return candidate, path
+        raise FileNotFoundError(f"no checkpoint in run directory {path}: expected checkpoints/last.ckpt "
+                                "(or pass the checkpoint file itself with -r)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"-r {path}: neither a run directory nor a checkpoint file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) == "checkpoints":
+        return path, os.path.dirname(parent)
+    if os.path.isdir(os.path.join(parent, "configs")):
+        return path, parent
+    return path, None
+
+
+def run_config_paths(run_dir: Optional[str]) -> list[str]:
+    """The run's ``configs/*-project.yaml`` files (sorted, later ones override earlier ones)."""
+    if run_dir is None:
+        return []
+    paths = sorted(glob.glob(os.path.join(run_dir, "configs", "*-project.yaml")))
+    return paths or sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml")))
+
+
+def load_config(config_paths: Sequence[str]) -> Any:
+    """Merge YAML configs left to right into one OmegaConf node that has a ``model`` section."""
+    from omegaconf import OmegaConf
+
+    if not config_paths:
+        raise FileNotFoundError("no config: the checkpoint is not inside a run directory with configs/, "
+                                "so pass the model config with -b CONFIG.yaml")
+    for p in config_paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"config file not found: {p}")
+    config = OmegaConf.merge(*[OmegaConf.load(p) for p in config_paths])
+    if "model" not in config:
+        raise ValueError(f"config {list(config_paths)} has no 'model' section (target/params of the LDM)")
+    return config
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _strip_checkpoint_paths(model_config: Any) -> Any:
+    """Copy of the model config without ``ckpt_path`` entries: the checkpoint already holds every weight."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(model_config, resolve=True)
+
+    def strip(node: Any) -> None:
+        if isinstance(node, dict):
+            params = node.get("params")
+            if isinstance(params, dict) and params.get("ckpt_path"):
+                params["ckpt_path"] = None
+            for value in node.values():
+                strip(value)
+        elif isinstance(node, list):
+            for value in node:
+                strip(value)
+
+    strip(cfg)
+    return cfg
+
+
+def read_state_dict(ckpt_path: str, unsafe_load: bool = False) -> dict[str, torch.Tensor]:
+    """State dict of a ``.ckpt``/bare state dict/safetensors file, refusing full unpickling unless asked."""
+    try:
+        return load_checkpoint_state_dict(ckpt_path, weights_only=not unsafe_load)
+    except ValueError as err:
+        if not unsafe_load and "weights_only" in str(err):
+            raise ValueError(f"checkpoint {ckpt_path} holds objects that need full unpickling, which can run "
+                             "arbitrary code, so it was refused. If you trust the file, re-run with "
+                             "--unsafe-load.") from err
+        raise
+
+
+def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_load: bool = False,
+                            device: Optional[torch.device] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the run's model from its config, load the checkpoint, move to ``device``, eval mode.
+
+    Returns ``(model, info)`` with ``checkpoint``, ``checkpoint_sha256``, ``config`` (a plain dict),
+    ``config_files`` and ``has_ema``.
+    """
+    from omegaconf import OmegaConf
+
+    ckpt_path, run_dir = resolve_run(path)
+    files = run_config_paths(run_dir) + list(config_paths)
+    config = load_config(files)
+    state_dict = read_state_dict(ckpt_path, unsafe_load)
+    model = instantiate_from_config(_strip_checkpoint_paths(config.model))
+    missing, unexpected = load_state_dict_report(model, state_dict, strict=False, source=ckpt_path)
+    essential = [k for k in missing if not k.startswith("model_ema.")]
+    if essential:
+        raise RuntimeError(f"checkpoint {ckpt_path} lacks {len(essential)} weights of the model built from "
+                           f"{files} (e.g. {essential[:5]}); is -b the config it was trained with?")
+    has_ema = bool(getattr(model, "use_ema", False)) and not any(k.startswith("model_ema.") for k in missing)
+    if getattr(model, "use_ema", False) and not has_ema:
+        logger.warning("%s has no EMA weights; sampling with the live weights.", ckpt_path)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    info = {"checkpoint": os.path.abspath(ckpt_path), "checkpoint_sha256": sha256_file(ckpt_path),
+            "config": OmegaConf.to_container(config, resolve=True), "config_files": [os.path.abspath(p) for p in files],
+            "has_ema": has_ema}
+    return model, info
+
+
+def is_anatomical(model: torch.nn.Module) -> bool:
+    """Whether the model's UNet can return a segmentation (an anatomical model with registers on)."""
+    if hasattr(model, "use_anatomy"):
+        return bool(model.use_anatomy)
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return bool(getattr(unet, "use_anatomical_registers", False)) and hasattr(unet, "segmentation_head")
+
+
+# ------------------------------------------------------------------------------------------------- noise
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """A 63-bit seed for sample ``index`` of a run seeded with ``seed`` (independent streams, no overlap)."""
+    return int(np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def initial_noise(shape: Sequence[int], seed: int, indices: Sequence[int], device: Optional[torch.device] = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x_T`` for the samples ``indices``: each drawn on the CPU from its own seed, so a sample does not depend
+    on the batch it is in, nor on the device."""
+    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+             for i in indices]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def next_index(out_dir: str) -> int:
+    """First free sample index in ``out_dir`` (resuming continues the numbering)."""
+    folder = os.path.join(out_dir, IMAGE_DIR)
+    if not os.path.isdir(folder):
+        return 0
+    indices = [int(m.group(1)) for m in (_INDEX_RE.match(n) for n in os.listdir(folder)) if m]
+    return max(indices) + 1 if indices else 0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` in ``[-1, 1]`` -> ``[B, H, W]`` (C == 1) or ``[B, H, W, C]`` uint8."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
+    arr = arr.transpose(0, 2, 3, 1)
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def save_samples(out_dir: str, start: int, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
+                 formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None) -> list[str]:
+    """Write one batch: 8-bit PNGs (always), NIfTI/NPZ on request, masks and their colour previews.
+
+    File names are ``{index:06d}``; returns the image PNG paths. NIfTI/NPZ hold the float image in ``[-1, 1]``
+    (``H, W`` or ``H, W, C``) and the mask as uint8.
+    """
+    from PIL import Image
+
+    os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
+    pixels = to_uint8(images)
+    floats = images.detach().float().clamp(-1, 1).cpu().numpy().transpose(0, 2, 3, 1)
+    mask_np = masks.detach().cpu().numpy().astype(np.uint8) if masks is not None else None
+    if mask_np is not None:
+        os.makedirs(os.path.join(out_dir, MASK_DIR), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, MASK_COLOUR_DIR), exist_ok=True)
+    paths = []
+    for j in range(pixels.shape[0]):
+        name = f"{start + j:06d}"
+        path = os.path.join(out_dir, IMAGE_DIR, name + ".png")
+        Image.fromarray(pixels[j]).save(path)
+        paths.append(path)
+        image_f = floats[j][..., 0] if floats.shape[-1] == 1 else floats[j]
+        if mask_np is not None:
+            Image.fromarray(mask_np[j]).save(os.path.join(out_dir, MASK_DIR, name + ".png"))
+            Image.fromarray(_colourise(mask_np[j], colours)).save(os.path.join(out_dir, MASK_COLOUR_DIR, name + ".png"))
+        if "npz" in formats:
+            extra = {"mask": mask_np[j]} if mask_np is not None else {}
+            np.savez_compressed(os.path.join(out_dir, IMAGE_DIR, name + ".npz"), image=image_f, **extra)
+        if "nii" in formats:
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(image_f.astype(np.float32), np.eye(4)),
+                     os.path.join(out_dir, IMAGE_DIR, name + ".nii.gz"))
+            if mask_np is not None:
+                nib.save(nib.Nifti1Image(mask_np[j], np.eye(4)), os.path.join(out_dir, MASK_DIR, name + ".nii.gz"))
+    return paths
+
+
+def _colourise(mask: np.ndarray, colours: Optional[Sequence[Sequence[int]]]) -> np.ndarray:
+    from ldm.data.labels import colourise
+
+    return colourise(mask, colours) if colours is not None else colourise(mask)
+
+
+def update_manifest(out_dir: str, info: dict[str, Any], run: dict[str, Any]) -> str:
+    """Create or extend ``samples.json``: checkpoint hash, config, and one entry per sampling session."""
+    path = os.path.join(out_dir, "samples.json")
+    manifest: dict[str, Any] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            manifest = json.load(f)
+        if manifest.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
+            logger.warning("%s already holds samples of another checkpoint (sha256 %s...); the folder now mixes "
+                           "two models.", out_dir, str(manifest.get("checkpoint_sha256"))[:12])
+        changed = [k for k in ("seed", "ddim_steps", "eta", "vanilla_sample", "ema")
+                   if k in manifest and k in run and manifest[k] != run[k]]
+        if changed:
+            logger.warning("%s: this session's %s differ from the earlier sessions' (%s); see 'sessions' in "
+                           "samples.json for which samples used which settings.", out_dir, changed,
+                           {k: manifest[k] for k in changed})
+    manifest.update({k: info[k] for k in ("checkpoint", "checkpoint_sha256", "config", "config_files")})
+    manifest.update({k: run[k] for k in ("seed", "ddim_steps", "eta", "vanilla_sample", "ema") if k in run})
+    manifest.setdefault("sessions", []).append(run)
+    manifest["num_samples"] = next_index(out_dir)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+class Timer:
+    """Accumulating wall-clock timer (``with timer: ...``; ``timer.seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def latent_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    size = model.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(model.channels), int(h), int(w)
+
+
+@torch.no_grad()
+def predict_masks(model: torch.nn.Module, z: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+    """Segmentation-head masks ``[B, H, W]`` (int64) for final latents ``z``: one UNet call at ``t = 0``,
+    logits upsampled to the image size, argmax over classes."""
+    if hasattr(model, "predict_anatomy"):
+        anatomy = model.predict_anatomy(z)
+    else:
+        t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        _, anatomy = model.model.diffusion_model(z, t, return_anatomy=True)
+    logits = torch.nn.functional.interpolate(anatomy["seg_logits"].float(), size=tuple(image_size),
+                                             mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
+
+
+class SampleNoise:
+    """Per-sample step noise: one CPU generator per sample, seeded by ``(seed, index)``, so a sample's noise does
+    not depend on the batch it is in, nor on the device.
+
+    Args:
+        seed: the run's seed.
+        indices: global sample indices of the batch rows.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i, stream=1)) for i in indices]
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        noise = [torch.randn(tuple(like.shape[1:]), generator=g) for g in self.generators]
+        return torch.stack(noise).to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float = 0.0,
+                    noise: Optional[SampleNoise] = None,
+                    callback: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """DDIM from ``x_T`` through ``DDIMSampler.p_sample_ddim``, with the step noise (``eta > 0``) drawn per sample.
+
+    ``callback(i, t, x_t)`` is called before step ``i`` (``t`` the DDIM timestep, ``x_t`` the current latents).
+    With ``eta = 0`` this equals ``DDIMSampler.sample(..., x_T=x_T)``.
+    """
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(ddim_num_steps=ddim_steps, ddim_eta=eta, verbose=False)
+    img = x_T
+    steps = [int(s) for s in np.flip(sampler.ddim_timesteps)]
+    for i, step in enumerate(steps):
+        if callback is not None:
+            callback(i, step, img)
+        index = len(steps) - i - 1
+        ts = torch.full((img.shape[0],), step, device=img.device, dtype=torch.long)
+        # temperature 0: the sampler's deterministic update; its sigma_t * noise is added here, per sample.
+        img, _ = sampler.p_sample_ddim(img, None, ts, index, temperature=0.0)
+        sigma = float(sampler.ddim_sigmas[index])
+        if sigma != 0.0:
+            if noise is None:
+                raise ValueError("eta > 0 needs a SampleNoise for the step noise")
+            img = img + sigma * noise(img)
+    return img
+
+
+@torch.no_grad()
+def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float,
+                   noise: Optional[SampleNoise] = None, vanilla: bool = False, generator_seed: int = 0) -> torch.Tensor:
+    """Final latents from ``x_T`` with DDIM (``ddim_steps``, ``eta``) or the full ancestral DDPM loop
+    (its step noise is seeded per batch by ``generator_seed``)."""
+    if vanilla:
+        generator = torch.Generator(device=x_T.device).manual_seed(generator_seed)
+        return model.sample(cond=None, batch_size=x_T.shape[0], x_T=x_T, verbose=False, generator=generator)
+    return ddim_trajectory(model, x_T, ddim_steps, eta, noise)
+
+
+def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size: int, ddim_steps: int = 50,
+             eta: float = 0.0, seed: int = 0, vanilla: bool = False, use_ema: bool = True, save_masks: bool = False,
+             formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
+
+    Sample ``i`` starts from noise seeded by ``(seed, i)`` and DDIM's step noise (``eta > 0``) is drawn per sample
+    too, so a sample is the same whatever the batch size and whether the run was resumed. ``vanilla`` (ancestral
+    DDPM) seeds its step noise per batch, so there only the same batch size reproduces the same images.
+    """
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if save_masks and not is_anatomical(model):
+        raise ValueError("--save_masks needs an anatomical model (AnatomicalUNetModel with registers); this run is "
+                         f"a {type(model).__name__} with {type(model.model.diffusion_model).__name__}")
+    os.makedirs(out_dir, exist_ok=True)
+    start = next_index(out_dir)
+    device = next(model.parameters()).device
+    shape = latent_shape(model)
+    timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
+    written: list[str] = []
+    ema = model.ema_scope("sampling") if use_ema and getattr(model, "use_ema", False) else nullcontext()
+    bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
+    with ema, torch.no_grad():
+        for first in range(start, start + num_samples, batch_size):
+            indices = list(range(first, min(first + batch_size, start + num_samples)))
+            x_T = initial_noise(shape, seed, indices, device=device)
+            with timer_sample:
+                z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), vanilla,
+                                   sample_seed(seed, first, stream=2))
+                masks = None
+            with timer_decode:
+                images = model.decode_first_stage(z)
+                if save_masks:
+                    masks = predict_masks(model, z, images.shape[-2:])
+            with timer_write:
+                written += save_samples(out_dir, first, images, masks, formats, colours)
+            bar.update(len(indices))
+    bar.close()
+    total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
+    return {"seed": seed, "ddim_steps": None if vanilla else ddim_steps, "eta": None if vanilla else eta,
+            "vanilla_sample": vanilla, "ema": bool(use_ema and getattr(model, "use_ema", False)),
+            "batch_size": batch_size, "start_index": start, "count": num_samples, "masks": bool(save_masks),
+            "formats": list(formats), "device": str(device), "torch": torch.__version__,
+            "timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
+                        "writing_s": timer_write.seconds, "per_sample_s": total / num_samples},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def palette_for(model: torch.nn.Module) -> Optional[Sequence[Sequence[int]]]:
+    """Mask preview colours for the model's class count (breast MRI for 4 classes, else CT-Organ)."""
+    from ldm.data.labels import BREASTMRI_COLOURS, CTORGAN_COLOURS
+
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    n = getattr(unet, "num_anatomical_classes", None)
+    return BREASTMRI_COLOURS if n == len(BREASTMRI_COLOURS) else CTORGAN_COLOURS

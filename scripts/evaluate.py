@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+r"""Compare sample folders (e.g. anatomical model vs baseline) against real data; writes a report.
+
+Example:
+    python scripts/evaluate.py --samples anatomical=samples/anat baseline=samples/base \
+        --real configs/latent-diffusion/demo_phantom_anatomical.yaml --real_split validation \
+        --rules phantom --segmenter logs/segmenter.pt -o reports/demo
+Writes report.md, report.json and comparison.png into the output folder and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ldm.evaluation import compare, metrics, report  # noqa: E402
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", nargs="+", required=True, metavar="NAME=DIR",
+                   help="sample folders of scripts/sample.py, each named (a bare DIR is named after the folder)")
+    p.add_argument("--real", required=True, metavar="DIR_OR_CONFIG",
+                   help="real images: a folder (images/*.png [+ masks/*.png]) or a dataset/main.py config YAML")
+    p.add_argument("--real_split", default="validation", help="split of a main.py config's data section")
+    p.add_argument("--max_real", type=int, default=None)
+    p.add_argument("--max_samples", type=int, default=None)
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="label classes (default: from --class_names, else 6 for CT-Organ)")
+    p.add_argument("--class_names", nargs="+", default=None,
+                   help="class names, background first (default: CT-Organ's for 6 classes, breast MRI's for 4)")
+    p.add_argument("--rules", default="none",
+                   help="mask rule checker: 'phantom' (ldm.data.anatomy_check), a dotted function path, or 'none'")
+    p.add_argument("--segmenter", default=None, help="checkpoint of scripts/train_segmenter.py")
+    p.add_argument("--inception", default=None,
+                   help=f"local Inception-v3 weights for FID/KID (or set {metrics.INCEPTION_ENV}); "
+                        "without them only feature-free numbers and pixel-feature FID/KID are computed")
+    p.add_argument("--kid_subset_size", type=int, default=1000)
+    p.add_argument("--grid", type=int, default=16, help="samples per set shown in the figure")
+    p.add_argument("-o", "--outdir", required=True, help="report folder")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def _named(entries: list[str]) -> dict[str, str]:
+    out = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep:
+            name, path = os.path.basename(os.path.normpath(entry)), entry
+        if name in out:
+            raise ValueError(f"two sample sets are named {name!r}; name them with NAME=DIR")
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ldm.data.labels import BREASTMRI_CLASSES, CTORGAN_CLASSES
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    num_classes = args.num_classes or (len(args.class_names) if args.class_names else len(CTORGAN_CLASSES))
+    names = args.class_names or {len(CTORGAN_CLASSES): list(CTORGAN_CLASSES),
+                                 len(BREASTMRI_CLASSES): list(BREASTMRI_CLASSES)}.get(num_classes)
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"--class_names has {len(names)} names but --num_classes is {num_classes}")
+
+    sets = {name: compare.load_sample_set(path, args.max_samples) for name, path in _named(args.samples).items()}
+    real = compare.load_real(args.real, args.real_split, args.max_real)
+    extractors: dict = {"pixel": metrics.PixelFeatureExtractor(8)}
+    if args.inception or os.environ.get(metrics.INCEPTION_ENV):
+        extractors["inception"] = metrics.InceptionFeatureExtractor(args.inception).to(device)
+    else:
+        print(f"note: no Inception weights (--inception or {metrics.INCEPTION_ENV}); FID/KID use pixel features only")
+    segmenter = None
+    if args.segmenter:
+        from ldm.evaluation.segmenter import load_segmenter
+
+        segmenter, _ = load_segmenter(args.segmenter, device)
+    checker = compare.get_rule_checker(args.rules)
+    results, fractions = compare.evaluate_sets(sets, real, num_classes, extractors, checker, segmenter, names,
+                                               kid_subset_size=args.kid_subset_size)
+    grids = {"real": real["images"][:args.grid, 0].numpy()}
+    grids.update({name: data["images"][:args.grid, 0].numpy() for name, data in sets.items()})
+    meta = {"real": args.real, "real_split": args.real_split, "num_real": len(real["images"]),
+            "samples": {n: {"dir": p, "checkpoint_sha256": sets[n]["manifest"].get("checkpoint_sha256"),
+                            "ddim_steps": sets[n]["manifest"].get("ddim_steps"), "eta": sets[n]["manifest"].get("eta")}
+                        for n, p in _named(args.samples).items()},
+            "rules": args.rules, "segmenter": args.segmenter, "features": list(extractors),
+            "num_classes": num_classes, "class_names": names}
+    paths = report.write_report(args.outdir, results, meta, grids, {k: np.asarray(v) for k, v in fractions.items()},
+                                names)
+    print(report.format_table(results))
+    print("report:", ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
