@@ -1,0 +1,333 @@
+"""Anatomical latent diffusion: LatentDiffusion plus segmentation supervision of anatomical registers.
+
+Training (one step): ``z = scale_factor * E(image)`` (frozen first stage), ``x_t = q_sample(z, t)``, the
+:class:`~ldm.modules.diffusionmodules.anatomical_openaimodel.AnatomicalUNetModel` returns eps and its
+anatomy outputs, and
+
+    loss = diffusion loss + w(step) * [CE(upsample(seg_logits), mask)
+                                       + attention_alignment_weight * CE(class_attention, mode_pool(mask))]
+
+over the labelled pixels of the examples with ``has_segmentation``; a batch without masks adds exactly 0.
+Sampling needs no mask: the UNet is called as a plain UNet; :meth:`sample_with_anatomy` adds one call
+at the end that predicts a mask for each sample.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ldm.models.diffusion.ddpm import LatentDiffusion
+
+logger = logging.getLogger(__name__)
+
+ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
+DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
+# Extra colours (RGB in [0, 1]) for class ids past the dataset palettes of ldm.data.labels.
+_EXTRA_COLOURS = ((0.10, 0.85, 0.85), (0.85, 0.20, 0.85), (1.00, 0.55, 0.10), (0.55, 0.35, 0.15), (0.10, 0.75, 0.20))
+
+
+def class_palette(num_classes: int) -> torch.Tensor:
+    """``[max(num_classes, n), 3]`` colours in [0, 1]: breast MRI's for 4 classes, else CT-Organ's, then extras
+    (the same choice as the sample writer, so previews and saved masks agree)."""
+    from ldm.data.labels import BREASTMRI_COLOURS, CTORGAN_COLOURS
+
+    base = BREASTMRI_COLOURS if num_classes == len(BREASTMRI_COLOURS) else CTORGAN_COLOURS
+    colours = [tuple(c / 255.0 for c in rgb) for rgb in base] + list(_EXTRA_COLOURS)
+    while len(colours) < num_classes:
+        colours += list(_EXTRA_COLOURS)
+    return torch.tensor(colours, dtype=torch.float32)
+
+
+def colourise_labels(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer mask [B, H, W] -> RGB [B, 3, H, W] in [-1, 1]; ids outside the palette (ignore index) are grey."""
+    palette = class_palette(num_classes).to(mask.device)
+    valid = (mask >= 0) & (mask < len(palette))
+    rgb = palette[torch.where(valid, mask.long(), torch.zeros_like(mask.long()))]  # [B, H, W, 3]
+    rgb[~valid] = 0.5
+    return rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def colourise_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """Per-class maps [B, C, H, W] (summing to 1 over C) -> RGB [B, 3, H, W] in [-1, 1], mixing class colours."""
+    palette = class_palette(probs.shape[1]).to(probs.device, probs.dtype)[: probs.shape[1]]
+    rgb = torch.einsum("bchw,cd->bdhw", probs, palette)
+    return rgb.clamp(0, 1) * 2.0 - 1.0
+
+
+def mode_downsample(mask: torch.Tensor, size: Sequence[int], num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Downsample an integer mask [B, H, W] to ``size`` by majority vote over each pooling window.
+
+    ``ignore_index`` pixels vote for "ignore"; a window whose majority is "ignore" stays ignored. Exact
+    mode for integer factors (adaptive average pooling of one-hot maps otherwise).
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(mask.shape[-2:]) == size:
+        return mask
+    valid = mask != ignore_index
+    safe = torch.where(valid, mask, torch.full_like(mask, num_classes))
+    onehot = F.one_hot(safe, num_classes + 1).permute(0, 3, 1, 2).float()
+    votes = F.adaptive_avg_pool2d(onehot, size)
+    winner = votes.argmax(dim=1)
+    return torch.where(winner == num_classes, torch.full_like(winner, ignore_index), winner)
+
+
+class AnatomicalLatentDiffusion(LatentDiffusion):
+    """LatentDiffusion whose AnatomicalUNetModel is supervised by segmentation masks.
+
+    Args:
+        *args, **kwargs: LatentDiffusion's parameters (``unet_config`` should target
+            ``AnatomicalUNetModel``).
+        anatomical_mask_key: batch key of the integer masks [B, H, W] (``has_segmentation`` in the batch
+            says which examples have one; absent key: every example has one).
+        anatomical_loss_weight: base weight ``w`` of the anatomical loss; ``None`` takes the UNet config's
+            ``anatomical_loss_weight`` (original implementation), else 0.1.
+        progressive_anatomical_training: follow ``anatomical_schedule``; ``False``: constant ``w``.
+        anatomical_warmup_steps: warm-up length ``W`` of the schedule, in global steps.
+        anatomical_schedule: ``"warmup_decay"`` (2w until W, linear to w at 2W, then w), ``"cosine"``
+            (2w at step 0 falling to w at 2W along a half cosine, then w) or ``"constant"``.
+        attention_alignment_weight: weight of the class-attention alignment cross-entropy.
+        anatomical_ignore_index: mask value excluded from the loss.
+        anatomical_class_weights: optional per-class weights of both cross-entropies (length C).
+        use_anatomical_inference: ``log_images`` also samples masks (seg head) and class-attention maps.
+    """
+
+    def __init__(self, *args: Any, anatomical_mask_key: str = "segmentation",
+                 anatomical_loss_weight: Optional[float] = None, progressive_anatomical_training: bool = True,
+                 anatomical_warmup_steps: int = 5000, anatomical_schedule: str = "warmup_decay",
+                 attention_alignment_weight: float = 0.5, anatomical_ignore_index: int = 255,
+                 anatomical_class_weights: Optional[Sequence[float]] = None, use_anatomical_inference: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        unet = self.model.diffusion_model
+        self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))
+        if not self.use_anatomy:
+            logger.warning("AnatomicalLatentDiffusion: the UNet (%s) has no anatomical registers; it trains as a "
+                           "plain LatentDiffusion. Use AnatomicalUNetModel with use_anatomical_registers: true.",
+                           type(unet).__name__)
+        if anatomical_schedule not in ANATOMICAL_SCHEDULES:
+            raise ValueError(f"anatomical_schedule must be one of {ANATOMICAL_SCHEDULES}, got {anatomical_schedule!r}")
+        if int(anatomical_warmup_steps) < 0:
+            raise ValueError(f"anatomical_warmup_steps must be >= 0, got {anatomical_warmup_steps}")
+        if anatomical_loss_weight is None:
+            anatomical_loss_weight = getattr(unet, "anatomical_loss_weight", None)
+        self.anatomical_loss_weight = float(DEFAULT_ANATOMICAL_LOSS_WEIGHT if anatomical_loss_weight is None
+                                            else anatomical_loss_weight)
+        if self.anatomical_loss_weight < 0 or attention_alignment_weight < 0:
+            raise ValueError("anatomical_loss_weight and attention_alignment_weight must be >= 0")
+        self.anatomical_mask_key = anatomical_mask_key
+        self.progressive_anatomical_training = bool(progressive_anatomical_training)
+        self.anatomical_warmup_steps = int(anatomical_warmup_steps)
+        self.anatomical_schedule = anatomical_schedule
+        self.attention_alignment_weight = float(attention_alignment_weight)
+        self.anatomical_ignore_index = int(anatomical_ignore_index)
+        self.use_anatomical_inference = bool(use_anatomical_inference)
+        self.num_anatomical_classes = int(getattr(unet, "num_anatomical_classes", 0))
+        weights = None
+        if anatomical_class_weights is not None:
+            weights = torch.as_tensor(list(anatomical_class_weights), dtype=torch.float32)
+            if self.use_anatomy and weights.numel() != self.num_anatomical_classes:
+                raise ValueError(f"anatomical_class_weights has {weights.numel()} entries; the UNet has "
+                                 f"num_anatomical_classes={self.num_anatomical_classes}")
+            if (weights < 0).any():
+                raise ValueError("anatomical_class_weights must be >= 0")
+        self.register_buffer("anatomical_class_weights", weights, persistent=False)
+
+    # ---- schedule --------------------------------------------------------------------------------
+    def get_anatomical_loss_weight(self, step: Optional[int] = None) -> float:
+        """Weight of the anatomical loss at ``step`` (default: ``global_step``, so resuming restores it)."""
+        step = int(self.global_step if step is None else step)
+        w, warm = self.anatomical_loss_weight, self.anatomical_warmup_steps
+        if not self.progressive_anatomical_training or self.anatomical_schedule == "constant" or warm == 0:
+            return w
+        if self.anatomical_schedule == "warmup_decay":
+            if step < warm:
+                return 2.0 * w
+            if step < 2 * warm:
+                return w * (2.0 - (step - warm) / warm)
+            return w
+        progress = min(max(step, 0) / (2.0 * warm), 1.0)  # cosine
+        return w * (1.0 + 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    # ---- training --------------------------------------------------------------------------------
+    def get_anatomy_target(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Masks [B, H, W] (int64) with unlabelled examples set to the ignore index; ``None`` if absent."""
+        if self.anatomical_mask_key not in batch:
+            return None
+        mask = torch.as_tensor(batch[self.anatomical_mask_key])
+        if mask.ndim == 4 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.ndim != 3:
+            raise ValueError(f"batch['{self.anatomical_mask_key}'] must be [B, H, W] integer masks, "
+                             f"got shape {tuple(mask.shape)}")
+        mask = mask.long().to(self.device)
+        has = batch.get("has_segmentation")
+        if has is not None:
+            has = torch.as_tensor(has, device=self.device).bool().view(-1)
+            mask = torch.where(has[:, None, None], mask, torch.full_like(mask, self.anatomical_ignore_index))
+        if bs is not None:
+            mask = mask[:bs]
+        valid = mask != self.anatomical_ignore_index
+        if valid.any() and (mask[valid].min() < 0 or mask[valid].max() >= self.num_anatomical_classes):
+            raise ValueError(f"batch['{self.anatomical_mask_key}'] holds labels outside 0..{self.num_anatomical_classes - 1}"
+                             f" (and ignore index {self.anatomical_ignore_index}): found "
+                             f"{sorted(mask[valid].unique().tolist())[:10]}; set num_anatomical_classes in the UNet config")
+        return mask
+
+    def shared_step(self, batch: Mapping[str, Any], **kwargs: Any):
+        x, c = self.get_input(batch, self.first_stage_key)
+        if not self.use_anatomy:
+            return self(x, c)
+        return self(x, c, anatomy_target=self.get_anatomy_target(batch))
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                 anatomy_target: Optional[torch.Tensor] = None):
+        if not self.use_anatomy:
+            return super().p_losses(x_start, cond, t, noise=noise)
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        model_output, anatomy = self.apply_model(x_noisy, t, cond, return_anatomy=True)
+        loss, loss_dict = self.diffusion_loss(model_output, x_start, t, noise)
+        prefix = "train" if self.training else "val"
+        anat_loss, stats = self.anatomical_loss(anatomy, anatomy_target)
+        weight = self.get_anatomical_loss_weight()
+        weighted = weight * anat_loss
+        loss_dict[f"{prefix}/diffusion_loss"] = loss.detach()
+        loss = loss + weighted
+        loss_dict[f"{prefix}/loss"] = loss.detach()
+        loss_dict[f"{prefix}/anatomical_loss"] = anat_loss.detach()
+        loss_dict[f"{prefix}/anatomical_weight"] = torch.tensor(weight, device=loss.device)
+        loss_dict[f"{prefix}/weighted_anatomical_loss"] = weighted.detach()
+        for name, value in stats.items():
+            loss_dict[f"{prefix}/{name}"] = value
+        return loss, loss_dict
+
+    def _weighted_ce(self, log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean NLL over non-ignored pixels (class-weighted); exactly 0 (graph kept) with none."""
+        valid = target != self.anatomical_ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        nll = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)  # [B, H, W]
+        weights = valid.to(nll.dtype)
+        if self.anatomical_class_weights is not None:
+            weights = weights * self.anatomical_class_weights.to(nll.dtype)[safe]
+        total = weights.sum()
+        if total <= 0:
+            return (log_probs * 0.0).sum()
+        return (nll * weights).sum() / total
+
+    def anatomical_loss(self, anatomy: Mapping[str, torch.Tensor],
+                        mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """``CE(upsampled seg_logits, mask) + alignment_weight * CE(class_attention, mode-pooled mask)``.
+
+        Returns the loss (0 with a graph when nothing is labelled) and Dice statistics of the segmentation
+        head at mask resolution: ``anatomical_dice`` (mean over the foreground classes present) and
+        ``anatomical_dice_<c>`` per class present in the batch.
+        """
+        seg_logits, class_attention = anatomy["seg_logits"], anatomy["class_attention"]
+        zero = (seg_logits * 0.0).sum() + (class_attention * 0.0).sum()
+        if mask is None or not (mask != self.anatomical_ignore_index).any():
+            return zero, {}
+        logits = F.interpolate(seg_logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        seg_ce = self._weighted_ce(F.log_softmax(logits, dim=1), mask)
+        small = mode_downsample(mask, class_attention.shape[-2:], self.num_anatomical_classes,
+                                self.anatomical_ignore_index)
+        align_ce = self._weighted_ce(torch.log(class_attention.float().clamp_min(1e-6)), small)
+        loss = seg_ce + self.attention_alignment_weight * align_ce + zero
+        stats = {"anatomical_seg_ce": seg_ce.detach(), "anatomical_alignment_ce": align_ce.detach()}
+        stats.update(self._dice_stats(logits.detach().argmax(1), mask))
+        return loss, stats
+
+    @torch.no_grad()
+    def _dice_stats(self, pred: torch.Tensor, mask: torch.Tensor) -> dict:
+        valid = mask != self.anatomical_ignore_index
+        stats, fg = {}, []
+        for c in range(self.num_anatomical_classes):
+            p, g = (pred == c) & valid, (mask == c) & valid
+            denom = p.sum() + g.sum()
+            if g.sum() == 0:
+                continue  # only classes present in the labels are scored
+            dice = 2.0 * (p & g).sum().float() / denom.float()
+            stats[f"anatomical_dice_{c}"] = dice
+            if c > 0:
+                fg.append(dice)
+        if fg:
+            stats["anatomical_dice"] = torch.stack(fg).mean()
+        return stats
+
+    # ---- sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_anatomy(self, z: torch.Tensor, t: Optional[torch.Tensor] = None, cond: Any = None) -> dict:
+        """Seg logits and class attention for latents ``z`` at timestep ``t`` (default 0, a clean latent)."""
+        if not self.use_anatomy:
+            raise ValueError("predict_anatomy needs an AnatomicalUNetModel with use_anatomical_registers: true")
+        if t is None:
+            t = torch.zeros(z.shape[0], device=z.device, dtype=torch.long)
+        _, anatomy = self.apply_model(z, t, cond, return_anatomy=True)
+        return anatomy
+
+    @torch.no_grad()
+    def sample_with_anatomy(self, batch_size: int, ddim_steps: Optional[int] = 50, eta: float = 0.0,
+                            cond: Any = None, x_T: Optional[torch.Tensor] = None, use_ema: bool = True,
+                            **sampler_kwargs: Any) -> dict:
+        """Sample without any mask, then predict each sample's mask with one extra UNet call at t = 0.
+
+        ``ddim_steps=None`` uses the ancestral DDPM loop. Returns ``{"images": [B, ch, H, W] in [-1, 1]
+        (decoded), "masks": [B, H, W] int64 (argmax of the upsampled seg logits), "seg_logits",
+        "class_attention": [B, C, h, w], "latents": [B, c, h, w]}``.
+        """
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        scope = self.ema_scope("sample_with_anatomy") if use_ema else nullcontext()
+        with scope:
+            latents, _ = self.sample_log(cond=cond, batch_size=int(batch_size), ddim=ddim_steps is not None,
+                                         ddim_steps=ddim_steps, eta=eta, x_T=x_T, **sampler_kwargs)
+            anatomy = self.predict_anatomy(latents, cond=cond)
+            images = self.decode_first_stage(latents)
+        logits = F.interpolate(anatomy["seg_logits"].float(), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return {"images": images, "masks": logits.argmax(1), "seg_logits": anatomy["seg_logits"],
+                "class_attention": anatomy["class_attention"], "latents": latents}
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
+                   ddim_steps: int = 200, ddim_eta: float = 1.0, **kwargs: Any) -> dict:
+        """LatentDiffusion's images; anatomical samples replace ``samples`` and add masks/attention maps.
+
+        Added keys (RGB in [-1, 1]): ``inputs_mask`` (the batch's masks), ``inputs_predicted_mask`` and
+        ``inputs_class_attention`` (model on the clean input latents), ``samples_mask`` and
+        ``samples_class_attention`` (for the samples, which need no mask).
+        """
+        anatomical = self.use_anatomy and self.use_anatomical_inference
+        log = super().log_images(batch, N=N, n_row=n_row, sample=sample and not anatomical,
+                                 ddim_steps=ddim_steps, ddim_eta=ddim_eta, **kwargs)
+        if not anatomical:
+            return log
+        n = min(int(N), len(batch[self.first_stage_key]))
+        image_size = tuple(torch.as_tensor(batch[self.first_stage_key]).shape[1:3])
+        mask = self.get_anatomy_target(batch, bs=n)
+        if mask is not None:
+            log["inputs_mask"] = colourise_labels(mask, self.num_anatomical_classes)
+        z = self.get_input(batch, self.first_stage_key, bs=n)[0]
+        anatomy = self.predict_anatomy(z)
+        log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy["seg_logits"], image_size),
+                                                          self.num_anatomical_classes)
+        log["inputs_class_attention"] = self._attention_image(anatomy["class_attention"], image_size)
+        if sample:
+            res = self.sample_with_anatomy(n, ddim_steps=ddim_steps, eta=ddim_eta)
+            log["samples"] = res["images"]
+            log["samples_mask"] = colourise_labels(res["masks"], self.num_anatomical_classes)
+            log["samples_class_attention"] = self._attention_image(res["class_attention"], image_size)
+        return log
+
+    @staticmethod
+    def _argmax_at(seg_logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return F.interpolate(seg_logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)
+
+    @staticmethod
+    def _attention_image(class_attention: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return colourise_probabilities(F.interpolate(class_attention.float(), size=tuple(size), mode="nearest"))
+

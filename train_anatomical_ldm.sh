@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Train an anatomical latent diffusion model: the KL autoencoder first (when no checkpoint is found),
+# then the anatomical LDM on top of it.
+#
+#   ./train_anatomical_ldm.sh ctorgan|breastmri|demo [extra main.py arguments ...]
+#
+# Environment:
+#   GPUS        GPUs in CompVis form: "0,1" (two GPUs, DDP), "0," (GPU 0). Default: "0," for ctorgan and
+#               breastmri; empty (CPU) for demo. GPUS="" forces the CPU.
+#   NUM_NODES   number of nodes (default 1). Start this script once per node, with the same arguments.
+#               Under SLURM (srun) Lightning reads the SLURM variables itself; otherwise set on every node
+#               MASTER_ADDR, MASTER_PORT and NODE_RANK (0 on the master).
+#   AE_CKPT     autoencoder checkpoint (default: LOGDIR/<AE config name>/checkpoints/last.ckpt, the path
+#               the configs name; when it is absent the autoencoder is trained first and its run directory
+#               linked there).
+#   LOGDIR      directory of the runs (default: logs).
+#   PYTHON      interpreter (default: .venv/bin/python when it exists, else python).
+#   Dataset roots (ctorgan, breastmri) are read by the dataset classes from their config params or their
+#   environment variables, see README_anatomical.md.
+#
+# Extra arguments go to main.py for the LDM run (e.g. lightning.trainer.max_steps=200000
+# data.params.batch_size=16 --precision 16-mixed); AE_ARGS="..." passes arguments to the autoencoder run.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+[[ $# -ge 1 ]] || usage 2
+DATASET="$1"; shift
+case "$DATASET" in
+  ctorgan)
+    AE_CONFIG=configs/autoencoder/autoencoder_kl_64x64x3_ctorgan.yaml
+    LDM_CONFIG=configs/latent-diffusion/anatomical_ctorgan_kl.yaml
+    GPUS="${GPUS-0,}" ;;
+  breastmri)
+    AE_CONFIG=configs/autoencoder/autoencoder_kl_64x64x3_breastmri.yaml
+    LDM_CONFIG=configs/latent-diffusion/anatomical_breastmri_kl.yaml
+    GPUS="${GPUS-0,}" ;;
+  demo)
+    AE_CONFIG=configs/autoencoder/demo_phantom_kl.yaml
+    LDM_CONFIG=configs/latent-diffusion/demo_phantom_anatomical.yaml
+    GPUS="${GPUS-}" ;;
+  -h|--help) usage 0 ;;
+  *) echo "error: unknown dataset '$DATASET'; use ctorgan, breastmri or demo" >&2; exit 2 ;;
+esac
+for cfg in "$AE_CONFIG" "$LDM_CONFIG"; do
+  [[ -f "$cfg" ]] || { echo "error: config $cfg not found (run from the repository root checkout)" >&2; exit 1; }
+done
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+LOGDIR="${LOGDIR:-logs}"
+NUM_NODES="${NUM_NODES:-1}"
+if [[ "$NUM_NODES" -gt 1 && -z "${SLURM_JOB_ID:-}" && -z "${MASTER_ADDR:-}" ]]; then
+  echo "error: NUM_NODES=$NUM_NODES without SLURM: set MASTER_ADDR, MASTER_PORT and NODE_RANK on every node" >&2
+  exit 1
+fi
+
+DEVICE_ARGS=(--num_nodes "$NUM_NODES")
+if [[ -n "$GPUS" ]]; then DEVICE_ARGS+=(--gpus "$GPUS"); else DEVICE_ARGS+=(--accelerator cpu); fi
+
+# The autoencoder run is linked as LOGDIR/<AE config name>, the path the LDM configs (and the plain baselines)
+# name in first_stage_config.params.ckpt_path.
+AE_NAME="$(basename "$AE_CONFIG" .yaml)"
+AE_LINK="$LOGDIR/$AE_NAME"
+if [[ -z "${AE_CKPT:-}" ]]; then
+  AE_CKPT="$AE_LINK/checkpoints/last.ckpt"
+  if [[ ! -f "$AE_CKPT" ]]; then
+    if [[ -e "$AE_LINK" || -L "$AE_LINK" ]]; then
+      echo "error: $AE_LINK exists but holds no checkpoints/last.ckpt; remove it or set AE_CKPT" >&2; exit 1
+    fi
+    echo "== no autoencoder checkpoint at $AE_CKPT: training $AE_CONFIG first"
+    # shellcheck disable=SC2086
+    "$PYTHON" main.py --base "$AE_CONFIG" -t -n "$AE_NAME" -l "$LOGDIR" "${DEVICE_ARGS[@]}" ${AE_ARGS:-}
+    AE_RUN="$(ls -1d "$LOGDIR"/*_"$AE_NAME" 2>/dev/null | sort | tail -n 1)"
+    if [[ -z "$AE_RUN" || ! -f "$AE_RUN/checkpoints/last.ckpt" ]]; then
+      echo "error: the autoencoder run wrote no $LOGDIR/*_$AE_NAME/checkpoints/last.ckpt" >&2; exit 1
+    fi
+    ln -sfn "$(basename "$AE_RUN")" "$AE_LINK"
+    echo "== linked $AE_LINK -> $AE_RUN"
+  fi
+elif [[ ! -f "$AE_CKPT" ]]; then
+  echo "error: AE_CKPT=$AE_CKPT does not exist" >&2; exit 1
+fi
+echo "== autoencoder checkpoint: $AE_CKPT"
+
+echo "== training the anatomical LDM ($LDM_CONFIG)"
+exec "$PYTHON" main.py --base "$LDM_CONFIG" -t -n "${DATASET}_anatomical" -l "$LOGDIR" "${DEVICE_ARGS[@]}" \
+  "model.params.first_stage_config.params.ckpt_path=$AE_CKPT" "$@"
