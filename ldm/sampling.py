@@ -292,7 +292,8 @@ def predict_masks(model: torch.nn.Module, z: torch.Tensor, image_size: Sequence[
 
 class SampleNoise:
     """Per-sample step noise: one CPU generator per sample, seeded by ``(seed, index)``, so a sample's noise does
-    not depend on the batch it is in, nor on the device.
+    not depend on the batch it is in, nor on the device. It is a ``DDIMSampler.sample`` ``noise_fn``; the
+    generators advance with every draw, so use a fresh one per sampling call.
 
     Args:
         seed: the run's seed.
@@ -301,8 +302,16 @@ class SampleNoise:
 
     def __init__(self, seed: int, indices: Sequence[int]) -> None:
         self.generators = [torch.Generator().manual_seed(sample_seed(seed, i, stream=1)) for i in indices]
+        self._last_step = -1
 
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+    def __call__(self, like: torch.Tensor, step: int) -> torch.Tensor:
+        if like.shape[0] != len(self.generators):
+            raise ValueError(f"SampleNoise was made for {len(self.generators)} samples but asked for a batch of "
+                             f"{like.shape[0]}; build it with the indices of exactly this batch")
+        if step <= self._last_step:
+            raise ValueError(f"SampleNoise asked for step {step} after step {self._last_step}: its generators only "
+                             "move forward, so build a new SampleNoise for every sampling call")
+        self._last_step = step
         noise = [torch.randn(tuple(like.shape[1:]), generator=g) for g in self.generators]
         return torch.stack(noise).to(device=like.device, dtype=like.dtype)
 
@@ -311,30 +320,18 @@ class SampleNoise:
 def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float = 0.0,
                     noise: Optional[SampleNoise] = None,
                     callback: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """DDIM from ``x_T`` through ``DDIMSampler.p_sample_ddim``, with the step noise (``eta > 0``) drawn per sample.
+    """Final latents of ``DDIMSampler.sample`` from ``x_T``, its step noise (``eta > 0``) drawn by ``noise``.
 
-    ``callback(i, t, x_t)`` is called before step ``i`` (``t`` the DDIM timestep, ``x_t`` the current latents).
-    With ``eta = 0`` this equals ``DDIMSampler.sample(..., x_T=x_T)``.
+    ``callback(i, t, x_t)`` sees step ``i``'s input latents ``x_t`` at DDIM timestep ``t``.
     """
     from ldm.models.diffusion.ddim import DDIMSampler
 
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(ddim_num_steps=ddim_steps, ddim_eta=eta, verbose=False)
-    img = x_T
-    steps = [int(s) for s in np.flip(sampler.ddim_timesteps)]
-    for i, step in enumerate(steps):
-        if callback is not None:
-            callback(i, step, img)
-        index = len(steps) - i - 1
-        ts = torch.full((img.shape[0],), step, device=img.device, dtype=torch.long)
-        # temperature 0: the sampler's deterministic update; its sigma_t * noise is added here, per sample.
-        img, _ = sampler.p_sample_ddim(img, None, ts, index, temperature=0.0)
-        sigma = float(sampler.ddim_sigmas[index])
-        if sigma != 0.0:
-            if noise is None:
-                raise ValueError("eta > 0 needs a SampleNoise for the step noise")
-            img = img + sigma * noise(img)
-    return img
+    if eta != 0.0 and noise is None:
+        raise ValueError("eta > 0 needs a SampleNoise for the step noise")
+    step_callback = None if callback is None else (lambda i, t, x_t, pred_x0: callback(i, t, x_t))
+    z, _ = DDIMSampler(model).sample(ddim_steps, x_T.shape[0], tuple(x_T.shape[1:]), eta=eta, x_T=x_T,
+                                     verbose=False, noise_fn=noise, step_callback=step_callback)
+    return z
 
 
 @torch.no_grad()

@@ -100,6 +100,64 @@ def test_eta_and_generator(monkeypatch):
     assert sampler.ddim_sigmas[2].item() == pytest.approx(math.sqrt((1 - ap) / (1 - at) * (1 - at / ap)), rel=1e-5)
 
 
+def test_step_callback_sees_inputs_and_predictions(monkeypatch):
+    model = tiny_ldm(timesteps=100)
+    point = torch.linspace(-1, 1, 2 * 8 * 8).reshape(1, 2, 8, 8)
+    _analytic(model, point, monkeypatch)
+    x_T = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    steps, old_style, seen = [], [], []
+    sampler = DDIMSampler(model)
+    samples, _ = sampler.sample(4, 2, (2, 8, 8), x_T=x_T, verbose=False, callback=steps.append,
+                                img_callback=lambda x0, i: old_style.append((i, x0)),
+                                step_callback=lambda i, t, x_t, x0: seen.append((i, t, x_t, x0)))
+    assert sampler.ddim_timesteps.tolist() == [1, 26, 51, 76]
+    assert steps == [0, 1, 2, 3] and [i for i, _ in old_style] == [0, 1, 2, 3]  # CompVis hooks unchanged
+    assert [(i, t) for i, t, _, _ in seen] == [(0, 76), (1, 51), (2, 26), (3, 1)]
+    assert torch.equal(seen[0][2], x_T)
+    ac = model.alphas_cumprod.double()
+    eps = (x_T.double() - ac[76].sqrt() * point) / (1 - ac[76]).sqrt()  # eta=0, exact eps: eps stays fixed
+    for (i, t, x_t, x0), (_, x0_old) in zip(seen, old_style):
+        assert torch.allclose(x_t.double(), ac[t].sqrt() * point + (1 - ac[t]).sqrt() * eps, atol=1e-5)
+        assert torch.allclose(x0, point.expand_as(x0), atol=1e-4) and x0 is x0_old
+    assert torch.allclose(samples.double(), ac[0].sqrt() * point + (1 - ac[0]).sqrt() * eps, atol=1e-5)
+
+
+def test_noise_fn_replaces_generator(monkeypatch):
+    model = tiny_ldm(timesteps=100)
+    point = torch.full((1, 2, 8, 8), 0.3)
+    _analytic(model, point, monkeypatch)
+    x_T = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    # noise_fn drawing from a generator gives the same bytes as passing that generator
+    gen_a, gen_b, calls = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9), []
+
+    def from_generator(like, i):
+        calls.append(i)
+        return torch.randn(like.shape, generator=gen_b, dtype=like.dtype)
+
+    a, _ = DDIMSampler(model).sample(4, 2, (2, 8, 8), eta=0.5, x_T=x_T, verbose=False, generator=gen_a)
+    b, _ = DDIMSampler(model).sample(4, 2, (2, 8, 8), eta=0.5, x_T=x_T, verbose=False, noise_fn=from_generator)
+    assert torch.equal(a, b) and calls == [0, 1, 2, 3]
+    # a constant noise: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma n (eq. 12), in float64
+    sampler = DDIMSampler(model)
+    n = torch.linspace(-2, 2, 2 * 2 * 8 * 8).reshape(2, 2, 8, 8)
+    out, _ = sampler.sample(4, 2, (2, 8, 8), eta=0.5, x_T=x_T, verbose=False, noise_fn=lambda like, i: n,
+                            temperature=0.5)
+    ac, x = model.alphas_cumprod.double(), x_T.double()
+    for index in reversed(range(4)):
+        t = int(sampler.ddim_timesteps[index])
+        a_prev, sigma = sampler.ddim_alphas_prev[index].double(), sampler.ddim_sigmas[index].double()
+        assert sigma > 0.01
+        eps = (x - ac[t].sqrt() * point) / (1 - ac[t]).sqrt()
+        x = a_prev.sqrt() * point + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * 0.5 * n
+    assert torch.allclose(out.double(), x, atol=1e-5)
+    assert (out - a).abs().max() > 0.1
+    # eta = 0 never asks for noise
+    DDIMSampler(model).sample(3, 2, (2, 8, 8), x_T=x_T, verbose=False, noise_fn=lambda like, i: 1 / 0)
+    with pytest.raises(ValueError, match="noise_fn returned shape"):
+        DDIMSampler(model).sample(3, 2, (2, 8, 8), eta=1.0, x_T=x_T, verbose=False,
+                                  noise_fn=lambda like, i: torch.zeros(1, 2, 8, 8))
+
+
 def test_classifier_free_guidance_combines_outputs(monkeypatch):
     model = tiny_ldm(timesteps=50)
     # a "model" that returns the conditioning value, so guided eps = u + s (c - u)

@@ -131,15 +131,33 @@ def test_anatomical_sampling_deterministic_resumable_with_masks(runs, tmp_path):
     assert manifest["sessions"][0]["ema"] is True and manifest["sessions"][0]["timings"]["per_sample_s"] > 0
 
 
-def test_ddim_trajectory_matches_sampler_at_eta0(runs):
+def test_ddim_trajectory_per_sample_noise_through_sampler(runs):
     from ldm import sampling
     from ldm.models.diffusion.ddim import DDIMSampler
 
     model, _ = sampling.load_model_for_sampling(runs["baseline"])
-    x_T = sampling.initial_noise(sampling.latent_shape(model), 0, [0, 1])
-    ours = sampling.ddim_trajectory(model, x_T, 5, 0.0)
-    ref, _ = DDIMSampler(model).sample(5, 2, sampling.latent_shape(model), None, eta=0.0, x_T=x_T, verbose=False)
-    torch.testing.assert_close(ours, ref)
+    shape = sampling.latent_shape(model)
+    x_T = sampling.initial_noise(shape, 0, [0, 1, 2])
+    seen = []
+    z = sampling.ddim_trajectory(model, x_T, 4, 0.5, sampling.SampleNoise(0, [0, 1, 2]),
+                                 callback=lambda i, t, x_t: seen.append((i, t, x_t)))
+    assert [(i, t) for i, t, _ in seen] == [(0, 76), (1, 51), (2, 26), (3, 1)] and torch.equal(seen[0][2], x_T)
+    # sample 2 alone (its own x_T and step noise) is sample 2 of the batch of three
+    alone = sampling.ddim_trajectory(model, x_T[2:], 4, 0.5, sampling.SampleNoise(0, [2]))
+    torch.testing.assert_close(alone, z[2:], atol=1e-5, rtol=1e-5)
+    ref, _ = DDIMSampler(model).sample(4, 3, shape, eta=0.5, x_T=x_T, verbose=False,
+                                       noise_fn=sampling.SampleNoise(0, [0, 1, 2]))
+    assert torch.equal(z, ref)
+    deterministic = sampling.ddim_trajectory(model, x_T, 4, 0.0)
+    assert (deterministic - z).abs().max() > 0.1  # the step noise is used
+    with pytest.raises(ValueError, match="needs a SampleNoise"):
+        sampling.ddim_trajectory(model, x_T, 4, 0.5)
+    with pytest.raises(ValueError, match="made for 2 samples"):
+        sampling.SampleNoise(0, [0, 1])(x_T, 0)
+    reused = sampling.SampleNoise(0, [0, 1, 2])
+    reused(x_T, 0)
+    with pytest.raises(ValueError, match="new SampleNoise"):
+        reused(x_T, 0)
 
 
 def test_baseline_sampling_formats_and_state_dict_files(runs, tmp_path):
