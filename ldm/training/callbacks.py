@@ -1,0 +1,354 @@
+"""Callbacks of the training entry point: run setup, image logging, checkpoints, faults, CUDA stats."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+
+logger = logging.getLogger(__name__)
+
+LAST_CKPT = "last.ckpt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class SetupCallback(Callback):
+    """Create the run directory and save the configs used (``configs/<now>-project.yaml``, ``-lightning.yaml``).
+
+    Args:
+        resume: the ``-r`` value ('' for a fresh run).
+        now: timestamp used in the config file names.
+        logdir, ckptdir, cfgdir: run directory and its checkpoint and config folders.
+        config: the merged project config (model, data, ...).
+        lightning_config: the merged ``lightning`` section (trainer settings as given by the user).
+    """
+
+    def __init__(self, resume: str, now: str, logdir: str, ckptdir: str, cfgdir: str, config: Any,
+                 lightning_config: Any) -> None:
+        super().__init__()
+        self.resume, self.now = resume, now
+        self.logdir, self.ckptdir, self.cfgdir = logdir, ckptdir, cfgdir
+        self.config, self.lightning_config = config, lightning_config
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        for path in (self.logdir, self.ckptdir, self.cfgdir):
+            os.makedirs(path, exist_ok=True)
+        project = os.path.join(self.cfgdir, f"{self.now}-project.yaml")
+        OmegaConf.save(self.config, project)
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
+                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+        rank_zero_info(f"run directory {self.logdir}; configs saved in {self.cfgdir}")
+
+
+class ImageLogger(Callback):
+    """Call ``pl_module.log_images`` every ``batch_frequency`` batches and write image grids.
+
+    Grids go to ``<save_dir>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png`` (rank zero only),
+    and to the logger too when it can take images (TensorBoard).
+
+    Args:
+        batch_frequency: log every this many global steps (training; validation logs its first batch when the
+            step is due), or batches of the epoch with ``log_on_batch_idx``.
+        max_images: at most this many images per key.
+        clamp: clamp to [-1, 1] before saving.
+        increase_log_steps: also log at steps 1, 2, 4, ... below ``batch_frequency``.
+        rescale: map [-1, 1] to [0, 1] for saving.
+        disabled: do nothing.
+        log_on_batch_idx: count batches of the epoch instead of global steps.
+        log_first_step: also log at step 0.
+        log_images_kwargs: extra keyword arguments for ``log_images``.
+        save_dir: the run directory; default the logger's ``save_dir`` or the trainer's ``default_root_dir``.
+    """
+
+    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
+                 rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
+                 log_first_step: bool = False, log_images_kwargs: Optional[dict] = None,
+                 save_dir: Optional[str] = None) -> None:
+        super().__init__()
+        if batch_frequency < 1:
+            raise ValueError(f"ImageLogger batch_frequency must be >= 1, got {batch_frequency}")
+        self.batch_freq = int(batch_frequency)
+        self.max_images = int(max_images)
+        self.clamp, self.rescale, self.disabled = clamp, rescale, disabled
+        self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.save_dir = save_dir
+        self.log_steps = [2 ** n for n in range(int(math.log2(self.batch_freq)) + 1)] if increase_log_steps \
+            else [self.batch_freq]
+
+    def _root(self, trainer: pl.Trainer) -> str:
+        if self.save_dir:
+            return self.save_dir
+        if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
+            return trainer.logger.save_dir
+        return trainer.default_root_dir
+
+    def check_frequency(self, check_idx: int) -> bool:
+        """True when images are due at ``check_idx`` (consumes one of the early log steps)."""
+        due = check_idx % self.batch_freq == 0 or check_idx in self.log_steps
+        if due and (check_idx > 0 or self.log_first_step):
+            if self.log_steps and check_idx >= self.log_steps[0]:
+                self.log_steps = [s for s in self.log_steps if s > check_idx]
+            return True
+        return False
+
+    def to_grid(self, images: torch.Tensor) -> np.ndarray:
+        """B,C,H,W in [-1,1] -> H,W,3 uint8 grid."""
+        import torchvision
+
+        images = images.detach().float().cpu()
+        if self.clamp:
+            images = images.clamp(-1.0, 1.0)
+        if images.shape[1] not in (1, 3):  # e.g. latents: show the first three channels
+            images = images[:, :3] if images.shape[1] > 3 else images[:, :1]
+        grid = torchvision.utils.make_grid(images, nrow=4)
+        if self.rescale:
+            grid = (grid + 1.0) / 2.0
+        grid = grid.clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+        return (grid * 255).round().astype(np.uint8)
+
+    @rank_zero_only
+    def save_local(self, root: str, split: str, images: dict[str, torch.Tensor], global_step: int,
+                   current_epoch: int, batch_idx: int) -> list[str]:
+        from PIL import Image
+
+        folder = os.path.join(root, "images", split)
+        os.makedirs(folder, exist_ok=True)
+        written = []
+        for key, value in images.items():
+            grid = self.to_grid(value)
+            name = f"{key.replace('/', '_')}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
+            path = os.path.join(folder, name)
+            Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+            written.append(path)
+        return written
+
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                split: str = "train") -> None:
+        check_idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if self.disabled or self.max_images <= 0 or not callable(getattr(pl_module, "log_images", None)):
+            return
+        if not trainer.is_global_zero or not self.check_frequency(check_idx):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        finally:
+            pl_module.train(was_training)
+        tensors = {k: v[: self.max_images] for k, v in images.items()
+                   if isinstance(v, torch.Tensor) and v.ndim == 4}
+        self.save_local(self._root(trainer), split, tensors, pl_module.global_step, pl_module.current_epoch,
+                        batch_idx)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        if experiment is not None and hasattr(experiment, "add_image"):
+            for key, value in tensors.items():
+                experiment.add_image(f"{split}/{key}", self.to_grid(value), pl_module.global_step,
+                                     dataformats="HWC")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # one validation batch per check: log_images may sample (hundreds of network calls)
+        first = batch_idx == 0 and dataloader_idx == 0
+        if not trainer.sanity_checking and pl_module.global_step > 0 and (first or self.log_on_batch_idx):
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class CUDACallback(Callback):
+    """Log peak CUDA memory and time per training epoch; silent on other devices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_time = 0.0
+
+    @staticmethod
+    def _cuda(trainer: pl.Trainer) -> Optional[torch.device]:
+        device = trainer.strategy.root_device
+        return device if device.type == "cuda" else None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = self._cuda(trainer)
+        if device is not None:
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        self.start_time = time.time()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = self._cuda(trainer)
+        if device is None:
+            return
+        torch.cuda.synchronize(device)
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        epoch_time = time.time() - self.start_time
+        stats = trainer.strategy.reduce(torch.tensor([epoch_time, peak_mib], device=device), reduce_op="mean")
+        rank_zero_info(f"epoch {trainer.current_epoch}: {float(stats[0]):.2f} s, "
+                       f"peak CUDA memory {float(stats[1]):.0f} MiB (mean over processes)")
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``<dirpath>/last.ckpt`` current: at each training epoch end, every ``every_n_train_steps`` steps,
+    and at the end of fit. The file is written to a temporary name and renamed, so it is never half-written.
+
+    Args:
+        dirpath: the run's ``checkpoints`` folder.
+        every_n_train_steps: also save every this many optimiser steps (0: only at epoch ends).
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 0) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        self.every_n_train_steps = int(every_n_train_steps or 0)
+        self.last_saved_step = -1
+        self.disabled_reason: Optional[str] = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.dirpath, LAST_CKPT)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Collective: every rank must call it (Lightning's save_checkpoint has a barrier)."""
+        if self.disabled_reason is not None or trainer.global_step == self.last_saved_step:
+            return
+        tmp = self.path + ".tmp"
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        self.last_saved_step = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_saved_step = trainer.global_step  # a resumed run's state is already on disk
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
+class MonitoredCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` (top-k on ``monitor``) that, when the key turns out not to be logged, warns once and
+    keeps only ``last.ckpt`` instead of failing the run. Same arguments as ``ModelCheckpoint``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.missing_key_warned = False
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        if self.monitor is not None and self.monitor not in monitor_candidates:
+            if not trainer.fit_loop.epoch_loop.val_loop._has_run:
+                return  # no validation yet: the key may still come
+            if not self.missing_key_warned:
+                rank_zero_warn(f"checkpoint monitor {self.monitor!r} (model.params.monitor) is not logged by this "
+                               f"model (logged: {sorted(k for k in monitor_candidates if k not in ('epoch', 'step'))}"
+                               f"); keeping only checkpoints/{LAST_CKPT}")
+                self.missing_key_warned = True
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop training before a NaN/inf loss reaches the weights (checked before every backward, on all ranks).
+
+    Raises ``NonFiniteLossError`` naming the step and the last good checkpoint; ``last.ckpt`` is not touched.
+
+    Args:
+        ckpt_path: the ``last.ckpt`` that remains, named in the message.
+    """
+
+    def __init__(self, ckpt_path: str) -> None:
+        super().__init__()
+        self.ckpt_path = ckpt_path
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        if os.path.isfile(self.ckpt_path):
+            keep = f"the last good checkpoint is {self.ckpt_path}"
+        else:
+            keep = "no checkpoint had been written yet"
+        value = float(loss.detach().float().flatten()[0]) if loss.numel() else float("nan")
+        raise NonFiniteLossError(
+            f"non-finite training loss ({value}) at global step {trainer.global_step}, epoch "
+            f"{trainer.current_epoch}; training stopped before the update, {keep}. Lower the learning rate, "
+            f"set --gradient_clip_val, or use --precision 32, then resume with -r."
+        )
+
+
+class FaultCheckpoint(Callback):
+    """Save ``last.ckpt`` when training dies from an exception, or on SIGUSR1 (where the platform has it),
+    after which the run stops cleanly. A ``NonFiniteLossError`` saves nothing.
+
+    Args:
+        last: the ``LastCheckpoint`` whose file is written.
+        handle_sigusr1: install a SIGUSR1 handler (main thread only). Lightning then leaves SIGUSR1 alone, so
+            under SLURM the job saves and ends instead of Lightning's auto-requeue; resubmit with ``-r``.
+    """
+
+    def __init__(self, last: LastCheckpoint, handle_sigusr1: bool = True) -> None:
+        super().__init__()
+        self.last = last
+        self.start_step: Optional[int] = None
+        self.signal_received = False
+        if handle_sigusr1 and hasattr(signal, "SIGUSR1"):
+            try:
+                signal.signal(signal.SIGUSR1, self._on_signal)
+            except ValueError:  # not in the main thread
+                logger.debug("SIGUSR1 handler not installed (not in the main thread)")
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signal_received = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.signal_received, all=False):
+            return
+        self.signal_received = False
+        self.last.save(trainer)
+        rank_zero_info(f"SIGUSR1: saved {self.last.path} at global step {trainer.global_step}; stopping. "
+                       f"Continue with -r {os.path.dirname(self.last.dirpath)}")
+        trainer.should_stop = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteLossError) or self.start_step is None:
+            return
+        if trainer.global_step <= self.start_step:
+            return  # nothing new since the checkpoint on disk (or since a fresh start)
+        # no barrier here: other ranks may be dead or stuck, so rank zero writes on its own
+        if trainer.is_global_zero:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            os.makedirs(self.last.dirpath, exist_ok=True)
+            tmp = self.last.path + ".tmp"
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, tmp)
+            os.replace(tmp, self.last.path)
+            logger.error("training failed (%s) at global step %d; saved %s", type(exception).__name__,
+                         trainer.global_step, self.last.path)

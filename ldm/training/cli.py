@@ -1,0 +1,483 @@
+"""The CompVis command line of ``main.py`` mapped onto Lightning 2.
+
+Pure functions (no model, no Trainer): argument parsing, ``--gpus`` mapping, config merging, run
+directory naming, resume resolution, trainer settings and the effective learning rate.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+
+DEVICE_KEYS = ("gpus", "accelerator", "devices")
+LOGDIR_ENV = "LDM_MAIN_LOGDIR"  # run directory handed from rank 0 to the DDP processes it launches
+
+# Trainer arguments that PL 1.x accepted and Lightning 2 removed: old name -> new name (None: dropped).
+RENAMED_TRAINER_KEYS: dict[str, Optional[str]] = {
+    "distributed_backend": "strategy",
+    "replace_sampler_ddp": "use_distributed_sampler",
+    "terminate_on_nan": None,  # always on: see NonFiniteLossGuard
+    "progress_bar_refresh_rate": None,
+    "weights_summary": None,
+    "flush_logs_every_n_steps": None,
+    "amp_backend": None,
+    "amp_level": None,
+    "track_grad_norm": None,
+    "auto_select_gpus": None,
+    "auto_lr_find": None,
+    "auto_scale_batch_size": None,
+    "move_metrics_to_cpu": None,
+    "multiple_trainloader_mode": None,
+    "stochastic_weight_avg": None,
+    "checkpoint_callback": None,
+    "log_gpu_memory": None,
+    "prepare_data_per_node": None,
+}
+
+
+# PL 1.x accepted a distributed mode as ``accelerator`` (CompVis saved ``accelerator: ddp``).
+PL1_STRATEGY_ACCELERATORS = ("ddp", "ddp_spawn", "ddp_cpu", "dp", "ddp2", "ddp_sharded", "horovod")
+
+
+class UsageError(ValueError):
+    """A mistake on the command line or in a config; ``main.py`` reports it without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------- parsing
+def _str2bool(value: Union[str, bool]) -> bool:
+    if isinstance(value, bool):
+        return value
+    low = value.strip().lower()
+    if low in ("yes", "true", "t", "y", "1"):
+        return True
+    if low in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _int_or_float(value: str) -> Union[int, float]:
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def _int_or_bool(value: str) -> Union[int, bool]:
+    try:
+        return int(value)
+    except ValueError:
+        return _str2bool(value)
+
+
+def _precision(value: str) -> Union[int, str]:
+    return int(value) if value.isdigit() else value
+
+
+def _devices(value: str) -> Union[int, str, list[int]]:
+    value = value.strip()
+    if "," in value:
+        return [int(v) for v in value.split(",") if v.strip()]
+    try:
+        return int(value)
+    except ValueError:
+        return value  # "auto"
+
+
+# Lightning 2 Trainer settings accepted as ``--name value`` (also ``--name-with-dashes``).
+TRAINER_FLAGS: dict[str, Callable[[str], Any]] = {
+    "accelerator": str, "devices": _devices, "num_nodes": int, "strategy": str, "precision": _precision,
+    "max_steps": int, "max_epochs": int, "min_steps": int, "min_epochs": int, "max_time": str,
+    "accumulate_grad_batches": int, "limit_train_batches": _int_or_float, "limit_val_batches": _int_or_float,
+    "limit_test_batches": _int_or_float, "limit_predict_batches": _int_or_float,
+    "val_check_interval": _int_or_float, "check_val_every_n_epoch": int, "log_every_n_steps": int,
+    "gradient_clip_val": float, "gradient_clip_algorithm": str, "num_sanity_val_steps": int,
+    "benchmark": _str2bool, "deterministic": _str2bool, "fast_dev_run": _int_or_bool, "profiler": str,
+    "detect_anomaly": _str2bool, "enable_progress_bar": _str2bool, "enable_model_summary": _str2bool,
+    "use_distributed_sampler": _str2bool, "sync_batchnorm": _str2bool,
+    "reload_dataloaders_every_n_epochs": int,
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The CompVis ``main.py`` flags plus Lightning 2 trainer settings; trailing ``a.b=c`` are overrides."""
+    parser = argparse.ArgumentParser(
+        description="Train or test a model described by CompVis-style YAML configs (Lightning 2).",
+        epilog="Trailing arguments of the form a.b.c=value override config entries, e.g. "
+               "model.base_learning_rate=1e-5 lightning.trainer.max_steps=1000.",
+    )
+    parser.add_argument("-n", "--name", type=str, default="", help="postfix for the log directory")
+    parser.add_argument("-r", "--resume", type=str, default="",
+                        help="resume from a run directory (logs/RUN) or a checkpoint (logs/RUN/checkpoints/x.ckpt)")
+    parser.add_argument("--resume_from_checkpoint", type=str, default="",
+                        help="start from this checkpoint's full training state but log into a new run directory")
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                        help="config files, merged left to right; later ones and overrides win")
+    parser.add_argument("-t", "--train", type=_str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("--no-test", type=_str2bool, const=True, default=False, nargs="?", dest="no_test",
+                        help="skip testing after training")
+    parser.add_argument("-p", "--project", type=str, default="",
+                        help="group runs: the run directory becomes LOGDIR/PROJECT/<timestamp>_<name>")
+    parser.add_argument("-d", "--debug", type=_str2bool, nargs="?", const=True, default=False,
+                        help="debug logging; a fresh run's directory is moved to LOGDIR/debug_runs at the end")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    parser.add_argument("-f", "--postfix", type=str, default="", help="postfix appended to the run name")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="directory holding the runs")
+    parser.add_argument("--scale_lr", type=_str2bool, nargs="?", const=True, default=True,
+                        help="learning rate = accumulate_grad_batches * devices * num_nodes * batch_size "
+                             "* base_learning_rate (CompVis default: true)")
+    parser.add_argument("--gpus", type=str, default=None,
+                        help="CompVis/PL1 style: '0,1' = GPUs 0 and 1 (DDP), '0,' = GPU 0, '2' = two GPUs, "
+                             "'-1' = all GPUs, '0' = no GPU")
+    for name, conv in TRAINER_FLAGS.items():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*flags, dest=name, type=conv, default=None, help=f"Lightning Trainer({name}=...)")
+    return parser
+
+
+_OPTIONAL_BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr")
+_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+
+
+def _explicit_bools(argv: Sequence[str]) -> list[str]:
+    """``-t`` followed by anything but a boolean word means ``-t true`` (so ``-t a.b=1`` keeps the override)."""
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        out.append(token)
+        if token in _OPTIONAL_BOOL_FLAGS:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if following is None or following.strip().lower() not in _BOOL_WORDS:
+                out.append("true")
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv`` (default ``sys.argv[1:]``); the unknown rest must be ``key=value`` overrides."""
+    import sys
+
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(_explicit_bools(list(sys.argv[1:] if argv is None else argv)))
+    bad = [u for u in unknown if u.startswith("-") or "=" not in u]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}: options are listed by --help, config overrides "
+                     f"look like a.b.c=value")
+    if opt.name and opt.resume:
+        parser.error("-n/--name and -r/--resume cannot be used together: -r continues in the run's own "
+                     "directory; to start a new run from a checkpoint use -n NAME --resume_from_checkpoint CKPT")
+    if opt.resume and opt.resume_from_checkpoint:
+        parser.error("-r/--resume and --resume_from_checkpoint are exclusive")
+    return opt, unknown
+
+
+# ---------------------------------------------------------------------------------------- devices
+@dataclass
+class DeviceSpec:
+    """Resolved Lightning ``accelerator``/``devices``/``strategy`` plus the process count per node."""
+
+    accelerator: str
+    devices: Union[int, str, list[int]]
+    strategy: Optional[str]
+    num_devices: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _no_cuda_message(what: str) -> str:
+    return (f"{what} asks for CUDA GPUs, but this machine has no CUDA device (torch.cuda.is_available() is "
+            f"False). To train on CPU drop --gpus (or pass --accelerator cpu, and --devices N with "
+            f"--strategy ddp for N CPU processes); in a config use lightning.trainer.accelerator=cpu.")
+
+
+def parse_gpus(gpus: Union[str, int, Sequence[int]], cuda_count: Optional[int] = None) -> DeviceSpec:
+    """Map a PL 1.x ``gpus`` value, as CompVis users type it, onto Lightning 2 settings.
+
+    ``"0,1"`` -> GPUs 0 and 1 with DDP; ``"0,"`` -> GPU 0; ``"2"`` -> two GPUs; ``"-1"`` -> every GPU;
+    ``"0"`` (or empty) -> no GPU, i.e. CPU, as PL 1.x read it. Raises ``UsageError`` without CUDA.
+    """
+    count = _cuda_count() if cuda_count is None else cuda_count
+    if isinstance(gpus, (list, tuple)):
+        ids: Optional[list[int]] = [int(g) for g in gpus]
+        number = None
+    else:
+        text = str(gpus).strip().strip("[]")
+        try:
+            if "," in text:
+                ids, number = [int(g) for g in text.split(",") if g.strip()], None
+            else:
+                ids, number = None, int(text) if text else 0
+        except ValueError as err:
+            raise UsageError(f"--gpus {gpus!r} is not understood: use GPU ids such as 0,1 or 0, "
+                             f"or a count such as 2 (-1 for all GPUs)") from err
+    if (ids is not None and not ids) or (ids is None and number == 0):  # "0", "", "," : no GPU
+        return DeviceSpec("cpu", 1, None, 1, [f"--gpus {gpus!r} means no GPU (as in PL 1.x): training on CPU; "
+                                               f"write --gpus 0, to use GPU 0"])
+    if count == 0:
+        raise UsageError(_no_cuda_message(f"--gpus {gpus}"))
+    if ids is not None:
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise UsageError(f"--gpus {gpus!r}: GPU ids must be distinct and >= 0")
+        if max(ids) >= count:
+            raise UsageError(f"--gpus {gpus!r} names GPU {max(ids)}, but only {count} CUDA device(s) are "
+                             f"visible (ids 0..{count - 1}); check CUDA_VISIBLE_DEVICES")
+        n = len(ids)
+        devices: Union[int, list[int]] = ids
+    else:
+        assert number is not None
+        if number < -1:
+            raise UsageError(f"--gpus {gpus!r}: a count must be >= 1, or -1 for all GPUs")
+        n = count if number == -1 else number
+        if n > count:
+            raise UsageError(f"--gpus {gpus!r} asks for {n} GPUs, but only {count} CUDA device(s) are visible")
+        devices = n
+    return DeviceSpec("gpu", devices, "ddp" if n > 1 else None, n)
+
+
+def _count_devices(accelerator: str, devices: Any) -> int:
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if "," in devices:
+            return len([d for d in devices.split(",") if d.strip()])
+        if devices.lstrip("-").isdigit():
+            devices = int(devices)
+        else:  # "auto"
+            return max(_cuda_count(), 1) if accelerator in ("gpu", "cuda", "auto") else 1
+    if devices == -1:
+        return max(_cuda_count(), 1) if accelerator in ("gpu", "cuda", "auto") else (os.cpu_count() or 1)
+    return int(devices)
+
+
+def resolve_devices(trainer_cfg: dict[str, Any], cuda_count: Optional[int] = None) -> DeviceSpec:
+    """Turn ``gpus`` / ``accelerator`` / ``devices`` / ``strategy`` of a merged trainer dict into a DeviceSpec.
+
+    Without any of them: one device, ``accelerator="auto"`` (a GPU when there is one, else the CPU).
+    """
+    strategy = trainer_cfg.get("strategy")
+    if trainer_cfg.get("gpus") is not None:
+        clash = [k for k in ("accelerator", "devices") if trainer_cfg.get(k) is not None]
+        if clash:
+            raise UsageError(f"gpus={trainer_cfg['gpus']!r} and {clash} are both set; use either the PL 1.x "
+                             f"--gpus or Lightning 2's --accelerator/--devices")
+        spec = parse_gpus(trainer_cfg["gpus"], cuda_count)
+        spec.strategy = strategy or spec.strategy
+        return spec
+    accelerator = str(trainer_cfg.get("accelerator") or "auto")
+    devices = trainer_cfg.get("devices")
+    if devices is None:
+        devices = 1
+    if accelerator in ("gpu", "cuda"):
+        count = _cuda_count() if cuda_count is None else cuda_count
+        if count == 0:
+            raise UsageError(_no_cuda_message(f"accelerator={accelerator}"))
+    if isinstance(devices, str) and "," in devices:
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    n = _count_devices(accelerator, devices)
+    num_nodes = int(trainer_cfg.get("num_nodes") or 1)
+    if strategy is None and (n > 1 or num_nodes > 1):
+        strategy = "ddp"
+    return DeviceSpec(accelerator, devices, strategy, n)
+
+
+def trainer_settings(lightning_trainer: Any, opt: argparse.Namespace) -> dict[str, Any]:
+    """Merge ``lightning.trainer`` from the configs with trainer flags given on the command line (these win).
+
+    Device flags on the command line replace every device key of the config as a group. Returns the
+    user-facing dict (``gpus`` kept as typed), which is what gets saved for a resume.
+    """
+    cfg: dict[str, Any] = {}
+    if lightning_trainer is not None:
+        cfg = OmegaConf.to_container(lightning_trainer, resolve=True) if OmegaConf.is_config(lightning_trainer) \
+            else dict(lightning_trainer)
+    cli = {name: getattr(opt, name) for name in (*TRAINER_FLAGS, "gpus") if getattr(opt, name, None) is not None}
+    if any(k in cli for k in DEVICE_KEYS):
+        for key in DEVICE_KEYS:
+            cfg.pop(key, None)
+    cfg.update(cli)
+    return cfg
+
+
+def lightning_trainer_kwargs(settings: dict[str, Any], cuda_count: Optional[int] = None) \
+        -> tuple[dict[str, Any], DeviceSpec, list[str]]:
+    """Trainer(**kwargs) from the merged settings: PL 1.x names mapped or dropped, devices resolved.
+
+    Returns the kwargs, the device spec and notes (one line per mapping made) to log.
+    """
+    import inspect
+
+    import pytorch_lightning as pl
+
+    kwargs = dict(settings)
+    notes: list[str] = []
+    if "resume_from_checkpoint" in kwargs:
+        raise UsageError("lightning.trainer.resume_from_checkpoint was removed in Lightning 2: resume with "
+                         "-r logs/RUN (or -r path/to/checkpoint.ckpt) instead")
+    for old, new in RENAMED_TRAINER_KEYS.items():
+        if old in kwargs:
+            value = kwargs.pop(old)
+            if new is not None:
+                kwargs.setdefault(new, value)
+                notes.append(f"trainer setting {old}={value!r} (PL 1.x) is now {new}={value!r}")
+            else:
+                notes.append(f"trainer setting {old}={value!r} (PL 1.x) has no Lightning 2 equivalent; ignored")
+    if str(kwargs.get("accelerator")) in PL1_STRATEGY_ACCELERATORS:  # CompVis wrote accelerator: ddp
+        old_value = kwargs.pop("accelerator")
+        kwargs.setdefault("strategy", "ddp" if old_value == "ddp_cpu" else old_value)
+        notes.append(f"trainer setting accelerator={old_value!r} (PL 1.x) is now strategy={kwargs['strategy']!r}")
+    spec = resolve_devices(kwargs, cuda_count)
+    kwargs.pop("gpus", None)
+    kwargs.update(accelerator=spec.accelerator, devices=spec.devices)
+    if spec.strategy is not None:
+        kwargs["strategy"] = spec.strategy
+    notes.extend(spec.notes)
+    valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise UsageError(f"unknown Lightning Trainer setting(s) {unknown} in lightning.trainer or on the command "
+                         f"line; valid names: {sorted(valid)}")
+    return kwargs, spec, notes
+
+
+# ----------------------------------------------------------------------------------- learning rate
+def effective_learning_rate(base_lr: float, batch_size: int, num_devices: int, num_nodes: int,
+                            accumulate_grad_batches: int, scale_lr: bool) -> tuple[float, str]:
+    """The learning rate to use and a sentence saying how it was computed (CompVis rule, nodes included)."""
+    if scale_lr:
+        lr = accumulate_grad_batches * num_devices * num_nodes * batch_size * base_lr
+        how = (f"learning rate {lr:.2e} = {accumulate_grad_batches} (accumulate_grad_batches) * {num_devices} "
+               f"(devices) * {num_nodes} (num_nodes) * {batch_size} (batch size) * {base_lr:.2e} "
+               f"(base_learning_rate); pass --scale_lr false to use base_learning_rate as is")
+    else:
+        lr = base_lr
+        how = f"learning rate {lr:.2e} = base_learning_rate (--scale_lr false)"
+    return lr, how
+
+
+# ---------------------------------------------------------------------------------- configs & dirs
+def parse_overrides(items: Sequence[str]) -> DictConfig:
+    """``a.b.c=value`` strings -> an OmegaConf tree (values typed as YAML)."""
+    try:
+        return OmegaConf.from_dotlist(list(items))
+    except Exception as err:  # omegaconf raises several grammar errors
+        raise UsageError(f"could not parse config overrides {list(items)}: {err}") from err
+
+
+def load_configs(paths: Sequence[str], overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge YAML files left to right, then the overrides.
+
+    An override that sets a device key of ``lightning.trainer`` replaces the configs' device keys.
+    """
+    configs = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path} (given with -b/--base or found in the "
+                                    f"resumed run's configs/)")
+        configs.append(OmegaConf.load(path))
+    base = OmegaConf.merge(*configs) if configs else OmegaConf.create()
+    cli = parse_overrides(overrides)
+    cli_trainer = OmegaConf.select(cli, "lightning.trainer")
+    if cli_trainer is not None and any(k in cli_trainer for k in DEVICE_KEYS):
+        base_trainer = OmegaConf.select(base, "lightning.trainer")
+        if base_trainer is not None:
+            for key in DEVICE_KEYS:
+                base_trainer.pop(key, None)
+    return OmegaConf.merge(base, cli)
+
+
+@dataclass
+class RunPaths:
+    """Where a run writes: ``logdir`` and its ``checkpoints/``, ``configs/``; ``ckpt`` to resume from."""
+
+    logdir: str
+    nowname: str
+    now: str
+    ckpt: Optional[str]
+    resumed_configs: list[str]
+
+    @property
+    def ckptdir(self) -> str:
+        return os.path.join(self.logdir, "checkpoints")
+
+    @property
+    def cfgdir(self) -> str:
+        return os.path.join(self.logdir, "configs")
+
+
+def timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+
+def run_name(now: str, name: str, base: Sequence[str], postfix: str) -> str:
+    """CompVis naming: ``<now>_<name>`` or ``<now>_<first config's stem>``, then the postfix."""
+    if name:
+        suffix = "_" + name
+    elif base:
+        suffix = "_" + os.path.splitext(os.path.basename(base[0]))[0]
+    else:
+        suffix = ""
+    return now + suffix + postfix
+
+
+def resolve_resume(resume: str) -> tuple[str, str]:
+    """``-r`` value -> (run directory, checkpoint path)."""
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"cannot resume: {resume} does not exist. Pass a run directory (logs/RUN) or a "
+                                f"checkpoint inside it (logs/RUN/checkpoints/last.ckpt)")
+    path = Path(resume)
+    if path.is_file():
+        for parent in path.parents:
+            if parent.name == "checkpoints":
+                return str(parent.parent), str(path)
+        raise UsageError(f"cannot resume from {resume}: the checkpoint is not inside a run's checkpoints/ folder, "
+                         f"so the run directory is unknown. Use -n NAME --resume_from_checkpoint {resume} to "
+                         f"start a new run from it")
+    logdir = str(path).rstrip("/")
+    ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+    if not os.path.isfile(ckpt):
+        found = sorted(glob.glob(os.path.join(logdir, "checkpoints", "**", "*.ckpt"), recursive=True))
+        raise FileNotFoundError(f"cannot resume {logdir}: {ckpt} does not exist"
+                                + (f"; pass one of {found} to -r" if found else " and the run has no checkpoint"))
+    return logdir, ckpt
+
+
+def _is_launched_child() -> bool:
+    """True in a process started by Lightning's DDP launcher (or any launcher) for a rank other than 0."""
+    for key in ("LOCAL_RANK", "RANK", "SLURM_PROCID"):
+        value = os.environ.get(key)
+        if value is not None and value.isdigit() and int(value) > 0:
+            return True
+    return False
+
+
+def resolve_run_paths(opt: argparse.Namespace, now: Optional[str] = None) -> RunPaths:
+    """The run directory and checkpoint for ``opt``; DDP children reuse the directory rank 0 chose."""
+    now = now or timestamp()
+    if opt.resume:
+        logdir, ckpt = resolve_resume(opt.resume)
+        configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
+        if not configs and not opt.base:
+            raise FileNotFoundError(f"cannot resume {logdir}: no configs/*.yaml in it and no --base given")
+        return RunPaths(logdir, os.path.basename(os.path.normpath(logdir)), now, ckpt, configs)
+    inherited = os.environ.get(LOGDIR_ENV)
+    if inherited and _is_launched_child():
+        return RunPaths(inherited, os.path.basename(inherited), now, opt.resume_from_checkpoint or None, [])
+    nowname = run_name(now, opt.name, opt.base, opt.postfix)
+    root = os.path.join(opt.logdir, opt.project) if opt.project else opt.logdir
+    logdir = os.path.join(root, nowname)
+    candidate, k = logdir, 1
+    while os.path.exists(candidate):  # two runs started in the same second
+        candidate, k = f"{logdir}-{k}", k + 1
+    ckpt = opt.resume_from_checkpoint or None
+    if ckpt and not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"--resume_from_checkpoint {ckpt}: no such file")
+    return RunPaths(candidate, os.path.basename(candidate), now, ckpt, [])
