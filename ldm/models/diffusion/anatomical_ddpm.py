@@ -96,6 +96,8 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         use_anatomical_inference: ``log_images`` also samples masks (seg head) and class-attention maps.
     """
 
+    progress_bar_keys = ("loss", "diffusion_loss", "anatomical_loss", "anatomical_dice")
+
     def __init__(self, *args: Any, anatomical_mask_key: str = "segmentation",
                  anatomical_loss_weight: Optional[float] = None, progressive_anatomical_training: bool = True,
                  anatomical_warmup_steps: int = 5000, anatomical_schedule: str = "warmup_decay",

@@ -25,6 +25,9 @@ class DiffusionLightningMixin:
     Args: none (a mixin; see the module docstring for what the host class provides).
     """
 
+    #: loss-dict entries (name after the "train/" prefix) shown on the progress bar; everything is logged
+    progress_bar_keys: tuple[str, ...] = ("loss_simple", "loss")
+
     def _batch_size(self, batch: Mapping[str, Any]) -> Optional[int]:
         value = batch.get(self.first_stage_key) if isinstance(batch, Mapping) else None
         return int(value.shape[0]) if hasattr(value, "shape") else None
@@ -32,8 +35,12 @@ class DiffusionLightningMixin:
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, loss_dict = self.shared_step(batch)
         bs = self._batch_size(batch)
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True,
+        on_bar = {key: value for key, value in loss_dict.items() if key.split("/", 1)[-1] in self.progress_bar_keys}
+        rest = {key: value for key, value in loss_dict.items() if key not in on_bar}
+        self.log_dict(on_bar, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=bs)
+        if rest:
+            self.log_dict(rest, prog_bar=False, logger=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("global_step", float(self.global_step), prog_bar=False, logger=True, on_step=True,
                  on_epoch=False, batch_size=bs)
         if self.use_scheduler:
             lr = self.optimizers().param_groups[0]["lr"]
