@@ -238,14 +238,15 @@ def update_manifest(out_dir: str, info: dict[str, Any], run: dict[str, Any]) -> 
         if manifest.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
             logger.warning("%s already holds samples of another checkpoint (sha256 %s...); the folder now mixes "
                            "two models.", out_dir, str(manifest.get("checkpoint_sha256"))[:12])
-        changed = [k for k in ("seed", "ddim_steps", "eta", "vanilla_sample", "ema")
+        changed = [k for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema")
                    if k in manifest and k in run and manifest[k] != run[k]]
         if changed:
             logger.warning("%s: this session's %s differ from the earlier sessions' (%s); see 'sessions' in "
                            "samples.json for which samples used which settings.", out_dir, changed,
                            {k: manifest[k] for k in changed})
     manifest.update({k: info[k] for k in ("checkpoint", "checkpoint_sha256", "config", "config_files")})
-    manifest.update({k: run[k] for k in ("seed", "ddim_steps", "eta", "vanilla_sample", "ema") if k in run})
+    manifest.update({k: run[k] for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema")
+                     if k in run})
     manifest.setdefault("sessions", []).append(run)
     manifest["num_samples"] = next_index(out_dir)
     tmp = path + ".tmp"
@@ -336,19 +337,27 @@ def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, 
 
 @torch.no_grad()
 def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float,
-                   noise: Optional[SampleNoise] = None, vanilla: bool = False, generator_seed: int = 0) -> torch.Tensor:
-    """Final latents from ``x_T`` with DDIM (``ddim_steps``, ``eta``) or the full ancestral DDPM loop
-    (its step noise is seeded per batch by ``generator_seed``)."""
+                   noise: Optional[SampleNoise] = None, vanilla: bool = False, generator_seed: int = 0,
+                   sampler: str = "ddim") -> torch.Tensor:
+    """Final latents from ``x_T`` with DDIM (``ddim_steps``, ``eta``), another sampler of
+    :func:`ldm.models.diffusion.dpm_solver.get_sampler` (``sampler``, deterministic, ``ddim_steps`` model calls),
+    or the full ancestral DDPM loop (its step noise is seeded per batch by ``generator_seed``)."""
     if vanilla:
         generator = torch.Generator(device=x_T.device).manual_seed(generator_seed)
         return model.sample(cond=None, batch_size=x_T.shape[0], x_T=x_T, verbose=False, generator=generator)
+    if sampler != "ddim":
+        from ldm.models.diffusion.dpm_solver import get_sampler
+
+        z, _ = get_sampler(sampler, model).sample(ddim_steps, x_T.shape[0], tuple(x_T.shape[1:]), x_T=x_T,
+                                                  verbose=False)
+        return z
     return ddim_trajectory(model, x_T, ddim_steps, eta, noise)
 
 
 def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size: int, ddim_steps: int = 50,
              eta: float = 0.0, seed: int = 0, vanilla: bool = False, use_ema: bool = True, save_masks: bool = False,
              formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, sampler: str = "ddim") -> dict[str, Any]:
     """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
 
     Sample ``i`` starts from noise seeded by ``(seed, i)`` and DDIM's step noise (``eta > 0``) is drawn per sample
@@ -359,6 +368,12 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
 
     from tqdm import tqdm
 
+    from ldm.models.diffusion.dpm_solver import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"--sampler {sampler} is deterministic; eta applies to DDIM only (got -e {eta})")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
     if save_masks and not is_anatomical(model):
@@ -378,7 +393,7 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             x_T = initial_noise(shape, seed, indices, device=device)
             with timer_sample:
                 z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), vanilla,
-                                   sample_seed(seed, first, stream=2))
+                                   sample_seed(seed, first, stream=2), sampler=sampler)
                 masks = None
             with timer_decode:
                 images = model.decode_first_stage(z)
@@ -389,7 +404,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             bar.update(len(indices))
     bar.close()
     total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
-    return {"seed": seed, "ddim_steps": None if vanilla else ddim_steps, "eta": None if vanilla else eta,
+    return {"seed": seed, "sampler": "ddpm" if vanilla else sampler,
+            "ddim_steps": None if vanilla else ddim_steps, "eta": None if vanilla else eta,
             "vanilla_sample": vanilla, "ema": bool(use_ema and getattr(model, "use_ema", False)),
             "batch_size": batch_size, "start_index": start, "count": num_samples, "masks": bool(save_masks),
             "formats": list(formats), "device": str(device), "torch": torch.__version__,

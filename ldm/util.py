@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -154,3 +154,24 @@ def load_checkpoint_state_dict(path: str, weights_only: bool = True) -> dict[str
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
     return dict(obj)
+
+
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """``torch.device(name)``; without a name the first accelerator torch sees, else the CPU.
+
+    Raises ``ValueError`` when a named accelerator is not available.
+    """
+    if not name or name == "auto":
+        if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, MPS, XPU alike
+            if torch.accelerator.is_available():
+                return torch.accelerator.current_accelerator()
+        elif torch.cuda.is_available():
+            return torch.device(torch.cuda.current_device())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type != "cpu" and getattr(torch, device.type, None) is not None:
+        backend = getattr(torch, device.type)
+        if hasattr(backend, "is_available") and not backend.is_available():
+            raise ValueError(f"device {name!r} was asked for but torch sees no {device.type} device here; "
+                             "use --device cpu or leave --device out")
+    return device

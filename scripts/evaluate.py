@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ldm.util import resolve_device  # noqa: E402
+
 from ldm.evaluation import compare, metrics, report  # noqa: E402
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ldm.data.labels import BREASTMRI_CLASSES, CTORGAN_CLASSES
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     num_classes = args.num_classes or (len(args.class_names) if args.class_names else len(CTORGAN_CLASSES))
     names = args.class_names or {len(CTORGAN_CLASSES): list(CTORGAN_CLASSES),
                                  len(BREASTMRI_CLASSES): list(BREASTMRI_CLASSES)}.get(num_classes)

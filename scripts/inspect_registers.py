@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import torch  # noqa: E402
 
+from ldm.util import resolve_device  # noqa: E402
+
 from ldm import sampling  # noqa: E402
 from ldm.evaluation.registers import inspect_registers  # noqa: E402
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from ldm.data.labels import BREASTMRI_CLASSES, CTORGAN_CLASSES
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
     n = int(getattr(model.model.diffusion_model, "num_anatomical_classes", 0))
     names = args.class_names or {len(CTORGAN_CLASSES): list(CTORGAN_CLASSES),

@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import torch  # noqa: E402
 
+from ldm.util import resolve_device  # noqa: E402
+
 from ldm.evaluation import compare, segmenter  # noqa: E402
 
 
@@ -41,7 +43,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dataset = compare.dataset_from_config(args.data, args.split)
     model = segmenter.train_segmenter(dataset, args.num_classes, steps=args.steps, batch_size=args.batch_size,
                                       lr=args.lr, base_channels=args.base_channels, depth=args.depth,

@@ -185,3 +185,15 @@ def test_checkpoint_recomputes_and_matches_gradients():
     with torch.no_grad():
         U.checkpoint(func, (x,), lin.parameters(), True)
     assert len(calls) == 1
+
+
+def test_resolve_device_defaults_and_refuses_missing_accelerator():
+    import torch
+
+    from ldm.util import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device(None).type == "cpu"
+        with pytest.raises(ValueError, match="no cuda device"):
+            resolve_device("cuda")

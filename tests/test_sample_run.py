@@ -213,3 +213,19 @@ def test_unsafe_checkpoint_refused(runs, tmp_path):
     # Opting in loads it (the class is importable here).
     assert _sample(["-r", str(bad_dir), "-n", "1", "-c", "2", "-l", str(tmp_path / "o"), "--unsafe-load"]) == 0
     assert os.path.isfile(tmp_path / "o" / "images" / "000000.png")
+
+
+def test_dpm_solver_sampler_through_script(runs, tmp_path):
+    """--sampler dpmpp2m: deterministic across batch sizes, recorded in samples.json, differs from DDIM,
+    and refuses eta (it has no step noise)."""
+    run = runs["anatomical"]
+    common = ["-r", run, "-c", "5", "--seed", "3", "--sampler", "dpmpp2m"]
+    assert _sample([*common, "-n", "3", "--batch_size", "3", "-l", str(tmp_path / "a")]) == 0
+    assert _sample([*common, "-n", "3", "--batch_size", "1", "-l", str(tmp_path / "b")]) == 0
+    assert _digest(tmp_path / "a" / "images") == _digest(tmp_path / "b" / "images")
+    manifest = json.load(open(tmp_path / "a" / "samples.json"))
+    assert manifest["sampler"] == "dpmpp2m" and manifest["ddim_steps"] == 5
+    _sample(["-r", run, "-c", "5", "--seed", "3", "-n", "3", "--batch_size", "3", "-l", str(tmp_path / "ddim")])
+    assert _digest(tmp_path / "ddim" / "images") != _digest(tmp_path / "a" / "images")
+    with pytest.raises(ValueError, match="eta applies to DDIM only"):
+        _sample([*common, "-e", "0.5", "-n", "1", "-l", str(tmp_path / "c")])
