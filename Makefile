@@ -8,7 +8,6 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 
