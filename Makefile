@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean-demo
+.PHONY: demo test install bench
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
