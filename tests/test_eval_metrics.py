@@ -142,3 +142,18 @@ def test_inception_extractor_loads_local_state_dict(tmp_path, monkeypatch):
     feats = metrics.extract_features(ext, images)
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
     np.testing.assert_allclose(metrics.extract_features(ext, images), feats)
+
+
+def test_kid_std_is_nan_when_subsets_are_the_whole_sets():
+    import math
+
+    import numpy as np
+
+    from ldm.evaluation import metrics
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 4)), rng.normal(0.5, 1.0, size=(20, 4))
+    kid, std = metrics.kid_from_features(a, b, subset_size=1000)
+    assert kid > 0 and math.isnan(std)
+    kid_sub, std_sub = metrics.kid_from_features(a, b, subset_size=10, num_subsets=50)
+    assert std_sub > 0 and abs(kid_sub - kid) < 0.5

@@ -57,7 +57,11 @@ def fid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarra
 
 def kid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor,
                       num_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """KID: unbiased MMD^2 with the cubic polynomial kernel ``(x.y/D + 1)^3``, mean and std over random subsets."""
+    """KID: unbiased MMD^2 with the cubic polynomial kernel ``(x.y/D + 1)^3``, mean and std over random subsets.
+
+    When both sets are no larger than ``subset_size`` every subset is the whole set, so there is one value and
+    its std is reported as NaN (not 0: a spread over identical subsets says nothing about uncertainty).
+    """
     f1, f2 = _as_numpy(features1), _as_numpy(features2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise ValueError(f"need two feature sets [N, D] with the same D, got {f1.shape} and {f2.shape}")
@@ -67,7 +71,8 @@ def kid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarra
     rng = np.random.default_rng(seed)
     dim = f1.shape[1]
     values = []
-    for _ in range(max(1, num_subsets)):
+    whole_sets = m == f1.shape[0] and m == f2.shape[0]
+    for _ in range(1 if whole_sets else max(1, num_subsets)):
         x = f1[rng.choice(f1.shape[0], m, replace=False)]
         y = f2[rng.choice(f2.shape[0], m, replace=False)]
         kxx = (x @ x.T / dim + 1.0) ** 3
@@ -75,7 +80,7 @@ def kid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarra
         kxy = (x @ y.T / dim + 1.0) ** 3
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2.0 * kxy.mean()
         values.append(mmd)
-    return float(np.mean(values)), float(np.std(values))
+    return float(np.mean(values)), float("nan") if whole_sets else float(np.std(values))
 
 
 # ----------------------------------------------------------------------------------------- feature-free
