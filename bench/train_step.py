@@ -38,7 +38,11 @@ VARIANTS = {
     "plain+ckpt": ("plain", "fp32", True, False, False),
     "plain+bf16": ("plain", "bf16", False, False, False),
     "anat+compile": ("anatomical", "fp32", False, False, True),
+    # register attention 256 wide (anatomical_attention_dim: 256) instead of the level's full width
+    "anat256": ("anatomical256", "fp32", False, False, False),
 }
+# model kinds beyond bench.common's plain/anatomical: (base kind, UNet overrides)
+KIND_OVERRIDES = {"anatomical256": ("anatomical", {"anatomical_attention_dim": 256})}
 DEFAULT_CPU = ["plain", "anat", "anat+ckpt", "anat+bf16", "anat+cl"]
 DEFAULT_CUDA = ["plain", "anat", "anat+ckpt", "anat+bf16", "anat+fp16", "anat+cl", "anat+bf16+ckpt",
                 "plain+bf16"]
@@ -59,7 +63,8 @@ class Runner:
 
     def model(self, kind: str) -> Any:
         if kind not in self.models:
-            model, source = common.build_model(kind, self.quick, self.device)
+            base_kind, overrides = KIND_OVERRIDES.get(kind, (kind, {}))
+            model, source = common.build_model(base_kind, self.quick, self.device, **overrides)
             self.models[kind], self.sources[kind] = model, source
             self.optims[kind] = torch.optim.AdamW([p for p in model.model.parameters() if p.requires_grad],
                                                   lr=1e-6)
@@ -102,7 +107,7 @@ class Runner:
         original = self._unet_swap(model, name, compiled)
         info: dict[str, Any] = {}
         try:
-            extra = {"anatomy_target": self.mask} if kind == "anatomical" else {}
+            extra = {"anatomy_target": self.mask} if kind.startswith("anatomical") else {}
             with common.autocast(self.device, precision):
                 loss, _ = model.p_losses(z, None, self.t, noise=noise, **extra)
             if tracker is not None:

@@ -162,3 +162,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     g1 = plain.register_bank.registers.grad
     g2 = ckpt.register_bank.registers.grad
     assert g1.abs().sum() > 0 and torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_narrow_register_attention_width():
+    """anatomical_attention_dim caps the attention width per level: fewer parameters at wide levels, still the
+    base UNet's output when fresh, and all paths (SDPA, explicit with class mass) agree."""
+    attn = AnatomicalCrossAttention(channels=32, register_dim=8, heads=2, position_dim=6, inner_dim=8)
+    assert attn.to_q.weight.shape == (8, 32) and attn.to_out.weight.shape == (32, 8)
+    x, regs, pos = torch.randn(2, 32, 3, 3), torch.randn(2, 6, 8), torch.randn(9, 6)
+    with torch.no_grad():
+        attn.to_out.weight.normal_()
+    membership = F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float()
+    sdpa, _ = attn(x, regs, pos)
+    explicit, mass = attn(x, regs, pos, membership)
+    assert torch.allclose(sdpa, explicit, atol=1e-5) and torch.allclose(mass.sum(1), torch.ones(2, 3, 3), atol=1e-5)
+    with pytest.raises(ValueError, match="attention width"):
+        AnatomicalCrossAttention(channels=32, register_dim=8, heads=3, inner_dim=8)
+
+    torch.manual_seed(0)
+    base = UNetModel(**BASE)
+    _randomise(base)
+    full = AnatomicalUNetModel(**BASE, **ANAT)
+    narrow = AnatomicalUNetModel(**BASE, **ANAT, anatomical_attention_dim=16)
+    widths = {k: layer.inner_dim for k, layer in narrow.anatomical_attention.items()}
+    channels = {f"{i['stage']}_{i['index']}": i["channels"] for i in narrow.block_info}
+    assert widths == {k: min(16, channels[k]) for k in widths} and set(widths.values()) == {16}
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in full.parameters())
+    narrow.load_state_dict(base.state_dict(), strict=False)
+    x, t = _inputs()
+    base.eval(), narrow.eval()
+    with torch.no_grad():
+        assert torch.allclose(narrow(x, t), base(x, t), atol=1e-6)

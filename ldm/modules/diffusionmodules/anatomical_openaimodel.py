@@ -49,27 +49,31 @@ class AnatomicalCrossAttention(nn.Module):
     Args:
         channels: feature channels of the block it follows (queries and output).
         register_dim: width ``D`` of the register tokens.
-        heads: attention heads; must divide ``channels``.
+        heads: attention heads; must divide the attention width.
         position_dim: width of the spatial position codes added to the queries (``None``: no codes).
         dropout: dropout on the attention output.
+        inner_dim: attention width (queries, keys, values); ``None``: ``channels``. A smaller width cuts the
+            cost of the query and output projections, which dominate the layer at wide UNet levels.
     """
 
     def __init__(self, channels: int, register_dim: int, heads: int = 8, position_dim: Optional[int] = None,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, inner_dim: Optional[int] = None) -> None:
         super().__init__()
-        if heads < 1 or channels % heads != 0:
-            raise ValueError(f"anatomical_attention_heads ({heads}) must be >= 1 and divide the feature "
-                             f"channels ({channels}) of every attended UNet level")
+        inner = int(inner_dim or channels)
+        if heads < 1 or inner % heads != 0:
+            raise ValueError(f"anatomical_attention_heads ({heads}) must be >= 1 and divide the attention width "
+                             f"({inner}: anatomical_attention_dim, or the feature channels of the level)")
         self.channels = int(channels)
+        self.inner_dim = inner
         self.heads = int(heads)
-        self.dim_head = self.channels // self.heads
+        self.dim_head = inner // self.heads
         self.norm = nn.GroupNorm(_num_groups(channels), channels, eps=1e-6)
-        self.to_q = nn.Linear(channels, channels, bias=False)
-        self.to_k = nn.Linear(register_dim, channels, bias=False)
-        self.to_v = nn.Linear(register_dim, channels, bias=False)
-        self.pos_proj = nn.Linear(position_dim, channels, bias=False) if position_dim else None
+        self.to_q = nn.Linear(channels, inner, bias=False)
+        self.to_k = nn.Linear(register_dim, inner, bias=False)
+        self.to_v = nn.Linear(register_dim, inner, bias=False)
+        self.pos_proj = nn.Linear(position_dim, inner, bias=False) if position_dim else None
         self.dropout = nn.Dropout(dropout)
-        self.to_out = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(inner, channels)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
@@ -104,7 +108,7 @@ class AnatomicalCrossAttention(nn.Module):
             out = attn @ v
             mass = attn.mean(dim=1) @ class_membership.to(attn.dtype)  # [B, N, C]
             mass = mass.transpose(1, 2).reshape(b, -1, height, width)
-        out = out.transpose(1, 2).reshape(b, height * width, ch)
+        out = out.transpose(1, 2).reshape(b, height * width, self.inner_dim)
         out = self.to_out(self.dropout(out)).transpose(1, 2).reshape(b, ch, height, width)
         return x + out, mass
 
@@ -132,6 +136,9 @@ class AnatomicalUNetModel(UNetModel):
             weight sat in the UNet config; ``AnatomicalLatentDiffusion`` uses it when its own
             ``anatomical_loss_weight`` is not set.
         register_dropout: dropout on the register tokens.
+        anatomical_attention_dim: width of each register cross-attention, capped at the level's channels;
+            ``None`` (default): the level's channels. 256 at the CT-Organ size cuts the layers' FLOPs by about
+            half at the 512/1024-channel levels (``bench/RESULTS.md``).
     """
 
     def __init__(self, *args: Any, use_anatomical_registers: bool = True, num_anatomical_classes: int = 6,
@@ -139,7 +146,8 @@ class AnatomicalUNetModel(UNetModel):
                  anatomical_attention_heads: int = 8, use_timestep_aware_registers: bool = True,
                  anatomical_attention_resolutions: Optional[Sequence[int]] = None,
                  use_spatial_encoding: bool = True, anatomical_loss_weight: Optional[float] = None,
-                 register_dropout: float = 0.0, **kwargs: Any) -> None:
+                 register_dropout: float = 0.0, anatomical_attention_dim: Optional[int] = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_anatomical_registers = bool(use_anatomical_registers)
         self.num_anatomical_classes = int(num_anatomical_classes)
@@ -173,7 +181,9 @@ class AnatomicalUNetModel(UNetModel):
                 key = f"{info['stage']}_{info['index']}"
                 self.anatomical_attention[key] = AnatomicalCrossAttention(
                     info["channels"], anatomical_register_dim, heads=anatomical_attention_heads,
-                    position_dim=self.register_bank.position_dim)
+                    position_dim=self.register_bank.position_dim,
+                    inner_dim=None if anatomical_attention_dim is None else min(int(anatomical_attention_dim),
+                                                                                 info["channels"]))
                 self.anatomical_attention_keys.append(key)
 
         feat_ch = self.model_channels
