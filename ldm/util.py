@@ -175,3 +175,20 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
             raise ValueError(f"device {name!r} was asked for but torch sees no {device.type} device here; "
                              "use --device cpu or leave --device out")
     return device
+
+
+def run_script(main: Any, argv: Optional[list[str]] = None) -> int:
+    """Run a script's ``main(argv)``; a user error (``ValueError``, ``FileNotFoundError``) becomes one
+    ``<script>: error: ...`` line on stderr and exit code 2 instead of a traceback (``LDM_TRACEBACK=1`` keeps it)."""
+    import os
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) or "script"
+    try:
+        result = main(argv)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("LDM_TRACEBACK"):
+            raise
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        return 2
+    return result if isinstance(result, int) else 0

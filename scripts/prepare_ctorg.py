@@ -157,4 +157,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
 
 
 if __name__ == "__main__":
-    main()
+    from ldm.util import run_script
+
+    sys.exit(run_script(main))

@@ -197,3 +197,28 @@ def test_resolve_device_defaults_and_refuses_missing_accelerator():
         assert resolve_device(None).type == "cpu"
         with pytest.raises(ValueError, match="no cuda device"):
             resolve_device("cuda")
+
+
+def test_scripts_report_user_errors_in_one_line(tmp_path):
+    """A script given bad input ends with one '<script>: error: ...' line and exit code 2, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    missing = tmp_path / "no_such_run"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "sample.py"), "-r", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"sample.py: error: -r {missing}: neither a run directory nor a checkpoint file")
+
+
+def test_run_script_passes_results_through():
+    from ldm.util import run_script
+
+    assert run_script(lambda argv: 0) == 0 and run_script(lambda argv: 3) == 3
+    assert run_script(lambda argv: {"written": []}) == 0
+    with pytest.raises(RuntimeError):  # not a user error: the traceback stays
+        run_script(lambda argv: (_ for _ in ()).throw(RuntimeError("bug")))
