@@ -129,12 +129,20 @@ def load_state_dict_report(module: torch.nn.Module, state_dict: Mapping[str, tor
     return list(missing), list(unexpected)
 
 
+UNSAFE_LOAD_ENV = "LDM_UNSAFE_LOAD"
+
+
 def load_checkpoint_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """Read a state dict from a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a safetensors file.
 
+    Files are read with ``weights_only=True`` unless the caller or the environment (``LDM_UNSAFE_LOAD=1``, for
+    ``ckpt_path`` entries in configs, e.g. checkpoints written by PL 1.x that hold pickled objects) opts out.
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a checkpoint.
     """
     import os
+
+    if os.environ.get(UNSAFE_LOAD_ENV, "") not in ("", "0"):
+        weights_only = False
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -147,7 +155,8 @@ def load_checkpoint_state_dict(path: str, weights_only: bool = True) -> dict[str
     except Exception as err:  # torch raises several types for corrupt/unsafe files
         hint = ""
         if weights_only and "weights_only" in str(err):
-            hint = " It needs full unpickling; only do that for files you trust (weights_only=False)."
+            hint = (f" It needs full unpickling; only for files you trust, set {UNSAFE_LOAD_ENV}=1 "
+                    "(or pass --unsafe-load to the scripts that have it).")
         raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}.{hint}") from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]

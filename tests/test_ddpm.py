@@ -426,3 +426,23 @@ def test_vq_first_stage_surface():
     assert torch.allclose(quantized, model.first_stage_model.decode(h), atol=1e-5)
     raw = model.decode_first_stage(z, force_not_quantize=True)
     assert torch.allclose(raw, model.first_stage_model.decode(h, force_not_quantize=True), atol=1e-5)
+
+
+class _Opaque:
+    """A pickled object in a checkpoint (as PL 1.x checkpoints hold), refused by weights_only loading."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_unsafe_checkpoint_needs_explicit_opt_in(tmp_path, monkeypatch):
+    from ldm.util import load_checkpoint_state_dict
+
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": _Opaque()}, path)
+    monkeypatch.delenv("LDM_UNSAFE_LOAD", raising=False)
+    with pytest.raises(ValueError, match="LDM_UNSAFE_LOAD=1"):
+        load_checkpoint_state_dict(str(path))
+    monkeypatch.setenv("LDM_UNSAFE_LOAD", "1")
+    sd = load_checkpoint_state_dict(str(path))
+    assert list(sd) == ["w"] and torch.equal(sd["w"], torch.ones(2))
