@@ -164,6 +164,8 @@ def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_name
         elif r == 1:
             last.imshow(colours.astype(np.uint8)[traj["masks"][0] % len(colours)])
             last.set_title("final mask", fontsize=9)
+        else:
+            last.set_axis_off()
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
