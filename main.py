@@ -213,8 +213,13 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
         _info(f"resuming from {paths.ckpt} into {paths.logdir}")
 
     pl.seed_everything(opt.seed, workers=True)
-    model = instantiate_from_config(config.model)
-    data = instantiate_from_config(config.data) if "data" in config else None
+    try:
+        model = instantiate_from_config(config.model)
+        data = instantiate_from_config(config.data) if "data" in config else None
+        if isinstance(data, DataModuleFromConfig):
+            data.setup()  # build the datasets now: a missing root or a bad file stops here, before any training
+    except ValueError as err:
+        raise UsageError(f"could not build the model or the data from the config: {err}") from err
     _adapt_to_manual_optimisation(model, trainer_kwargs)
     _set_learning_rate(model, config, trainer_kwargs, spec.num_devices, opt.scale_lr)
 

@@ -91,3 +91,16 @@ def test_autoencoder_needing_lpips_without_weights_fails_with_the_documented_mes
     assert code == 2
     err = capsys.readouterr().err
     assert "LPIPS perceptual loss needs pretrained weights" in err and "perceptual_weight: 0" in err
+
+
+def test_dataset_root_unset_stops_before_training_with_one_message(tmp_path, monkeypatch, capsys):
+    """A CT-Organ data section without CTORG_ROOT: exit code 2, one line naming the variable, no run started."""
+    monkeypatch.delenv("CTORG_ROOT", raising=False)
+    code = main.main(["--base", TINY_AE, "-t", "-l", str(tmp_path / "logs"), "--accelerator", "cpu",
+                      "data.params.train.target=ldm.data.medical_images.CTOrganTrain",
+                      "data.params.train.params={size: 32}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("main.py: error: could not build the model or the data from the config: CTOrganTrain")
+    assert "CTORG_ROOT" in err and "Traceback" not in err
+    assert not list((tmp_path / "logs").glob("*/checkpoints/*.ckpt"))
