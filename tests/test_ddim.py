@@ -8,17 +8,10 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from tiny_models import first_stage_config, unet_config
 
-FIRST_STAGE = {
-    "target": "ldm.models.autoencoder.AutoencoderKL",
-    "params": {"embed_dim": 2, "lossconfig": {"target": "torch.nn.Identity"},
-               "ddconfig": {"double_z": True, "z_channels": 2, "resolution": 16, "in_channels": 1, "out_ch": 1,
-                            "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                            "dropout": 0.0}},
-}
-UNET = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-        "params": {"image_size": 8, "in_channels": 2, "out_channels": 2, "model_channels": 32,
-                   "attention_resolutions": [], "num_res_blocks": 1, "channel_mult": [1], "num_heads": 1}}
+FIRST_STAGE = first_stage_config()
+UNET = unet_config()
 
 
 def tiny_ldm(timesteps: int = 1000, **kw) -> LatentDiffusion:

@@ -12,27 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.models.diffusion.ddpm import DDPM, DiffusionWrapper, LatentDiffusion
+from tiny_models import first_stage_config, unet_config
 
-FIRST_STAGE = {
-    "target": "ldm.models.autoencoder.AutoencoderKL",
-    "params": {"embed_dim": 2, "lossconfig": {"target": "torch.nn.Identity"},
-               "ddconfig": {"double_z": True, "z_channels": 2, "resolution": 16, "in_channels": 1, "out_ch": 1,
-                            "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                            "dropout": 0.0}},
-}
-
-
-def unet(in_channels: int = 2, out_channels: int = 2, image_size: int = 8, **extra) -> dict:
-    params = {"image_size": image_size, "in_channels": in_channels, "out_channels": out_channels,
-              "model_channels": 32, "attention_resolutions": [], "num_res_blocks": 1, "channel_mult": [1],
-              "num_heads": 1}
-    params.update(extra)
-    return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": params}
+FIRST_STAGE = first_stage_config()
 
 
 def tiny_ldm(**overrides) -> LatentDiffusion:
-    params = dict(first_stage_config=FIRST_STAGE, cond_stage_config="__is_unconditional__", unet_config=unet(),
-                  timesteps=20, image_size=8, channels=2, linear_start=0.0015, linear_end=0.0205, log_every_t=5,
+    params = dict(first_stage_config=FIRST_STAGE, cond_stage_config="__is_unconditional__",
+                  unet_config=unet_config(), timesteps=20, image_size=8, channels=2, linear_start=0.0015, linear_end=0.0205, log_every_t=5,
                   loss_type="l2", first_stage_key="image", monitor="val/loss")
     params.update(overrides)
     return LatentDiffusion(**params)
@@ -159,7 +146,7 @@ def test_string_none_with_real_cond_stage_raises():
 
 def test_concat_with_first_stage_conditioning():
     model = tiny_ldm(cond_stage_config="__is_first_stage__", conditioning_key=None, concat_mode=True,
-                     cond_stage_key="cond", unet_config=unet(in_channels=4))
+                     cond_stage_key="cond", unet_config=unet_config(in_channels=4))
     assert model.model.conditioning_key == "concat"
     assert model.cond_stage_model is model.first_stage_model
     data = batch()
@@ -179,7 +166,7 @@ class _Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("key", ["concat", "crossattn", "hybrid", "adm"])
 def test_diffusion_wrapper_routing(key):
-    wrapper = DiffusionWrapper(unet(), key)
+    wrapper = DiffusionWrapper(unet_config(), key)
     wrapper.diffusion_model = _Recorder()
     x, t = torch.zeros(2, 2, 4, 4), torch.zeros(2, dtype=torch.long)
     cc, ca = torch.ones(2, 3, 4, 4), torch.ones(2, 5, 7)
@@ -194,7 +181,7 @@ def test_diffusion_wrapper_routing(key):
     with pytest.raises(ValueError, match="needs"):
         wrapper(x, t)
     with pytest.raises(ValueError, match="conditioning_key"):
-        DiffusionWrapper(unet(), "film")
+        DiffusionWrapper(unet_config(), "film")
 
 
 # ---------------------------------------------------------------------------------------------- first stage
@@ -342,7 +329,7 @@ def test_ancestral_sample_and_log_images():
 
 
 def test_pixel_ddpm_runs():
-    model = DDPM(unet_config=unet(in_channels=1, out_channels=1, image_size=16), timesteps=10, image_size=16,
+    model = DDPM(unet_config=unet_config(in_channels=1, out_channels=1, image_size=16), timesteps=10, image_size=16,
                  channels=1, log_every_t=5)
     loss, d = model.shared_step(batch())
     assert torch.isfinite(loss) and "train/loss" in d
@@ -390,7 +377,7 @@ def test_crossattn_end_to_end_with_guidance():
 
     model = tiny_ldm(cond_stage_config={"target": "torch.nn.Identity"}, conditioning_key="crossattn",
                      cond_stage_key="caption",
-                     unet_config=unet(attention_resolutions=[1], use_spatial_transformer=True, context_dim=16))
+                     unet_config=unet_config(attention_resolutions=[1], use_spatial_transformer=True, context_dim=16))
     assert model.model.conditioning_key == "crossattn" and not model.cond_stage_model.training
     data = batch()
     data["caption"] = torch.randn(2, 4, 16)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from tiny_models import first_stage_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,13 +23,7 @@ def load_script(name: str):
     return module
 
 
-TINY_AE = {
-    "target": "ldm.models.autoencoder.AutoencoderKL",
-    "params": {"embed_dim": 2, "lossconfig": {"target": "torch.nn.Identity"},
-               "ddconfig": {"double_z": True, "z_channels": 2, "resolution": 16, "in_channels": 1, "out_ch": 1,
-                            "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                            "dropout": 0.0}},
-}
+TINY_AE = first_stage_config(ch=8)
 TINY_UNET = {"image_size": 8, "in_channels": 2, "out_channels": 2, "model_channels": 32, "attention_resolutions": [2],
              "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2}
 
