@@ -19,8 +19,8 @@ FIRST_STAGE = first_stage_config()
 
 def tiny_ldm(**overrides) -> LatentDiffusion:
     params = dict(first_stage_config=FIRST_STAGE, cond_stage_config="__is_unconditional__",
-                  unet_config=unet_config(), timesteps=20, image_size=8, channels=2, linear_start=0.0015, linear_end=0.0205, log_every_t=5,
-                  loss_type="l2", first_stage_key="image", monitor="val/loss")
+                  unet_config=unet_config(), timesteps=20, image_size=8, channels=2, linear_start=0.0015,
+                  linear_end=0.0205, log_every_t=5, loss_type="l2", first_stage_key="image", monitor="val/loss")
     params.update(overrides)
     return LatentDiffusion(**params)
 
@@ -267,7 +267,8 @@ def test_checkpoint_errors_name_the_file(tmp_path, caplog):
     before = target.model.diffusion_model.out[-1].weight.detach().clone()
     wrong = dict(good)
     wrong["model.diffusion_model.out.2.weight"] = torch.zeros(3, 32, 3, 3)
-    wrong["model.diffusion_model.input_blocks.0.0.weight"] = torch.full_like(good["model.diffusion_model.input_blocks.0.0.weight"], 9.0)
+    first_conv = "model.diffusion_model.input_blocks.0.0.weight"
+    wrong[first_conv] = torch.full_like(good[first_conv], 9.0)
     path = tmp_path / "wrong_shape.ckpt"
     torch.save({"state_dict": wrong}, path)
     with pytest.raises(ValueError, match="wrong_shape.ckpt"):
