@@ -159,7 +159,7 @@ def build_model(kind: str, quick: bool, device: torch.device, seed: int = 0, **u
 
 
 def latent_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    unet = model.model.diffusion_model
+    unet = model.unet
     return (model.channels, int(unet.image_size), int(unet.image_size))
 
 

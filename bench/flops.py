@@ -110,7 +110,7 @@ def main() -> None:
         train_share = {}
         if kind == "anatomical":  # the training forward also runs the segmentation head and the class masses
             model.train()
-            _, fwd_modules = count(lambda: model.apply_model(z, t, None, return_anatomy=True), by_module=True)
+            _, fwd_modules = count(lambda: model.apply_model_with_anatomy(z, t), by_module=True)
             train_share = anatomical_share(fwd_modules)
         results[kind] = {"model_source": source, "train_flops_per_sample": train, "sampling_step_flops": step,
                          "encode_flops_per_image": encode, "decode_flops_per_image": decode,

@@ -147,7 +147,7 @@ def is_anatomical(model: torch.nn.Module) -> bool:
     """Whether the model's UNet can return a segmentation (an anatomical model with registers on)."""
     if hasattr(model, "use_anatomy"):
         return bool(model.use_anatomy)
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    unet = getattr(model, "unet", None)
     return bool(getattr(unet, "use_anatomical_registers", False)) and hasattr(unet, "segmentation_head")
 
 
@@ -285,8 +285,8 @@ def predict_masks(model: torch.nn.Module, z: torch.Tensor, image_size: Sequence[
         anatomy = model.predict_anatomy(z)
     else:
         t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-        _, anatomy = model.model.diffusion_model(z, t, return_anatomy=True)
-    logits = torch.nn.functional.interpolate(anatomy["seg_logits"].float(), size=tuple(image_size),
+        anatomy = model.unet.forward_with_anatomy(z, t)
+    logits = torch.nn.functional.interpolate(anatomy.seg_logits.float(), size=tuple(image_size),
                                              mode="bilinear", align_corners=False)
     return logits.argmax(dim=1)
 
@@ -378,7 +378,7 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
     if save_masks and not is_anatomical(model):
         raise ValueError("--save_masks needs an anatomical model (AnatomicalUNetModel with registers); this run is "
-                         f"a {type(model).__name__} with {type(model.model.diffusion_model).__name__}")
+                         f"a {type(model).__name__} with {type(model.unet).__name__}")
     os.makedirs(out_dir, exist_ok=True)
     start = next_index(out_dir)
     device = next(model.parameters()).device

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
-    n = int(getattr(model.model.diffusion_model, "num_anatomical_classes", 0))
+    n = int(getattr(model.unet, "num_anatomical_classes", 0))
     names = args.class_names or {len(CTORGAN_CLASSES): list(CTORGAN_CLASSES),
                                  len(BREASTMRI_CLASSES): list(BREASTMRI_CLASSES)}.get(n)
     summary = inspect_registers(model, args.logdir, args.n_samples, args.custom_steps, args.eta, args.seed,

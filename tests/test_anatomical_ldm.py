@@ -104,8 +104,8 @@ def test_anatomical_loss_counts_only_labelled_examples_and_is_exact():
     mask = torch.randint(0, 6, (2, 32, 32), generator=g)
     unlabelled = mask.clone()
     unlabelled[1] = 255
-    loss_both, _ = model.anatomical_loss({"seg_logits": logits, "class_attention": attention}, unlabelled)
-    loss_one, stats = model.anatomical_loss({"seg_logits": logits[:1], "class_attention": attention[:1]}, mask[:1])
+    loss_both, _ = model.anatomical_loss(logits, attention, unlabelled)
+    loss_one, stats = model.anatomical_loss(logits[:1], attention[:1], mask[:1])
     assert loss_both.item() == pytest.approx(loss_one.item(), rel=1e-6)
     # the value is CE(upsampled logits) + alignment_weight * CE(class attention vs mode-pooled mask)
     up = F.interpolate(logits[:1], size=(32, 32), mode="bilinear", align_corners=False)
@@ -116,7 +116,7 @@ def test_anatomical_loss_counts_only_labelled_examples_and_is_exact():
     assert stats["anatomical_seg_ce"].item() == pytest.approx(ce.item(), rel=1e-5)
     # a perfect segmentation: CE near 0 and Dice 1
     perfect = F.one_hot(mask[:1], 6).permute(0, 3, 1, 2).float() * 50.0
-    loss_p, stats_p = model.anatomical_loss({"seg_logits": perfect, "class_attention": attention[:1]}, mask[:1])
+    loss_p, stats_p = model.anatomical_loss(perfect, attention[:1], mask[:1])
     assert stats_p["anatomical_seg_ce"].item() < 1e-6
     assert stats_p["anatomical_dice"].item() == pytest.approx(1.0)
     assert all(stats_p[f"anatomical_dice_{c}"].item() == pytest.approx(1.0) for c in range(6))
@@ -128,10 +128,10 @@ def test_class_weights_remove_a_class_from_the_loss():
     logits[:, 1] = 5.0  # predicts class 1 everywhere
     attention = torch.full((1, 6, 16, 16), 1 / 6)
     only_bone = torch.full((1, 32, 32), 5)
-    loss, _ = model.anatomical_loss({"seg_logits": logits, "class_attention": attention}, only_bone)
+    loss, _ = model.anatomical_loss(logits, attention, only_bone)
     assert loss.item() == 0.0  # every labelled pixel has weight 0
     only_liver = torch.full((1, 32, 32), 1)
-    loss, _ = model.anatomical_loss({"seg_logits": logits, "class_attention": attention}, only_liver)
+    loss, _ = model.anatomical_loss(logits, attention, only_liver)
     assert loss.item() > 0.5  # log(6) * 0.5 from the uniform attention alone
 
 

@@ -113,12 +113,12 @@ def test_return_anatomy_shapes_and_dtypes(timestep_aware, spatial):
 
 def test_attention_levels_follow_anatomical_attention_resolutions():
     every = AnatomicalUNetModel(**BASE, **ANAT)
-    ds = {f"{i['stage']}_{i['index']}": i["ds"] for i in every.block_info}
+    ds = {i.key: i.ds for i in every.block_info}
     # default: every level (ds 1 and 2) and the middle block, after res/middle blocks only
     assert {ds[k] for k in every.anatomical_attention_keys} == {1, 2}
     assert "middle_0" in every.anatomical_attention_keys
     assert "input_0" not in every.anatomical_attention_keys  # conv_in
-    kinds = {f"{i['stage']}_{i['index']}": i["kind"] for i in every.block_info}
+    kinds = {i.key: i.kind for i in every.block_info}
     assert all(kinds[k] in ("res", "middle", "res_up") for k in every.anatomical_attention_keys)
     fine = AnatomicalUNetModel(**BASE, **ANAT, anatomical_attention_resolutions=[1])
     assert fine.anatomical_attention_keys and all(ds[k] == 1 for k in fine.anatomical_attention_keys)
@@ -185,7 +185,7 @@ def test_narrow_register_attention_width():
     full = AnatomicalUNetModel(**BASE, **ANAT)
     narrow = AnatomicalUNetModel(**BASE, **ANAT, anatomical_attention_dim=16)
     widths = {k: layer.inner_dim for k, layer in narrow.anatomical_attention.items()}
-    channels = {f"{i['stage']}_{i['index']}": i["channels"] for i in narrow.block_info}
+    channels = {i.key: i.channels for i in narrow.block_info}
     assert widths == {k: min(16, channels[k]) for k in widths} and set(widths.values()) == {16}
     assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in full.parameters())
     narrow.load_state_dict(base.state_dict(), strict=False)

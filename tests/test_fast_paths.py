@@ -58,8 +58,8 @@ def _inputs(batch: int = 2):
 
 def _loss(unet, x, t, anatomical):
     if anatomical:
-        out, anatomy = unet(x, t, return_anatomy=True)
-        return out.square().mean() + anatomy["seg_logits"].square().mean() + anatomy["class_attention"].var()
+        anatomy = unet.forward_with_anatomy(x, t)
+        return anatomy.prediction.square().mean() + anatomy.seg_logits.square().mean() + anatomy.class_attention.var()
     return unet(x, t).square().mean()
 
 

@@ -168,7 +168,7 @@ def test_use_fp16_runs_blocks_in_half():
     assert model.dtype == torch.float16 and model.time_embed[0].weight.dtype == torch.float32
     x = torch.randn(2, 3, 16, 16)
     out, state = model.forward_with_state(x, torch.tensor([5, 50]))
-    assert out.dtype == torch.float32 and state["emb"].dtype == torch.float16
+    assert out.dtype == torch.float32 and state.emb.dtype == torch.float16
     ref = UNetModel(**_tiny())
     ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     expected = ref(x, torch.tensor([5, 50]))
@@ -196,7 +196,7 @@ def test_use_checkpoint_same_output_and_gradients():
 # ---------------------------------------------------------------------------------------------- extension point
 def test_block_info_concrete():
     model = UNetModel(**_tiny(num_res_blocks=2, channel_mult=[1, 2, 2]))
-    got = [(b["stage"], b["index"], b["ds"], b["channels"], b["kind"]) for b in model.block_info]
+    got = [(b.stage, b.index, b.ds, b.channels, b.kind) for b in model.block_info]
     assert got == [
         ("input", 0, 1, 32, "conv_in"), ("input", 1, 1, 32, "res"), ("input", 2, 1, 32, "res"),
         ("input", 3, 2, 32, "downsample"), ("input", 4, 2, 64, "res"), ("input", 5, 2, 64, "res"),
@@ -216,9 +216,9 @@ class _RecordingUNet(UNetModel):
         self.add_at = set(add_at)
         self.seen = []
 
-    def block_hook(self, stage, index, h, state):
-        self.seen.append((stage, index, tuple(h.shape)))
-        return h + 1 if (stage, index) in self.add_at else h
+    def block_hook(self, info, h, state):
+        self.seen.append((info.stage, info.index, tuple(h.shape)))
+        return h + 1 if (info.stage, info.index) in self.add_at else h
 
 
 def test_block_hook_identity_by_default_and_changes_output_when_overridden():
@@ -227,13 +227,13 @@ def test_block_hook_identity_by_default_and_changes_output_when_overridden():
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
     out, state = base.forward_with_state(x, t, marker="kept")
     assert torch.equal(out, base(x, t))
-    assert state["marker"] == "kept" and state["features"].shape == (2, 32, 16, 16)
-    assert state["emb"].shape == (2, 128) and state["context"] is None and state["timesteps"].tolist() == [1, 999]
+    assert state.extra["marker"] == "kept" and state.features.shape == (2, 32, 16, 16)
+    assert state.emb.shape == (2, 128) and state.context is None and state.timesteps.tolist() == [1, 999]
 
     rec = _RecordingUNet(**_tiny())
     rec.load_state_dict(base.state_dict())
     torch.testing.assert_close(rec(x, t), out)  # no additions: same network
-    expected = [(b["stage"], b["index"], (2, b["channels"], 16 // b["ds"], 16 // b["ds"])) for b in rec.block_info]
+    expected = [(b.stage, b.index, (2, b.channels, 16 // b.ds, 16 // b.ds)) for b in rec.block_info]
     assert rec.seen == expected
     rec.add_at = {("middle", 0), ("output", 1)}
     changed = rec(x, t)

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def anatomical_unet(model: torch.nn.Module) -> torch.nn.Module:
     """The model's UNet, checked to carry registers."""
-    unet = getattr(getattr(model, "model", None), "diffusion_model", model)
+    unet = getattr(model, "unet", model)
     if not getattr(unet, "use_anatomical_registers", False) or not hasattr(unet, "register_bank"):
         raise ValueError(f"{type(model).__name__} has no anatomical registers (its UNet is {type(unet).__name__}); "
                          "inspect_registers needs a run trained with AnatomicalUNetModel and "
@@ -79,20 +79,19 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
 
     def record(i: int, t: int, x_t: torch.Tensor) -> None:
         ts = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        _, state = unet.forward_with_state(x_t, ts, return_anatomy=True)
-        masses = state["anatomy"]["class_attention"]
-        assert len(masses) == len(unet.anatomical_attention_keys)
+        anatomy = unet.forward_with_anatomy(x_t, ts)
+        masses = [anatomy.layer_class_attention[info.key] for info in unet.anatomical_attention_blocks]
         resized = [torch.nn.functional.interpolate(m.float(), size=shape[1:], mode="bilinear", align_corners=False)
                    for m in masses]
         per_step.append(torch.stack(resized).cpu())
         timesteps.append(t)
-        tokens = register_similarity(state["registers"][0].reshape(n_cls, n_reg, -1).cpu())  # tokens as used at this t
+        tokens = register_similarity(anatomy.registers[0].reshape(n_cls, n_reg, -1).cpu())  # tokens as used at this t
         token_sim.append((tokens["within_class_mean"], tokens["across_class_mean"]))
 
     z = sampling.ddim_trajectory(model, x_T, ddim_steps, eta, sampling.SampleNoise(seed, indices), callback=record)
-    logits = (model.predict_anatomy(z) if hasattr(model, "predict_anatomy")
-              else unet(z, torch.zeros(z.shape[0], dtype=torch.long, device=device), return_anatomy=True)[1])
-    masks = logits["seg_logits"].float().argmax(1).cpu()
+    final = (model.predict_anatomy(z) if hasattr(model, "predict_anatomy")
+             else unet.forward_with_anatomy(z, torch.zeros(z.shape[0], dtype=torch.long, device=device)))
+    masks = final.seg_logits.float().argmax(1).cpu()
     images = model.decode_first_stage(z).float().cpu()
     maps = torch.stack(per_step)  # [S, L, N, C, h, w]
     num_classes = maps.shape[3]
@@ -103,8 +102,7 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
         sel = masks == c
         if sel.any():
             own[:, c] = mean_maps[:, :, c][:, sel].mean(1)
-    block_ds = {f"{b['stage']}_{b['index']}": b["ds"] for b in unet.block_info}
-    levels = [{"key": key, "ds": block_ds.get(key)} for key in unet.anatomical_attention_keys]
+    levels = [{"key": info.key, "ds": info.ds} for info in unet.anatomical_attention_blocks]
     return {"timesteps": timesteps, "levels": levels,
             "maps": maps.numpy(), "mean_mass": maps.mean(dim=(2, 4, 5)).numpy(), "accuracy": accuracy.numpy(),
             "own_class_mass": own.numpy(), "token_similarity": np.asarray(token_sim),

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                  anatomical_class_weights: Optional[Sequence[float]] = None, use_anatomical_inference: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        unet = self.model.diffusion_model
+        unet = self.unet
         self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))
         if not self.use_anatomy:
             logger.warning("AnatomicalLatentDiffusion: the UNet (%s) has no anatomical registers; it trains as a "
@@ -192,10 +193,10 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             return super().p_losses(x_start, cond, t, noise=noise)
         noise = torch.randn_like(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
-        model_output, anatomy = self.apply_model(x_noisy, t, cond, return_anatomy=True)
-        loss, loss_dict = self.diffusion_loss(model_output, x_start, t, noise)
+        anatomy = self.apply_model_with_anatomy(x_noisy, t, cond)
+        loss, loss_dict = self.diffusion_loss(anatomy.prediction, x_start, t, noise)
         prefix = "train" if self.training else "val"
-        anat_loss, stats = self.anatomical_loss(anatomy, anatomy_target)
+        anat_loss, stats = self.anatomical_loss(anatomy.seg_logits, anatomy.class_attention, anatomy_target)
         weight = self.get_anatomical_loss_weight()
         weighted = weight * anat_loss
         loss_dict[f"{prefix}/diffusion_loss"] = loss.detach()
@@ -221,7 +222,12 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             return (log_probs * 0.0).sum()
         return (nll * weights).sum() / total
 
-    def anatomical_loss(self, anatomy: Mapping[str, torch.Tensor],
+    def apply_model_with_anatomy(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> AnatomyOutput:
+        """:meth:`apply_model` through the UNet's ``forward_with_anatomy``: prediction and anatomy outputs."""
+        x, routed = self.model.route(x_noisy, **self.conditioning_kwargs(cond))
+        return self.unet.forward_with_anatomy(x, t, **routed)
+
+    def anatomical_loss(self, seg_logits: torch.Tensor, class_attention: torch.Tensor,
                         mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """``CE(upsampled seg_logits, mask) + alignment_weight * CE(class_attention, mode-pooled mask)``.
 
@@ -229,7 +235,6 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         head at mask resolution: ``anatomical_dice`` (mean over the foreground classes present) and
         ``anatomical_dice_<c>`` per class present in the batch.
         """
-        seg_logits, class_attention = anatomy["seg_logits"], anatomy["class_attention"]
         zero = (seg_logits * 0.0).sum() + (class_attention * 0.0).sum()
         if mask is None or not (mask != self.anatomical_ignore_index).any():
             return zero, {}
@@ -262,14 +267,13 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
 
     # ---- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict_anatomy(self, z: torch.Tensor, t: Optional[torch.Tensor] = None, cond: Any = None) -> dict:
+    def predict_anatomy(self, z: torch.Tensor, t: Optional[torch.Tensor] = None, cond: Any = None) -> AnatomyOutput:
         """Seg logits and class attention for latents ``z`` at timestep ``t`` (default 0, a clean latent)."""
         if not self.use_anatomy:
             raise ValueError("predict_anatomy needs an AnatomicalUNetModel with use_anatomical_registers: true")
         if t is None:
             t = torch.zeros(z.shape[0], device=z.device, dtype=torch.long)
-        _, anatomy = self.apply_model(z, t, cond, return_anatomy=True)
-        return anatomy
+        return self.apply_model_with_anatomy(z, t, cond)
 
     @torch.no_grad()
     def sample_with_anatomy(self, batch_size: int, ddim_steps: Optional[int] = 50, eta: float = 0.0,
@@ -289,10 +293,10 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                                          ddim_steps=ddim_steps, eta=eta, x_T=x_T, **sampler_kwargs)
             anatomy = self.predict_anatomy(latents, cond=cond)
             images = self.decode_first_stage(latents)
-        logits = F.interpolate(anatomy["seg_logits"].float(), size=images.shape[-2:], mode="bilinear",
+        logits = F.interpolate(anatomy.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
                                align_corners=False)
-        return {"images": images, "masks": logits.argmax(1), "seg_logits": anatomy["seg_logits"],
-                "class_attention": anatomy["class_attention"], "latents": latents}
+        return {"images": images, "masks": logits.argmax(1), "seg_logits": anatomy.seg_logits,
+                "class_attention": anatomy.class_attention, "latents": latents}
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
@@ -315,9 +319,9 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             log["inputs_mask"] = colourise_labels(mask, self.num_anatomical_classes)
         z = self.get_input(batch, self.first_stage_key, bs=n)[0]
         anatomy = self.predict_anatomy(z)
-        log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy["seg_logits"], image_size),
+        log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy.seg_logits, image_size),
                                                           self.num_anatomical_classes)
-        log["inputs_class_attention"] = self._attention_image(anatomy["class_attention"], image_size)
+        log["inputs_class_attention"] = self._attention_image(anatomy.class_attention, image_size)
         if sample:
             res = self.sample_with_anatomy(n, ddim_steps=ddim_steps, eta=ddim_eta)
             log["samples"] = res["images"]

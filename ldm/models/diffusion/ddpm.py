@@ -57,9 +57,11 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = _normalize_conditioning_key(conditioning_key)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
-                c_crossattn: Optional[Sequence[torch.Tensor]] = None, **kwargs: Any) -> Any:
+    def route(self, x: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
+              c_crossattn: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The UNet's input and conditioning keywords for ``x`` and the conditioning (``forward`` uses it)."""
         concat, keyword = self._ROUTES[self.conditioning_key]
+        kwargs: dict[str, Any] = {}
         if concat:
             if c_concat is None:
                 raise ValueError(f"conditioning_key {self.conditioning_key!r} needs c_concat conditioning")
@@ -68,7 +70,12 @@ class DiffusionWrapper(nn.Module):
             if c_crossattn is None:
                 raise ValueError(f"conditioning_key {self.conditioning_key!r} needs c_crossattn conditioning")
             kwargs[keyword] = c_crossattn[0] if keyword == "y" else torch.cat(list(c_crossattn), dim=1)
-        return self.diffusion_model(x, t, **kwargs)
+        return x, kwargs
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
+                c_crossattn: Optional[Sequence[torch.Tensor]] = None, **kwargs: Any) -> Any:
+        x, routed = self.route(x, c_concat, c_crossattn)
+        return self.diffusion_model(x, t, **routed, **kwargs)
 
 
 class DDPM(DiffusionLightningMixin, pl.LightningModule):
@@ -191,18 +198,25 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
                     **model_kwargs: Any) -> Any:
         """Run the UNet on ``x_noisy`` at steps ``t`` with ``cond`` routed by ``conditioning_key``.
 
-        ``cond`` is a tensor, a list of tensors or a ``{c_concat, c_crossattn}`` dict. Returns whatever the
-        UNet returns (a tuple when ``model_kwargs`` asks for extra outputs, e.g. ``return_anatomy=True``).
-        ``return_ids`` is accepted for CompVis call compatibility.
+        ``cond`` is a tensor, a list of tensors or a ``{c_concat, c_crossattn}`` dict. Returns the UNet's
+        output. ``return_ids`` is accepted for CompVis call compatibility.
         """
         del return_ids
+        return self.model(x_noisy, t, **self.conditioning_kwargs(cond), **model_kwargs)
+
+    def conditioning_kwargs(self, cond: Any) -> dict[str, Any]:
+        """``cond`` as the ``c_concat``/``c_crossattn`` keywords of :class:`DiffusionWrapper`."""
         key = self.model.conditioning_key
-        if not isinstance(cond, dict):
-            if key is None or cond is None:
-                cond = {}
-            else:
-                cond = {"c_concat" if key == "concat" else "c_crossattn": cond if isinstance(cond, list) else [cond]}
-        return self.model(x_noisy, t, **cond, **model_kwargs)
+        if isinstance(cond, dict):
+            return cond
+        if key is None or cond is None:
+            return {}
+        return {"c_concat" if key == "concat" else "c_crossattn": cond if isinstance(cond, list) else [cond]}
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network (``model.diffusion_model``, the CompVis attribute path)."""
+        return self.model.diffusion_model
 
     def model_predictions(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None,
                           unconditional_guidance_scale: float = 1.0,

@@ -1,23 +1,28 @@
 """The anatomical UNet: a :class:`UNetModel` whose features cross-attend to class-grouped register tokens.
 
-:class:`AnatomicalUNetModel` adds three things to the base UNet through its extension point
-(``prepare_state`` / ``block_hook`` / ``state["features"]``), without re-writing ``forward``:
+:class:`AnatomicalUNetModel` adds three things to the base UNet through its typed extension point
+(``prepare_state`` / ``block_hook`` / ``state.features``, with :class:`AnatomicalUNetState` as its
+state), without re-writing ``forward``:
 
 1. a register bank (:mod:`ldm.modules.anatomical_registers`) evaluated once per call, from the time
-   embedding, and carried in ``state["registers"]``;
+   embedding, and carried in ``state.registers``;
 2. an :class:`AnatomicalCrossAttention` after every chosen block (chosen by downsampling factor), whose
    output projection is zero-initialised so that a fresh model reproduces the base UNet exactly;
 3. a segmentation head on the decoder features, used for the anatomical loss and to predict a mask
    for every sample.
 
-``forward(x, t)`` returns the prediction tensor like ``UNetModel`` (so every sampler works unchanged);
-``forward(x, t, return_anatomy=True)`` returns ``(prediction, {"seg_logits", "class_attention"})``.
+``forward(x, t)`` always returns the prediction tensor like ``UNetModel`` (so every sampler works
+unchanged); ``forward_with_anatomy(x, t)`` returns an :class:`AnatomyOutput` (prediction, segmentation
+logits, class attention per layer and averaged, register tokens). ``forward(x, t, return_anatomy=True)``
+is a deprecated alias returning ``(prediction, {"seg_logits", "class_attention"})``.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +30,51 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.anatomical_registers import AnatomicalRegisterBank, TimestepAwareRegisterBank
-from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.openaimodel import BlockInfo, BlockKind, UNetModel, UNetState
 
 logger = logging.getLogger(__name__)
 
 ANATOMICAL_KEY_PREFIXES = ("register_bank.", "anatomical_attention.", "segmentation_head.")
-_ATTENDED_KINDS = ("res", "middle", "res_up")
+_ATTENDED_KINDS = (BlockKind.RES, BlockKind.MIDDLE, BlockKind.RES_UP)
+_warned_return_anatomy = False
+
+
+@dataclass
+class AnatomicalUNetState(UNetState):
+    """:class:`UNetState` plus what the register layers share within one call.
+
+    Args (beyond :class:`UNetState`'s):
+        registers: register tokens [B, C*K, D] used in this call (``None`` with registers off).
+        collect_attention: record each register layer's per-class attention mass.
+        class_attention: block key -> per-class attention mass [B, C, h_l, w_l] (when collected).
+        position_codes: (h, w) -> position codes [h*w, P] (or ``None``), computed once per size.
+    """
+
+    registers: Optional[torch.Tensor] = None
+    collect_attention: bool = False
+    class_attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    position_codes: dict[tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnatomyOutput:
+    """What :meth:`AnatomicalUNetModel.forward_with_anatomy` returns.
+
+    Args:
+        prediction: the UNet's prediction (eps, x0 or v, as trained), what ``forward`` returns.
+        seg_logits: segmentation logits [B, C, h, w] at the input's (latent) resolution.
+        class_attention: per-class attention mass [B, C, h, w] averaged over the register layers (each
+            resized bilinearly to the input size); sums to 1 over classes.
+        layer_class_attention: block key (:attr:`BlockInfo.key`) -> that layer's per-class attention mass
+            [B, C, h_l, w_l] at its own resolution, in block order.
+        registers: the register tokens [B, C*K, D] the layers attended to in this call.
+    """
+
+    prediction: torch.Tensor
+    seg_logits: torch.Tensor
+    class_attention: torch.Tensor
+    layer_class_attention: dict[str, torch.Tensor]
+    registers: torch.Tensor
 
 
 def _num_groups(channels: int, preferred: int = 32) -> int:
@@ -152,7 +196,7 @@ class AnatomicalUNetModel(UNetModel):
         self.use_anatomical_registers = bool(use_anatomical_registers)
         self.num_anatomical_classes = int(num_anatomical_classes)
         self.anatomical_loss_weight = anatomical_loss_weight
-        self.anatomical_attention_keys: list[str] = []
+        self.anatomical_attention_blocks: tuple[BlockInfo, ...] = ()
         if not self.use_anatomical_registers:
             return
         if self.num_anatomical_classes < 2:
@@ -168,23 +212,22 @@ class AnatomicalUNetModel(UNetModel):
                 num_anatomical_classes, num_registers_per_class, anatomical_register_dim,
                 dropout=register_dropout, use_spatial_encoding=use_spatial_encoding)
 
-        available = sorted({info["ds"] for info in self.block_info if info["kind"] in _ATTENDED_KINDS})
+        available = sorted({info.ds for info in self.block_info if info.kind in _ATTENDED_KINDS})
         wanted = available if anatomical_attention_resolutions is None else \
             sorted({int(r) for r in anatomical_attention_resolutions})
         unknown = [r for r in wanted if r not in available]
         if unknown or not wanted:
             raise ValueError(f"anatomical_attention_resolutions {list(wanted)} must be downsampling factors of "
                              f"this UNet (available: {available}); unknown: {unknown}")
-        self.anatomical_attention = nn.ModuleDict()
-        for info in self.block_info:
-            if info["kind"] in _ATTENDED_KINDS and info["ds"] in wanted:
-                key = f"{info['stage']}_{info['index']}"
-                self.anatomical_attention[key] = AnatomicalCrossAttention(
-                    info["channels"], anatomical_register_dim, heads=anatomical_attention_heads,
-                    position_dim=self.register_bank.position_dim,
-                    inner_dim=None if anatomical_attention_dim is None else min(int(anatomical_attention_dim),
-                                                                                 info["channels"]))
-                self.anatomical_attention_keys.append(key)
+        self.anatomical_attention_blocks = tuple(info for info in self.block_info
+                                                 if info.kind in _ATTENDED_KINDS and info.ds in wanted)
+        self.anatomical_attention = nn.ModuleDict({
+            info.key: AnatomicalCrossAttention(
+                info.channels, anatomical_register_dim, heads=anatomical_attention_heads,
+                position_dim=self.register_bank.position_dim,
+                inner_dim=None if anatomical_attention_dim is None else min(int(anatomical_attention_dim),
+                                                                             info.channels))
+            for info in self.anatomical_attention_blocks})
 
         feat_ch = self.model_channels
         self.segmentation_head = nn.Sequential(
@@ -197,61 +240,81 @@ class AnatomicalUNetModel(UNetModel):
                     "(ds %s)", num_anatomical_classes, num_registers_per_class, anatomical_register_dim,
                     len(self.anatomical_attention_keys), wanted)
 
+    @property
+    def anatomical_attention_keys(self) -> list[str]:
+        """Block keys (:attr:`BlockInfo.key`) of the blocks followed by a register attention, in block order."""
+        return [info.key for info in self.anatomical_attention_blocks]
+
     # ---- extension point -------------------------------------------------------------------------
+    state_type: ClassVar[type[UNetState]] = AnatomicalUNetState
+
     def prepare_state(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                       context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-                      **extra: Any) -> dict:
+                      collect_attention: bool = False, **extra: Any) -> AnatomicalUNetState:
+        """:class:`AnatomicalUNetState` with the register tokens of this call; ``collect_attention`` also
+        records each register layer's per-class attention mass in ``state.class_attention``."""
         state = super().prepare_state(x, timesteps, context, y, **extra)
+        assert isinstance(state, AnatomicalUNetState)
         if self.use_anatomical_registers:
-            state["registers"] = self.register_bank(x.shape[0], state.get("emb"))
-            state["anatomy"] = {"class_attention": [], "positions": {}}
+            state.registers = self.register_bank(x.shape[0], state.emb)
+            state.collect_attention = bool(collect_attention)
         return state
 
-    def block_hook(self, stage: str, index: int, h: torch.Tensor, state: dict) -> torch.Tensor:
-        h = super().block_hook(stage, index, h, state)
-        if not self.use_anatomical_registers:
+    def block_hook(self, info: BlockInfo, h: torch.Tensor, state: AnatomicalUNetState) -> torch.Tensor:
+        h = super().block_hook(info, h, state)
+        if not self.use_anatomical_registers or info.key not in self.anatomical_attention:
             return h
-        key = f"{stage}_{index}"
-        if key not in self.anatomical_attention:
-            return h
-        layer = self.anatomical_attention[key]
-        anatomy = state["anatomy"]
+        layer = self.anatomical_attention[info.key]
         size = (h.shape[-2], h.shape[-1])
-        if size not in anatomy["positions"]:
-            anatomy["positions"][size] = self.register_bank.position_codes(*size, device=h.device, dtype=h.dtype)
-        pos = anatomy["positions"][size]
+        if size not in state.position_codes:
+            state.position_codes[size] = self.register_bank.position_codes(*size, device=h.device, dtype=h.dtype)
+        pos = state.position_codes[size]
         # the anatomical modules stay in float32 when the blocks run in float16 (use_fp16)
         dtype = layer.to_out.weight.dtype
-        membership = self.register_bank.class_membership(dtype) if state.get("return_anatomy") else None
-        args = (h.to(dtype), state["registers"], None if pos is None else pos.to(dtype), membership)
+        membership = self.register_bank.class_membership(dtype) if state.collect_attention else None
+        args = (h.to(dtype), state.registers, None if pos is None else pos.to(dtype), membership)
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             out, mass = checkpoint(layer, *args, use_reentrant=False)
         else:
             out, mass = layer(*args)
-        h = out.to(h.dtype)
         if mass is not None:
-            anatomy["class_attention"].append(mass)
-        return h
+            state.class_attention[info.key] = mass
+        return out.to(h.dtype)
 
-    def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-                return_anatomy: bool = False, **kwargs: Any):
-        """The base UNet's prediction; with ``return_anatomy`` also ``{"seg_logits", "class_attention"}``.
-
-        ``seg_logits`` [B, C, h, w] and ``class_attention`` [B, C, h, w] are at the input's (latent)
-        resolution; ``class_attention`` is the per-class attention mass averaged over all register
-        attention layers (each resized bilinearly to the input size), summing to 1 over classes.
-        """
-        if not return_anatomy:
-            return super().forward(x, timesteps, context, y, **kwargs)
+    # ---- calls -----------------------------------------------------------------------------------
+    def forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
+                             context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                             **kwargs: Any) -> AnatomyOutput:
+        """The prediction together with the segmentation and class-attention outputs (see :class:`AnatomyOutput`)."""
         if not self.use_anatomical_registers:
-            raise ValueError("return_anatomy=True needs use_anatomical_registers: true in the UNet config")
-        out, state = self.forward_with_state(x, timesteps, context, y, return_anatomy=True, **kwargs)
+            raise ValueError("forward_with_anatomy needs use_anatomical_registers: true in the UNet config")
+        out, state = self.forward_with_state(x, timesteps, context, y, collect_attention=True, **kwargs)
+        assert isinstance(state, AnatomicalUNetState) and state.features is not None
         size = x.shape[-2:]
-        seg_logits = self.segmentation_head(state["features"].to(self.segmentation_head[-1].weight.dtype))
+        seg_logits = self.segmentation_head(state.features.to(self.segmentation_head[-1].weight.dtype))
         if seg_logits.shape[-2:] != size:
             seg_logits = F.interpolate(seg_logits, size=size, mode="bilinear", align_corners=False)
         masses = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                  for m in state["anatomy"]["class_attention"]]
-        class_attention = torch.stack(masses, dim=0).mean(dim=0)
-        return out, {"seg_logits": seg_logits, "class_attention": class_attention}
+                  for m in state.class_attention.values()]
+        return AnatomyOutput(prediction=out, seg_logits=seg_logits,
+                             class_attention=torch.stack(masses, dim=0).mean(dim=0),
+                             layer_class_attention=dict(state.class_attention), registers=state.registers)
+
+    def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
+                context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                return_anatomy: bool = False, **kwargs: Any) -> Any:
+        """The base UNet's prediction tensor.
+
+        ``return_anatomy=True`` is deprecated (use :meth:`forward_with_anatomy`): it returns
+        ``(prediction, {"seg_logits", "class_attention"})`` as the first version did.
+        """
+        if not return_anatomy:
+            return super().forward(x, timesteps, context, y, **kwargs)
+        global _warned_return_anatomy
+        if not _warned_return_anatomy:
+            _warned_return_anatomy = True
+            warnings.warn("AnatomicalUNetModel.forward(..., return_anatomy=True) is deprecated; call "
+                          "forward_with_anatomy(x, t), which returns an AnatomyOutput", DeprecationWarning,
+                          stacklevel=2)
+        anatomy = self.forward_with_anatomy(x, timesteps, context, y, **kwargs)
+        return anatomy.prediction, {"seg_logits": anatomy.seg_logits, "class_attention": anatomy.class_attention}

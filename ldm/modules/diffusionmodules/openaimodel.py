@@ -1,16 +1,19 @@
 """The latent-diffusion UNet (``UNetModel``) and its blocks, with CompVis parameter names and
-state-dict keys, plus an extension point for subclasses.
+state-dict keys, plus a typed extension point for subclasses.
 
-Extension point (used by the anatomical UNet, see ``UNetModel``):
-``prepare_state`` builds the per-call ``state`` dict (``emb``, ``context``, extra kwargs), every block
-receives that dict, ``block_hook(stage, index, h, state)`` runs after each block, ``block_info``
-describes every block (stage, index, ds, channels, kind) and ``state["features"]`` holds the decoder
-features before the output head.
+Extension point (used by the anatomical UNet, see ``UNetModel``): ``prepare_state`` builds the per-call
+:class:`UNetState` (a subclass sets ``state_type`` to its own dataclass with extra fields), every block
+receives it, ``block_hook(info, h, state)`` runs after each block with that block's :class:`BlockInfo`,
+``block_info`` describes every block and ``state.features`` holds the decoder features before the output
+head.
 """
 from __future__ import annotations
 
+import enum
+import functools
 import logging
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,27 +26,110 @@ from ldm.modules.diffusionmodules.util import (ConditionedBlock, TimestepBlock, 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock",
-           "UNetModel", "qkv_attention"]
+           "UNetModel", "qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState"]
+
+
+class BlockStage(enum.StrEnum):
+    """Where a block sits: the encoder (``input_blocks``), the middle block or the decoder (``output_blocks``)."""
+
+    INPUT = "input"
+    MIDDLE = "middle"
+    OUTPUT = "output"
+
+
+class BlockKind(enum.StrEnum):
+    """What a block is: the input conv, a residual level block, a downsampler, the middle block, or a
+    decoder block that ends in an upsampler."""
+
+    CONV_IN = "conv_in"
+    RES = "res"
+    DOWNSAMPLE = "downsample"
+    MIDDLE = "middle"
+    RES_UP = "res_up"
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Description of one UNet block, passed to ``UNetModel.block_hook``.
+
+    Args:
+        stage: input, middle or output.
+        index: position within its stage (``input_blocks[index]``, ``output_blocks[index]``; 0 for middle).
+        kind: see :class:`BlockKind`.
+        ds: downsampling factor of the block's output relative to the input (1, 2, 4, ...).
+        channels: channels of the block's output.
+    """
+
+    stage: BlockStage
+    index: int
+    kind: BlockKind
+    ds: int
+    channels: int
+
+    @property
+    def key(self) -> str:
+        """``"{stage}_{index}"``, e.g. ``"output_3"``: unique within a UNet (the names of per-block modules)."""
+        return f"{self.stage}_{self.index}"
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+@dataclass
+class UNetState:
+    """Per-call conditioning that every block of a ``UNetModel`` sees (built by ``prepare_state``).
+
+    Subclasses of ``UNetModel`` extend it by subclassing (new fields need defaults) and setting
+    ``state_type``. ``ConditionedBlock`` layers read their input with :meth:`get`.
+
+    Args:
+        emb: time [+ class] embedding [B, 4 * model_channels], in the blocks' dtype.
+        timesteps: the diffusion steps [B].
+        context: cross-attention conditioning, or ``None``.
+        y: class labels of a class-conditional UNet, or ``None``.
+        features: decoder features before the output head, set at the end of ``forward_with_state``.
+        extra: keyword arguments of the call that no field takes (read by custom conditioned layers).
+    """
+
+    emb: torch.Tensor
+    timesteps: torch.Tensor
+    context: Optional[torch.Tensor] = None
+    y: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def reserved_names(cls) -> frozenset[str]:
+        """Field names, which extra keyword arguments must not use."""
+        return _field_names(cls)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The field ``key``, else the extra keyword argument ``key``, else ``default``."""
+        if key in _field_names(type(self)) and key != "extra":
+            return getattr(self, key)
+        return self.extra.get(key, default)
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """``nn.Sequential`` that hands conditioning to the layers that need it.
 
-    Called as ``block(x, cond)`` with ``cond`` the UNet's state dict, or CompVis style
-    ``block(x, emb, context=None)``. Layers deriving from ``ConditionedBlock`` get
+    Called as ``block(x, cond)`` with ``cond`` the UNet's :class:`UNetState` (or a plain mapping), or
+    CompVis style ``block(x, emb, context=None)``. Layers deriving from ``ConditionedBlock`` get
     ``layer.forward_cond(x, cond)`` and read their own key; all other layers get ``layer(x)``.
 
     Args: the layers, as ``nn.Sequential``.
     """
 
     def forward(self, x: torch.Tensor, cond: Any = None, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not isinstance(cond, Mapping):
+        if not isinstance(cond, (Mapping, UNetState)):
             cond = {"emb": cond, "context": context}
         for layer in self:
             x = layer.forward_cond(x, cond) if isinstance(layer, ConditionedBlock) else layer(x)
         return x
 
-    def forward_cond(self, x: torch.Tensor, cond: Mapping[str, Any]) -> torch.Tensor:
+    def forward_cond(self, x: torch.Tensor, cond: UNetState | Mapping[str, Any]) -> torch.Tensor:
         return self(x, cond)
 
 
@@ -268,10 +354,13 @@ class UNetModel(nn.Module):
         legacy: CompVis head-size rule (keep True for CompVis checkpoints).
 
     Extension point: ``forward_with_state`` runs the network and returns ``(out, state)``;
-    subclasses override ``prepare_state`` (add entries to ``state``) and ``block_hook`` (act after any
-    block) and use ``block_info`` to pick the blocks. Conditioned layers inside blocks derive from
-    ``ConditionedBlock`` and read their key from ``state``.
+    subclasses set ``state_type`` to a :class:`UNetState` subclass, override ``prepare_state`` (fill
+    their fields) and ``block_hook(info, h, state)`` (act after any block) and use ``block_info`` (one
+    :class:`BlockInfo` per block, in call order) to pick the blocks. Conditioned layers inside blocks
+    derive from ``ConditionedBlock`` and read their key with ``state.get``.
     """
+
+    state_type: ClassVar[type[UNetState]] = UNetState
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0,
@@ -332,10 +421,10 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, num_heads=num_heads_upsample if decoder else heads, num_head_channels=dim_head,
                                   use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
 
-        self.block_info: list[dict[str, Any]] = []
+        infos: list[BlockInfo] = []
 
         def info(stage: str, index: int, ds: int, channels: int, kind: str) -> None:
-            self.block_info.append({"stage": stage, "index": index, "ds": ds, "channels": channels, "kind": kind})
+            infos.append(BlockInfo(BlockStage(stage), index, BlockKind(kind), ds, channels))
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
@@ -382,6 +471,7 @@ class UNetModel(nn.Module):
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
+        self.block_info: tuple[BlockInfo, ...] = tuple(infos)
         if use_fp16:
             self.convert_to_fp16()
 
@@ -402,14 +492,12 @@ class UNetModel(nn.Module):
             part.float()
 
     # ----------------------------------------------------------------------------------------------
-    RESERVED_STATE_KEYS = ("emb", "context", "timesteps", "y", "features")
-
     def prepare_state(self, x: torch.Tensor, timesteps: Optional[torch.Tensor], context: Optional[torch.Tensor] = None,
-                      y: Optional[torch.Tensor] = None, **extra: Any) -> dict[str, Any]:
-        """The per-call conditioning dict every block sees.
+                      y: Optional[torch.Tensor] = None, **extra: Any) -> UNetState:
+        """The per-call :class:`UNetState` every block sees.
 
-        Holds ``emb`` (time [+ class] embedding, in the blocks' dtype), ``context``, ``timesteps``,
-        ``y`` and every extra keyword argument. Subclasses extend it (call ``super()`` first).
+        Holds ``emb`` (time [+ class] embedding, in the blocks' dtype), ``timesteps``, ``context``, ``y``
+        and every extra keyword argument in ``extra``. Subclasses fill their own fields after ``super()``.
         """
         if timesteps is None:
             raise ValueError("UNetModel needs timesteps (a tensor [B] of diffusion steps)")
@@ -419,9 +507,10 @@ class UNetModel(nn.Module):
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("class labels y must be given exactly when the model is class-conditional "
                              f"(num_classes={self.num_classes}, y given: {y is not None})")
-        clash = sorted(set(extra) & set(self.RESERVED_STATE_KEYS))
+        clash = sorted(set(extra) & self.state_type.reserved_names())
         if clash:
-            raise ValueError(f"keyword arguments {clash} clash with reserved UNet state keys {self.RESERVED_STATE_KEYS}")
+            raise ValueError(f"keyword arguments {clash} clash with reserved UNet state fields "
+                             f"{sorted(self.state_type.reserved_names())}; rename them")
         time_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(time_dtype))
         if self.num_classes is not None:
@@ -430,30 +519,31 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y)
         if isinstance(context, torch.Tensor) and context.is_floating_point():
             context = context.to(self.dtype)
-        return {"emb": emb.to(self.dtype), "context": context, "timesteps": timesteps, "y": y, **extra}
+        return self.state_type(emb=emb.to(self.dtype), timesteps=timesteps, context=context, y=y, extra=extra)
 
-    def block_hook(self, stage: str, index: int, h: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """Called after every block (``stage`` in input/middle/output) with its output; returns the
-        tensor the network continues with. Identity here; override in subclasses."""
+    def block_hook(self, info: BlockInfo, h: torch.Tensor, state: UNetState) -> torch.Tensor:
+        """Called after every block with its :class:`BlockInfo` and output; returns the tensor the network
+        continues with. Identity here; override in subclasses."""
         return h
 
     def forward_with_state(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                            context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-                           **extra: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Run the UNet; returns ``(output, state)`` where ``state["features"]`` holds the decoder features
+                           **extra: Any) -> tuple[torch.Tensor, UNetState]:
+        """Run the UNet; returns ``(output, state)`` where ``state.features`` holds the decoder features
         before the output head."""
         state = self.prepare_state(x, timesteps, context, y, **extra)
+        infos = iter(self.block_info)
         h = x.type(self.dtype)
         hs = []
-        for i, block in enumerate(self.input_blocks):
-            h = self.block_hook("input", i, block(h, state), state)
+        for block in self.input_blocks:
+            h = self.block_hook(next(infos), block(h, state), state)
             hs.append(h)
-        h = self.block_hook("middle", 0, self.middle_block(h, state), state)
-        for i, block in enumerate(self.output_blocks):
+        h = self.block_hook(next(infos), self.middle_block(h, state), state)
+        for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
-            h = self.block_hook("output", i, block(h, state), state)
+            h = self.block_hook(next(infos), block(h, state), state)
         h = h.type(x.dtype)
-        state["features"] = h
+        state.features = h
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
         return out, state
 
