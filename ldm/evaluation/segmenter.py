@@ -67,6 +67,16 @@ class SegmenterUNet(nn.Module):
             x = block(torch.cat([x, skip], dim=1))
         return self.head(x)[..., :h, :w]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average of every encoder level, concatenated: ``[B, sum of channels]`` (for a domain FID)."""
+        pooled = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            pooled.append(x.mean(dim=(-2, -1)))
+        return torch.cat(pooled, dim=1)
+
 
 def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images ``[B, C, H, W]`` from the data contract's channels-last ``image``, masks, has-mask flags."""

@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Anatomy benchmark: does a model draw better anatomy than the plain LDM?
+
+    python bench/anatomy.py -o bench/out/anatomy                        # baseline + anatomical, 3 seeds
+    python bench/anatomy.py -o bench/out/anatomy --arms shuffled_masks  # an ablation, same run directory
+    python bench/anatomy.py -o /tmp/anatomy_quick --quick               # every stage at toy size (the tests)
+
+Every arm is trained from the same frozen autoencoder on the same phantom data (same latent scale, data order,
+optimiser and number of steps), sampled from start noise shared across arms, and judged by an independent
+segmenter trained on the real training split, against the phantom's anatomy rules. Writes
+``OUT/anatomy.json``, ``OUT/report.md`` and ``OUT/figures/*.png``. The run directory is resumable: run the same
+command again after an interruption and finished stages, checkpoints and evaluations are reused.
+Presets: ``cpu`` (default on CPU), ``gpu`` (automatic on CUDA), ``quick``; see ``bench/ANATOMY.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (os.path.dirname(HERE), HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import anatomy_eval as ev  # noqa: E402
+import anatomy_models as am  # noqa: E402
+from anatomy_report import write_outputs  # noqa: E402
+from ldm.evaluation.segmenter import load_segmenter, save_segmenter, segment, train_segmenter  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+logger = logging.getLogger("anatomy")
+NOISE_SEED = 1234  # start noise shared by every arm and training seed
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-o", "--out", required=True, help="run directory (created; reused when it exists)")
+    p.add_argument("--arms", default="baseline,anatomical",
+                   help=f"comma-separated arms, from: {', '.join(am.ARMS)} (baseline is always trained)")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per arm (preset: 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per model (preset)")
+    p.add_argument("--samples", type=int, default=None, help="samples per trained model (preset: 1000)")
+    p.add_argument("--train-slices", "--train_slices", dest="train_slices", type=int, default=None,
+                   help="training slices (preset: 2048; e.g. 64 for a data-scarce run)")
+    p.add_argument("--preset", choices=sorted(am.PRESETS), default=None,
+                   help="scale (default: quick with --quick, gpu on CUDA, else cpu)")
+    p.add_argument("--quick", action="store_true", help="toy sizes: every stage in well under a minute")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    return p.parse_args(argv)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch.cuda.is_available() is False; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def _jdump(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _jload(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_preset(args: argparse.Namespace, device: torch.device) -> am.Preset:
+    name = args.preset or ("quick" if args.quick else "gpu" if device.type == "cuda" else "cpu")
+    preset = am.PRESETS[name]
+    overrides = {k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("samples", args.samples),
+                                    ("train_slices", args.train_slices)) if v is not None}
+    for key, value in overrides.items():
+        if value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    if "samples" in overrides:
+        overrides["curve_samples"] = max(1, min(preset.curve_samples, overrides["samples"]))
+    if "train_slices" in overrides:
+        overrides["tstr_pairs"] = min(preset.tstr_pairs, overrides["train_slices"])
+    return dataclasses.replace(preset, **overrides)
+
+
+def check_run_dir(out: str, preset: am.Preset, name: str) -> dict[str, Any]:
+    """Create ``out`` or check that it was made with the same settings (arms and seeds may grow)."""
+    os.makedirs(out, exist_ok=True)
+    settings = {k: v for k, v in dataclasses.asdict(preset).items() if k != "seeds"}
+    settings["fractions"] = list(settings["fractions"])
+    path = os.path.join(out, "run.json")
+    if os.path.isfile(path):
+        old = _jload(path)["settings"]
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds a run made with other settings ({', '.join(changed)} differ); "
+                             "use the same flags to continue it, or another -o for a new run")
+    else:
+        _jdump({"preset": name, "settings": settings}, path)
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def train_autoencoder(preset: am.Preset, train: dict, out: str, device: torch.device, progress: bool) -> tuple[str, float]:
+    """The shared frozen first stage and the latent scale ``1 / std(z)`` over the training set."""
+    ckpt, scale_path = os.path.join(out, "autoencoder.ckpt"), os.path.join(out, "autoencoder.json")
+    if os.path.isfile(ckpt) and os.path.isfile(scale_path):
+        return ckpt, float(_jload(scale_path)["scale_factor"])
+    pl.seed_everything(0, verbose=False)
+    model = instantiate_from_config(am.autoencoder_config(preset))
+    model.learning_rate = 5e-4
+    loader = DataLoader(am.TensorSlices(train["image"], train["segmentation"]), batch_size=preset.ae_batch,
+                        sampler=am.StreamSampler(len(train["image"]), preset.ae_steps * preset.ae_batch, 0),
+                        drop_last=True)
+    # two optimisers (autoencoder, discriminator): Lightning counts two steps per batch
+    trainer = pl.Trainer(**am.trainer_kwargs(device, 2 * preset.ae_steps, progress))
+    trainer.fit(model, loader)
+    trainer.save_checkpoint(ckpt + ".tmp")
+    os.replace(ckpt + ".tmp", ckpt)
+    model.eval().to(device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z = torch.cat([model.encode(x.to(device)).sample().float().cpu() for x in train["image"].split(256)])
+    scale = float(1.0 / z.flatten().std())
+    _jdump({"scale_factor": scale, "latent_std": float(z.flatten().std())}, scale_path)
+    return ckpt, scale
+
+
+def independent_segmenter(preset: am.Preset, train: dict, out: str, device: torch.device,
+                          progress: bool) -> torch.nn.Module:
+    path = os.path.join(out, "segmenter.pt")
+    if not os.path.isfile(path):
+        model = train_segmenter(am.TensorSlices(train["image"], train["segmentation"]), am.NUM_CLASSES,
+                                steps=preset.seg_steps, batch_size=16, seed=0, device=device, progress=progress)
+        save_segmenter(path, model, {"trained_on": "phantom train split (real)", "steps": preset.seg_steps})
+    return load_segmenter(path, device)[0]
+
+
+def calibrate(preset: am.Preset, train: dict, test: dict, ae_ckpt: str, seg: torch.nn.Module, seeds: int,
+              out: str, device: torch.device) -> dict[str, Any]:
+    """What real data scores: true masks, segmenter masks, autoencoder reconstructions (the ceiling of any LDM)."""
+    path = os.path.join(out, "calibration.json")
+    cal = _jload(path) if os.path.isfile(path) else {}
+    if "real_pass_rate" not in cal:
+        ae = am.load_autoencoder(ae_ckpt, preset, device)
+        with torch.no_grad():
+            rec = torch.cat([ae.decode(ae.encode(x.to(device)).mode()).clamp(-1, 1).float().cpu()
+                             for x in test["image"].split(256)])
+        real_j, rec_j = ev.judge(test["image"], seg), ev.judge(rec, seg)
+        n = len(test["image"])
+        cal = {"n_test": n,
+               "true_mask_pass_rate": float(ev.rule_outcomes(test["segmentation"])["plausible"].mean()),
+               "real_pass_rate": float(real_j["outcomes"]["plausible"].mean()),
+               "reconstructed_pass_rate": float(rec_j["outcomes"]["plausible"].mean()),
+               "segmenter_dice": ev.foreground_dice(real_j["seg_masks"], test["segmentation"]),
+               "reconstructed_segmenter_dice": ev.foreground_dice(rec_j["seg_masks"], test["segmentation"]),
+               "real_rules_failure": {r: float(1 - v.mean()) for r, v in real_j["outcomes"].items() if r != "plausible"},
+               "reconstructed_rules_failure": {r: float(1 - v.mean()) for r, v in rec_j["outcomes"].items()
+                                               if r != "plausible"},
+               "reconstruction_l1": float((rec - test["image"]).abs().mean()),
+               "reconstructed_image_stats": ev.image_statistics(rec, test["image"], seg),
+               "train_vs_test_image_stats": ev.image_statistics(train["image"][:n], test["image"], seg)}
+    cal.setdefault("tstr_real_dice", {})
+    for s in range(seeds):
+        if str(s) not in cal["tstr_real_dice"]:
+            k = preset.tstr_pairs
+            cal["tstr_real_dice"][str(s)] = ev.tstr_dice(train["image"][:k], train["segmentation"][:k], test,
+                                                         preset.tstr_steps, s, device)
+    _jdump(cal, path)
+    return cal
+
+
+def evaluate_checkpoint(arm: str, config: dict, ckpt: str, n: int, final: bool, preset: am.Preset, seed: int,
+                        ctx: dict, path: str) -> dict[str, Any]:
+    """Sample ``n`` images from one checkpoint and judge them; cached in ``path`` (.json + .npz)."""
+    if os.path.isfile(path + ".json") and os.path.isfile(path + ".npz"):
+        return _load_eval(path)
+    device, seg = ctx["device"], ctx["seg"]
+    model = am.load_trained(config, ckpt, device)
+    own = arm in am.MASK_ARMS
+    bar = tqdm(total=n, desc=f"{arm} seed {seed} {os.path.basename(path)}", unit="img", disable=not ctx["progress"])
+    t0 = time.perf_counter()
+    drawn = am.draw_samples(model, n, preset.sampler_steps, NOISE_SEED, 250, device, own, bar.update)
+    sample_s = time.perf_counter() - t0
+    bar.close()
+    j = ev.judge(drawn["image"], seg, drawn.get("own_mask"))
+    info: dict[str, Any] = {"n": n, "ckpt": os.path.basename(ckpt), "sampling_seconds": sample_s,
+                            "own_dice": j.get("own_dice")}
+    arrays = {f"seg_{k}": v for k, v in j["outcomes"].items()}
+    arrays.update({f"own_{k}": v for k, v in j.get("own_outcomes", {}).items()})
+    if final:
+        test = ctx["test"]
+        info["image_stats"] = ev.image_statistics(drawn["image"], test["image"], seg, ctx["real_features"])
+        info["memorisation"] = ev.memorisation(drawn["image"], ctx["train"]["image"], ctx["heldout_nn"])
+        if own:
+            k = min(preset.tstr_pairs, n)
+            info["tstr_dice"] = ev.tstr_dice(drawn["image"][:k], drawn["own_mask"][:k], test, preset.tstr_steps,
+                                             seed, device)
+        arrays["grid_images"] = drawn["image"][:16].numpy()
+        arrays["grid_seg_masks"] = j["seg_masks"][:16].numpy()
+        if own:
+            arrays["grid_own_masks"] = drawn["own_mask"][:16].numpy()
+    np.savez_compressed(path + ".npz", **arrays)
+    _jdump(info, path + ".json")
+    return _load_eval(path)
+
+
+def _load_eval(path: str) -> dict[str, Any]:
+    info = _jload(path + ".json")
+    with np.load(path + ".npz") as z:
+        info["arrays"] = {k: z[k] for k in z.files}
+    return info
+
+
+def run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float]) -> dict:
+    out = os.path.join(ctx["out"], "arms", arm, f"seed{seed}")
+    config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
+    data = ctx["train"]
+    if arm == "shuffled_masks":
+        data = {"image": data["image"], "segmentation": data["segmentation"][am.derangement(len(data["image"]), 99)]}
+    logger.info("training %s, seed %d (%d steps)", arm, seed, preset.steps)
+    info = am.train_ldm(config, data, preset, seed, out, ctx["device"],
+                        equal_time_s=None if arm == "baseline" else baseline_seconds, progress=ctx["progress"])
+    evals = {}
+    for step, ckpt in info["checkpoints"].items():
+        final = int(step) == preset.steps
+        evals[f"step{int(step)}"] = evaluate_checkpoint(arm, config, ckpt, preset.samples if final else
+                                                        preset.curve_samples, final, preset, seed, ctx,
+                                                        os.path.join(out, f"eval_step{int(step):06d}"))
+    if arm != "baseline":
+        eq = info["equal_time"]
+        if int(eq["step"]) == preset.steps and eq["path"] == info["checkpoints"][str(preset.steps)]:
+            evals["equal_time"] = evals[f"step{preset.steps}"]
+        else:
+            evals["equal_time"] = evaluate_checkpoint(arm, config, eq["path"], preset.samples, False, preset, seed,
+                                                      ctx, os.path.join(out, "eval_equal_time"))
+    return {"train": info, "evals": evals}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch", "ldm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for pattern in (".*no logger configured.*", ".*no `val_dataloader`.*", ".*module\\(s\\) in eval mode.*",
+                    ".*LeafSpec.*", ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    try:
+        device = _device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = [a for a in arms if a not in am.ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown}; arms: {', '.join(am.ARMS)}")
+        arms = ["baseline"] + [a for a in arms if a != "baseline"]
+        preset = resolve_preset(args, device)
+        name = args.preset or ("quick" if args.quick else "gpu" if device.type == "cuda" else "cpu")
+        settings = check_run_dir(args.out, preset, name)
+    except ValueError as err:
+        print(f"anatomy.py: error: {err}", file=sys.stderr)
+        return 2
+    started = time.time()
+    logger.info("preset %s on %s -> %s", name, _device_name(device), args.out)
+    train, test = am.phantom_split(preset, "train"), am.phantom_split(preset, "test")
+    t0 = time.perf_counter()
+    ae_ckpt, scale = train_autoencoder(preset, train, args.out, device, args.progress)
+    seg = independent_segmenter(preset, train, args.out, device, args.progress)
+    cal = calibrate(preset, train, test, ae_ckpt, seg, preset.seeds, args.out, device)
+    setup_s = time.perf_counter() - t0
+    ctx = {"out": args.out, "device": device, "seg": seg, "train": train, "test": test, "ae_ckpt": ae_ckpt,
+           "scale_factor": scale, "progress": args.progress,
+           "real_features": ev.segmenter_features(seg, test["image"]),
+           "heldout_nn": ev.pixel_nn_distances(test["image"], train["image"])}
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for seed in range(preset.seeds):
+        for arm in arms:
+            base_s = results["baseline"][seed]["train"]["train_seconds"] if arm != "baseline" else None
+            results[arm][seed] = run_arm_seed(arm, seed, preset, ctx, base_s)
+    results.update(_other_finished_arms(args.out, arms, preset, ctx, results))
+    meta = {"command": "python bench/anatomy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "preset": name, "settings": settings, "seeds": list(range(preset.seeds)), "noise_seed": NOISE_SEED,
+            "device": _device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
+            "python": platform.python_version(), "wall_seconds_this_call": time.time() - started,
+            "setup_seconds_this_call": setup_s, "scale_factor": scale,
+            "arms_described": {a: am.ARMS[a] for a in results},
+            "configs": {a: am.arm_config(a, preset, "<autoencoder.ckpt>", scale) for a in results}}
+    write_outputs(args.out, cal, results, preset, meta)
+    logger.info("wrote %s and %s", os.path.join(args.out, "anatomy.json"), os.path.join(args.out, "report.md"))
+    return 0
+
+
+def _other_finished_arms(out: str, arms: list[str], preset: am.Preset, ctx: dict,
+                         results: dict) -> dict[str, dict[int, dict]]:
+    """Arms finished by earlier calls with the same run directory (e.g. ablations run separately)."""
+    extra: dict[str, dict[int, dict]] = {}
+    arms_dir = os.path.join(out, "arms")
+    for arm in sorted(os.listdir(arms_dir)) if os.path.isdir(arms_dir) else []:
+        if arm in arms or arm not in am.ARMS:
+            continue
+        seeds_done = [s for s in range(preset.seeds)
+                      if os.path.isfile(os.path.join(arms_dir, arm, f"seed{s}", f"eval_step{preset.steps:06d}.json"))]
+        if len(seeds_done) == preset.seeds:
+            extra[arm] = {s: run_arm_seed(arm, s, preset, ctx, results["baseline"][s]["train"]["train_seconds"])
+                          for s in seeds_done}
+    return extra
+
+
+if __name__ == "__main__":
+    sys.exit(main())
