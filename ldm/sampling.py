@@ -414,10 +414,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def palette_for(model: torch.nn.Module) -> Optional[Sequence[Sequence[int]]]:
-    """Mask preview colours for the model's class count (breast MRI for 4 classes, else CT-Organ)."""
-    from ldm.data.labels import BREASTMRI_COLOURS, CTORGAN_COLOURS
+def palette_for(model: torch.nn.Module) -> np.ndarray:
+    """Mask preview colours of the model's label set (``label_set`` in its config; generic colours without one)."""
+    from ldm.data.labels import label_set_of
 
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
-    n = getattr(unet, "num_anatomical_classes", None)
-    return BREASTMRI_COLOURS if n == len(BREASTMRI_COLOURS) else CTORGAN_COLOURS
+    return label_set_of(model, getattr(getattr(model, "unet", None), "num_anatomical_classes", None)).palette()

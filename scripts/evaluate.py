@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ldm.data.labels import LABEL_SETS, get_label_set, get_rule_checker  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm.evaluation import compare, metrics, report  # noqa: E402
@@ -33,12 +34,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--real_split", default="validation", help="split of a main.py config's data section")
     p.add_argument("--max_real", type=int, default=None)
     p.add_argument("--max_samples", type=int, default=None)
+    p.add_argument("--label_set", default="ctorgan",
+                   help=f"label set of the masks ({', '.join(LABEL_SETS)}): default class names and count, and the "
+                        "checker of --rules label_set")
     p.add_argument("--num_classes", type=int, default=None,
-                   help="label classes (default: from --class_names, else 6 for CT-Organ)")
+                   help="label classes (default: from --class_names, else the label set's)")
     p.add_argument("--class_names", nargs="+", default=None,
-                   help="class names, background first (default: CT-Organ's for 6 classes, breast MRI's for 4)")
+                   help="class names, background first (default: the label set's when the class count matches)")
     p.add_argument("--rules", default="none",
-                   help="mask rule checker: 'phantom' (ldm.data.anatomy_check), a dotted function path, or 'none'")
+                   help="mask rule checker: 'label_set' (the label set's), 'phantom' (ldm.data.anatomy_check), "
+                        "a dotted function path, or 'none'")
     p.add_argument("--segmenter", default=None, help="checkpoint of scripts/train_segmenter.py")
     p.add_argument("--inception", default=None,
                    help=f"local Inception-v3 weights for FID/KID (or set {metrics.INCEPTION_ENV}); "
@@ -65,12 +70,10 @@ def _named(entries: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ldm.data.labels import BREASTMRI_CLASSES, CTORGAN_CLASSES
-
     device = resolve_device(args.device)
-    num_classes = args.num_classes or (len(args.class_names) if args.class_names else len(CTORGAN_CLASSES))
-    names = args.class_names or {len(CTORGAN_CLASSES): list(CTORGAN_CLASSES),
-                                 len(BREASTMRI_CLASSES): list(BREASTMRI_CLASSES)}.get(num_classes)
+    label_set = get_label_set(args.label_set)
+    num_classes = args.num_classes or (len(args.class_names) if args.class_names else label_set.num_classes)
+    names = args.class_names or (list(label_set.classes) if num_classes == label_set.num_classes else None)
     if names is not None and len(names) != num_classes:
         raise ValueError(f"--class_names has {len(names)} names but --num_classes is {num_classes}")
 
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.evaluation.segmenter import load_segmenter
 
         segmenter, _ = load_segmenter(args.segmenter, device)
-    checker = compare.get_rule_checker(args.rules)
+    checker = label_set.load_rule_checker() if args.rules == "label_set" else get_rule_checker(args.rules)
     results, fractions = compare.evaluate_sets(sets, real, num_classes, extractors, checker, segmenter, names,
                                                kid_subset_size=args.kid_subset_size)
     grids = {"real": real["images"][:args.grid, 0].numpy()}

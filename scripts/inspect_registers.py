@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import torch  # noqa: E402
 
+from ldm.data.labels import label_set_of  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -31,7 +32,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--custom_steps", type=int, default=20, help="DDIM steps")
     p.add_argument("-e", "--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class_names", nargs="+", default=None, help="default: CT-Organ's (6) or breast MRI's (4)")
+    p.add_argument("--class_names", nargs="+", default=None,
+                   help="default: the names of the model's label_set (class0.. without one)")
     p.add_argument("--no-ema", dest="ema", action="store_false")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true")
     p.add_argument("--device", default=None)
@@ -41,15 +43,12 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ldm.data.labels import BREASTMRI_CLASSES, CTORGAN_CLASSES
-
     device = resolve_device(args.device)
     model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
-    n = int(getattr(model.unet, "num_anatomical_classes", 0))
-    names = args.class_names or {len(CTORGAN_CLASSES): list(CTORGAN_CLASSES),
-                                 len(BREASTMRI_CLASSES): list(BREASTMRI_CLASSES)}.get(n)
+    label_set = label_set_of(model, getattr(model.unet, "num_anatomical_classes", None))
+    names = args.class_names or list(label_set.classes)
     summary = inspect_registers(model, args.logdir, args.n_samples, args.custom_steps, args.eta, args.seed,
-                                class_names=names, colours=sampling.palette_for(model),
+                                class_names=names, colours=label_set.palette(),
                                 use_ema=args.ema and info["has_ema"])
     sim = summary["similarity"]
     print(f"register cosine similarity: within class {sim['within_class_mean']:.3f}, "

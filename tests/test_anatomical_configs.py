@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LDM_DIR = ROOT / "configs" / "latent-diffusion"
 ANATOMICAL_LDM = {"anatomical_mask_key", "anatomical_loss_weight", "progressive_anatomical_training",
                   "anatomical_schedule", "anatomical_warmup_steps", "attention_alignment_weight",
-                  "anatomical_ignore_index", "anatomical_class_weights", "use_anatomical_inference"}
+                  "anatomical_ignore_index", "anatomical_class_weights", "use_anatomical_inference",
+                  "label_set"}
 ANATOMICAL_UNET = {"use_anatomical_registers", "num_anatomical_classes", "anatomical_register_dim",
                    "num_registers_per_class", "anatomical_attention_heads", "anatomical_attention_dim",
                    "use_timestep_aware_registers", "anatomical_attention_resolutions", "use_spatial_encoding"}

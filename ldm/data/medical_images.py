@@ -21,7 +21,7 @@ from ldm.data import intensity as inten
 from ldm.data.io import (IMAGE_EXTENSIONS, MASK_EXTENSIONS, NIFTI_EXTENSIONS, NiftiInfo, canonical_affines_match,
                          is_image_2d, is_nifti, load_canonical, nifti_info, read_image_2d, read_mask_2d,
                          split_extension, volume_slice_to_display)
-from ldm.data.labels import CTORG_RAW_BRAIN_ID, DEFAULT_IGNORE_INDEX
+from ldm.data.labels import BREASTMRI, CTORG_RAW_BRAIN_ID, CTORGAN, DEFAULT_IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ class CTOrganBase(_SplitDataset):
     """
 
     env_var = "CTORG_ROOT"
-    n_classes = 6
+    n_classes = CTORGAN.num_classes
     default_label_map = {CTORG_RAW_BRAIN_ID: 0}
     default_volume_intensity = "ct"
 
@@ -374,7 +374,7 @@ class BreastMRIBase(_SplitDataset):
     """
 
     env_var = "BREASTMRI_ROOT"
-    n_classes = 4
+    n_classes = BREASTMRI.num_classes
     default_volume_intensity = "mr"
 
 

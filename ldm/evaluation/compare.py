@@ -111,19 +111,6 @@ def load_real(source: str, split: str = "validation", max_items: Optional[int] =
     return {"images": images, "masks": masks}
 
 
-def get_rule_checker(name: Optional[str]) -> Optional[Callable[[np.ndarray], Any]]:
-    """The rule checker named on the command line: ``phantom`` or a dotted import path; ``None``/``none``: no rules."""
-    if not name or name == "none":
-        return None
-    from ldm.util import get_obj_from_str
-
-    if name == "phantom":
-        from ldm.data.anatomy_check import check_phantom_anatomy
-
-        return check_phantom_anatomy
-    return get_obj_from_str(name)
-
-
 def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any], num_classes: int,
                   extractors: Optional[Mapping[str, metrics.FeatureExtractor]] = None,
                   checker: Optional[Callable[[np.ndarray], Any]] = None, segmenter: Optional[torch.nn.Module] = None,

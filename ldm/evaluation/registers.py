@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ldm.data.labels import label_set_of
 
 logger = logging.getLogger(__name__)
 
@@ -208,10 +211,6 @@ def inspect_registers(model: torch.nn.Module, out_dir: str, num_samples: int = 4
                       eta: float = 0.0, seed: int = 0, class_names: Optional[Sequence[str]] = None,
                       colours: Optional[Sequence[Sequence[int]]] = None, use_ema: bool = True) -> dict[str, Any]:
     """Write the register figures and ``registers.json``; returns the JSON summary (with ``files``)."""
-    from contextlib import nullcontext
-
-    from ldm.data.labels import CTORGAN_COLOURS
-
     unet = anatomical_unet(model)
     os.makedirs(out_dir, exist_ok=True)
     scope = model.ema_scope("inspect_registers") if use_ema and getattr(model, "use_ema", False) else nullcontext()
@@ -220,8 +219,9 @@ def inspect_registers(model: torch.nn.Module, out_dir: str, num_samples: int = 4
         sim = register_similarity(bank.registers)
         traj = attention_trajectory(model, num_samples, ddim_steps, eta, seed)
     c, k = bank.registers.shape[:2]
-    names = list(class_names) if class_names else [f"class{i}" for i in range(c)]
-    pal = np.asarray(colours if colours is not None else CTORGAN_COLOURS, dtype=np.float64)
+    label_set = label_set_of(model, int(c))
+    names = list(class_names) if class_names else list(label_set.classes)
+    pal = np.asarray(colours if colours is not None else label_set.palette(int(c)), dtype=np.float64)
     files = _figures(out_dir, sim, traj, names, pal, k)
     final_acc = traj["accuracy"][-1]
     summary = {

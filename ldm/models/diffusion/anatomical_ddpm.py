@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_label_set, get_label_set
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
 
@@ -28,35 +29,19 @@ logger = logging.getLogger(__name__)
 
 ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
 DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
-# Extra colours (RGB in [0, 1]) for class ids past the dataset palettes of ldm.data.labels.
-_EXTRA_COLOURS = ((0.10, 0.85, 0.85), (0.85, 0.20, 0.85), (1.00, 0.55, 0.10), (0.55, 0.35, 0.15), (0.10, 0.75, 0.20))
 
 
-def class_palette(num_classes: int) -> torch.Tensor:
-    """``[max(num_classes, n), 3]`` colours in [0, 1]: breast MRI's for 4 classes, else CT-Organ's, then extras
-    (the same choice as the sample writer, so previews and saved masks agree)."""
-    from ldm.data.labels import BREASTMRI_COLOURS, CTORGAN_COLOURS
-
-    base = BREASTMRI_COLOURS if num_classes == len(BREASTMRI_COLOURS) else CTORGAN_COLOURS
-    colours = [tuple(c / 255.0 for c in rgb) for rgb in base] + list(_EXTRA_COLOURS)
-    while len(colours) < num_classes:
-        colours += list(_EXTRA_COLOURS)
-    return torch.tensor(colours, dtype=torch.float32)
+def colourise_labels(mask: torch.Tensor, label_set: LabelSet, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
+    """Integer mask [B, H, W] -> RGB [B, 3, H, W] in [-1, 1] with :func:`ldm.data.labels.colourise` (``ignore_index``
+    grey, other ids outside the palette magenta), so previews and saved masks agree."""
+    rgb = torch.from_numpy(colourise(mask, label_set, ignore_index)).to(mask.device)
+    return rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def colourise_labels(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer mask [B, H, W] -> RGB [B, 3, H, W] in [-1, 1]; ids outside the palette (ignore index) are grey."""
-    palette = class_palette(num_classes).to(mask.device)
-    valid = (mask >= 0) & (mask < len(palette))
-    rgb = palette[torch.where(valid, mask.long(), torch.zeros_like(mask.long()))]  # [B, H, W, 3]
-    rgb[~valid] = 0.5
-    return rgb.permute(0, 3, 1, 2) * 2.0 - 1.0
-
-
-def colourise_probabilities(probs: torch.Tensor) -> torch.Tensor:
+def colourise_probabilities(probs: torch.Tensor, label_set: LabelSet) -> torch.Tensor:
     """Per-class maps [B, C, H, W] (summing to 1 over C) -> RGB [B, 3, H, W] in [-1, 1], mixing class colours."""
-    palette = class_palette(probs.shape[1]).to(probs.device, probs.dtype)[: probs.shape[1]]
-    rgb = torch.einsum("bchw,cd->bdhw", probs, palette)
+    palette = torch.from_numpy(label_set.palette(probs.shape[1])[: probs.shape[1]]).to(probs.device, probs.dtype)
+    rgb = torch.einsum("bchw,cd->bdhw", probs, palette / 255.0)
     return rgb.clamp(0, 1) * 2.0 - 1.0
 
 
@@ -95,6 +80,9 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         anatomical_ignore_index: mask value excluded from the loss.
         anatomical_class_weights: optional per-class weights of both cross-entropies (length C).
         use_anatomical_inference: ``log_images`` also samples masks (seg head) and class-attention maps.
+        label_set: name of the masks' label set in :mod:`ldm.data.labels` (``ctorgan``, ``breastmri``): class
+            names and colours of previews and saved masks, and the rule checker; its class count must equal
+            ``num_anatomical_classes``. ``None``: unnamed classes with generic colours.
     """
 
     progress_bar_keys = ("loss", "diffusion_loss", "anatomical_loss", "anatomical_dice")
@@ -104,7 +92,7 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                  anatomical_warmup_steps: int = 5000, anatomical_schedule: str = "warmup_decay",
                  attention_alignment_weight: float = 0.5, anatomical_ignore_index: int = 255,
                  anatomical_class_weights: Optional[Sequence[float]] = None, use_anatomical_inference: bool = True,
-                 **kwargs: Any) -> None:
+                 label_set: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         unet = self.unet
         self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))
@@ -130,6 +118,10 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         self.anatomical_ignore_index = int(anatomical_ignore_index)
         self.use_anatomical_inference = bool(use_anatomical_inference)
         self.num_anatomical_classes = int(getattr(unet, "num_anatomical_classes", 0))
+        self.label_set: LabelSet = (get_label_set(label_set) if label_set is not None
+                                    else generic_label_set(max(self.num_anatomical_classes, 1)))
+        if label_set is not None and self.use_anatomy:
+            self.label_set.check_num_classes(self.num_anatomical_classes, "the UNet (num_anatomical_classes)")
         weights = None
         if anatomical_class_weights is not None:
             weights = torch.as_tensor(list(anatomical_class_weights), dtype=torch.float32)
@@ -316,16 +308,15 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         image_size = tuple(torch.as_tensor(batch[self.first_stage_key]).shape[1:3])
         mask = self.get_anatomy_target(batch, bs=n)
         if mask is not None:
-            log["inputs_mask"] = colourise_labels(mask, self.num_anatomical_classes)
+            log["inputs_mask"] = colourise_labels(mask, self.label_set, self.anatomical_ignore_index)
         z = self.get_input(batch, self.first_stage_key, bs=n)[0]
         anatomy = self.predict_anatomy(z)
-        log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy.seg_logits, image_size),
-                                                          self.num_anatomical_classes)
+        log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy.seg_logits, image_size), self.label_set)
         log["inputs_class_attention"] = self._attention_image(anatomy.class_attention, image_size)
         if sample:
             res = self.sample_with_anatomy(n, ddim_steps=ddim_steps, eta=ddim_eta)
             log["samples"] = res["images"]
-            log["samples_mask"] = colourise_labels(res["masks"], self.num_anatomical_classes)
+            log["samples_mask"] = colourise_labels(res["masks"], self.label_set)
             log["samples_class_attention"] = self._attention_image(res["class_attention"], image_size)
         return log
 
@@ -333,7 +324,7 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
     def _argmax_at(seg_logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return F.interpolate(seg_logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)
 
-    @staticmethod
-    def _attention_image(class_attention: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return colourise_probabilities(F.interpolate(class_attention.float(), size=tuple(size), mode="nearest"))
+    def _attention_image(self, class_attention: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return colourise_probabilities(F.interpolate(class_attention.float(), size=tuple(size), mode="nearest"),
+                                       self.label_set)
 
