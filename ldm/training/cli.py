@@ -50,15 +50,19 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- parsing
+TRUE_WORDS = ("yes", "true", "t", "y", "1")
+FALSE_WORDS = ("no", "false", "f", "n", "0")
+
+
 def _str2bool(value: Union[str, bool]) -> bool:
     if isinstance(value, bool):
         return value
     low = value.strip().lower()
-    if low in ("yes", "true", "t", "y", "1"):
+    if low in TRUE_WORDS:
         return True
-    if low in ("no", "false", "f", "n", "0"):
+    if low in FALSE_WORDS:
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+    raise argparse.ArgumentTypeError(f"expected a boolean ({'/'.join(TRUE_WORDS + FALSE_WORDS)}), got {value!r}")
 
 
 def _int_or_float(value: str) -> Union[int, float]:
@@ -79,19 +83,32 @@ def _precision(value: str) -> Union[int, str]:
     return int(value) if value.isdigit() else value
 
 
-def _devices(value: str) -> Union[int, str, list[int]]:
-    value = value.strip()
-    if "," in value:
-        return [int(v) for v in value.split(",") if v.strip()]
+def parse_devices(value: Union[str, int, Sequence[int]], what: str = "--devices") -> Union[int, str, list[int]]:
+    """The one reader of device values as users type them (``--gpus``, ``--devices``, configs).
+
+    ``"0,1"``, ``"0,"``, ``"[0, 3]"`` or a list -> GPU ids ``[0, 1]``, ``[0]``, ``[0, 3]`` (``","`` -> ``[]``);
+    ``"2"`` or 2 -> a count (``""`` -> 0, ``"-1"`` -> -1 = all); ``"auto"`` -> ``"auto"``. Raises ``UsageError``
+    naming ``what`` for anything else.
+    """
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().strip("[]").strip()
+    if text == "auto":
+        return text
     try:
-        return int(value)
-    except ValueError:
-        return value  # "auto"
+        if "," in text:
+            return [int(v) for v in text.split(",") if v.strip()]
+        return int(text) if text else 0
+    except ValueError as err:
+        raise UsageError(f"{what} {value!r} is not understood: use GPU ids such as 0,1 or 0, or a count such as 2 "
+                         f"(-1 for all GPUs)") from err
 
 
 # Lightning 2 Trainer settings accepted as ``--name value`` (also ``--name-with-dashes``).
 TRAINER_FLAGS: dict[str, Callable[[str], Any]] = {
-    "accelerator": str, "devices": _devices, "num_nodes": int, "strategy": str, "precision": _precision,
+    "accelerator": str, "devices": parse_devices, "num_nodes": int, "strategy": str, "precision": _precision,
     "max_steps": int, "max_epochs": int, "min_steps": int, "min_epochs": int, "max_time": str,
     "accumulate_grad_batches": int, "limit_train_batches": _int_or_float, "limit_val_batches": _int_or_float,
     "limit_test_batches": _int_or_float, "limit_predict_batches": _int_or_float,
@@ -141,7 +158,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 _OPTIONAL_BOOL_FLAGS = ("-t", "--train", "--no-test", "-d", "--debug", "--scale_lr")
-_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+_BOOL_WORDS = TRUE_WORDS + FALSE_WORDS
 
 
 def _explicit_bools(argv: Sequence[str]) -> list[str]:
@@ -205,19 +222,11 @@ def parse_gpus(gpus: Union[str, int, Sequence[int]], cuda_count: Optional[int] =
     ``"0"`` (or empty) -> no GPU, i.e. CPU, as PL 1.x read it. Raises ``UsageError`` without CUDA.
     """
     count = _cuda_count() if cuda_count is None else cuda_count
-    if isinstance(gpus, (list, tuple)):
-        ids: Optional[list[int]] = [int(g) for g in gpus]
-        number = None
-    else:
-        text = str(gpus).strip().strip("[]")
-        try:
-            if "," in text:
-                ids, number = [int(g) for g in text.split(",") if g.strip()], None
-            else:
-                ids, number = None, int(text) if text else 0
-        except ValueError as err:
-            raise UsageError(f"--gpus {gpus!r} is not understood: use GPU ids such as 0,1 or 0, "
-                             f"or a count such as 2 (-1 for all GPUs)") from err
+    parsed = parse_devices(gpus, "--gpus")
+    if parsed == "auto":
+        raise UsageError("--gpus 'auto' is not a PL 1.x value: use --accelerator gpu --devices auto")
+    ids: Optional[list[int]] = parsed if isinstance(parsed, list) else None
+    number = parsed if isinstance(parsed, int) else None
     if (ids is not None and not ids) or (ids is None and number == 0):  # "0", "", "," : no GPU
         return DeviceSpec("cpu", 1, None, 1, [f"--gpus {gpus!r} means no GPU (as in PL 1.x): training on CPU; "
                                                f"write --gpus 0, to use GPU 0"])
@@ -242,17 +251,11 @@ def parse_gpus(gpus: Union[str, int, Sequence[int]], cuda_count: Optional[int] =
     return DeviceSpec("gpu", devices, "ddp" if n > 1 else None, n)
 
 
-def _count_devices(accelerator: str, devices: Any) -> int:
-    if isinstance(devices, (list, tuple)):
+def _count_devices(accelerator: str, devices: Union[int, str, list[int]]) -> int:
+    if isinstance(devices, list):
         return len(devices)
-    if isinstance(devices, str):
-        devices = devices.strip()
-        if "," in devices:
-            return len([d for d in devices.split(",") if d.strip()])
-        if devices.lstrip("-").isdigit():
-            devices = int(devices)
-        else:  # "auto"
-            return max(_cuda_count(), 1) if accelerator in ("gpu", "cuda", "auto") else 1
+    if devices == "auto":
+        return max(_cuda_count(), 1) if accelerator in ("gpu", "cuda", "auto") else 1
     if devices == -1:
         return max(_cuda_count(), 1) if accelerator in ("gpu", "cuda", "auto") else (os.cpu_count() or 1)
     return int(devices)
@@ -280,8 +283,7 @@ def resolve_devices(trainer_cfg: dict[str, Any], cuda_count: Optional[int] = Non
         count = _cuda_count() if cuda_count is None else cuda_count
         if count == 0:
             raise UsageError(_no_cuda_message(f"accelerator={accelerator}"))
-    if isinstance(devices, str) and "," in devices:
-        devices = [int(d) for d in devices.split(",") if d.strip()]
+    devices = parse_devices(devices)
     n = _count_devices(accelerator, devices)
     num_nodes = int(trainer_cfg.get("num_nodes") or 1)
     if strategy is None and (n > 1 or num_nodes > 1):
