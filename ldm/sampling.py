@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ldm.models.diffusion.samplers import check_sampler, generator_noise, sample_model
+from ldm.modules.diffusionmodules.util import sampler_timesteps
 from ldm.util import instantiate_from_config, load_checkpoint_state_dict, load_state_dict_report
 
 logger = logging.getLogger(__name__)
@@ -144,11 +146,8 @@ def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_
 
 
 def is_anatomical(model: torch.nn.Module) -> bool:
-    """Whether the model's UNet can return a segmentation (an anatomical model with registers on)."""
-    if hasattr(model, "use_anatomy"):
-        return bool(model.use_anatomy)
-    unet = getattr(model, "unet", None)
-    return bool(getattr(unet, "use_anatomical_registers", False)) and hasattr(unet, "segmentation_head")
+    """Whether the model predicts masks (an AnatomicalLatentDiffusion whose UNet has registers on)."""
+    return bool(getattr(model, "use_anatomy", False))
 
 
 # ------------------------------------------------------------------------------------------------- noise
@@ -279,21 +278,17 @@ def latent_shape(model: torch.nn.Module) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def predict_masks(model: torch.nn.Module, z: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
-    """Segmentation-head masks ``[B, H, W]`` (int64) for final latents ``z``: one UNet call at ``t = 0``,
-    logits upsampled to the image size, argmax over classes."""
-    if hasattr(model, "predict_anatomy"):
-        anatomy = model.predict_anatomy(z)
-    else:
-        t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-        anatomy = model.unet.forward_with_anatomy(z, t)
-    logits = torch.nn.functional.interpolate(anatomy.seg_logits.float(), size=tuple(image_size),
-                                             mode="bilinear", align_corners=False)
-    return logits.argmax(dim=1)
+    """Segmentation-head masks ``[B, H, W]`` (int64) for final latents ``z``
+    (:meth:`~ldm.models.diffusion.anatomical_ddpm.AnatomicalLatentDiffusion.predict_masks`)."""
+    if not is_anatomical(model):
+        raise ValueError(f"predicting masks needs an anatomical model (AnatomicalLatentDiffusion with "
+                         f"use_anatomical_registers: true); got a {type(model).__name__}")
+    return model.predict_masks(z, image_size)
 
 
 class SampleNoise:
     """Per-sample step noise: one CPU generator per sample, seeded by ``(seed, index)``, so a sample's noise does
-    not depend on the batch it is in, nor on the device. It is a ``DDIMSampler.sample`` ``noise_fn``; the
+    not depend on the batch it is in, nor on the device. It is a registry sampler's ``noise_fn``; the
     generators advance with every draw, so use a fresh one per sampling call.
 
     Args:
@@ -321,17 +316,15 @@ class SampleNoise:
 def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float = 0.0,
                     noise: Optional[SampleNoise] = None,
                     callback: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """Final latents of ``DDIMSampler.sample`` from ``x_T``, its step noise (``eta > 0``) drawn by ``noise``.
+    """Final latents of the registry's DDIM sampler from ``x_T``, its step noise (``eta > 0``) drawn by ``noise``.
 
     ``callback(i, t, x_t)`` sees step ``i``'s input latents ``x_t`` at DDIM timestep ``t``.
     """
-    from ldm.models.diffusion.ddim import DDIMSampler
-
     if eta != 0.0 and noise is None:
         raise ValueError("eta > 0 needs a SampleNoise for the step noise")
-    step_callback = None if callback is None else (lambda i, t, x_t, pred_x0: callback(i, t, x_t))
-    z, _ = DDIMSampler(model).sample(ddim_steps, x_T.shape[0], tuple(x_T.shape[1:]), eta=eta, x_T=x_T,
-                                     verbose=False, noise_fn=noise, step_callback=step_callback)
+    grid = sampler_timesteps("ddim", ddim_steps, model.alphas_cumprod)
+    hook = None if callback is None else (lambda i, x_t, x0_pred: callback(i, int(grid[i]), x_t))
+    z, _ = sample_model(model, "ddim", x_T, ddim_steps, eta=eta, noise_fn=noise, callback=hook)
     return z
 
 
@@ -339,19 +332,15 @@ def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, 
 def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float,
                    noise: Optional[SampleNoise] = None, vanilla: bool = False, generator_seed: int = 0,
                    sampler: str = "ddim") -> torch.Tensor:
-    """Final latents from ``x_T`` with DDIM (``ddim_steps``, ``eta``), another sampler of
-    :func:`ldm.models.diffusion.dpm_solver.get_sampler` (``sampler``, deterministic, ``ddim_steps`` model calls),
-    or the full ancestral DDPM loop (its step noise is seeded per batch by ``generator_seed``)."""
-    if vanilla:
-        generator = torch.Generator(device=x_T.device).manual_seed(generator_seed)
-        return model.sample(cond=None, batch_size=x_T.shape[0], x_T=x_T, verbose=False, generator=generator)
-    if sampler != "ddim":
-        from ldm.models.diffusion.dpm_solver import get_sampler
-
-        z, _ = get_sampler(sampler, model).sample(ddim_steps, x_T.shape[0], tuple(x_T.shape[1:]), x_T=x_T,
-                                                  verbose=False)
-        return z
-    return ddim_trajectory(model, x_T, ddim_steps, eta, noise)
+    """Final latents from ``x_T`` with the registry sampler ``sampler`` (``ddim_steps`` model calls; ``eta``
+    for DDIM) or, with ``vanilla`` (or ``sampler="ancestral"``), the full ancestral DDPM loop. Step noise comes
+    from ``noise`` (per sample), else from a generator seeded by ``generator_seed`` (per batch)."""
+    name = "ancestral" if vanilla else check_sampler(sampler)
+    if noise is None:
+        noise = generator_noise(torch.Generator(device=x_T.device).manual_seed(generator_seed))
+    z, _ = sample_model(model, name, x_T, None if name == "ancestral" else ddim_steps,
+                        eta=eta if name == "ddim" else None, noise_fn=noise)
+    return z
 
 
 def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size: int, ddim_steps: int = 50,
@@ -360,20 +349,18 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
              progress: bool = True, sampler: str = "ddim") -> dict[str, Any]:
     """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
 
-    Sample ``i`` starts from noise seeded by ``(seed, i)`` and DDIM's step noise (``eta > 0``) is drawn per sample
-    too, so a sample is the same whatever the batch size and whether the run was resumed. ``vanilla`` (ancestral
-    DDPM) seeds its step noise per batch, so there only the same batch size reproduces the same images.
+    ``sampler`` is a registry name (``ddim``, ``dpmpp2m``, ``ancestral``; ``vanilla`` means ``ancestral``, with
+    any ``eta`` ignored as CompVis). Sample ``i`` starts from noise seeded by ``(seed, i)`` and its step noise
+    (DDIM with ``eta > 0``, ancestral) is drawn per sample too, so a sample is the same whatever the batch size and
+    whether the run was resumed. Anatomical models with ``save_masks`` also write each sample's predicted mask.
     """
     from contextlib import nullcontext
 
     from tqdm import tqdm
 
-    from ldm.models.diffusion.dpm_solver import SAMPLERS
-
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if sampler != "ddim" and eta != 0:
-        raise ValueError(f"--sampler {sampler} is deterministic; eta applies to DDIM only (got -e {eta})")
+    sampler = "ancestral" if vanilla else check_sampler(sampler)
+    if not vanilla and sampler != "ddim" and eta != 0:
+        raise ValueError(f"--sampler {sampler} takes no eta; eta applies to DDIM only (got -e {eta})")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
     if save_masks and not is_anatomical(model):
@@ -392,21 +379,24 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             indices = list(range(first, min(first + batch_size, start + num_samples)))
             x_T = initial_noise(shape, seed, indices, device=device)
             with timer_sample:
-                z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), vanilla,
-                                   sample_seed(seed, first, stream=2), sampler=sampler)
+                z = sample_latents(model, x_T, ddim_steps, 0.0 if vanilla else eta, SampleNoise(seed, indices),
+                                   sampler=sampler)
                 masks = None
             with timer_decode:
-                images = model.decode_first_stage(z)
                 if save_masks:
-                    masks = predict_masks(model, z, images.shape[-2:])
+                    decoded = model.decode_with_anatomy(z)
+                    images, masks = decoded["images"], decoded["masks"]
+                else:
+                    images = model.decode_first_stage(z)
             with timer_write:
                 written += save_samples(out_dir, first, images, masks, formats, colours)
             bar.update(len(indices))
     bar.close()
     total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
-    return {"seed": seed, "sampler": "ddpm" if vanilla else sampler,
-            "ddim_steps": None if vanilla else ddim_steps, "eta": None if vanilla else eta,
-            "vanilla_sample": vanilla, "ema": bool(use_ema and getattr(model, "use_ema", False)),
+    ancestral = sampler == "ancestral"
+    return {"seed": seed, "sampler": sampler, "ddim_steps": None if ancestral else ddim_steps,
+            "eta": None if ancestral else eta, "vanilla_sample": ancestral,
+            "ema": bool(use_ema and getattr(model, "use_ema", False)),
             "batch_size": batch_size, "start_index": start, "count": num_samples, "masks": bool(save_masks),
             "formats": list(formats), "device": str(device), "torch": torch.__version__,
             "timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,

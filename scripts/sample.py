@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import torch  # noqa: E402
 
+from ldm.models.diffusion.samplers import SAMPLERS  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -31,15 +32,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n_samples", type=int, default=16, help="number of samples to add")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("-c", "--custom_steps", type=int, default=50, help="sampler steps (model calls)")
-    p.add_argument("--sampler", choices=["ddim", "dpmpp2m"], default="ddim",
-                   help="ddim (CompVis default) or dpmpp2m (DPM-Solver++(2M): 20-25 steps match 200-step DDIM; "
-                        "deterministic, eta must be 0)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
+                   help="ddim (CompVis default), dpmpp2m (DPM-Solver++(2M): 20-25 steps match 200-step DDIM; "
+                        "deterministic, eta must be 0) or ancestral (the full DDPM loop; -c and -e unused)")
     p.add_argument("-e", "--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
     p.add_argument("-l", "--logdir", default=None, metavar="OUT_DIR",
                    help="output folder (default: <run>/samples/ddim<c>_eta<e>_seed<seed>); "
                         "re-running continues the numbering")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-v", "--vanilla_sample", action="store_true", help="full ancestral DDPM sampling instead of DDIM")
+    p.add_argument("-v", "--vanilla_sample", action="store_true", help="same as --sampler ancestral (CompVis flag)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="sample with the live weights, not EMA")
     p.add_argument("--save_masks", action="store_true",
                    help="anatomical models: also write predicted masks (masks/) and colour previews (masks_colour/)")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir is None:
         _, run_dir = sampling.resolve_run(args.resume)
         base = run_dir or os.path.dirname(os.path.abspath(args.resume))
-        tag = "vanilla" if args.vanilla_sample else f"{args.sampler}{args.custom_steps}_eta{args.eta:g}"
+        ancestral = args.vanilla_sample or args.sampler == "ancestral"
+        tag = "vanilla" if ancestral else f"{args.sampler}{args.custom_steps}_eta{args.eta:g}"
         out_dir = os.path.join(base, "samples", f"{tag}_seed{args.seed}")
     run = sampling.generate(model, out_dir, args.n_samples, args.batch_size, args.custom_steps, args.eta, args.seed,
                             vanilla=args.vanilla_sample, use_ema=args.ema and info["has_ema"],

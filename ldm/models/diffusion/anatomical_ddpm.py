@@ -268,27 +268,34 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         return self.apply_model_with_anatomy(z, t, cond)
 
     @torch.no_grad()
+    def predict_masks(self, z: torch.Tensor, image_size: Sequence[int], cond: Any = None) -> torch.Tensor:
+        """Masks ``[B, H, W]`` (int64) for final latents ``z``: one UNet call at ``t = 0``, the seg logits
+        upsampled to ``image_size``, argmax over classes."""
+        return self._argmax_at(self.predict_anatomy(z, cond=cond).seg_logits, image_size)
+
+    @torch.no_grad()
+    def decode_with_anatomy(self, latents: torch.Tensor, cond: Any = None) -> dict:
+        """The one "then predict masks" step after sampling: ``{"images": [B, ch, H, W] in [-1, 1] (decoded),
+        "masks": [B, H, W] int64 (argmax of the seg logits upsampled to the image size), "seg_logits",
+        "class_attention": [B, C, h, w], "latents": [B, c, h, w]}``."""
+        anatomy = self.predict_anatomy(latents, cond=cond)
+        images = self.decode_first_stage(latents)
+        return {"images": images, "masks": self._argmax_at(anatomy.seg_logits, images.shape[-2:]),
+                "seg_logits": anatomy.seg_logits, "class_attention": anatomy.class_attention, "latents": latents}
+
+    @torch.no_grad()
     def sample_with_anatomy(self, batch_size: int, ddim_steps: Optional[int] = 50, eta: float = 0.0,
                             cond: Any = None, x_T: Optional[torch.Tensor] = None, use_ema: bool = True,
                             **sampler_kwargs: Any) -> dict:
-        """Sample without any mask, then predict each sample's mask with one extra UNet call at t = 0.
-
-        ``ddim_steps=None`` uses the ancestral DDPM loop. Returns ``{"images": [B, ch, H, W] in [-1, 1]
-        (decoded), "masks": [B, H, W] int64 (argmax of the upsampled seg logits), "seg_logits",
-        "class_attention": [B, C, h, w], "latents": [B, c, h, w]}``.
-        """
+        """Sample without any mask (:meth:`sample_log`: DDIM, ancestral for ``ddim_steps=None``, or
+        ``sampler=`` any registry name), then :meth:`decode_with_anatomy`."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         scope = self.ema_scope("sample_with_anatomy") if use_ema else nullcontext()
         with scope:
             latents, _ = self.sample_log(cond=cond, batch_size=int(batch_size), ddim=ddim_steps is not None,
                                          ddim_steps=ddim_steps, eta=eta, x_T=x_T, **sampler_kwargs)
-            anatomy = self.predict_anatomy(latents, cond=cond)
-            images = self.decode_first_stage(latents)
-        logits = F.interpolate(anatomy.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        return {"images": images, "masks": logits.argmax(1), "seg_logits": anatomy.seg_logits,
-                "class_attention": anatomy.class_attention, "latents": latents}
+            return self.decode_with_anatomy(latents, cond)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,

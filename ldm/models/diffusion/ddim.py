@@ -1,8 +1,11 @@
-"""DDIM sampler (Song et al. 2021, "Denoising Diffusion Implicit Models"), CompVis interface.
+"""The CompVis sampler interface: DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models") and the
+options of CompVis's ancestral loop, as thin adapters over the sampler registry.
 
-Runs on whatever device the model's buffers are on; works for any number of steps from 1 to the
-number of training timesteps. Predictions come from ``model.model_predictions`` (eps and x0), so
-eps- and x0-parameterised models are both supported.
+:class:`DDIMSampler` is a thin adapter over the registry (:mod:`ldm.models.diffusion.samplers`): ``sample`` builds the
+timestep grid and the model's denoiser (``DDPM.denoiser``: eps- and x0-parameterised models alike), wraps
+CompVis's extras around them (inpainting ``mask``/``x0``, ``score_corrector``, ``quantize_x0``,
+``temperature``, ``noise_dropout``, classifier-free guidance) and runs the registered sampler. Runs on
+whatever device the model's buffers are on, for any number of steps from 1 to the training timesteps.
 
 Beyond CompVis's ``callback(i)`` / ``img_callback(pred_x0, i)``, ``sample`` takes ``step_callback(i, t, x_t,
 pred_x0)`` (each step's input latents and x0 prediction) and ``noise_fn(like, i)`` (the eta > 0 step noise from
@@ -15,18 +18,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ldm.models.diffusion.sampling_utils import randn
-from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+from ldm.models.diffusion.samplers import (SAMPLERS, Denoiser, NoiseFn, Trajectory, ddim_step, generator_noise,
+                                           inpainting_denoiser, randn)
+from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps, sampler_timesteps
 
 logger = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-"""``step_callback(i, t, x_t, pred_x0)``: step number ``i`` (0 first), its DDIM timestep ``t``, the latents ``x_t``
+"""``step_callback(i, t, x_t, pred_x0)``: step number ``i`` (0 first), its timestep ``t``, the latents ``x_t``
 the step started from and the model's x0 prediction from them."""
-NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
-"""``noise_fn(like, i)``: standard normal noise shaped, placed and typed like ``like``, for step ``i``."""
 
 
 class DDIMSampler:
@@ -34,9 +35,14 @@ class DDIMSampler:
 
     Args:
         model: a :class:`~ldm.models.diffusion.ddpm.DDPM` (or subclass) exposing ``alphas_cumprod``,
-            ``num_timesteps`` and ``model_predictions``.
+            ``num_timesteps`` and ``denoiser``.
         schedule: name of the training beta schedule (kept for CompVis compatibility; informational).
     """
+
+    #: the registry sampler this adapter runs, and its progress-bar label
+    name, label = "ddim", "DDIM Sampler"
+    #: whether ``score_corrector`` and ``quantize_x0`` may be used
+    supports_corrections = True
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
         self.model = model
@@ -47,32 +53,28 @@ class DDIMSampler:
     def device(self) -> torch.device:
         return self.model.alphas_cumprod.device
 
-    def register_buffer(self, name: str, attr: Any) -> None:
-        """Store ``attr`` (on the model's device when it is a tensor) as ``self.<name>``."""
-        if isinstance(attr, np.ndarray):
-            attr = torch.from_numpy(attr).float()
-        if isinstance(attr, torch.Tensor):
-            attr = attr.to(self.device)
-        setattr(self, name, attr)
+    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values)).float().to(self.device)
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
-        """Choose the visited timesteps and the per-step alphas / sigmas (eq. 16)."""
+        """Choose the visited timesteps (``ddim_timesteps``, ascending) and their alphas / sigmas (eq. 16)."""
+        if self.model.alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
+            raise ValueError("the model's alphas_cumprod does not have num_timesteps entries")
         self.ddim_timesteps = make_ddim_timesteps(ddim_discretize, ddim_num_steps, self.ddpm_num_timesteps,
                                                   verbose=verbose)
-        alphas_cumprod = self.model.alphas_cumprod
-        if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
-            raise ValueError("the model's alphas_cumprod does not have num_timesteps entries")
-        self.register_buffer("betas", self.model.betas)
-        self.register_buffer("alphas_cumprod", alphas_cumprod)
-        self.register_buffer("alphas_cumprod_prev", self.model.alphas_cumprod_prev)
-        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(alphas_cumprod, self.ddim_timesteps, ddim_eta,
-                                                                    verbose=verbose)
-        self.register_buffer("ddim_sigmas", sigmas)
-        self.register_buffer("ddim_alphas", alphas)
-        self.register_buffer("ddim_alphas_prev", alphas_prev)
-        self.register_buffer("ddim_sqrt_one_minus_alphas", np.sqrt(1.0 - alphas))
-        self.ddim_eta = ddim_eta
+        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(self.model.alphas_cumprod, self.ddim_timesteps,
+                                                                    ddim_eta, verbose=verbose)
+        self.ddim_sigmas, self.ddim_alphas = self._tensor(sigmas), self._tensor(alphas)
+        self.ddim_alphas_prev = self._tensor(alphas_prev)
+        self.ddim_sqrt_one_minus_alphas = self._tensor(np.sqrt(1.0 - alphas))
+
+    def grid(self) -> np.ndarray:
+        """The descending grid the registry sampler walks (the DDIM steps, then 0 as CompVis)."""
+        return np.concatenate([self.ddim_timesteps[::-1], [0]]).astype(np.int64)
+
+    def _eta(self, eta: float) -> float:
+        return eta
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: Any = None,
@@ -85,56 +87,65 @@ class DDIMSampler:
                unconditional_conditioning: Any = None, generator: Optional[torch.Generator] = None,
                ddim_discretize: str = "uniform", step_callback: Optional[StepCallback] = None,
                noise_fn: Optional[NoiseFn] = None) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Draw ``batch_size`` samples of shape ``shape`` (C, H, W) in ``S`` DDIM steps.
+        """Draw ``batch_size`` samples of shape ``shape`` (C, H, W) in ``S`` steps.
 
         ``x_T`` fixes the start noise, ``generator`` the random draws. ``mask``/``x0`` keep the known
-        region (mask == 1) at ``q_sample(x0, t)`` (inpainting). Returns ``(samples, intermediates)`` with
-        ``intermediates = {"x_inter": [...], "pred_x0": [...]}`` every ``log_every_t`` steps.
+        region (mask == 1) of every model input at ``q_sample(x0, t)`` (inpainting). Returns ``(samples,
+        intermediates)`` with ``intermediates = {"x_inter": [...], "pred_x0": [...]}`` every ``log_every_t`` steps.
 
         After step ``i`` (0 first) ``callback(i)``, ``img_callback(pred_x0, i)`` and then
-        ``step_callback(i, t, x_t, pred_x0)`` are called; ``x_t`` is the step's input (after the inpainting
-        blend) at DDIM timestep ``t``. ``noise_fn(like, i)``, when given, replaces ``generator`` for the
-        stochastic term of steps with ``sigma_t > 0`` (``eta > 0``); ``temperature`` and ``noise_dropout``
-        still apply to what it returns.
+        ``step_callback(i, t, x_t, pred_x0)`` are called; ``x_t`` is the step's input at timestep ``t``.
+        ``noise_fn(like, i)``, when given, replaces ``generator`` for the stochastic term of steps with
+        ``sigma_t > 0`` (``eta > 0``); ``temperature`` and ``noise_dropout`` still apply to what it returns.
         """
         _check_cond_batch(conditioning, batch_size)
         if mask is not None and x0 is None:
             raise ValueError("mask given without x0: pass the known latent x0 the mask refers to")
-        self.make_schedule(ddim_num_steps=S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
-        size = (batch_size, *shape)
-        img = randn(size, self.device, generator) if x_T is None else x_T.to(self.device)
-        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [img], "pred_x0": [img]}
-        timesteps = self.ddim_timesteps
-        total_steps = len(timesteps)
-        if verbose:
-            logger.info("Running DDIM sampling with %d timesteps", total_steps)
-        for i, step in enumerate(tqdm(np.flip(timesteps), desc="DDIM Sampler", total=total_steps, disable=not verbose)):
-            index = total_steps - i - 1
-            ts = torch.full((batch_size,), int(step), device=self.device, dtype=torch.long)
-            if mask is not None:
-                img = self.model.q_sample(x0.to(self.device), ts) * mask + (1.0 - mask) * img
-            noise = None
-            if noise_fn is not None and float(self.ddim_sigmas[index]) != 0.0:
-                noise = noise_fn(img, i)
-                if noise.shape != img.shape:
-                    raise ValueError(f"noise_fn returned shape {tuple(noise.shape)} for latents of shape "
-                                     f"{tuple(img.shape)}; it must return noise shaped like its first argument")
-            x_t = img
-            img, pred_x0 = self.p_sample_ddim(
-                img, conditioning, ts, index, quantize_denoised=quantize_x0, temperature=temperature,
-                noise_dropout=noise_dropout, score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
-                unconditional_guidance_scale=unconditional_guidance_scale,
-                unconditional_conditioning=unconditional_conditioning, generator=generator, noise=noise)
+        self.make_schedule(S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
+        grid = self.grid()
+        denoise = self._denoiser(conditioning, quantize_x0, score_corrector, corrector_kwargs,
+                                 unconditional_guidance_scale, unconditional_conditioning)
+        if mask is not None:
+            denoise = inpainting_denoiser(denoise, self.model.q_sample, x0.to(self.device), mask)
+        img = randn((batch_size, *shape), self.device, generator) if x_T is None else x_T.to(self.device)
+
+        def compvis_hooks(i: int, x_t: torch.Tensor, pred_x0: torch.Tensor) -> None:
             if callback is not None:
                 callback(i)
             if img_callback is not None:
                 img_callback(pred_x0, i)
             if step_callback is not None:
-                step_callback(i, int(step), x_t, pred_x0)
-            if index % log_every_t == 0 or index == total_steps - 1:
-                intermediates["x_inter"].append(img)
-                intermediates["pred_x0"].append(pred_x0)
-        return img, intermediates
+                step_callback(i, int(grid[i]), x_t, pred_x0)
+
+        if verbose:
+            logger.info("Running %s with %d timesteps", self.label, len(grid) - 1)
+        trajectory = Trajectory(img, len(grid) - 1, log_every_t, [compvis_hooks], self.label if verbose else None)
+        img = SAMPLERS[self.name](denoise, img, grid, self.model.alphas_cumprod, eta=self._eta(eta),
+                                  noise_fn=_step_noise(noise_fn, generator, temperature, noise_dropout),
+                                  callback=trajectory)
+        return img, trajectory.finish(img)
+
+    def _denoiser(self, cond: Any, quantize_x0: bool, score_corrector: Any, corrector_kwargs: Optional[dict],
+                  guidance_scale: float, uncond: Any) -> Denoiser:
+        """The model's denoiser with CompVis's score corrector and first-stage quantisation of x0."""
+        if not self.supports_corrections and (score_corrector is not None or quantize_x0):
+            raise ValueError(f"score_corrector and quantize_x0 are not supported by the {self.name} sampler; "
+                             "use the ddim sampler for them")
+        model, base = self.model, self.model.denoiser(cond, guidance_scale, uncond)
+        if score_corrector is None and not quantize_x0:
+            return base
+        if score_corrector is not None and model.parameterization != "eps":
+            raise ValueError("score_corrector needs an eps-parameterised model")
+
+        def corrected(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            eps, x0 = base(x, t)
+            if score_corrector is not None:
+                eps = score_corrector.modify_score(model, eps, x, t, cond, **(corrector_kwargs or {}))
+                x0 = model.predict_start_from_noise(x, t, eps)
+            if quantize_x0:
+                x0, _, *_ = model.first_stage_model.quantize(x0)
+            return eps, x0
+        return corrected
 
     @torch.no_grad()
     def p_sample_ddim(self, x: torch.Tensor, c: Any, t: torch.Tensor, index: int, repeat_noise: bool = False,
@@ -143,32 +154,34 @@ class DDIMSampler:
                       unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
                       generator: Optional[torch.Generator] = None,
                       noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM update x_t -> x_{t_prev} (DDIM, Song et al. 2021, eq. 12).
+        """One DDIM update x_t -> x_{t_prev} at schedule ``index`` (DDIM, Song et al. 2021, eq. 12).
 
         ``noise`` is the standard normal draw of the ``sigma_t`` term; when None it is drawn from
         ``generator`` (one draw repeated over the batch with ``repeat_noise``).
         """
-        e_t, pred_x0 = self.model.model_predictions(x, t, c, unconditional_guidance_scale, unconditional_conditioning)
-        if score_corrector is not None:
-            if self.model.parameterization != "eps":
-                raise ValueError("score_corrector needs an eps-parameterised model")
-            e_t = score_corrector.modify_score(self.model, e_t, x, t, c, **(corrector_kwargs or {}))
-            pred_x0 = self.model.predict_start_from_noise(x, t, e_t)
-        if quantize_denoised:
-            pred_x0, _, *_ = self.model.first_stage_model.quantize(pred_x0)
-        a_prev = self.ddim_alphas_prev[index]
-        sigma_t = self.ddim_sigmas[index]
-        dir_xt = (1.0 - a_prev - sigma_t ** 2).clamp(min=0.0).sqrt() * e_t
-        x_prev = a_prev.sqrt() * pred_x0 + dir_xt
-        if float(sigma_t) != 0.0:
+        eps, pred_x0 = self._denoiser(c, quantize_denoised, score_corrector, corrector_kwargs,
+                                      unconditional_guidance_scale, unconditional_conditioning)(x, t)
+        sigma = float(self.ddim_sigmas[index])
+        if sigma != 0.0:
             if noise is None:
                 shape = (1, *x.shape[1:]) if repeat_noise else x.shape
                 noise = randn(shape, x.device, generator, x.dtype).expand_as(x)
-            noise = noise * temperature
-            if noise_dropout > 0.0:
-                noise = torch.nn.functional.dropout(noise, p=noise_dropout)
-            x_prev = x_prev + sigma_t * noise
-        return x_prev, pred_x0
+            noise = _scaled(noise, temperature, noise_dropout)
+        return ddim_step(pred_x0, eps, float(self.ddim_alphas_prev[index]), sigma, noise), pred_x0
+
+
+def _scaled(noise: torch.Tensor, temperature: float, noise_dropout: float) -> torch.Tensor:
+    noise = noise * temperature
+    return torch.nn.functional.dropout(noise, p=noise_dropout) if noise_dropout > 0.0 else noise
+
+
+def _step_noise(noise_fn: Optional[NoiseFn], generator: Optional[torch.Generator], temperature: float,
+                noise_dropout: float) -> NoiseFn:
+    """``noise_fn`` (or draws from ``generator``) scaled by ``temperature``, with ``noise_dropout``."""
+    draw = noise_fn if noise_fn is not None else generator_noise(generator)
+    if temperature == 1.0 and noise_dropout == 0.0:
+        return draw
+    return lambda like, step: _scaled(draw(like, step), temperature, noise_dropout)
 
 
 def _check_cond_batch(conditioning: Any, batch_size: int) -> None:
@@ -177,3 +190,71 @@ def _check_cond_batch(conditioning: Any, batch_size: int) -> None:
         first = next(iter(first.values())) if isinstance(first, dict) else first[0]
     if isinstance(first, torch.Tensor) and first.shape[0] != batch_size:
         logger.warning("Got %d conditionings but batch_size is %d", first.shape[0], batch_size)
+
+
+@torch.no_grad()
+def ancestral_sample(model: Any, cond: Any, shape: Sequence[int], return_intermediates: bool = False,
+                     x_T: Optional[torch.Tensor] = None, verbose: bool = True,
+                     callback: Optional[Callable[[int], None]] = None,
+                     img_callback: Optional[Callable[[torch.Tensor, int], None]] = None,
+                     mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
+                     log_every_t: Optional[int] = None, timesteps: Optional[int] = None,
+                     clip_denoised: Optional[bool] = None, generator: Optional[torch.Generator] = None,
+                     record_x0: bool = False) -> Any:
+    """CompVis's ``p_sample_loop`` options (``DDPM.sample``) on the registry's ``ancestral`` sampler.
+
+    ``x_T`` (drawn from ``generator`` when None) starts at step ``timesteps - 1`` (default: the last training
+    step). ``mask``/``x0`` keep the known region (mask == 1) of every model input at ``q_sample(x0, t)``. After
+    step ``t`` ``callback(t)`` and ``img_callback(x_{t-1}, t)`` are called. Returns ``img`` or ``(img,
+    intermediates)``: x_T, then every ``log_every_t``-th latent (``record_x0``: x0 prediction) and the first.
+    """
+    if mask is not None and x0 is None:
+        raise ValueError("mask given without x0: pass the known latent x0 the mask refers to")
+    grid = sampler_timesteps("ancestral", timesteps, model.alphas_cumprod)
+    clip = model.clip_denoised if clip_denoised is None else clip_denoised
+    denoise = model.denoiser(cond, clip_denoised=clip, noise_cond=True)
+    if mask is not None:
+        denoise = inpainting_denoiser(denoise, model.q_sample, x0, mask)
+    device = model.alphas_cumprod.device
+    img = randn(shape, device, generator) if x_T is None else x_T.to(device)
+    hooks = _AncestralHooks(grid, callback, img_callback)
+    trajectory = Trajectory(img, len(grid) - 1, model.log_every_t if log_every_t is None else log_every_t, [hooks],
+                            "Sampling t" if verbose else None)
+    img = SAMPLERS["ancestral"](denoise, img, grid, model.alphas_cumprod, noise_fn=generator_noise(generator),
+                                callback=trajectory)
+    hooks.finish(img)
+    intermediates = trajectory.finish(img)["pred_x0" if record_x0 else "x_inter"]
+    return (img, intermediates) if return_intermediates else img
+
+
+class _AncestralHooks:
+    """CompVis's ``callback(t)`` and ``img_callback(x_{t-1}, t)`` of the ancestral loop, as a sampler callback.
+
+    Args:
+        grid: the sampler's timestep grid.
+        callback, img_callback: the CompVis hooks (either may be None).
+    """
+
+    def __init__(self, grid: Sequence[int], callback: Optional[Callable], img_callback: Optional[Callable]) -> None:
+        self.grid, self.callback, self.img_callback = grid, callback, img_callback
+
+    def __call__(self, step: int, x: torch.Tensor, x0_pred: torch.Tensor) -> None:
+        if step > 0 and self.img_callback is not None:
+            self.img_callback(x, int(self.grid[step - 1]))  # this step's input is the previous step's output
+        if self.callback is not None:
+            self.callback(int(self.grid[step]))
+
+    def finish(self, x: torch.Tensor) -> None:
+        if self.img_callback is not None:
+            self.img_callback(x, int(self.grid[-2]))
+
+
+def truncate_cond(cond: Any, batch_size: int) -> Any:
+    """The first ``batch_size`` entries of conditioning (tensor, list or dict of them; None stays None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: truncate_cond(v, batch_size) for k, v in cond.items()}
+    if isinstance(cond, list):
+        return [truncate_cond(v, batch_size) for v in cond]
+    return cond[:batch_size]

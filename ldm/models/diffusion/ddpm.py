@@ -17,14 +17,13 @@ from einops import rearrange
 from torch import nn
 
 from ldm.models.diffusion.ckpt_utils import load_weights
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.training import DiffusionLightningMixin
-from ldm.models.diffusion.sampling_utils import (SCHEDULE_BUFFERS, ancestral_sample_loop, denoise_grid,
-                                                 diffusion_row, guided_output, latent_log_images, schedule_arrays,
-                                                 truncate_cond)
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
+from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model
+from ldm.models.diffusion.training import DiffusionLightningMixin, denoise_grid, diffusion_row
+from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule, schedule_arrays
 from ldm.modules.ema import LitEma
-from ldm.util import FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, count_params, default, instantiate_from_config
+from ldm.util import (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, count_params, default, instantiate_from_config,
+                      isimage)
 
 logger = logging.getLogger(__name__)
 
@@ -240,11 +239,23 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
         """Conditioning used at step ``t`` of ancestral sampling (unchanged here)."""
         return cond
 
+    def denoiser(self, cond: Any = None, unconditional_guidance_scale: float = 1.0,
+                 unconditional_conditioning: Any = None, clip_denoised: bool = False,
+                 noise_cond: bool = False) -> Denoiser:
+        """``denoise(x, t) -> (eps, x0)`` over :meth:`model_predictions`, for the registry samplers
+        (:mod:`ldm.models.diffusion.samplers`); ``clip_denoised`` clamps x0 to [-1, 1], ``noise_cond`` passes the
+        conditioning through :meth:`cond_for_step` (the ancestral loop's conventions)."""
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            eps, x0 = self.model_predictions(x, t, self.cond_for_step(cond, t) if noise_cond else cond,
+                                             unconditional_guidance_scale, unconditional_conditioning)
+            return eps, (x0.clamp(-1.0, 1.0) if clip_denoised else x0)
+        return denoise
+
     @torch.no_grad()
     def sample(self, batch_size: int = 16, return_intermediates: bool = False, **kwargs: Any) -> Any:
-        """Ancestral samples of shape ``[batch_size, channels, image_size, image_size]``."""
+        """Ancestral samples ``[batch_size, channels, image_size, image_size]``; ``kwargs`` as ``ancestral_sample``."""
         shape = (batch_size, self.channels, self.image_size, self.image_size)
-        return ancestral_sample_loop(self, None, shape, return_intermediates=return_intermediates, **kwargs)
+        return ancestral_sample(self, None, shape, return_intermediates=return_intermediates, **kwargs)
 
     # ------------------------------------------------------------------ losses
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
@@ -584,20 +595,25 @@ class LatentDiffusion(DDPM):
     def sample(self, cond: Any, batch_size: int = 16, return_intermediates: bool = False,
                x_T: Optional[torch.Tensor] = None, verbose: bool = True, shape: Optional[Sequence[int]] = None,
                **kwargs: Any) -> Any:
-        """Ancestral (DDPM) samples in latent space; ``kwargs`` as ``ancestral_sample_loop``."""
+        """Ancestral (DDPM) samples in latent space; ``kwargs`` as ``ddim.ancestral_sample``."""
         shape = tuple(shape) if shape is not None else (batch_size, self.channels, self.image_size, self.image_size)
-        cond = truncate_cond(cond, batch_size)
-        return ancestral_sample_loop(self, cond, shape, x_T=x_T, return_intermediates=return_intermediates,
-                                     verbose=verbose, **kwargs)
+        return ancestral_sample(self, truncate_cond(cond, batch_size), shape, return_intermediates=return_intermediates,
+                                x_T=x_T, verbose=verbose, **kwargs)
 
     @torch.no_grad()
-    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: int, **kwargs: Any) -> tuple[Any, Any]:
-        """``(samples, intermediates)`` from DDIM (``ddim=True``) or the ancestral sampler."""
-        if ddim:
-            shape = (self.channels, self.image_size, self.image_size)
-            return DDIMSampler(self).sample(ddim_steps, batch_size, shape, cond, verbose=False, **kwargs)
-        kwargs.pop("eta", None)
-        return self.sample(cond=cond, batch_size=batch_size, return_intermediates=True, **kwargs)
+    def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: Optional[int], eta: float = 0.0,
+                   x_T: Optional[torch.Tensor] = None, sampler: Optional[str] = None,
+                   noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None) -> tuple[torch.Tensor, dict]:
+        """``(samples, {"x_inter", "pred_x0"})`` from a registry sampler: ``sampler`` by name, else DDIM
+        (``ddim=True``, ``ddim_steps``, ``eta``) or the ancestral loop (every step; ``eta`` ignored). Logged
+        every ``log_every_t`` steps (ancestral) or 100 (the others), as CompVis."""
+        name = sampler or ("ddim" if ddim else "ancestral")
+        if x_T is None:
+            x_T = randn((batch_size, self.channels, self.image_size, self.image_size), self.betas.device)
+        ancestral = name == "ancestral"
+        return sample_model(self, name, x_T, None if ancestral else ddim_steps, cond=truncate_cond(cond, batch_size),
+                            eta=None if ancestral else eta, noise_fn=noise_fn, callback=callback,
+                            log_every_t=self.log_every_t if ancestral else 100)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
@@ -608,6 +624,25 @@ class LatentDiffusion(DDPM):
         diffusion_row, samples (EMA weights; DDIM unless ``ddim_steps`` is None), denoise_row, progressive_row.
         Other CompVis keyword arguments (``split``, ``inpaint``, ``quantize_denoised``, ...) are ignored.
         """
-        return latent_log_images(self, batch, N=N, n_row=n_row, sample=sample, ddim_steps=ddim_steps,
-                                 ddim_eta=ddim_eta, return_keys=return_keys, plot_denoise_rows=plot_denoise_rows,
-                                 plot_progressive_rows=plot_progressive_rows, plot_diffusion_rows=plot_diffusion_rows)
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
+        log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
+        if self.model.conditioning_key is not None and isimage(xc):
+            log["conditioning"] = xc
+        if plot_diffusion_rows:
+            log["diffusion_row"] = diffusion_row(self, z[:n_row], self.decode_first_stage)
+        if sample:
+            with self.ema_scope("Plotting"):
+                samples, inter = self.sample_log(cond=c, batch_size=N, ddim=ddim_steps is not None,
+                                                 ddim_steps=ddim_steps, eta=ddim_eta)
+            log["samples"] = self.decode_first_stage(samples)
+            if plot_denoise_rows:
+                log["denoise_row"] = denoise_grid(self.decode_first_stage, [r[:n_row] for r in inter["x_inter"]])
+        if plot_progressive_rows:
+            with self.ema_scope("Plotting Progressives"):
+                _, x0_rows = self.sample(cond=c, batch_size=n_row, return_intermediates=True, verbose=False,
+                                         record_x0=True)
+            log["progressive_row"] = denoise_grid(self.decode_first_stage, x0_rows[1:])
+        return {k: v for k, v in log.items() if k in return_keys} if return_keys else log
+

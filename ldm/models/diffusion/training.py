@@ -1,5 +1,6 @@
 """Lightning behaviour shared by the diffusion models: training/validation steps with the CompVis log
-keys, the EMA update and ``ema_scope``, and the optimiser with its step-wise LambdaLR schedule.
+keys, the EMA update and ``ema_scope``, the optimiser with its step-wise LambdaLR schedule, and the image
+grids of ``log_images``.
 
 The host class provides ``shared_step(batch) -> (loss, loss_dict)``, ``model``, ``use_ema`` /
 ``model_ema``, ``use_scheduler`` / ``scheduler_config``, ``first_stage_key``, ``trainable_parameters()``
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -90,3 +91,23 @@ class DiffusionLightningMixin:
         logger.info("Setting up LambdaLR scheduler (step-wise) from %s", self.scheduler_config.get("target"))
         scheduler = {"scheduler": LambdaLR(opt, lr_lambda=multiplier.schedule), "interval": "step", "frequency": 1}
         return [opt], [scheduler]
+
+
+def denoise_grid(decode: Callable[[torch.Tensor], torch.Tensor], samples: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An image grid for ``log_images``: one row per sample, one column per intermediate, each decoded."""
+    from torchvision.utils import make_grid
+
+    rows = torch.stack([decode(s) for s in samples])  # n_steps, B, C, H, W
+    n_steps = rows.shape[0]
+    rows = rows.transpose(0, 1).reshape(-1, *rows.shape[2:])  # B*n_steps, C, H, W (sample-major)
+    return make_grid(rows, nrow=n_steps)
+
+
+def diffusion_row(model: Any, x_start: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Grid of ``x_start`` noised to every ``log_every_t``-th step (and the last), decoded."""
+    frames = []
+    for t in range(model.num_timesteps):
+        if t % model.log_every_t == 0 or t == model.num_timesteps - 1:
+            ts = torch.full((x_start.shape[0],), t, device=x_start.device, dtype=torch.long)
+            frames.append(model.q_sample(x_start, ts, torch.randn_like(x_start)))
+    return denoise_grid(decode, frames)

@@ -1,5 +1,6 @@
-"""Building blocks shared by the diffusion models: beta schedules, DDIM helpers, the sinusoidal
-timestep embedding, layer factories, zero-initialisation and gradient checkpointing.
+"""Building blocks shared by the diffusion models: the schedule math (betas, the DDPM buffers, the DDIM and
+DPM-Solver timestep grids), the sinusoidal timestep embedding, layer factories, zero-initialisation and
+gradient checkpointing.
 
 Numbers follow the CompVis latent-diffusion conventions (names, defaults and value layouts), so that
 schedules and embeddings computed here match checkpoints trained with that code.
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 DDIM_DISCRETIZATIONS = ("uniform", "quad")
+DPM_SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,6 +95,12 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     return steps
 
 
+def _as_float64(alphas_cumprod: Any) -> np.ndarray:
+    if isinstance(alphas_cumprod, torch.Tensor):
+        alphas_cumprod = alphas_cumprod.detach().cpu().double().numpy()
+    return np.asarray(alphas_cumprod, dtype=np.float64)
+
+
 def make_ddim_sampling_parameters(alphacums: Any, ddim_timesteps: Sequence[int], eta: float,
                                   verbose: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(sigmas, alphas, alphas_prev)`` for DDIM (Song et al. 2021, eq. 16), float64 numpy arrays.
@@ -100,9 +108,7 @@ def make_ddim_sampling_parameters(alphacums: Any, ddim_timesteps: Sequence[int],
     ``alphas`` are the cumulative alphas at ``ddim_timesteps``; the "previous" alpha of the first
     (smallest) step is ``alphacums[0]``, as CompVis, not 1.
     """
-    if isinstance(alphacums, torch.Tensor):
-        alphacums = alphacums.detach().cpu().double().numpy()
-    alphacums = np.asarray(alphacums, dtype=np.float64)
+    alphacums = _as_float64(alphacums)
     idx = np.asarray(ddim_timesteps, dtype=np.int64)
     alphas = alphacums[idx]
     alphas_prev = np.concatenate([alphacums[:1], alphacums[idx[:-1]]])
@@ -110,6 +116,114 @@ def make_ddim_sampling_parameters(alphacums: Any, ddim_timesteps: Sequence[int],
     if verbose:
         logger.info("DDIM alphas: %s; alphas_prev: %s; sigma_t for eta=%s: %s", alphas, alphas_prev, eta, sigmas)
     return sigmas, alphas, alphas_prev
+
+
+# Names (and order) of the persistent schedule buffers of DDPM, as in CompVis checkpoints.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+
+def schedule_arrays(betas: Any, v_posterior: float, parameterization: str) -> dict[str, np.ndarray]:
+    """Every schedule quantity (float64) derived from ``betas``; keys ``SCHEDULE_BUFFERS`` + ``lvlb_weights``.
+
+    The posterior q(x_{t-1} | x_t, x_0) follows Ho et al. 2020, eqs. 6-7; ``v_posterior`` blends its
+    variance with beta_t. ``lvlb_weights`` turn the per-step simple loss into the VLB term (eps: the
+    eq. 12 weight of Ho et al.; x0: the CompVis weight, kept for numerical compatibility).
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or len(betas) == 0 or np.any(betas <= 0) or np.any(betas >= 1):
+        raise ValueError("betas must be a non-empty 1-D sequence of values in (0, 1) "
+                         "(check given_betas / beta_schedule)")
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = (1.0 - v_posterior) * betas * (1.0 - ac_prev) / (1.0 - ac) + v_posterior * betas
+    out = {
+        "betas": betas,
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+    }
+    if parameterization == "eps":
+        with np.errstate(divide="ignore"):
+            lvlb = betas ** 2 / (2.0 * post_var * alphas * (1.0 - ac))
+    elif parameterization == "x0":
+        lvlb = 0.5 * np.sqrt(ac) / (2.0 * 1 - ac)  # CompVis's weight, written exactly as it computes it
+    else:
+        raise ValueError(f"parameterization must be 'eps' or 'x0', got {parameterization!r}")
+    if len(lvlb) > 1:
+        lvlb[0] = lvlb[1]  # step 0 has zero posterior variance
+    if not np.all(np.isfinite(lvlb)):
+        raise ValueError("the beta schedule gives non-finite VLB weights; check betas / v_posterior")
+    out["lvlb_weights"] = lvlb
+    return out
+
+
+def dpm_solver_timesteps(num_steps: int, alphas_cumprod: Any, skip_type: str = "logSNR") -> np.ndarray:
+    """``num_steps + 1`` distinct integer timesteps, descending from ``T - 1`` to 0 (the DPM-Solver grid).
+
+    ``logSNR``: as uniform as the integer grid allows in the half log-SNR lambda (Lu et al. 2022 recommend it
+    for latent-size images; it places more steps near t = 0, where lambda changes fastest);
+    ``time_uniform``: uniform in t; ``time_quadratic``: uniform in sqrt(t).
+    """
+    abar = _as_float64(alphas_cumprod)
+    num_timesteps = len(abar)
+    if not 1 <= int(num_steps) <= num_timesteps - 1:
+        raise ValueError(f"the number of DPM-Solver steps must lie in 1..{num_timesteps - 1} "
+                         f"(training timesteps - 1), got {num_steps}")
+    n, last = int(num_steps), num_timesteps - 1
+    if skip_type == "time_uniform":
+        steps = np.round(np.linspace(last, 0, n + 1))
+    elif skip_type == "time_quadratic":
+        steps = np.round(np.linspace(np.sqrt(last), 0, n + 1) ** 2)
+    elif skip_type == "logSNR":
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # increasing as t decreases
+        targets = np.linspace(lam[last], lam[0], n + 1)
+        steps = np.array([np.abs(lam - target).argmin() for target in targets], dtype=np.float64)
+    else:
+        raise ValueError(f"unknown skip_type {skip_type!r}; choose one of {', '.join(DPM_SKIP_TYPES)}")
+    steps = steps.astype(np.int64)
+    steps[0], steps[-1] = last, 0
+    for k in range(n - 1, 0, -1):  # strictly descending: push collisions up from the t = 0 end ...
+        steps[k] = max(steps[k], steps[k + 1] + 1)
+    for k in range(1, n + 1):  # ... and down from the t = T - 1 end
+        steps[k] = min(steps[k], steps[k - 1] - 1)
+    assert steps[0] == last and steps[-1] == 0 and np.all(np.diff(steps) < 0)
+    return steps
+
+
+def sampler_timesteps(sampler: str, num_steps: Optional[int], alphas_cumprod: Any, ddim_discretize: str = "uniform",
+                      skip_type: str = "logSNR") -> np.ndarray:
+    """The descending timestep grid a registered sampler walks: ``n + 1`` entries for ``n`` model calls.
+
+    Step ``i`` goes from ``grid[i]`` (where the model is called) to ``grid[i + 1]``; ``-1`` stands for the
+    clean data (alpha-bar 1). ``ddim``: the CompVis DDIM steps (:func:`make_ddim_timesteps`) then 0 (CompVis
+    ends at alphas_cumprod[0]); ``dpmpp2m``: :func:`dpm_solver_timesteps`; ``ancestral``: ``num_steps - 1``
+    (default ``T - 1``) down to 0, then -1 (Ho et al. 2020, Algorithm 2).
+    """
+    num_timesteps = len(alphas_cumprod)
+    if sampler == "ddim":
+        steps = make_ddim_timesteps(ddim_discretize, int(num_steps), num_timesteps)
+        return np.concatenate([steps[::-1], [0]]).astype(np.int64)
+    if sampler == "dpmpp2m":
+        return dpm_solver_timesteps(int(num_steps), alphas_cumprod, skip_type)
+    if sampler == "ancestral":
+        start = num_timesteps if num_steps is None else int(num_steps)
+        if not 1 <= start <= num_timesteps:
+            raise ValueError(f"the number of ancestral steps must lie in 1..{num_timesteps}, got {num_steps}")
+        return np.arange(start - 1, -2, -1, dtype=np.int64)
+    raise ValueError(f"no timestep grid for sampler {sampler!r}; choose one of ddim, dpmpp2m, ancestral")
 
 
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
