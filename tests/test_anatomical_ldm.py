@@ -1,7 +1,6 @@
 """AnatomicalLatentDiffusion: schedule, anatomical loss, masks-free batches, sampling, logging (tiny, CPU)."""
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import pytest
@@ -12,34 +11,19 @@ from torch.utils.data import default_collate
 from ldm.data.phantom import PhantomDataset
 from ldm.models.diffusion.anatomical_ddpm import AnatomicalLatentDiffusion, mode_downsample
 from ldm.util import instantiate_from_config
-
-AE = {"target": "ldm.models.autoencoder.AutoencoderKL",
-      "params": {"embed_dim": 3, "lossconfig": {"target": "torch.nn.Identity"},
-                 "ddconfig": {"double_z": True, "z_channels": 3, "resolution": 32, "in_channels": 1, "out_ch": 1,
-                              "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                              "dropout": 0.0}}}
-UNET = {"image_size": 16, "in_channels": 3, "out_channels": 3, "model_channels": 32, "num_res_blocks": 1,
-        "attention_resolutions": [2], "channel_mult": [1, 2], "num_heads": 2}
-ANAT_UNET = {"num_anatomical_classes": 6, "anatomical_register_dim": 32, "num_registers_per_class": 2,
-             "anatomical_attention_heads": 4}
+from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_config
 
 
 def tiny_config(anatomical: bool = True, unet: dict | None = None, **params) -> dict:
     """A tiny unconditional (anatomical) LDM on 32x32 1-channel images with 16x16x3 latents."""
-    unet_params = {**UNET, **(ANAT_UNET if anatomical else {}), **(unet or {})}
-    base = {"first_stage_config": copy.deepcopy(AE), "cond_stage_config": "__is_unconditional__",
-            "unet_config": {"target": "ldm.modules.diffusionmodules." + (
-                "anatomical_openaimodel.AnatomicalUNetModel" if anatomical else "openaimodel.UNetModel"),
-                "params": unet_params},
-            "timesteps": 1000, "linear_start": 0.0015, "linear_end": 0.0205, "loss_type": "l1",
-            "first_stage_key": "image", "image_size": 16, "channels": 3, "log_every_t": 100,
-            "conditioning_key": "None"}
+    anatomy = anatomical_params(num_classes=6, register_dim=32, registers_per_class=2, heads=4) if anatomical else None
+    base = {"timesteps": 1000, "loss_type": "l1", "first_stage_key": "image", "image_size": 16, "channels": 3,
+            "log_every_t": 100, "conditioning_key": "None"}
     if anatomical:
         base.update({"anatomical_warmup_steps": 10, "anatomical_loss_weight": 0.1})
     base.update(params)
-    target = "ldm.models.diffusion." + ("anatomical_ddpm.AnatomicalLatentDiffusion" if anatomical
-                                        else "ddpm.LatentDiffusion")
-    return {"target": target, "params": base}
+    return ldm_config(anatomical, first_stage=first_stage_config(ch=32, embed_dim=3, resolution=32),
+                      unet=unet_config(3, 3, 16, anatomy=anatomy, two_level=True, **(unet or {})), **base)
 
 
 def tiny_model(**params) -> AnatomicalLatentDiffusion:

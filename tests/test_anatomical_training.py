@@ -75,7 +75,7 @@ def test_short_training_segments_organs_and_aligns_class_attention():
         t = torch.full((n,), 10, dtype=torch.long)
         z_t = model.q_sample(z_all, t, torch.randn(z_all.shape, generator=g))
         anatomy = model.predict_anatomy(z_t, t)
-    pred = F.interpolate(anatomy["seg_logits"], size=(32, 32), mode="bilinear", align_corners=False).argmax(1)
+    pred = F.interpolate(anatomy.seg_logits, size=(32, 32), mode="bilinear", align_corners=False).argmax(1)
     own = _dice_per_class(pred, masks)
     # chance that knows where organs usually are: the same predictions scored against other slices' masks
     other = _dice_per_class(pred, torch.roll(masks, 1, dims=0))
@@ -85,7 +85,7 @@ def test_short_training_segments_organs_and_aligns_class_attention():
     assert own_mean > 0.4, own
     assert own_mean > other_mean + 0.2, (own, other)
 
-    attention = anatomy["class_attention"]
+    attention = anatomy.class_attention
     small = mode_downsample(masks, attention.shape[-2:], NUM_CLASSES, model.anatomical_ignore_index)
     for c in range(NUM_CLASSES):
         inside = small == c

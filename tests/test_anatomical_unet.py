@@ -1,18 +1,20 @@
 """AnatomicalCrossAttention and AnatomicalUNetModel against the base UNetModel (tiny, CPU)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ldm.modules.diffusionmodules import anatomical_openaimodel
 from ldm.modules.diffusionmodules.anatomical_openaimodel import (ANATOMICAL_KEY_PREFIXES, AnatomicalCrossAttention,
-                                                                 AnatomicalUNetModel)
+                                                                 AnatomicalUNetModel, AnatomyOutput)
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from tiny_models import anatomical_params, unet_params
 
-BASE = dict(image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-            attention_resolutions=[2], channel_mult=[1, 2], num_heads=2)
-ANAT = dict(num_anatomical_classes=4, anatomical_register_dim=16, num_registers_per_class=2,
-            anatomical_attention_heads=4)
+BASE = unet_params(in_channels=3, out_channels=3, image_size=16, two_level=True)
+ANAT = anatomical_params(num_classes=4, register_dim=16, registers_per_class=2, heads=4)
 
 
 def _randomise(module: torch.nn.Module, std: float = 0.05) -> None:
@@ -94,6 +96,8 @@ def test_anatomy_switched_off_is_exactly_the_base_unet():
         assert torch.equal(off(x, t), base(x, t))
     with pytest.raises(ValueError, match="use_anatomical_registers"):
         off(x, t, return_anatomy=True)
+    with pytest.raises(ValueError, match="use_anatomical_registers"):
+        off.forward_with_anatomy(x, t)
 
 
 @pytest.mark.parametrize("timestep_aware, spatial", [(True, True), (False, False)])
@@ -133,9 +137,9 @@ def test_gradients_reach_registers_heads_and_unet():
     model = AnatomicalUNetModel(**BASE, **ANAT)
     x, t = _inputs()
     mask = torch.randint(0, 4, (2, 16, 16))
-    eps, anatomy = model(x, t, return_anatomy=True)
-    loss = (eps - torch.randn_like(eps)).abs().mean() + F.cross_entropy(anatomy["seg_logits"], mask) \
-        + F.nll_loss(torch.log(anatomy["class_attention"]), mask)
+    anatomy = model.forward_with_anatomy(x, t)
+    loss = (anatomy.prediction - torch.randn_like(x)).abs().mean() + F.cross_entropy(anatomy.seg_logits, mask) \
+        + F.nll_loss(torch.log(anatomy.class_attention), mask)
     loss.backward()
 
     def grad_norm(prefix: str) -> float:
@@ -157,8 +161,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     x, t = _inputs()
     for model in (plain, ckpt):
         model.train()
-        eps, anatomy = model(x, t, return_anatomy=True)
-        (eps.square().mean() + anatomy["class_attention"][:, 1].mean() + anatomy["seg_logits"].mean()).backward()
+        anatomy = model.forward_with_anatomy(x, t)
+        (anatomy.prediction.square().mean() + anatomy.class_attention[:, 1].mean()
+         + anatomy.seg_logits.mean()).backward()
     g1 = plain.register_bank.registers.grad
     g2 = ckpt.register_bank.registers.grad
     assert g1.abs().sum() > 0 and torch.allclose(g1, g2, atol=1e-6)
@@ -193,3 +198,37 @@ def test_narrow_register_attention_width():
     base.eval(), narrow.eval()
     with torch.no_grad():
         assert torch.allclose(narrow(x, t), base(x, t), atol=1e-6)
+
+
+# ---- the explicit anatomy call -------------------------------------------------------------------------
+def test_forward_returns_a_tensor_and_forward_with_anatomy_equals_the_deprecated_tuple_path(monkeypatch):
+    torch.manual_seed(0)
+    model = AnatomicalUNetModel(**BASE, **ANAT).eval()
+    _randomise(model)
+    x, t = _inputs()
+    with torch.no_grad():
+        plain = model(x, t)
+        anatomy = model.forward_with_anatomy(x, t)
+        monkeypatch.setattr(anatomical_openaimodel, "_warned_return_anatomy", False)
+        with pytest.warns(DeprecationWarning, match="forward_with_anatomy"):
+            eps, legacy = model(x, t, return_anatomy=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(x, t, return_anatomy=True)  # warned once only
+    assert isinstance(plain, torch.Tensor) and plain.shape == x.shape
+    assert isinstance(anatomy, AnatomyOutput)
+    # the plain call attends through SDPA, the anatomy call forms the attention explicitly: equal up to rounding
+    torch.testing.assert_close(anatomy.prediction, plain, rtol=1e-5, atol=1e-6)
+    assert torch.equal(eps, anatomy.prediction)
+    assert torch.equal(anatomy.seg_logits, legacy["seg_logits"])
+    assert torch.equal(anatomy.class_attention, legacy["class_attention"])
+    # per-layer masses: one per register layer, in block order, at the layer's own resolution
+    infos = {info.key: info for info in model.block_info}
+    assert list(anatomy.layer_class_attention) == model.anatomical_attention_keys
+    for key, mass in anatomy.layer_class_attention.items():
+        assert mass.shape == (2, 4, 16 // infos[key].ds, 16 // infos[key].ds)
+        assert torch.allclose(mass.sum(1), torch.ones_like(mass[:, 0]), atol=1e-5)
+    resized = [F.interpolate(m, size=(16, 16), mode="bilinear", align_corners=False) if m.shape[-1] != 16 else m
+               for m in anatomy.layer_class_attention.values()]
+    torch.testing.assert_close(torch.stack(resized).mean(0), anatomy.class_attention)
+    assert anatomy.registers.shape == (2, 4 * 2, 16)

@@ -8,17 +8,11 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from tiny_models import first_stage_config, unet_config
-
-FIRST_STAGE = first_stage_config()
-UNET = unet_config()
+from tiny_models import ldm_params
 
 
 def tiny_ldm(timesteps: int = 1000, **kw) -> LatentDiffusion:
-    model = LatentDiffusion(first_stage_config=FIRST_STAGE, cond_stage_config="__is_unconditional__",
-                            unet_config=UNET, timesteps=timesteps, image_size=8, channels=2, linear_start=0.0015,
-                            linear_end=0.0205, use_ema=False, **kw)
-    return model.eval()
+    return LatentDiffusion(**ldm_params(timesteps=timesteps, use_ema=False, **kw)).eval()
 
 
 @pytest.mark.parametrize("steps,expected_timesteps", [(1, [1]), (10, list(range(1, 1000, 100)))])

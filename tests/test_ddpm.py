@@ -12,17 +12,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.models.diffusion.ddpm import DDPM, DiffusionWrapper, LatentDiffusion
-from tiny_models import first_stage_config, unet_config
+from tiny_models import first_stage_config, ldm_params, unet_config
 
 FIRST_STAGE = first_stage_config()
 
 
 def tiny_ldm(**overrides) -> LatentDiffusion:
-    params = dict(first_stage_config=FIRST_STAGE, cond_stage_config="__is_unconditional__",
-                  unet_config=unet_config(), timesteps=20, image_size=8, channels=2, linear_start=0.0015,
-                  linear_end=0.0205, log_every_t=5, loss_type="l2", first_stage_key="image", monitor="val/loss")
+    params = dict(timesteps=20, log_every_t=5, loss_type="l2", first_stage_key="image", monitor="val/loss")
     params.update(overrides)
-    return LatentDiffusion(**params)
+    return LatentDiffusion(**ldm_params(**params))
 
 
 def batch(n: int = 2, size: int = 16, seed: int = 0) -> dict:

@@ -10,22 +10,15 @@ import pytest
 import torch
 
 from ldm.util import instantiate_from_config
+from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_config
 
-UNET = {"image_size": 8, "in_channels": 3, "out_channels": 3, "model_channels": 32, "attention_resolutions": [2],
-        "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2}
-ANATOMICAL = {"use_anatomical_registers": True, "num_anatomical_classes": 4, "anatomical_register_dim": 16,
-              "num_registers_per_class": 2, "anatomical_attention_heads": 2, "use_timestep_aware_registers": True}
-AE = {"embed_dim": 3, "lossconfig": {"target": "torch.nn.Identity"},
-      "ddconfig": {"double_z": True, "z_channels": 3, "resolution": 16, "in_channels": 1, "out_ch": 1, "ch": 32,
-                   "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}
+ANATOMICAL = anatomical_params(num_classes=4, register_dim=16, registers_per_class=2, heads=2)
 
 
 def make_unet(anatomical: bool, seed: int = 0, **overrides) -> torch.nn.Module:
-    params = {**UNET, **(ANATOMICAL if anatomical else {}), **overrides}
-    target = ("ldm.modules.diffusionmodules.anatomical_openaimodel.AnatomicalUNetModel" if anatomical
-              else "ldm.modules.diffusionmodules.openaimodel.UNetModel")
     torch.manual_seed(seed)
-    unet = instantiate_from_config({"target": target, "params": params})
+    unet = instantiate_from_config(unet_config(3, 3, 8, anatomy=ANATOMICAL if anatomical else None, two_level=True,
+                                               **overrides))
     # fresh zero-initialised output layers would hide differences in everything before them
     with torch.no_grad():
         for p in unet.parameters():
@@ -35,18 +28,13 @@ def make_unet(anatomical: bool, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def make_ldm(anatomical: bool, seed: int = 0) -> torch.nn.Module:
-    unet_target = ("ldm.modules.diffusionmodules.anatomical_openaimodel.AnatomicalUNetModel" if anatomical
-                   else "ldm.modules.diffusionmodules.openaimodel.UNetModel")
-    params = {"linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 100, "loss_type": "l1", "image_size": 8,
-              "channels": 3, "use_ema": False, "cond_stage_config": "__is_unconditional__",
-              "unet_config": {"target": unet_target, "params": {**UNET, **(ANATOMICAL if anatomical else {})}},
-              "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": AE}}
-    target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    params = {"timesteps": 100, "loss_type": "l1", "channels": 3, "use_ema": False}
     if anatomical:
-        target = "ldm.models.diffusion.anatomical_ddpm.AnatomicalLatentDiffusion"
         params["anatomical_warmup_steps"] = 0
+    unet = unet_config(3, 3, 8, anatomy=ANATOMICAL if anatomical else None, two_level=True)
     torch.manual_seed(seed)
-    return instantiate_from_config({"target": target, "params": params}).train()
+    return instantiate_from_config(ldm_config(anatomical, first_stage_config(ch=32, embed_dim=3), unet,
+                                              **params)).train()
 
 
 def _inputs(batch: int = 2):

@@ -178,3 +178,23 @@ def test_ddp_child_reuses_the_parent_run_dir(tmp_path, monkeypatch):
     assert cli.resolve_run_paths(opt, now="N").logdir == os.path.join(str(tmp_path), "N_foo")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert cli.resolve_run_paths(opt, now="N").logdir == str(tmp_path / "parent_run")
+
+
+@pytest.mark.parametrize("value, expected", [("0,1", [0, 1]), ("0,", [0]), ("[0, 3]", [0, 3]), (",", []),
+                                             ("2", 2), (2, 2), ("-1", -1), ("", 0), ("auto", "auto"), ([1, 2], [1, 2])])
+def test_parse_devices_is_the_one_device_reader(value, expected):
+    assert cli.parse_devices(value) == expected
+
+
+def test_parse_devices_errors_name_the_flag():
+    with pytest.raises(cli.UsageError, match="--devices 'x' is not understood"):
+        cli.parse_devices("x")
+    with pytest.raises(cli.UsageError, match="--gpus 'a,b' is not understood"):
+        cli.parse_devices("a,b", "--gpus")
+    assert cli.parse_args(["--devices", "0,2"])[0].devices == [0, 2]
+
+
+def test_boolean_words_are_one_list():
+    assert all(cli._str2bool(w) for w in cli.TRUE_WORDS) and not any(cli._str2bool(w) for w in cli.FALSE_WORDS)
+    opt, rest = cli.parse_args(["-t", "no", "a.b=1"])
+    assert opt.train is False and rest == ["a.b=1"]

@@ -1,7 +1,6 @@
 """scripts/sample.py on tiny runs trained in the test: determinism, resumption, checkpoint formats, refusal."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -9,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from tiny_models import first_stage_config
+from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,27 +22,16 @@ def load_script(name: str):
     return module
 
 
-TINY_AE = first_stage_config(ch=8)
-TINY_UNET = {"image_size": 8, "in_channels": 2, "out_channels": 2, "model_channels": 32, "attention_resolutions": [2],
-             "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2}
-
-
 def tiny_config(anatomical: bool) -> dict:
-    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": dict(TINY_UNET)}
-    params = {"linear_start": 0.0015, "linear_end": 0.0205, "timesteps": 100, "loss_type": "l2",
-              "first_stage_key": "image", "image_size": 8, "channels": 2, "cond_stage_key": "image",
-              "conditioning_key": None, "scale_factor": 1.0, "monitor": "val/loss", "use_ema": True,
-              "unet_config": unet, "first_stage_config": copy.deepcopy(TINY_AE),
-              "cond_stage_config": "__is_unconditional__"}
-    target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    anatomy = anatomical_params(use_anatomical_registers=True, use_timestep_aware_registers=True) if anatomical \
+        else None
+    params = {"timesteps": 100, "loss_type": "l2", "first_stage_key": "image", "cond_stage_key": "image",
+              "conditioning_key": None, "scale_factor": 1.0, "monitor": "val/loss", "use_ema": True}
     if anatomical:
-        unet["target"] = "ldm.modules.diffusionmodules.anatomical_openaimodel.AnatomicalUNetModel"
-        unet["params"].update({"use_anatomical_registers": True, "num_anatomical_classes": 6,
-                               "anatomical_register_dim": 16, "num_registers_per_class": 2,
-                               "anatomical_attention_heads": 2, "use_timestep_aware_registers": True})
         params.update({"anatomical_mask_key": "segmentation", "anatomical_loss_weight": 1.0})
-        target = "ldm.models.diffusion.anatomical_ddpm.AnatomicalLatentDiffusion"
-    return {"model": {"base_learning_rate": 1e-3, "target": target, "params": params}}
+    model = ldm_config(anatomical, first_stage=first_stage_config(ch=8),
+                       unet=unet_config(anatomy=anatomy, two_level=True), **params)
+    return {"model": {"base_learning_rate": 1e-3, **model}}
 
 
 def make_run(root: str, anatomical: bool, steps: int = 3, name: str = "run") -> str:

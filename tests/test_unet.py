@@ -1,24 +1,23 @@
 """UNetModel: CompVis keys and numbers, options, checkpointing and the extension point."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from ldm.modules.diffusionmodules.openaimodel import (AttentionBlock, ResBlock, TimestepEmbedSequential, UNetModel,
-                                                      qkv_attention)
+from ldm.modules.diffusionmodules.openaimodel import (AttentionBlock, BlockInfo, ResBlock, TimestepEmbedSequential,
+                                                      UNetModel, UNetState, qkv_attention)
 from ldm.modules.diffusionmodules.util import ConditionedBlock
 from ldm.util import instantiate_from_config
+from tiny_models import unet_params
 
 PREFIX = "model.diffusion_model."
 
 
 def _tiny(**kw) -> dict:
-    cfg = dict(image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-               attention_resolutions=[2], channel_mult=[1, 2], num_heads=2)
-    cfg.update(kw)
-    return cfg
+    return unet_params(in_channels=3, out_channels=3, image_size=16, two_level=True, **kw)
 
 
 def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
@@ -259,3 +258,34 @@ def test_timestep_embed_sequential_conditioning():
     torch.testing.assert_close(plain(x, emb), plain(x, {"emb": emb}))  # CompVis-style call
     nested = TimestepEmbedSequential(TimestepEmbedSequential(res), _RegisterReader())
     torch.testing.assert_close(nested(x, {"emb": emb, "registers": reg}), res(x, emb) + reg[:, :, None, None])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_res_blocks=2, channel_mult=[1, 2, 2]), dict(resblock_updown=True)])
+def test_block_info_keys_are_unique_and_name_the_blocks(kw):
+    model = UNetModel(**_tiny(**kw))
+    keys = [b.key for b in model.block_info]
+    assert len(keys) == len(set(keys)) == len(model.input_blocks) + 1 + len(model.output_blocks)
+    assert keys[0] == "input_0" and f"output_{len(model.output_blocks) - 1}" == keys[-1] and "middle_0" in keys
+    assert all(isinstance(b, BlockInfo) and b.key == f"{b.stage}_{b.index}" for b in model.block_info)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.block_info[0].ds = 2
+
+
+def test_state_subclass_adds_typed_fields_and_extras_cannot_shadow_them():
+    @dataclasses.dataclass
+    class CountingState(UNetState):
+        hooked: int = 0
+
+    class Counting(UNetModel):
+        state_type = CountingState
+
+        def block_hook(self, info, h, state):
+            state.hooked += 1
+            return h
+
+    model = Counting(**_tiny())
+    out, state = model.forward_with_state(torch.randn(1, 3, 16, 16), torch.tensor([3]), note="x")
+    assert isinstance(state, CountingState) and state.hooked == len(model.block_info)
+    assert state.get("note") == "x" and state.get("emb") is state.emb and state.get("missing", 7) == 7
+    with pytest.raises(ValueError, match="reserved"):
+        model(torch.randn(1, 3, 16, 16), torch.tensor([3]), hooked=1)
