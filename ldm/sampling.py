@@ -20,35 +20,17 @@ import torch
 
 from ldm.models.diffusion.samplers import check_sampler, generator_noise, sample_model
 from ldm.modules.diffusionmodules.util import sampler_timesteps
-from ldm.util import instantiate_from_config, load_checkpoint_state_dict, load_state_dict_report
+from ldm.checkpoints import load_weights, read_state_dict
+from ldm.checkpoints import locate_run as resolve_run
+from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAMES = ("last.ckpt", "last.safetensors", "model.ckpt", "model.safetensors")
 IMAGE_DIR, MASK_DIR, MASK_COLOUR_DIR = "images", "masks", "masks_colour"
 _INDEX_RE = re.compile(r"^(\d{6,})\.png$")
 
 
 # ------------------------------------------------------------------------------------------- run loading
-def resolve_run(path: str) -> tuple[str, Optional[str]]:
-    """``(checkpoint_path, run_dir_or_None)`` for a run directory or a checkpoint file."""
-    if os.path.isdir(path):
-        for name in CHECKPOINT_NAMES:
-            for candidate in (os.path.join(path, "checkpoints", name), os.path.join(path, name)):
-                if os.path.isfile(candidate):
-                    return candidate, path
-        raise FileNotFoundError(f"no checkpoint in run directory {path}: expected checkpoints/last.ckpt "
-                                "(or pass the checkpoint file itself with -r)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"-r {path}: neither a run directory nor a checkpoint file")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(parent) == "checkpoints":
-        return path, os.path.dirname(parent)
-    if os.path.isdir(os.path.join(parent, "configs")):
-        return path, parent
-    return path, None
-
-
 def run_config_paths(run_dir: Optional[str]) -> list[str]:
     """The run's ``configs/*-project.yaml`` files (sorted, later ones override earlier ones)."""
     if run_dir is None:
@@ -102,18 +84,6 @@ def _strip_checkpoint_paths(model_config: Any) -> Any:
     return cfg
 
 
-def read_state_dict(ckpt_path: str, unsafe_load: bool = False) -> dict[str, torch.Tensor]:
-    """State dict of a ``.ckpt``/bare state dict/safetensors file, refusing full unpickling unless asked."""
-    try:
-        return load_checkpoint_state_dict(ckpt_path, weights_only=not unsafe_load)
-    except ValueError as err:
-        if not unsafe_load and "weights_only" in str(err):
-            raise ValueError(f"checkpoint {ckpt_path} holds objects that need full unpickling, which can run "
-                             "arbitrary code, so it was refused. If you trust the file, re-run with "
-                             "--unsafe-load.") from err
-        raise
-
-
 def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_load: bool = False,
                             device: Optional[torch.device] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the run's model from its config, load the checkpoint, move to ``device``, eval mode.
@@ -126,13 +96,10 @@ def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_
     ckpt_path, run_dir = resolve_run(path)
     files = run_config_paths(run_dir) + list(config_paths)
     config = load_config(files)
-    state_dict = read_state_dict(ckpt_path, unsafe_load)
+    state_dict = read_state_dict(ckpt_path, weights_only=not unsafe_load)
     model = instantiate_from_config(_strip_checkpoint_paths(config.model))
-    missing, unexpected = load_state_dict_report(model, state_dict, strict=False, source=ckpt_path)
-    essential = [k for k in missing if not k.startswith("model_ema.")]
-    if essential:
-        raise RuntimeError(f"checkpoint {ckpt_path} lacks {len(essential)} weights of the model built from "
-                           f"{files} (e.g. {essential[:5]}); is -b the config it was trained with?")
+    missing, _ = load_weights(model, state_dict, allow_unexpected=True, source=ckpt_path,
+                              required=lambda key: not key.startswith("model_ema."))
     has_ema = bool(getattr(model, "use_ema", False)) and not any(k.startswith("model_ema.") for k in missing)
     if getattr(model, "use_ema", False) and not has_ema:
         logger.warning("%s has no EMA weights; sampling with the live weights.", ckpt_path)

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from ldm.checkpoints import read_state_dict
+
 logger = logging.getLogger(__name__)
 
 # Strings with a special meaning in CompVis configs, kept as such.
@@ -95,74 +97,8 @@ def isimage(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3)
 
 
-def load_state_dict_report(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool,
-                           source: str) -> tuple[list[str], list[str]]:
-    """Load ``state_dict`` into ``module`` and log missing/unexpected keys; never silent.
-
-    With ``strict=True`` a mismatch raises ``RuntimeError`` naming ``source`` and the first keys.
-    Shape mismatches always raise.
-    """
-    own = module.state_dict()
-    bad_shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if bad_shapes:
-        raise RuntimeError(
-            f"checkpoint {source} does not fit this model: {len(bad_shapes)} tensors have other shapes, e.g. "
-            + "; ".join(bad_shapes[:5])
-            + ". Is the config the one the checkpoint was trained with?"
-        )
-    missing, unexpected = module.load_state_dict(state_dict, strict=False)
-    if strict and (missing or unexpected):
-        raise RuntimeError(
-            f"checkpoint {source} does not match the model: {len(missing)} missing keys "
-            f"(e.g. {missing[:5]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:5]})."
-        )
-    if missing:
-        logger.warning("Loading %s: %d missing keys, e.g. %s", source, len(missing), missing[:8])
-    if unexpected:
-        logger.warning("Loading %s: %d unexpected keys, e.g. %s", source, len(unexpected), unexpected[:8])
-    if not missing and not unexpected:
-        logger.info("Loaded %s: all %d keys matched.", source, len(state_dict))
-    return list(missing), list(unexpected)
-
-
-UNSAFE_LOAD_ENV = "LDM_UNSAFE_LOAD"
-
-
-def load_checkpoint_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """Read a state dict from a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a safetensors file.
-
-    Files are read with ``weights_only=True`` unless the caller or the environment (``LDM_UNSAFE_LOAD=1``, for
-    ``ckpt_path`` entries in configs, e.g. checkpoints written by PL 1.x that hold pickled objects) opts out.
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file that is not a checkpoint.
-    """
-    import os
-
-    if os.environ.get(UNSAFE_LOAD_ENV, "") not in ("", "0"):
-        weights_only = False
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # torch raises several types for corrupt/unsafe files
-        hint = ""
-        if weights_only and "weights_only" in str(err):
-            hint = (f" It needs full unpickling; only for files you trust, set {UNSAFE_LOAD_ENV}=1 "
-                    "(or pass --unsafe-load to the scripts that have it).")
-        raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}.{hint}") from err
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
-    return dict(obj)
+# The checkpoint reader lives in ldm.checkpoints; the old name stays importable from here.
+load_checkpoint_state_dict = read_state_dict
 
 
 def resolve_device(name: Optional[str] = None) -> torch.device:

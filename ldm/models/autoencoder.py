@@ -20,7 +20,8 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config, load_checkpoint_state_dict, load_state_dict_report
+from ldm.checkpoints import load_weights
+from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,9 @@ class _GANAutoencoder(pl.LightningModule):
     # ------------------------------------------------------------------ loading
     def init_from_ckpt(self, path: str, ignore_keys: Iterable[str] = ()) -> tuple[list[str], list[str]]:
         """Load ``path`` (Lightning ``.ckpt``, bare state dict or safetensors), dropping keys that start
-        with any of ``ignore_keys``; missing/unexpected keys are logged, wrong shapes raise."""
-        sd = load_checkpoint_state_dict(path)
-        prefixes = tuple(ignore_keys)
-        if prefixes:
-            dropped = [k for k in sd if k.startswith(prefixes)]
-            for k in dropped:
-                del sd[k]
-            logger.info("Ignoring %d keys of %s that start with %s", len(dropped), path, list(prefixes))
-        return load_state_dict_report(self, sd, strict=False, source=path)
+        with any of ``ignore_keys``; missing/unexpected keys are logged, wrong shapes raise
+        (:func:`ldm.checkpoints.load_weights`). Returns ``(missing, unexpected)``."""
+        return load_weights(self, path, ignore_keys=ignore_keys, allow_unexpected=True)
 
     # ------------------------------------------------------------------ data
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:

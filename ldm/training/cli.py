@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.checkpoints import locate_run
+
 DEVICE_KEYS = ("gpus", "accelerator", "devices")
 LOGDIR_ENV = "LDM_MAIN_LOGDIR"  # run directory handed from rank 0 to the DDP processes it launches
 
@@ -431,24 +433,13 @@ def run_name(now: str, name: str, base: Sequence[str], postfix: str) -> str:
 
 
 def resolve_resume(resume: str) -> tuple[str, str]:
-    """``-r`` value -> (run directory, checkpoint path)."""
-    if not os.path.exists(resume):
-        raise FileNotFoundError(f"cannot resume: {resume} does not exist. Pass a run directory (logs/RUN) or a "
-                                f"checkpoint inside it (logs/RUN/checkpoints/last.ckpt)")
-    path = Path(resume)
-    if path.is_file():
-        for parent in path.parents:
-            if parent.name == "checkpoints":
-                return str(parent.parent), str(path)
+    """``-r`` value -> (run directory, checkpoint path), found by :func:`ldm.checkpoints.locate_run`: the run's
+    ``checkpoints/last.ckpt``, or a checkpoint file inside a run's ``checkpoints/`` folder."""
+    ckpt, logdir = locate_run(resume, names=("last.ckpt",))
+    if os.path.isfile(resume) and "checkpoints" not in Path(resume).parts[:-1]:
         raise UsageError(f"cannot resume from {resume}: the checkpoint is not inside a run's checkpoints/ folder, "
                          f"so the run directory is unknown. Use -n NAME --resume_from_checkpoint {resume} to "
                          f"start a new run from it")
-    logdir = str(path).rstrip("/")
-    ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
-    if not os.path.isfile(ckpt):
-        found = sorted(glob.glob(os.path.join(logdir, "checkpoints", "**", "*.ckpt"), recursive=True))
-        raise FileNotFoundError(f"cannot resume {logdir}: {ckpt} does not exist"
-                                + (f"; pass one of {found} to -r" if found else " and the run has no checkpoint"))
     return logdir, ckpt
 
 

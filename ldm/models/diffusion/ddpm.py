@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ldm.models.diffusion.ckpt_utils import load_weights
+from ldm.checkpoints import load_weights
 from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
 from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model
 from ldm.models.diffusion.training import DiffusionLightningMixin, denoise_grid, diffusion_row
@@ -318,11 +318,12 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> list[str]:
-        """Load weights from ``path`` (see :func:`~ldm.models.diffusion.ckpt_utils.load_weights`).
+        """Load weights from ``path`` (see :func:`ldm.checkpoints.load_weights`).
 
         Extra keys or other shapes raise ``ValueError`` naming the file; missing keys are logged and returned.
         """
-        missing = load_weights(self, path, ignore_keys, only_model, key_filter=self._drop_optional_keys)
+        missing, _ = load_weights(self, path, ignore_keys=ignore_keys, only_model=only_model,
+                                  key_filter=self._drop_optional_keys)
         self.restarted_from_ckpt = True
         return missing
 
