@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm import sampling
+from ldm.data.phantom import PhantomDataset
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import instantiate_from_config
 from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_script(name: str):
     """Import scripts/<name>.py under a private module name (no clash with installed packages)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -36,11 +42,6 @@ def tiny_config(anatomical: bool) -> dict:
 
 def make_run(root: str, anatomical: bool, steps: int = 3, name: str = "run") -> str:
     """Train a tiny model for a few steps on phantom slices; write a main.py-style log dir; return its path."""
-    from omegaconf import OmegaConf
-
-    from ldm.data.phantom import PhantomDataset
-    from ldm.util import instantiate_from_config
-
     torch.manual_seed(0)
     config = tiny_config(anatomical)
     model = instantiate_from_config(config["model"])
@@ -97,8 +98,6 @@ def test_anatomical_sampling_deterministic_resumable_with_masks(runs, tmp_path):
              "-l", str(tmp_path / "c")])
     assert _digest(tmp_path / "c" / "images")["000000.png"] != _digest(tmp_path / "a" / "images")["000000.png"]
 
-    from PIL import Image
-
     img = np.asarray(Image.open(tmp_path / "a" / "images" / "000000.png"))
     mask = np.asarray(Image.open(tmp_path / "a" / "masks" / "000000.png"))
     colour = np.asarray(Image.open(tmp_path / "a" / "masks_colour" / "000000.png"))
@@ -115,9 +114,6 @@ def test_anatomical_sampling_deterministic_resumable_with_masks(runs, tmp_path):
 
 
 def test_ddim_trajectory_per_sample_noise_through_sampler(runs):
-    from ldm import sampling
-    from ldm.models.diffusion.ddim import DDIMSampler
-
     model, _ = sampling.load_model_for_sampling(runs["baseline"])
     shape = sampling.latent_shape(model)
     x_T = sampling.initial_noise(shape, 0, [0, 1, 2])

@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ldm.util import get_obj_from_str
+
 RGB = tuple[int, int, int]
 
 # CT-Organ (CT-ORG, Rister et al. 2020) as used here: brain (6 in the label volumes) is mapped away by default.
@@ -137,8 +139,6 @@ def get_rule_checker(name: Optional[str]) -> Optional[Callable[[np.ndarray], Any
     no checker."""
     if not name or name == "none":
         return None
-    from ldm.util import get_obj_from_str
-
     return get_obj_from_str(RULE_CHECKERS.get(name, name))
 
 

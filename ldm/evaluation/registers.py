@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ldm import sampling
 from ldm.data.labels import label_set_of
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
     which move with t for a timestep-aware bank), plus the decoded ``images`` [N, 1|3, H, W] and final ``masks``
     at latent size [N, h, w].
     """
-    from ldm import sampling
-
     unet = anatomical_unet(model)
     device = next(model.parameters()).device
     shape = sampling.latent_shape(model)
