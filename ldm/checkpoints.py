@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 UNSAFE_LOAD_ENV = "LDM_UNSAFE_LOAD"
 CHECKPOINT_NAMES = ("last.ckpt", "last.safetensors", "model.ckpt", "model.safetensors")
-KeyFilter = Callable[[dict, Mapping[str, torch.Tensor], str], dict]
 
 
 class UnsafeCheckpointError(ValueError):
@@ -72,15 +71,14 @@ def read_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Ten
 
 
 def load_weights(module: nn.Module, checkpoint: Union[str, Mapping[str, torch.Tensor]], *,
-                 ignore_keys: Sequence[str] = (), only_model: bool = False, key_filter: Optional[KeyFilter] = None,
-                 allow_unexpected: bool = False, required: Optional[Callable[[str], bool]] = None,
+                 ignore_keys: Sequence[str] = (), only_model: bool = False, allow_unexpected: bool = False,
+                 required: Optional[Callable[[str], bool]] = None,
                  source: Optional[str] = None) -> tuple[list[str], list[str]]:
     """Load ``checkpoint`` (a path for :func:`read_state_dict`, or a state dict) into ``module``.
 
     Keys starting with any of ``ignore_keys`` are dropped first; ``only_model`` loads into ``module.model``
-    (accepting its own keys or the full model's ``model.*`` keys); ``key_filter(sd, own_state, source)`` may drop
-    keys that legitimately differ between configs. Tensors of other shapes, keys the module lacks (unless
-    ``allow_unexpected``) and missing keys for which ``required(key)`` is true raise
+    (accepting its own keys or the full model's ``model.*`` keys). Tensors of other shapes, keys the module lacks
+    (unless ``allow_unexpected``) and missing keys for which ``required(key)`` is true raise
     :class:`CheckpointMismatchError` before anything is loaded. Returns ``(missing, unexpected)``, both logged.
     """
     source = source or (checkpoint if isinstance(checkpoint, str) else "state dict")
@@ -94,8 +92,6 @@ def load_weights(module: nn.Module, checkpoint: Union[str, Mapping[str, torch.Te
     if only_model and any(k.startswith("model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     own = target.state_dict()
-    if key_filter is not None and not only_model:
-        sd = key_filter(sd, own, source)
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
            if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
     if bad:

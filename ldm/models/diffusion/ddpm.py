@@ -19,7 +19,7 @@ from torch import nn
 from ldm.checkpoints import load_weights
 from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
 from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model
-from ldm.models.diffusion.training import DiffusionLightningMixin, denoise_grid, diffusion_row
+from ldm.models.diffusion.training import DiffusionLightningMixin, ScaleByStdMixin, denoise_grid, diffusion_row
 from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule, schedule_arrays
 from ldm.modules.ema import LitEma
 from ldm.util import (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, count_params, default, instantiate_from_config,
@@ -242,9 +242,8 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
     def denoiser(self, cond: Any = None, unconditional_guidance_scale: float = 1.0,
                  unconditional_conditioning: Any = None, clip_denoised: bool = False,
                  noise_cond: bool = False) -> Denoiser:
-        """``denoise(x, t) -> (eps, x0)`` over :meth:`model_predictions`, for the registry samplers
-        (:mod:`ldm.models.diffusion.samplers`); ``clip_denoised`` clamps x0 to [-1, 1], ``noise_cond`` passes the
-        conditioning through :meth:`cond_for_step` (the ancestral loop's conventions)."""
+        """``denoise(x, t) -> (eps, x0)`` over :meth:`model_predictions` for the registry samplers; ``clip_denoised``
+        clamps x0 to [-1, 1], ``noise_cond`` applies :meth:`cond_for_step` (the ancestral loop's conventions)."""
         def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             eps, x0 = self.model_predictions(x, t, self.cond_for_step(cond, t) if noise_cond else cond,
                                              unconditional_guidance_scale, unconditional_conditioning)
@@ -322,40 +321,17 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
 
         Extra keys or other shapes raise ``ValueError`` naming the file; missing keys are logged and returned.
         """
-        missing, _ = load_weights(self, path, ignore_keys=ignore_keys, only_model=only_model,
-                                  key_filter=self._drop_optional_keys)
+        missing, _ = load_weights(self, path, ignore_keys=(*ignore_keys, *self.optional_checkpoint_keys()),
+                                  only_model=only_model)
         self.restarted_from_ckpt = True
         return missing
 
-    def _drop_optional_keys(self, sd: dict, own: Mapping[str, Any], path: str) -> dict:
-        """Remove keys that legitimately differ between configs (EMA copies when ``use_ema`` is off)."""
-        if not self.use_ema:
-            ema = [k for k in sd if k.startswith("model_ema.")]
-            if ema:
-                logger.info("use_ema is off: ignoring %d model_ema.* entries of %s", len(ema), path)
-                sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
-        return sd
-
-    # ------------------------------------------------------------------ images
-    @torch.no_grad()
-    def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 2, sample: bool = True,
-                   return_keys: Optional[Sequence[str]] = None, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Inputs, the forward diffusion of a few inputs, and EMA samples with their denoising rows."""
-        x = self.get_input(batch, self.first_stage_key).to(self.device)
-        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
-        log = {"inputs": x[:N]}
-        log["diffusion_row"] = diffusion_row(self, x[:n_row], lambda z: z)
-        if sample:
-            with self.ema_scope("Plotting"):
-                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True, verbose=False)
-            log["samples"] = samples
-            log["denoise_row"] = denoise_grid(lambda z: z, denoise_row)
-        if return_keys:
-            log = {k: v for k, v in log.items() if k in return_keys}
-        return log
+    def optional_checkpoint_keys(self) -> tuple[str, ...]:
+        """Prefixes of checkpoint keys this config does not use (EMA copies when ``use_ema`` is off)."""
+        return () if self.use_ema else ("model_ema.",)
 
 
-class LatentDiffusion(DDPM):
+class LatentDiffusion(ScaleByStdMixin, DDPM):
     """DDPM in the latent space of a frozen first stage (``z = scale_factor * E(x)``), optionally conditioned.
 
     Args:
@@ -399,7 +375,7 @@ class LatentDiffusion(DDPM):
         self._scale_factor_fixed = not scale_by_std
         if scale_by_std:
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-            self.register_load_state_dict_pre_hook(LatentDiffusion._note_loaded_scale_factor)
+            self.register_load_state_dict_pre_hook(ScaleByStdMixin.note_loaded_scale_factor)
         else:
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
@@ -503,38 +479,9 @@ class LatentDiffusion(DDPM):
             return c if isinstance(c, torch.Tensor) or not callable(getattr(c, "mode", None)) else c.mode()
         return self.cond_stage_model(c)
 
-    # ------------------------------------------------------------------ scale_by_std
-    @staticmethod
-    def _note_loaded_scale_factor(module: "LatentDiffusion", state_dict: Mapping[str, Any], prefix: str,
-                                  *args: Any) -> None:
-        if prefix + "scale_factor" in state_dict:
-            module._scale_factor_fixed = True
-
-    @torch.no_grad()
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """With ``scale_by_std``, set ``scale_factor = 1 / std(z)`` from the first batch of a fresh run."""
-        if not self.scale_by_std or self._scale_factor_fixed or self.global_step != 0 or batch_idx != 0:
-            return
-        if float(self.scale_factor) != 1.0:
-            logger.warning("scale_by_std: replacing the configured scale_factor %s", float(self.scale_factor))
-        x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
-        z = self._raw_latent(self.encode_first_stage(x)).detach().float()
-        std = z.flatten().std()
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None:
-            std = trainer.strategy.broadcast(std, src=0)  # every rank uses rank 0's value
-        self.scale_factor.copy_(1.0 / std)
-        self._scale_factor_fixed = True
-        logger.info("scale_by_std: set scale_factor = %.6g (1 / std of the first batch's latents)",
-                    float(self.scale_factor))
-
-    def _drop_optional_keys(self, sd: dict, own: Mapping[str, Any], path: str) -> dict:
-        sd = super()._drop_optional_keys(sd, own, path)
-        if "scale_factor" in sd and "scale_factor" not in own:
-            logger.warning("scale_by_std is off: ignoring scale_factor=%s stored in %s, using %s",
-                           float(sd["scale_factor"]), path, self.scale_factor)
-            sd = {k: v for k, v in sd.items() if k != "scale_factor"}
-        return sd
+    def optional_checkpoint_keys(self) -> tuple[str, ...]:
+        """Also ``scale_factor`` when ``scale_by_std`` is off (the configured value is used)."""
+        return super().optional_checkpoint_keys() + (() if self.scale_by_std else ("scale_factor",))
 
     # ------------------------------------------------------------------ data and training
     @torch.no_grad()
@@ -604,10 +551,10 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def sample_log(self, cond: Any, batch_size: int, ddim: bool, ddim_steps: Optional[int], eta: float = 0.0,
                    x_T: Optional[torch.Tensor] = None, sampler: Optional[str] = None,
-                   noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None) -> tuple[torch.Tensor, dict]:
-        """``(samples, {"x_inter", "pred_x0"})`` from a registry sampler: ``sampler`` by name, else DDIM
-        (``ddim=True``, ``ddim_steps``, ``eta``) or the ancestral loop (every step; ``eta`` ignored). Logged
-        every ``log_every_t`` steps (ancestral) or 100 (the others), as CompVis."""
+                   noise_fn: Optional[NoiseFn] = None,
+                   callback: Optional[Callback] = None) -> tuple[torch.Tensor, dict]:
+        """``(samples, {"x_inter", "pred_x0"})`` from the registry: ``sampler`` by name, else DDIM (``ddim=True``) or
+        the ancestral loop (every step, ``eta`` ignored); logged every ``log_every_t`` (ancestral) or 100 steps."""
         name = sampler or ("ddim" if ddim else "ancestral")
         if x_T is None:
             x_T = randn((batch_size, self.channels, self.image_size, self.image_size), self.betas.device)

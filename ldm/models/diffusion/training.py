@@ -79,6 +79,21 @@ class DiffusionLightningMixin:
                 if context is not None:
                     logger.info("%s: restored training weights", context)
 
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 2, sample: bool = True,
+                   return_keys: Optional[Sequence[str]] = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Pixel-space DDPM images: the inputs, the forward diffusion of a few, and EMA samples with their
+        denoising rows (``LatentDiffusion`` overrides it with decoded latents)."""
+        x = self.get_input(batch, self.first_stage_key).to(self.device)
+        N, n_row = min(x.shape[0], N), min(x.shape[0], n_row)
+        log = {"inputs": x[:N], "diffusion_row": diffusion_row(self, x[:n_row], lambda z: z)}
+        if sample:
+            with self.ema_scope("Plotting"):
+                samples, denoise_row = self.sample(batch_size=N, return_intermediates=True, verbose=False)
+            log["samples"] = samples
+            log["denoise_row"] = denoise_grid(lambda z: z, denoise_row)
+        return {k: v for k, v in log.items() if k in return_keys} if return_keys else log
+
     def configure_optimizers(self) -> Any:
         lr = getattr(self, "learning_rate", None)
         if lr is None:
@@ -111,3 +126,36 @@ def diffusion_row(model: Any, x_start: torch.Tensor, decode: Callable[[torch.Ten
             ts = torch.full((x_start.shape[0],), t, device=x_start.device, dtype=torch.long)
             frames.append(model.q_sample(x_start, ts, torch.randn_like(x_start)))
     return denoise_grid(decode, frames)
+
+
+class ScaleByStdMixin:
+    """``scale_by_std`` of :class:`~ldm.models.diffusion.ddpm.LatentDiffusion`: ``scale_factor = 1 / std(z)`` from
+    the first training batch of a fresh run (rank 0's value on every rank), kept once set or loaded.
+
+    Args: none (a mixin placed before ``DDPM``; the host provides ``scale_by_std``, a ``scale_factor`` buffer,
+    ``_scale_factor_fixed``, ``encode_first_stage`` and ``_raw_latent``).
+    """
+
+    @staticmethod
+    def note_loaded_scale_factor(module: Any, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """A ``load_state_dict`` pre-hook: a loaded ``scale_factor`` is kept, not recomputed."""
+        if prefix + "scale_factor" in state_dict:
+            module._scale_factor_fixed = True
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With ``scale_by_std``, set ``scale_factor = 1 / std(z)`` from the first batch of a fresh run."""
+        if not self.scale_by_std or self._scale_factor_fixed or self.global_step != 0 or batch_idx != 0:
+            return
+        if float(self.scale_factor) != 1.0:
+            logger.warning("scale_by_std: replacing the configured scale_factor %s", float(self.scale_factor))
+        x = super().get_input(batch, self.first_stage_key).to(self.device)  # DDPM's: the images, not latents
+        z = self._raw_latent(self.encode_first_stage(x)).detach().float()
+        std = z.flatten().std()
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            std = trainer.strategy.broadcast(std, src=0)  # every rank uses rank 0's value
+        self.scale_factor.copy_(1.0 / std)
+        self._scale_factor_fixed = True
+        logger.info("scale_by_std: set scale_factor = %.6g (1 / std of the first batch's latents)",
+                    float(self.scale_factor))
