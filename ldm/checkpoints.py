@@ -124,8 +124,7 @@ def locate_run(path: str, names: Sequence[str] = CHECKPOINT_NAMES) -> tuple[str,
     exists) or a checkpoint file (``run_dir``: the folder above a ``checkpoints/`` ancestor, or the file's folder
     when it has ``configs/``, else None)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist, so it is neither a run directory nor a checkpoint file: pass "
-                                "a run directory (logs/RUN) or a checkpoint in it (logs/RUN/checkpoints/last.ckpt)")
+        raise FileNotFoundError(f"-r {path}: neither a run directory nor a checkpoint file")
     if os.path.isdir(path):
         run_dir = str(Path(path)).rstrip("/") or path
         for name in names:

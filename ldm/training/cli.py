@@ -435,6 +435,9 @@ def run_name(now: str, name: str, base: Sequence[str], postfix: str) -> str:
 def resolve_resume(resume: str) -> tuple[str, str]:
     """``-r`` value -> (run directory, checkpoint path), found by :func:`ldm.checkpoints.locate_run`: the run's
     ``checkpoints/last.ckpt``, or a checkpoint file inside a run's ``checkpoints/`` folder."""
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"cannot resume: {resume} does not exist. Pass a run directory (logs/RUN) or a "
+                                f"checkpoint inside it (logs/RUN/checkpoints/last.ckpt)")
     ckpt, logdir = locate_run(resume, names=("last.ckpt",))
     if os.path.isfile(resume) and "checkpoints" not in Path(resume).parts[:-1]:
         raise UsageError(f"cannot resume from {resume}: the checkpoint is not inside a run's checkpoints/ folder, "
