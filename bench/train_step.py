@@ -60,6 +60,7 @@ class Runner:
         self.finite: dict[str, bool] = {}
         self.losses: dict[str, list[float]] = {}
         self.compiled: dict[str, Any] = {}
+        self.compiled_anatomy: dict[str, Any] = {}
 
     def model(self, kind: str) -> Any:
         if kind not in self.models:
@@ -89,6 +90,10 @@ class Runner:
         original = model.model.diffusion_model
         if name not in self.compiled:
             self.compiled[name] = torch.compile(original)
+            if hasattr(original, "forward_with_anatomy"):
+                self.compiled_anatomy[name] = torch.compile(original.forward_with_anatomy)
+        if name in self.compiled_anatomy:  # the anatomical training step calls forward_with_anatomy, not forward
+            original.forward_with_anatomy = self.compiled_anatomy[name]  # an instance attribute, removed after
         model.model.diffusion_model = self.compiled[name]
         return original
 
@@ -134,6 +139,7 @@ class Runner:
         finally:
             if original is not None:
                 model.model.diffusion_model = original
+                original.__dict__.pop("forward_with_anatomy", None)
             if channels_last:
                 unet.to(memory_format=torch.contiguous_format)
             common.set_checkpointing(unet, False)

@@ -10,7 +10,6 @@ head.
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -72,11 +71,6 @@ class BlockInfo:
         return f"{self.stage}_{self.index}"
 
 
-@functools.lru_cache(maxsize=None)
-def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls))
-
-
 @dataclass
 class UNetState:
     """Per-call conditioning that every block of a ``UNetModel`` sees (built by ``prepare_state``).
@@ -103,11 +97,11 @@ class UNetState:
     @classmethod
     def reserved_names(cls) -> frozenset[str]:
         """Field names, which extra keyword arguments must not use."""
-        return _field_names(cls)
+        return frozenset(f.name for f in fields(cls))
 
     def get(self, key: str, default: Any = None) -> Any:
         """The field ``key``, else the extra keyword argument ``key``, else ``default``."""
-        if key in _field_names(type(self)) and key != "extra":
+        if key in self.__dataclass_fields__ and key != "extra":
             return getattr(self, key)
         return self.extra.get(key, default)
 
