@@ -82,7 +82,7 @@ PRESETS: dict[str, Preset] = {
                     steps=12, batch=8, fractions=(0.5, 1.0), samples=24, curve_samples=8, sampler_steps=4,
                     seeds=2, tstr_pairs=16, tstr_steps=10, bootstrap=200),
     # the default: 2 arms x 3 seeds in about an hour on 2 idle CPU cores
-    "cpu": Preset(size=64, train_slices=2048, test_slices=512, ae_steps=1500, ae_batch=16, ae_ch=32, seg_steps=1500,
+    "cpu": Preset(size=64, train_slices=2048, test_slices=512, ae_steps=1000, ae_batch=16, ae_ch=32, seg_steps=1200,
                   unet={"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "num_heads": 4},
                   steps=2000, batch=32),
     # used automatically on CUDA: larger images and UNet, longer training
