@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ldm.models.diffusion.guidance import AnatomyGuidance, check_guidance_scale
 from ldm.models.diffusion.samplers import check_sampler, generator_noise, sample_model
 from ldm.modules.diffusionmodules.util import sampler_timesteps
 from ldm.checkpoints import load_weights, read_state_dict
@@ -204,14 +205,15 @@ def update_manifest(out_dir: str, info: dict[str, Any], run: dict[str, Any]) -> 
         if manifest.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
             logger.warning("%s already holds samples of another checkpoint (sha256 %s...); the folder now mixes "
                            "two models.", out_dir, str(manifest.get("checkpoint_sha256"))[:12])
-        changed = [k for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema")
+        changed = [k for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema", "anatomy_guidance")
                    if k in manifest and k in run and manifest[k] != run[k]]
         if changed:
             logger.warning("%s: this session's %s differ from the earlier sessions' (%s); see 'sessions' in "
                            "samples.json for which samples used which settings.", out_dir, changed,
                            {k: manifest[k] for k in changed})
     manifest.update({k: info[k] for k in ("checkpoint", "checkpoint_sha256", "config", "config_files")})
-    manifest.update({k: run[k] for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema")
+    manifest.update({k: run[k] for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema",
+                                         "anatomy_guidance")
                      if k in run})
     manifest.setdefault("sessions", []).append(run)
     manifest["num_samples"] = next_index(out_dir)
@@ -298,28 +300,33 @@ def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, 
 @torch.no_grad()
 def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float,
                    noise: Optional[SampleNoise] = None, vanilla: bool = False, generator_seed: int = 0,
-                   sampler: str = "ddim") -> torch.Tensor:
+                   sampler: str = "ddim", guidance: Optional[AnatomyGuidance] = None) -> torch.Tensor:
     """Final latents from ``x_T`` with the registry sampler ``sampler`` (``ddim_steps`` model calls; ``eta``
     for DDIM) or, with ``vanilla`` (or ``sampler="ancestral"``), the full ancestral DDPM loop. Step noise comes
-    from ``noise`` (per sample), else from a generator seeded by ``generator_seed`` (per batch)."""
+    from ``noise`` (per sample), else from a generator seeded by ``generator_seed`` (per batch). ``guidance``:
+    mask-free anatomy guidance (:class:`~ldm.models.diffusion.guidance.AnatomyGuidance`) of every step."""
     name = "ancestral" if vanilla else check_sampler(sampler)
     if noise is None:
         noise = generator_noise(torch.Generator(device=x_T.device).manual_seed(generator_seed))
     z, _ = sample_model(model, name, x_T, None if name == "ancestral" else ddim_steps,
-                        eta=eta if name == "ddim" else None, noise_fn=noise)
+                        eta=eta if name == "ddim" else None, noise_fn=noise,
+                        make_denoiser=None if guidance is None else guidance.denoiser)
     return z
 
 
 def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size: int, ddim_steps: int = 50,
              eta: float = 0.0, seed: int = 0, vanilla: bool = False, use_ema: bool = True, save_masks: bool = False,
              formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None,
-             progress: bool = True, sampler: str = "ddim") -> dict[str, Any]:
+             progress: bool = True, sampler: str = "ddim", anatomy_guidance: float = 0.0) -> dict[str, Any]:
     """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
 
     ``sampler`` is a registry name (``ddim``, ``dpmpp2m``, ``ancestral``; ``vanilla`` means ``ancestral``, with
     any ``eta`` ignored as CompVis). Sample ``i`` starts from noise seeded by ``(seed, i)`` and its step noise
     (DDIM with ``eta > 0``, ancestral) is drawn per sample too, so a sample is the same whatever the batch size and
     whether the run was resumed. Anatomical models with ``save_masks`` also write each sample's predicted mask.
+    ``anatomy_guidance`` > 0 (anatomical models) steers every step with the model's own segmentation head
+    (:mod:`ldm.models.diffusion.guidance`); 0 samples exactly as without it. The record's ``timings`` hold the
+    sampling time per step (``sampling_per_step_s``) and, when guided, ``guidance`` its calls and energies.
     """
     from contextlib import nullcontext
 
@@ -330,6 +337,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         raise ValueError(f"--sampler {sampler} takes no eta; eta applies to DDIM only (got -e {eta})")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
+    guidance_scale = check_guidance_scale(anatomy_guidance, model)
+    guidance = AnatomyGuidance(model, guidance_scale) if guidance_scale > 0 else None
     if save_masks and not is_anatomical(model):
         raise ValueError("--save_masks needs an anatomical model (AnatomicalUNetModel with registers); this run is "
                          f"a {type(model).__name__} with {type(model.unet).__name__}")
@@ -347,7 +356,7 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             x_T = initial_noise(shape, seed, indices, device=device)
             with timer_sample:
                 z = sample_latents(model, x_T, ddim_steps, 0.0 if vanilla else eta, SampleNoise(seed, indices),
-                                   sampler=sampler)
+                                   sampler=sampler, guidance=guidance)
                 masks = None
             with timer_decode:
                 if save_masks:
@@ -361,13 +370,17 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     bar.close()
     total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
     ancestral = sampler == "ancestral"
+    steps = len(sampler_timesteps(sampler, None if ancestral else ddim_steps, model.alphas_cumprod)) - 1
+    batches = -(-num_samples // batch_size)
     return {"seed": seed, "sampler": sampler, "ddim_steps": None if ancestral else ddim_steps,
-            "eta": None if ancestral else eta, "vanilla_sample": ancestral,
+            "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
             "ema": bool(use_ema and getattr(model, "use_ema", False)),
             "batch_size": batch_size, "start_index": start, "count": num_samples, "masks": bool(save_masks),
             "formats": list(formats), "device": str(device), "torch": torch.__version__,
             "timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
-                        "writing_s": timer_write.seconds, "per_sample_s": total / num_samples},
+                        "writing_s": timer_write.seconds, "per_sample_s": total / num_samples,
+                        "sampling_per_step_s": timer_sample.seconds / (batches * steps)},
+            "guidance": None if guidance is None else guidance.summary(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

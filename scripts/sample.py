@@ -44,6 +44,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", dest="ema", action="store_false", help="sample with the live weights, not EMA")
     p.add_argument("--save_masks", action="store_true",
                    help="anatomical models: also write predicted masks (masks/) and colour previews (masks_colour/)")
+    p.add_argument("--anatomy_guidance", type=float, default=0.0, metavar="S",
+                   help="anatomical models: steer every step with the model's own segmentation head along the "
+                        "gradient of an anatomical energy (co-occurrence, laterality, position, border; "
+                        "README_anatomical.md); 0 (default): off, bit-identical to plain sampling; each guided "
+                        "step costs a forward pass with gradients and a backward pass")
     p.add_argument("--format", nargs="+", choices=["png", "nii", "npz"], default=["png"],
                    help="extra formats beside the 8-bit PNGs (always written)")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true",
@@ -66,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         base = run_dir or os.path.dirname(os.path.abspath(args.resume))
         ancestral = args.vanilla_sample or args.sampler == "ancestral"
         tag = "vanilla" if ancestral else f"{args.sampler}{args.custom_steps}_eta{args.eta:g}"
+        tag += f"_guided{args.anatomy_guidance:g}" if args.anatomy_guidance else ""
         out_dir = os.path.join(base, "samples", f"{tag}_seed{args.seed}")
     run = sampling.generate(model, out_dir, args.n_samples, args.batch_size, args.custom_steps, args.eta, args.seed,
                             vanilla=args.vanilla_sample, use_ema=args.ema and info["has_ema"],
                             save_masks=args.save_masks, formats=args.format,
-                            colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler)
+                            colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler,
+                            anatomy_guidance=args.anatomy_guidance)
     run["timings"]["load_s"] = load_s
     path = sampling.update_manifest(out_dir, info, run)
     print(f"wrote {run['count']} samples ({run['start_index']:06d}..{run['start_index'] + run['count'] - 1:06d}) "

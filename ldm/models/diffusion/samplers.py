@@ -272,18 +272,23 @@ def inpainting_denoiser(denoise: Denoiser, q_sample: Callable[[torch.Tensor, tor
 @torch.no_grad()
 def sample_model(model: Any, sampler: str, x_T: torch.Tensor, steps: Optional[int] = None, *, cond: Any = None,
                  eta: Optional[float] = None, noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                 log_every_t: int = 100, progress: bool = False) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+                 log_every_t: int = 100, progress: bool = False,
+                 make_denoiser: Optional[Callable[..., Denoiser]] = None
+                 ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """Run the registered ``sampler`` with a :class:`~ldm.models.diffusion.ddpm.DDPM` from ``x_T``.
 
     ``steps``: model calls (``ancestral``: start at timestep ``steps - 1``, default every training step).
     The ancestral sampler keeps the DDPM loop's conventions (x0 clipped with ``clip_denoised``, conditioning
-    noised per step). Returns ``(samples, intermediates)`` (see :class:`Trajectory`).
+    noised per step). ``make_denoiser(cond, clip_denoised=, noise_cond=)`` builds the denoiser instead of
+    ``model.denoiser`` (e.g. :meth:`~ldm.models.diffusion.guidance.AnatomyGuidance.denoiser`). Returns
+    ``(samples, intermediates)`` (see :class:`Trajectory`).
     """
     name = check_sampler(sampler)
     grid = sampler_timesteps(name, steps, model.alphas_cumprod)
     x_T = x_T.to(model.alphas_cumprod.device)
     ancestral = name == "ancestral"
-    denoise = model.denoiser(cond, clip_denoised=ancestral and model.clip_denoised, noise_cond=ancestral)
+    denoise = (make_denoiser or model.denoiser)(cond, clip_denoised=ancestral and model.clip_denoised,
+                                                noise_cond=ancestral)
     trajectory = Trajectory(x_T, len(grid) - 1, log_every_t, [callback] if callback else (),
                             progress=name if progress else None)
     x = SAMPLERS[name](denoise, x_T, grid, model.alphas_cumprod, eta=eta,
