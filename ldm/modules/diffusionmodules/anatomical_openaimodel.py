@@ -1,15 +1,21 @@
 """The anatomical UNet: a :class:`UNetModel` whose features cross-attend to class-grouped register tokens.
 
-:class:`AnatomicalUNetModel` adds three things to the base UNet through its typed extension point
+:class:`AnatomicalUNetModel` adds these to the base UNet through its typed extension point
 (``prepare_state`` / ``block_hook`` / ``state.features``, with :class:`AnatomicalUNetState` as its
 state), without re-writing ``forward``:
 
 1. a register bank (:mod:`ldm.modules.anatomical_registers`) evaluated once per call, from the time
    embedding, and carried in ``state.registers``;
-2. an :class:`AnatomicalCrossAttention` after every chosen block (chosen by downsampling factor), whose
-   output projection is zero-initialised so that a fresh model reproduces the base UNet exactly;
-3. a segmentation head on the decoder features, used for the anatomical loss and to predict a mask
-   for every sample.
+2. with ``register_update: read``, a :class:`~ldm.modules.anatomical_blocks.RegisterReadAttention` at every
+   chosen block: the registers read the (pooled) features, so one register stream, updated block by block
+   through the UNet, carries a per-sample state (``register_update: none``: the constant tokens of the
+   first version);
+3. an :class:`AnatomicalCrossAttention` after every chosen block (chosen by downsampling factor): the
+   features read the registers. Both attentions' output projections are zero-initialised so that a fresh
+   model reproduces the base UNet exactly;
+4. a segmentation head on the decoder features (``mask_upsample_factor: 1``, latent resolution) or a
+   :class:`~ldm.modules.anatomical_blocks.AnatomicalMaskDecoder` with learned upsampling to image
+   resolution, used for the anatomical loss and to predict a mask for every sample.
 
 ``forward(x, t)`` always returns the prediction tensor like ``UNetModel`` (so every sampler works
 unchanged); ``forward_with_anatomy(x, t)`` returns an :class:`AnatomyOutput` (prediction, segmentation
@@ -19,7 +25,6 @@ is a deprecated alias returning ``(prediction, {"seg_logits", "class_attention"}
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
@@ -29,12 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, RegisterReadAttention
+from ldm.modules.anatomical_blocks import num_groups as _num_groups
 from ldm.modules.anatomical_registers import AnatomicalRegisterBank, TimestepAwareRegisterBank
 from ldm.modules.diffusionmodules.openaimodel import BlockInfo, BlockKind, UNetModel, UNetState
 
 logger = logging.getLogger(__name__)
 
-ANATOMICAL_KEY_PREFIXES = ("register_bank.", "anatomical_attention.", "segmentation_head.")
+ANATOMICAL_KEY_PREFIXES = ("register_bank.", "anatomical_attention.", "segmentation_head.", "register_read.",
+                           "mask_decoder.")
+REGISTER_UPDATES = ("none", "read")
 _ATTENDED_KINDS = (BlockKind.RES, BlockKind.MIDDLE, BlockKind.RES_UP)
 _warned_return_anatomy = False
 
@@ -44,13 +53,16 @@ class AnatomicalUNetState(UNetState):
     """:class:`UNetState` plus what the register layers share within one call.
 
     Args (beyond :class:`UNetState`'s):
-        registers: register tokens [B, C*K, D] used in this call (``None`` with registers off).
+        registers: the register stream [B, C*K, D] (``None`` with registers off): the bank's tokens, updated
+            by every register read so far with ``register_update: read``.
+        register_states: block key -> the register stream after that block's read (``register_update: read``).
         collect_attention: record each register layer's per-class attention mass.
         class_attention: block key -> per-class attention mass [B, C, h_l, w_l] (when collected).
         position_codes: (h, w) -> position codes [h*w, P] (or ``None``), computed once per size.
     """
 
     registers: Optional[torch.Tensor] = None
+    register_states: dict[str, torch.Tensor] = field(default_factory=dict)
     collect_attention: bool = False
     class_attention: dict[str, torch.Tensor] = field(default_factory=dict)
     position_codes: dict[tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)
@@ -62,12 +74,15 @@ class AnatomyOutput:
 
     Args:
         prediction: the UNet's prediction (eps, x0 or v, as trained), what ``forward`` returns.
-        seg_logits: segmentation logits [B, C, h, w] at the input's (latent) resolution.
+        seg_logits: segmentation logits [B, C, f*h, f*w], ``f`` = the UNet's ``mask_upsample_factor`` (1: the
+            input's latent resolution; the first stage's factor: image resolution).
         class_attention: per-class attention mass [B, C, h, w] averaged over the register layers (each
             resized bilinearly to the input size); sums to 1 over classes.
         layer_class_attention: block key (:attr:`BlockInfo.key`) -> that layer's per-class attention mass
             [B, C, h_l, w_l] at its own resolution, in block order.
-        registers: the register tokens [B, C*K, D] the layers attended to in this call.
+        registers: the register tokens [B, C*K, D] at the end of the call (after the last read).
+        register_states: block key -> register stream after that block's read (empty with
+            ``register_update: none``).
     """
 
     prediction: torch.Tensor
@@ -75,11 +90,7 @@ class AnatomyOutput:
     class_attention: torch.Tensor
     layer_class_attention: dict[str, torch.Tensor]
     registers: torch.Tensor
-
-
-def _num_groups(channels: int, preferred: int = 32) -> int:
-    """Largest group count <= ``preferred`` that divides ``channels`` (32 for usual UNet widths)."""
-    return math.gcd(int(channels), preferred)
+    register_states: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class AnatomicalCrossAttention(nn.Module):
@@ -161,8 +172,8 @@ class AnatomicalUNetModel(UNetModel):
     """UNetModel with anatomical register cross-attention and a segmentation head.
 
     Every ``UNetModel`` parameter is accepted unchanged (and every base state-dict key keeps its name);
-    the anatomical modules live under ``register_bank.``, ``anatomical_attention.`` and
-    ``segmentation_head.``.
+    the anatomical modules live under ``register_bank.``, ``anatomical_attention.``, ``register_read.``,
+    ``segmentation_head.`` and ``mask_decoder.``.
 
     Args:
         *args, **kwargs: ``UNetModel``'s parameters.
@@ -183,6 +194,14 @@ class AnatomicalUNetModel(UNetModel):
         anatomical_attention_dim: width of each register cross-attention, capped at the level's channels;
             ``None`` (default): the level's channels. 256 at the CT-Organ size cuts the layers' FLOPs by about
             half at the 512/1024-channel levels (``bench/RESULTS.md``).
+        register_update: ``"none"`` (default; the first version): the registers are the bank's tokens in every
+            layer, the same for every sample. ``"read"``: before the features read the registers at a chosen
+            block, the registers read that block's features (pooled to ``register_read_pool``), one stream
+            updated block by block, so they carry a per-sample state.
+        register_read_pool: largest side of the pooled grid the registers read (``register_update: read``).
+        mask_upsample_factor: ``1`` (default; the first version): segmentation head at latent resolution.
+            A power of two ``f >= 2``: mask decoder with ``log2 f`` learned upsampling stages, logits at ``f``
+            times the latent size; set it to the first stage's downsampling factor for image-size masks.
     """
 
     def __init__(self, *args: Any, use_anatomical_registers: bool = True, num_anatomical_classes: int = 6,
@@ -191,14 +210,24 @@ class AnatomicalUNetModel(UNetModel):
                  anatomical_attention_resolutions: Optional[Sequence[int]] = None,
                  use_spatial_encoding: bool = True, anatomical_loss_weight: Optional[float] = None,
                  register_dropout: float = 0.0, anatomical_attention_dim: Optional[int] = None,
+                 register_update: str = "none", register_read_pool: int = 8, mask_upsample_factor: int = 1,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_anatomical_registers = bool(use_anatomical_registers)
         self.num_anatomical_classes = int(num_anatomical_classes)
         self.anatomical_loss_weight = anatomical_loss_weight
         self.anatomical_attention_blocks: tuple[BlockInfo, ...] = ()
+        self.register_update = register_update
+        self.mask_upsample_factor = int(mask_upsample_factor)
         if not self.use_anatomical_registers:
             return
+        if register_update not in REGISTER_UPDATES:
+            raise ValueError(f"register_update must be one of {REGISTER_UPDATES} ('none': constant tokens, 'read': "
+                             f"registers read the features), got {register_update!r}")
+        factor = self.mask_upsample_factor
+        if factor < 1 or factor & (factor - 1):
+            raise ValueError(f"mask_upsample_factor must be a power of two >= 1 (1: latent-size head; the first "
+                             f"stage's downsampling factor: image-size masks), got {mask_upsample_factor}")
         if self.num_anatomical_classes < 2:
             raise ValueError(f"num_anatomical_classes must be >= 2 (background + organs), "
                              f"got {num_anatomical_classes}")
@@ -228,17 +257,32 @@ class AnatomicalUNetModel(UNetModel):
                 inner_dim=None if anatomical_attention_dim is None else min(int(anatomical_attention_dim),
                                                                              info.channels))
             for info in self.anatomical_attention_blocks})
+        if register_update == "read":
+            self.register_read = nn.ModuleDict({
+                info.key: RegisterReadAttention(info.channels, anatomical_register_dim, heads=anatomical_attention_heads,
+                                                pool_size=register_read_pool,
+                                                position_dim=self.register_bank.position_dim)
+                for info in self.anatomical_attention_blocks})
 
         feat_ch = self.model_channels
-        self.segmentation_head = nn.Sequential(
-            nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
-            nn.Conv2d(feat_ch, feat_ch, 3, padding=1),
-            nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
-            nn.Conv2d(feat_ch, self.num_anatomical_classes, 1),
-        )
+        if factor == 1:
+            self.segmentation_head = nn.Sequential(
+                nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
+                nn.Conv2d(feat_ch, feat_ch, 3, padding=1),
+                nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
+                nn.Conv2d(feat_ch, self.num_anatomical_classes, 1),
+            )
+        else:
+            self.mask_decoder = AnatomicalMaskDecoder(feat_ch, self.num_anatomical_classes, factor)
         logger.info("AnatomicalUNetModel: %d classes x %d registers (dim %d), register attention at %d blocks "
-                    "(ds %s)", num_anatomical_classes, num_registers_per_class, anatomical_register_dim,
-                    len(self.anatomical_attention_keys), wanted)
+                    "(ds %s), register_update=%s, mask at %dx latent size", num_anatomical_classes,
+                    num_registers_per_class, anatomical_register_dim, len(self.anatomical_attention_keys), wanted,
+                    register_update, factor)
+
+    @property
+    def mask_head(self) -> nn.Module:
+        """The module mapping decoder features to segmentation logits (head or mask decoder)."""
+        return self.segmentation_head if self.mask_upsample_factor == 1 else self.mask_decoder
 
     @property
     def anatomical_attention_keys(self) -> list[str]:
@@ -265,21 +309,34 @@ class AnatomicalUNetModel(UNetModel):
         if not self.use_anatomical_registers or info.key not in self.anatomical_attention:
             return h
         layer = self.anatomical_attention[info.key]
-        size = (h.shape[-2], h.shape[-1])
-        if size not in state.position_codes:
-            state.position_codes[size] = self.register_bank.position_codes(*size, device=h.device, dtype=h.dtype)
-        pos = state.position_codes[size]
         # the anatomical modules stay in float32 when the blocks run in float16 (use_fp16)
         dtype = layer.to_out.weight.dtype
+        features = h.to(dtype)
+        use_checkpoint = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        if self.register_update == "read":
+            reader = self.register_read[info.key]
+            pooled_pos = self._position_codes(reader.pooled_size(*h.shape[-2:]), state, h, dtype)
+            args = (features, state.registers, pooled_pos)
+            state.registers = checkpoint(reader, *args, use_reentrant=False) if use_checkpoint else reader(*args)
+            state.register_states[info.key] = state.registers
+        pos = self._position_codes((h.shape[-2], h.shape[-1]), state, h, dtype)
         membership = self.register_bank.class_membership(dtype) if state.collect_attention else None
-        args = (h.to(dtype), state.registers, None if pos is None else pos.to(dtype), membership)
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+        args = (features, state.registers, pos, membership)
+        if use_checkpoint:
             out, mass = checkpoint(layer, *args, use_reentrant=False)
         else:
             out, mass = layer(*args)
         if mass is not None:
             state.class_attention[info.key] = mass
         return out.to(h.dtype)
+
+    def _position_codes(self, size: tuple[int, int], state: AnatomicalUNetState, h: torch.Tensor,
+                        dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Position codes of a ``size`` grid (``None`` without spatial encoding), computed once per call and size."""
+        if size not in state.position_codes:
+            state.position_codes[size] = self.register_bank.position_codes(*size, device=h.device, dtype=h.dtype)
+        pos = state.position_codes[size]
+        return None if pos is None else pos.to(dtype)
 
     # ---- calls -----------------------------------------------------------------------------------
     def forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
@@ -291,14 +348,17 @@ class AnatomicalUNetModel(UNetModel):
         out, state = self.forward_with_state(x, timesteps, context, y, collect_attention=True, **kwargs)
         assert isinstance(state, AnatomicalUNetState) and state.features is not None
         size = x.shape[-2:]
-        seg_logits = self.segmentation_head(state.features.to(self.segmentation_head[-1].weight.dtype))
-        if seg_logits.shape[-2:] != size:
-            seg_logits = F.interpolate(seg_logits, size=size, mode="bilinear", align_corners=False)
+        head = self.mask_head
+        seg_logits = head(state.features.to(next(head.parameters()).dtype))
+        mask_size = tuple(s * self.mask_upsample_factor for s in size)
+        if seg_logits.shape[-2:] != mask_size:
+            seg_logits = F.interpolate(seg_logits, size=mask_size, mode="bilinear", align_corners=False)
         masses = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
                   for m in state.class_attention.values()]
         return AnatomyOutput(prediction=out, seg_logits=seg_logits,
                              class_attention=torch.stack(masses, dim=0).mean(dim=0),
-                             layer_class_attention=dict(state.class_attention), registers=state.registers)
+                             layer_class_attention=dict(state.class_attention), registers=state.registers,
+                             register_states=dict(state.register_states))
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,

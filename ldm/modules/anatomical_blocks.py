@@ -1,0 +1,124 @@
+"""Layers of the anatomical UNet beyond the feature <- register attention: the register read and the mask decoder.
+
+- :class:`RegisterReadAttention`: the registers read the features (registers are the queries, the
+  pooled feature map gives keys and values), so the register stream carries a per-sample state that the
+  features then read back. Zero-initialised output: a fresh layer leaves the registers unchanged.
+- :class:`AnatomicalMaskDecoder`: segmentation logits from the last decoder features, upsampled by a
+  learned nearest-upsample + conv stage per factor 2 (Odena et al. 2016, "Deconvolution and checkerboard
+  artifacts"), so that the mask is predicted at image resolution instead of the latent grid.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def num_groups(channels: int, preferred: int = 32) -> int:
+    """Largest group count <= ``preferred`` that divides ``channels`` (32 for usual UNet widths)."""
+    return math.gcd(int(channels), preferred)
+
+
+class RegisterReadAttention(nn.Module):
+    """Registers (queries) attend to a pooled feature map (keys/values) and update themselves.
+
+    ``R <- R + W_o · attention(W_q · LayerNorm(R), W_k · GN(pool(h)) [+ W_p · pos], W_v · GN(pool(h)))``,
+    ``pool`` = adaptive average pooling to at most ``pool_size x pool_size`` cells, so the cost is ``C*K``
+    queries over at most ``pool_size^2`` keys whatever the level's size. ``W_o`` is zero-initialised.
+
+    Args:
+        channels: feature channels of the block it follows.
+        register_dim: width ``D`` of the register tokens (also the attention width).
+        heads: attention heads; must divide ``register_dim``.
+        pool_size: largest side of the pooled feature grid (>= 1).
+        position_dim: width of the position codes added to the keys (``None``: no codes).
+    """
+
+    def __init__(self, channels: int, register_dim: int, heads: int = 8, pool_size: int = 8,
+                 position_dim: Optional[int] = None) -> None:
+        super().__init__()
+        if heads < 1 or register_dim % heads != 0:
+            raise ValueError(f"anatomical_attention_heads ({heads}) must be >= 1 and divide anatomical_register_dim "
+                             f"({register_dim}) when register_update is 'read'")
+        if int(pool_size) < 1:
+            raise ValueError(f"register_read_pool must be >= 1, got {pool_size}")
+        self.channels = int(channels)
+        self.heads = int(heads)
+        self.dim_head = register_dim // self.heads
+        self.pool_size = int(pool_size)
+        self.norm_registers = nn.LayerNorm(register_dim)
+        self.norm_features = nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
+        self.to_q = nn.Linear(register_dim, register_dim, bias=False)
+        self.to_k = nn.Linear(channels, register_dim, bias=False)
+        self.to_v = nn.Linear(channels, register_dim, bias=False)
+        self.pos_proj = nn.Linear(position_dim, register_dim, bias=False) if position_dim else None
+        self.to_out = nn.Linear(register_dim, register_dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def pooled_size(self, height: int, width: int) -> tuple[int, int]:
+        """Grid the features are pooled to before the registers read them."""
+        return min(int(height), self.pool_size), min(int(width), self.pool_size)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)  # [B, heads, n, dim_head]
+
+    def forward(self, h: torch.Tensor, registers: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Updated registers ``[B, T, D]`` after reading ``h`` [B, ch, H, W]; ``pos``: position codes
+        ``[h_p * w_p, position_dim]`` of the pooled grid (:meth:`pooled_size`)."""
+        b, ch = h.shape[:2]
+        if ch != self.channels:
+            raise ValueError(f"RegisterReadAttention built for {self.channels} channels got {ch}")
+        pooled = F.adaptive_avg_pool2d(h, self.pooled_size(*h.shape[-2:]))
+        feats = self.norm_features(pooled).flatten(2).transpose(1, 2)  # [B, n, ch]
+        k = self.to_k(feats)
+        if self.pos_proj is not None:
+            if pos is None:
+                raise ValueError("this layer was built with position codes; pass pos=[h_p*w_p, position_dim]")
+            k = k + self.pos_proj(pos.to(k.dtype)).unsqueeze(0)
+        registers = registers.to(k.dtype)
+        q = self._split(self.to_q(self.norm_registers(registers)))
+        out = F.scaled_dot_product_attention(q, self._split(k), self._split(self.to_v(feats)))
+        out = out.transpose(1, 2).reshape(b, registers.shape[1], -1)
+        return registers + self.to_out(out)
+
+
+class AnatomicalMaskDecoder(nn.Module):
+    """Segmentation logits at ``upsample_factor`` times the feature resolution.
+
+    ``GN-SiLU-Conv3x3`` on the features, then per factor 2 one ``nearest x2 -> Conv3x3 -> GN -> SiLU`` stage
+    (channels halved each stage, at least ``min_channels``), then a 1x1 conv to the classes.
+
+    Args:
+        in_channels: channels of the decoder features (the UNet's ``model_channels``).
+        num_classes: output classes ``C``.
+        upsample_factor: power of two >= 2 (the first stage's downsampling factor for image-size masks).
+        min_channels: narrowest stage.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, upsample_factor: int, min_channels: int = 16) -> None:
+        super().__init__()
+        factor = int(upsample_factor)
+        if factor < 2 or factor & (factor - 1):
+            raise ValueError(f"mask_upsample_factor must be a power of two >= 2 for the mask decoder, got "
+                             f"{upsample_factor} (1 = the latent-resolution head)")
+        self.upsample_factor = factor
+        self.trunk = nn.Sequential(nn.GroupNorm(num_groups(in_channels), in_channels, eps=1e-6), nn.SiLU(),
+                                   nn.Conv2d(in_channels, in_channels, 3, padding=1))
+        stages, ch = [], int(in_channels)
+        for _ in range(int(math.log2(factor))):
+            out_ch = max(ch // 2, int(min_channels))
+            stages.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                        nn.Conv2d(ch, out_ch, 3, padding=1),
+                                        nn.GroupNorm(num_groups(out_ch), out_ch, eps=1e-6), nn.SiLU()))
+            ch = out_ch
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Conv2d(ch, int(num_classes), 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C, f*h, f*w]`` for features ``[B, in_channels, h, w]``."""
+        return self.out(self.stages(self.trunk(features)))

@@ -1,0 +1,106 @@
+"""Loss terms of the anatomical supervision that keep every class and weight samples by their noise level.
+
+- :func:`soft_class_targets`: the area fraction of every class in each cell of a layer's grid (average
+  pooling of the one-hot mask over labelled pixels), so a class smaller than a cell is never deleted, as
+  a majority vote would delete it.
+- :func:`soft_alignment_loss`: soft cross-entropy between a layer's per-class attention mass and those
+  fractions, at the layer's own resolution.
+- :func:`soft_dice_loss`: ``1 - mean foreground soft Dice`` per sample (Milletari et al. 2016, V-Net, eq. 1,
+  with +1 smoothing), added to an unweighted cross-entropy instead of class weights that skew the argmax.
+- :func:`timestep_weights`: per-sample weight ``lambda(t)`` of the anatomical losses: ``alpha_bar_t``, or
+  ``min(SNR_t, 1)`` (the Min-SNR clamp, Hang et al. 2023, eq. 6 with gamma = 1), so that samples whose
+  mask is nearly unpredictable (SNR << 1) count little.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TIMESTEP_WEIGHTINGS = ("none", "alpha_bar", "snr")
+ALIGNMENT_TARGETS = ("majority", "soft")
+SEGMENTATION_LOSSES = ("ce", "ce_dice")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming the parameter and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def timestep_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
+    """Per-sample weights ``[B]`` of the anatomical losses at timesteps ``t``; ``None`` for ``"none"``.
+
+    ``"alpha_bar"``: ``alpha_bar_t`` (1 at t = 0, ~0 at t = T). ``"snr"``: ``min(alpha_bar_t / (1 - alpha_bar_t), 1)``.
+    """
+    check_choice("anatomical_timestep_weighting", mode, TIMESTEP_WEIGHTINGS)
+    if mode == "none":
+        return None
+    abar = alphas_cumprod.to(t.device)[t].float()
+    if mode == "alpha_bar":
+        return abar
+    return (abar / (1.0 - abar).clamp_min(1e-12)).clamp(max=1.0)
+
+
+def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int,
+                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class area fractions of an integer mask ``[B, H, W]`` on a ``size`` grid.
+
+    Returns ``(fractions [B, C, h, w], labelled [B, h, w])``: ``fractions[:, c]`` is the share of class ``c``
+    among the labelled pixels of each cell (summing to 1 over classes where ``labelled > 0``, all zeros
+    elsewhere); ``labelled`` is the labelled share of each cell. Pixels equal to ``ignore_index`` count in
+    neither. Exact cell averages for integer factors (adaptive average pooling otherwise).
+    """
+    size = tuple(int(s) for s in size)
+    valid = mask != ignore_index
+    safe = torch.where(valid, mask, torch.zeros_like(mask))
+    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float() * valid.unsqueeze(1).float()
+    counts = F.adaptive_avg_pool2d(onehot, size)  # share of each class among all pixels of a cell
+    labelled = F.adaptive_avg_pool2d(valid.unsqueeze(1).float(), size)[:, 0]
+    fractions = counts / labelled.clamp_min(1e-12).unsqueeze(1)
+    return torch.where(labelled.unsqueeze(1) > 0, fractions, torch.zeros_like(fractions)), labelled
+
+
+def soft_alignment_loss(attention: torch.Tensor, mask: torch.Tensor, ignore_index: int,
+                        sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft cross-entropy ``-sum_c target_c log attention_c`` between a layer's class attention ``[B, C, h, w]``
+    (summing to 1 over classes) and :func:`soft_class_targets` of ``mask`` at the layer's resolution.
+
+    Cells are weighted by their labelled share (and by ``sample_weights[b]`` when given) and normalised by the
+    labelled share alone, so the sample weights scale the loss. Exactly 0 (graph kept) with nothing labelled.
+    """
+    num_classes = attention.shape[1]
+    target, labelled = soft_class_targets(mask, attention.shape[-2:], num_classes, ignore_index)
+    ce = -(target * torch.log(attention.float().clamp_min(1e-6))).sum(dim=1)  # [B, h, w]
+    total = labelled.sum()
+    if total <= 0:
+        return (attention * 0.0).sum()
+    weights = labelled if sample_weights is None else labelled * sample_weights.view(-1, 1, 1).to(labelled.dtype)
+    return (ce * weights).sum() / total
+
+
+def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
+                   sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``1 - mean_{c >= 1} (2 sum p_c g_c + 1) / (sum p_c + sum g_c + 1)`` per sample over labelled pixels,
+    averaged over the samples with any labelled pixel (each scaled by ``sample_weights[b]`` when given).
+
+    ``probs``: softmax probabilities ``[B, C, H, W]`` at the mask's size. A class absent from a sample and
+    not predicted scores ~1 (the +1 smoothing), so absent classes do not dominate. Exactly 0 (graph kept)
+    with nothing labelled.
+    """
+    valid = (mask != ignore_index)
+    has = valid.flatten(1).any(dim=1)
+    if not has.any():
+        return (probs * 0.0).sum()
+    num_classes = probs.shape[1]
+    safe = torch.where(valid, mask, torch.zeros_like(mask))
+    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    v = valid.unsqueeze(1).to(probs.dtype)
+    p, g = (probs * v)[:, 1:].flatten(2), (onehot * v)[:, 1:].flatten(2)
+    dice = (2.0 * (p * g).sum(-1) + 1.0) / (p.sum(-1) + g.sum(-1) + 1.0)  # [B, C-1]
+    loss = 1.0 - dice.mean(dim=1)
+    if sample_weights is not None:
+        loss = loss * sample_weights.to(loss.dtype)
+    return loss[has].sum() / has.sum()
