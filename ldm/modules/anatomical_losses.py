@@ -63,16 +63,17 @@ def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int
     return torch.where(labelled.unsqueeze(1) > 0, fractions, torch.zeros_like(fractions)), labelled
 
 
-def soft_alignment_loss(attention: torch.Tensor, mask: torch.Tensor, ignore_index: int,
+def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor,
                         sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Soft cross-entropy ``-sum_c target_c log attention_c`` between a layer's class attention ``[B, C, h, w]``
-    (summing to 1 over classes) and :func:`soft_class_targets` of ``mask`` at the layer's resolution.
+    (summing to 1 over classes) and ``(target, labelled)`` = :func:`soft_class_targets` of the mask at the
+    layer's resolution.
 
     Cells are weighted by their labelled share (and by ``sample_weights[b]`` when given) and normalised by the
     labelled share alone, so the sample weights scale the loss. Exactly 0 (graph kept) with nothing labelled.
     """
-    num_classes = attention.shape[1]
-    target, labelled = soft_class_targets(mask, attention.shape[-2:], num_classes, ignore_index)
+    if target.shape != attention.shape:
+        raise ValueError(f"alignment target {tuple(target.shape)} does not match the attention {tuple(attention.shape)}")
     ce = -(target * torch.log(attention.float().clamp_min(1e-6))).sum(dim=1)  # [B, h, w]
     total = labelled.sum()
     if total <= 0:

@@ -4,10 +4,15 @@ Training (one step): ``z = scale_factor * E(image)`` (frozen first stage), ``x_t
 :class:`~ldm.modules.diffusionmodules.anatomical_openaimodel.AnatomicalUNetModel` returns eps and its
 anatomy outputs, and
 
-    loss = diffusion loss + w(step) * [CE(upsample(seg_logits), mask)
-                                       + attention_alignment_weight * CE(class_attention, mode_pool(mask))]
+    loss = diffusion loss + w(step) * lambda(t) * [seg_loss(seg_logits, mask) + attention_alignment_weight * align]
 
 over the labelled pixels of the examples with ``has_segmentation``; a batch without masks adds exactly 0.
+``seg_loss``: CE (``segmentation_loss: ce``, optionally class-weighted) or unweighted CE + soft Dice
+(``ce_dice``), on logits brought to the mask's size. ``align``: CE between the layer-averaged class attention
+and the majority-vote mask at latent size (``alignment_target: majority``, the first version), or the mean over
+register layers of the soft CE between each layer's class attention and the class area fractions at that
+layer's own resolution (``soft``, :mod:`ldm.modules.anatomical_losses`). ``lambda(t)``: 1, ``alpha_bar_t`` or
+``min(SNR_t, 1)`` per sample (``anatomical_timestep_weighting``).
 Sampling needs no mask: the UNet is called as a plain UNet; :meth:`sample_with_anatomy` adds one call
 at the end that predicts a mask for each sample.
 """
@@ -23,6 +28,8 @@ import torch.nn.functional as F
 
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_label_set, get_label_set
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
+                                           soft_alignment_loss, soft_class_targets, soft_dice_loss, timestep_weights)
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
 
 logger = logging.getLogger(__name__)
@@ -78,7 +85,18 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             (2w at step 0 falling to w at 2W along a half cosine, then w) or ``"constant"``.
         attention_alignment_weight: weight of the class-attention alignment cross-entropy.
         anatomical_ignore_index: mask value excluded from the loss.
-        anatomical_class_weights: optional per-class weights of both cross-entropies (length C).
+        anatomical_class_weights: optional per-class weights of the mask CE and of the majority-vote alignment CE
+            (length C).
+        alignment_target: ``"majority"`` (default; the first version): CE of the layer-averaged class attention
+            against the mask majority-voted to latent size. ``"soft"``: per register layer, soft CE against the
+            class area fractions at the layer's resolution (no class deleted), averaged over layers.
+        segmentation_loss: ``"ce"`` (default) or ``"ce_dice"`` (CE + ``1 - soft Dice`` over foreground classes;
+            meant without class weights).
+        anatomical_timestep_weighting: per-sample weight of the anatomical losses by noise level: ``"none"``
+            (default), ``"alpha_bar"`` (``alpha_bar_t``) or ``"snr"`` (``min(SNR_t, 1)``).
+        anatomical_logit_adjustment: when predicting masks, subtract ``log(anatomical_class_weights)`` from the
+            logits before the argmax (a class-weighted CE is minimised at ``q_c ~ w_c p_c``; logit adjustment,
+            Menon et al. 2021, recovers the argmax of ``p``). Needs positive class weights. Default ``False``.
         use_anatomical_inference: ``log_images`` also samples masks (seg head) and class-attention maps.
         label_set: name of the masks' label set in :mod:`ldm.data.labels` (``ctorgan``, ``breastmri``): class
             names and colours of previews and saved masks, and the rule checker; its class count must equal
@@ -92,7 +110,9 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                  anatomical_warmup_steps: int = 5000, anatomical_schedule: str = "warmup_decay",
                  attention_alignment_weight: float = 0.5, anatomical_ignore_index: int = 255,
                  anatomical_class_weights: Optional[Sequence[float]] = None, use_anatomical_inference: bool = True,
-                 label_set: Optional[str] = None, **kwargs: Any) -> None:
+                 label_set: Optional[str] = None, alignment_target: str = "majority", segmentation_loss: str = "ce",
+                 anatomical_timestep_weighting: str = "none", anatomical_logit_adjustment: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         unet = self.unet
         self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))
@@ -131,6 +151,33 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             if (weights < 0).any():
                 raise ValueError("anatomical_class_weights must be >= 0")
         self.register_buffer("anatomical_class_weights", weights, persistent=False)
+        self.alignment_target = check_choice("alignment_target", alignment_target, ALIGNMENT_TARGETS)
+        self.segmentation_loss = check_choice("segmentation_loss", segmentation_loss, SEGMENTATION_LOSSES)
+        self.anatomical_timestep_weighting = check_choice("anatomical_timestep_weighting",
+                                                          anatomical_timestep_weighting, TIMESTEP_WEIGHTINGS)
+        self.anatomical_logit_adjustment = bool(anatomical_logit_adjustment)
+        if self.anatomical_logit_adjustment and (weights is None or (weights <= 0).any()):
+            raise ValueError("anatomical_logit_adjustment needs anatomical_class_weights, all > 0 (it subtracts "
+                             "their log from the logits); set the weights or anatomical_logit_adjustment: false")
+        if self.use_anatomy:
+            self._check_mask_upsample_factor()
+
+    def first_stage_downsampling_factor(self) -> Optional[int]:
+        """Image size / latent size of the first stage (``2 ** (len(ch_mult) - 1)``), ``None`` if unknown."""
+        levels = getattr(getattr(self.first_stage_model, "encoder", None), "num_resolutions", None)
+        return None if levels is None else 2 ** (int(levels) - 1)
+
+    def _check_mask_upsample_factor(self) -> None:
+        factor = int(getattr(self.unet, "mask_upsample_factor", 1))
+        first = self.first_stage_downsampling_factor()
+        if first is None or factor == first:
+            return
+        if factor > first:
+            raise ValueError(f"the UNet's mask_upsample_factor ({factor}) exceeds the first stage's downsampling "
+                             f"factor ({first}): masks would be larger than the images; set mask_upsample_factor: "
+                             f"{first} (image-size masks) or 1 (latent-size head)")
+        logger.info("mask_upsample_factor %d < first-stage factor %d: seg logits are upsampled bilinearly to the "
+                    "image size", factor, first)
 
     # ---- schedule --------------------------------------------------------------------------------
     def get_anatomical_loss_weight(self, step: Optional[int] = None) -> float:
@@ -188,7 +235,8 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         anatomy = self.apply_model_with_anatomy(x_noisy, t, cond)
         loss, loss_dict = self.diffusion_loss(anatomy.prediction, x_start, t, noise)
         prefix = "train" if self.training else "val"
-        anat_loss, stats = self.anatomical_loss(anatomy.seg_logits, anatomy.class_attention, anatomy_target)
+        anat_loss, stats = self.anatomical_loss(anatomy.seg_logits, anatomy.class_attention, anatomy_target,
+                                                layer_class_attention=anatomy.layer_class_attention, t=t)
         weight = self.get_anatomical_loss_weight()
         weighted = weight * anat_loss
         loss_dict[f"{prefix}/diffusion_loss"] = loss.detach()
@@ -201,17 +249,21 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             loss_dict[f"{prefix}/{name}"] = value
         return loss, loss_dict
 
-    def _weighted_ce(self, log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean NLL over non-ignored pixels (class-weighted); exactly 0 (graph kept) with none."""
+    def _weighted_ce(self, log_probs: torch.Tensor, target: torch.Tensor,
+                     sample_weights: Optional[torch.Tensor] = None, class_weighted: bool = True) -> torch.Tensor:
+        """Mean NLL over non-ignored pixels (class-weighted unless ``class_weighted=False``), each sample's
+        pixels scaled by ``sample_weights[b]`` (the normaliser stays unscaled); exactly 0 (graph kept) with none."""
         valid = target != self.anatomical_ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target))
         nll = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)  # [B, H, W]
         weights = valid.to(nll.dtype)
-        if self.anatomical_class_weights is not None:
+        if class_weighted and self.anatomical_class_weights is not None:
             weights = weights * self.anatomical_class_weights.to(nll.dtype)[safe]
         total = weights.sum()
         if total <= 0:
             return (log_probs * 0.0).sum()
+        if sample_weights is not None:
+            return (nll * weights * sample_weights.to(nll.dtype).view(-1, 1, 1)).sum() / total
         return (nll * weights).sum() / total
 
     def apply_model_with_anatomy(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> AnatomyOutput:
@@ -219,24 +271,54 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         x, routed = self.model.route(x_noisy, **self.conditioning_kwargs(cond))
         return self.unet.forward_with_anatomy(x, t, **routed)
 
-    def anatomical_loss(self, seg_logits: torch.Tensor, class_attention: torch.Tensor,
-                        mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """``CE(upsampled seg_logits, mask) + alignment_weight * CE(class_attention, mode-pooled mask)``.
+    def anatomical_loss(self, seg_logits: torch.Tensor, class_attention: torch.Tensor, mask: Optional[torch.Tensor],
+                        *, layer_class_attention: Optional[Mapping[str, torch.Tensor]] = None,
+                        t: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """``lambda(t) * [seg_loss(seg_logits, mask) + alignment_weight * align]`` (see the module docstring).
 
-        Returns the loss (0 with a graph when nothing is labelled) and Dice statistics of the segmentation
-        head at mask resolution: ``anatomical_dice`` (mean over the foreground classes present) and
+        ``seg_logits`` may be at latent or image size (resized bilinearly to the mask's size when they differ);
+        ``layer_class_attention`` (block key -> [B, C, h_l, w_l]) feeds the soft alignment (``class_attention``
+        alone is used when it is not given); ``t`` [B] the timestep weighting (none without ``t``).
+        Returns the loss (0 with a graph when nothing is labelled) and statistics: the loss parts and the Dice of
+        the argmax at mask resolution, ``anatomical_dice`` (mean over the foreground classes present) and
         ``anatomical_dice_<c>`` per class present in the batch.
         """
-        zero = (seg_logits * 0.0).sum() + (class_attention * 0.0).sum()
+        layers = list((layer_class_attention or {}).values())
+        zero = (seg_logits * 0.0).sum() + sum((a * 0.0).sum() for a in [class_attention, *layers])
         if mask is None or not (mask != self.anatomical_ignore_index).any():
             return zero, {}
-        logits = F.interpolate(seg_logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        seg_ce = self._weighted_ce(F.log_softmax(logits, dim=1), mask)
-        small = mode_downsample(mask, class_attention.shape[-2:], self.num_anatomical_classes,
-                                self.anatomical_ignore_index)
-        align_ce = self._weighted_ce(torch.log(class_attention.float().clamp_min(1e-6)), small)
-        loss = seg_ce + self.attention_alignment_weight * align_ce + zero
-        stats = {"anatomical_seg_ce": seg_ce.detach(), "anatomical_alignment_ce": align_ce.detach()}
+        weights = (None if t is None else
+                   timestep_weights(self.alphas_cumprod, t, self.anatomical_timestep_weighting))
+        logits = seg_logits.float()
+        if logits.shape[-2:] != mask.shape[-2:]:
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        log_probs = F.log_softmax(logits, dim=1)
+        dice_term = self.segmentation_loss == "ce_dice"
+        seg_ce = self._weighted_ce(log_probs, mask, weights)
+        stats = {"anatomical_seg_ce": seg_ce.detach()}
+        seg = seg_ce
+        if dice_term:
+            dice = soft_dice_loss(log_probs.exp(), mask, self.anatomical_ignore_index, weights)
+            stats["anatomical_dice_loss"] = dice.detach()
+            seg = seg + dice
+        if self.alignment_target == "majority":
+            small = mode_downsample(mask, class_attention.shape[-2:], self.num_anatomical_classes,
+                                    self.anatomical_ignore_index)
+            align_ce = self._weighted_ce(torch.log(class_attention.float().clamp_min(1e-6)), small, weights)
+        else:
+            targets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+            terms = []
+            for attention in layers or [class_attention]:
+                size = tuple(attention.shape[-2:])
+                if size not in targets:
+                    targets[size] = soft_class_targets(mask, size, self.num_anatomical_classes,
+                                                       self.anatomical_ignore_index)
+                terms.append(soft_alignment_loss(attention, *targets[size], sample_weights=weights))
+            align_ce = torch.stack(terms).mean()
+        loss = seg + self.attention_alignment_weight * align_ce + zero
+        stats["anatomical_alignment_ce"] = align_ce.detach()
+        if weights is not None:
+            stats["anatomical_timestep_weight"] = weights.detach().mean()
         stats.update(self._dice_stats(logits.detach().argmax(1), mask))
         return loss, stats
 
@@ -327,9 +409,14 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             log["samples_class_attention"] = self._attention_image(res["class_attention"], image_size)
         return log
 
-    @staticmethod
-    def _argmax_at(seg_logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return F.interpolate(seg_logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)
+    def _argmax_at(self, seg_logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Masks [B, H, W] at ``size``: logits resized bilinearly (when needed), logit-adjusted when configured."""
+        logits = seg_logits.float()
+        if tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        if self.anatomical_logit_adjustment:
+            logits = logits - torch.log(self.anatomical_class_weights.to(logits)).view(1, -1, 1, 1)
+        return logits.argmax(1)
 
     def _attention_image(self, class_attention: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return colourise_probabilities(F.interpolate(class_attention.float(), size=tuple(size), mode="nearest"),
