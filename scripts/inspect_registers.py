@@ -3,7 +3,10 @@
 
 Example:
     python scripts/inspect_registers.py -r logs/2026-01-01T00-00-00_demo -l reports/registers -n 4 -c 20
-Writes register_similarity.png, attention_maps.png, attention_vs_timestep.png and registers.json.
+Writes register_similarity.png, attention_maps.png, attention_vs_timestep.png, register_diagnostics.png and
+registers.json. The diagnostics (on phantom validation slices, noised at five levels): per register layer
+||output - input|| / ||input||, the prediction error with the register outputs zeroed against intact, the
+class-attention entropy, and the cosine similarity of register states between slices of different body heights.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class_names", nargs="+", default=None,
                    help="default: the names of the model's label_set (class0.. without one)")
+    p.add_argument("--diag_latents", type=int, default=8,
+                   help="phantom slices for the register diagnostics (0: skip them)")
     p.add_argument("--no-ema", dest="ema", action="store_false")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true")
     p.add_argument("--device", default=None)
@@ -49,11 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     names = args.class_names or list(label_set.classes)
     summary = inspect_registers(model, args.logdir, args.n_samples, args.custom_steps, args.eta, args.seed,
                                 class_names=names, colours=label_set.palette(),
-                                use_ema=args.ema and info["has_ema"])
+                                use_ema=args.ema and info["has_ema"], diagnostic_latents=args.diag_latents)
     sim = summary["similarity"]
     print(f"register cosine similarity: within class {sim['within_class_mean']:.3f}, "
           f"across classes {sim['across_class_mean']:.3f}")
     print("final-step attention accuracy per level:", summary["trajectory"]["final_accuracy_per_level"])
+    diag = summary["diagnostics"]
+    if diag is not None:
+        print("timesteps", diag["timesteps"])
+        print("register output / features per layer:", {k: [round(v, 4) for v in vs]
+                                                        for k, vs in diag["output_ratio"].items()})
+        print("prediction MSE change with register outputs zeroed:", [round(v, 5) for v in diag["eps_mse_change"]])
+        print("register state cosine, far / near body heights:",
+              [(round(s["far_pairs_mean"], 4), round(s["near_pairs_mean"], 4)) for s in diag["register_similarity"]])
     print("wrote", ", ".join(os.path.join(args.logdir, f) for f in [*summary["files"].values(), "registers.json"]))
     return 0
 

@@ -1,16 +1,23 @@
-"""What the anatomical registers learned: register similarity and class-attention over a sampling trajectory.
+"""What the anatomical registers learned: register similarity and class-attention over a sampling trajectory,
+and whether the registers do anything (diagnostics on noised phantom latents).
 
 Works on an ``AnatomicalLatentDiffusion`` (or any LDM whose UNet is an ``AnatomicalUNetModel`` with registers).
-``inspect_registers`` writes ``register_similarity.png``, ``attention_maps.png``, ``attention_vs_timestep.png``
-and ``registers.json``.
+``inspect_registers`` writes ``register_similarity.png``, ``attention_maps.png``, ``attention_vs_timestep.png``,
+``register_diagnostics.png`` and ``registers.json``. The diagnostics (:func:`register_diagnostics`) are, per
+noise level: each register layer's ``||output - input|| / ||input||`` (how much it changes the features), the
+eps-prediction error with the register layers' outputs zeroed (:func:`zero_register_outputs`) against the
+intact model, the entropy of each layer's per-class attention, and the cosine similarity of the register
+states between slices from different body heights (equal for constant tokens; sample-dependent registers
+must differ).
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from contextlib import nullcontext
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +36,171 @@ def anatomical_unet(model: torch.nn.Module) -> torch.nn.Module:
                          "inspect_registers needs a run trained with AnatomicalUNetModel and "
                          "use_anatomical_registers: true")
     return unet
+
+
+def _layer_features(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The feature map a register attention layer was called with (its first argument)."""
+    features = args[0] if args else next(iter(kwargs.values()))
+    assert isinstance(features, torch.Tensor) and features.ndim == 4, "register layer input is not a feature map"
+    return features
+
+
+def _with_features(output: Any, features: torch.Tensor) -> Any:
+    """``output`` (a feature map, or a tuple whose first entry is one) with the feature map replaced."""
+    if isinstance(output, (tuple, list)):
+        return (features.to(output[0].dtype), *output[1:])
+    return features.to(output.dtype)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def zero_register_outputs(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every register attention layer (``unet.anatomical_attention``) passes its input features
+    through unchanged, as if its output projection were zero: the model without what the registers add. Forward
+    hooks; nothing in the model is edited, and they are removed on exit."""
+    layers = anatomical_unet(model).anatomical_attention.values()
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return _with_features(output, _layer_features(args, kwargs))
+
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def record_register_output_ratios(model: torch.nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Yields ``{layer key: [ratio [B] per call]}``, filled while the block runs: ``||output - input|| / ||input||``
+    of each register attention layer's feature map, per sample."""
+    unet = anatomical_unet(model)
+    ratios: dict[str, list[torch.Tensor]] = {key: [] for key in unet.anatomical_attention}
+
+    def make_hook(key: str):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = _layer_features(args, kwargs).detach().float().flatten(1)
+            delta = _first(output).detach().float().flatten(1) - x
+            ratios[key].append((delta.norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).cpu())
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(key), with_kwargs=True)
+               for key, layer in unet.anatomical_attention.items()]
+    try:
+        yield ratios
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def attention_entropy(class_attention: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel entropy of per-class attention [B, C, h, w] (summing to 1 over C), divided by log C: 0 when
+    every pixel attends to one class, 1 when uniform. Returns [B]."""
+    p = class_attention.detach().float().clamp_min(1e-12)
+    return -(p * p.log()).sum(1).mean(dim=(1, 2)) / math.log(class_attention.shape[1])
+
+
+def state_similarity(states: torch.Tensor, heights: Optional[Sequence[float]] = None,
+                     far: float = 0.5) -> dict[str, Any]:
+    """Cosine similarity of per-sample register states [N, ...] (flattened per sample).
+
+    Returns the ``[N, N]`` matrix, the mean over pairs of different samples, the relative spread
+    ``mean_i ||r_i - mean r|| / ||mean r||`` and, with body ``heights``, the mean over pairs at least ``far``
+    apart (``far_pairs_mean``) and closer (``near_pairs_mean``).
+    """
+    if states.ndim < 2 or states.shape[0] < 2:
+        raise ValueError(f"register states must be [N >= 2, ...], got {tuple(states.shape)}")
+    flat = states.detach().float().flatten(1).cpu()
+    unit = torch.nn.functional.normalize(flat, dim=1)
+    sim = unit @ unit.T
+    off = ~torch.eye(len(flat), dtype=torch.bool)
+    centre = flat.mean(0)
+    out: dict[str, Any] = {"matrix": sim.numpy(), "mean_pairwise": float(sim[off].mean()),
+                           "relative_spread": float((flat - centre).norm(dim=1).mean() / centre.norm().clamp_min(1e-12))}
+    if heights is not None:
+        z = torch.as_tensor(list(heights), dtype=torch.float32)
+        if len(z) != len(flat):
+            raise ValueError(f"{len(z)} heights for {len(flat)} register states")
+        gap = (z[:, None] - z[None, :]).abs()
+        far_pairs, near_pairs = off & (gap >= far), off & (gap < far)
+        out["far_pairs_mean"] = float(sim[far_pairs].mean()) if far_pairs.any() else float("nan")
+        out["near_pairs_mean"] = float(sim[near_pairs].mean()) if near_pairs.any() else float("nan")
+    return out
+
+
+def phantom_latents(model: torch.nn.Module, num: int, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """``num`` phantom validation slices at stratified body heights, encoded by the model's first stage:
+    ``(z [num, c, h, w], heights)`` with heights 0 (pelvis) .. 1 (chest)."""
+    from torch.utils.data import default_collate
+
+    from ldm.data.phantom import PhantomDataset
+
+    device = next(model.parameters()).device
+    size = int(model.decode_first_stage(torch.zeros(1, *sampling.latent_shape(model), device=device)).shape[-1])
+    data = PhantomDataset(size=size, num_samples=num, seed=seed, split="validation")
+    batch = default_collate([data[i] for i in range(num)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        z = model.get_input(batch, model.first_stage_key)[0]
+    return z, [float(h) for h in data.z]
+
+
+@torch.no_grad()
+def register_diagnostics(model: torch.nn.Module, z0: torch.Tensor, heights: Optional[Sequence[float]] = None,
+                         timesteps: Optional[Sequence[int]] = None, seed: int = 0) -> dict[str, Any]:
+    """Register diagnostics on clean latents ``z0`` [N, ...] noised to each of ``timesteps`` (default 2 %, 25 %,
+    50 %, 75 % and 98 % of the schedule) with noise seeded by ``seed``.
+
+    Returns ``timesteps`` and, per timestep: ``output_ratio`` (layer -> mean ||register output|| / ||features||),
+    ``attention_entropy`` (layer -> mean normalised class-attention entropy), ``eps_mse`` and ``eps_mse_zeroed``
+    (prediction error against the true target, intact and with :func:`zero_register_outputs`),
+    ``eps_mse_change`` (zeroed - intact: > 0 when the registers help), ``register_similarity`` (see
+    :func:`state_similarity`, without the matrix) and, at the middle timestep, its ``matrix``.
+    """
+    unet = anatomical_unet(model)
+    num_steps = int(model.num_timesteps)
+    if timesteps is None:
+        timesteps = sorted({int(round(f * (num_steps - 1))) for f in (0.02, 0.25, 0.5, 0.75, 0.98)})
+    bad = [t for t in timesteps if not 0 <= int(t) < num_steps]
+    if bad:
+        raise ValueError(f"timesteps {bad} outside 0..{num_steps - 1}")
+    gen = torch.Generator().manual_seed(seed)
+    keys = list(unet.anatomical_attention)
+    out: dict[str, Any] = {"timesteps": [int(t) for t in timesteps], "num_latents": int(z0.shape[0]),
+                           "output_ratio": {k: [] for k in keys}, "attention_entropy": {k: [] for k in keys},
+                           "eps_mse": [], "eps_mse_zeroed": [], "eps_mse_change": [], "register_similarity": []}
+    middle = out["timesteps"][len(out["timesteps"]) // 2]
+    for t_int in out["timesteps"]:
+        noise = torch.randn(z0.shape, generator=gen).to(z0)
+        t = torch.full((z0.shape[0],), t_int, device=z0.device, dtype=torch.long)
+        x_t = model.q_sample(z0, t, noise)
+        target = noise if model.parameterization == "eps" else z0
+        with record_register_output_ratios(model) as ratios:
+            anatomy = model.apply_model_with_anatomy(x_t, t)
+        with zero_register_outputs(model):
+            zeroed = model.apply_model(x_t, t)
+        mse = float(((anatomy.prediction.float() - target) ** 2).mean())
+        mse_zeroed = float(((zeroed.float() - target) ** 2).mean())
+        out["eps_mse"].append(mse)
+        out["eps_mse_zeroed"].append(mse_zeroed)
+        out["eps_mse_change"].append(mse_zeroed - mse)
+        for key in keys:
+            out["output_ratio"][key].append(float(torch.cat(ratios[key]).mean()) if ratios[key] else float("nan"))
+            att = anatomy.layer_class_attention.get(key)
+            out["attention_entropy"][key].append(float(attention_entropy(att).mean()) if att is not None
+                                                 else float("nan"))
+        if anatomy.registers is None or anatomy.registers.shape[0] < 2:
+            continue
+        sim = state_similarity(anatomy.registers, heights)
+        if t_int == middle:
+            out["register_similarity_matrix"] = sim["matrix"].tolist()
+            out["register_similarity_timestep"] = t_int
+        out["register_similarity"].append({k: v for k, v in sim.items() if k != "matrix"})
+    return out
 
 
 def register_similarity(registers: torch.Tensor) -> dict[str, Any]:
@@ -206,10 +378,63 @@ def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_name
     return paths
 
 
+def _json_safe(node: Any) -> Any:
+    """``node`` with non-finite floats replaced by ``None`` (strict JSON)."""
+    if isinstance(node, dict):
+        return {k: _json_safe(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_json_safe(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return None
+    return node
+
+
+def _diagnostics_figure(out_dir: str, diag: dict[str, Any], heights: Sequence[float]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(diag["timesteps"])
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for key, values in diag["output_ratio"].items():
+        axes[0].plot(t, values, marker="o", label=key)
+    axes[0].set_ylabel("||register output|| / ||features||")
+    axes[1].plot(t, diag["eps_mse"], marker="o", label="intact")
+    axes[1].plot(t, diag["eps_mse_zeroed"], marker="o", label="register outputs zeroed")
+    axes[1].set_ylabel("prediction MSE (noised phantom latents)")
+    for key, values in diag["attention_entropy"].items():
+        axes[2].plot(t, values, marker="o", label=key)
+    axes[2].set_ylabel("class-attention entropy / log C")
+    for ax in axes[:3]:
+        ax.set_xlabel("timestep t")
+        ax.legend(fontsize="x-small")
+    if "register_similarity_matrix" in diag:
+        order = np.argsort(heights)
+        matrix = np.asarray(diag["register_similarity_matrix"])[order][:, order]
+        im = axes[3].imshow(matrix, cmap="coolwarm", vmin=-1, vmax=1)
+        labels = [f"{heights[i]:.2f}" for i in order]
+        axes[3].set_xticks(range(len(order)), labels, rotation=90, fontsize=7)
+        axes[3].set_yticks(range(len(order)), labels, fontsize=7)
+        axes[3].set_title(f"register state cosine, t={diag['register_similarity_timestep']} (by body height)")
+        fig.colorbar(im, ax=axes[3])
+    fig.tight_layout()
+    path = os.path.join(out_dir, "register_diagnostics.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def inspect_registers(model: torch.nn.Module, out_dir: str, num_samples: int = 4, ddim_steps: int = 20,
                       eta: float = 0.0, seed: int = 0, class_names: Optional[Sequence[str]] = None,
-                      colours: Optional[Sequence[Sequence[int]]] = None, use_ema: bool = True) -> dict[str, Any]:
-    """Write the register figures and ``registers.json``; returns the JSON summary (with ``files``)."""
+                      colours: Optional[Sequence[Sequence[int]]] = None, use_ema: bool = True,
+                      diagnostic_latents: int = 8) -> dict[str, Any]:
+    """Write the register figures and ``registers.json``; returns the JSON summary (with ``files``).
+
+    ``diagnostic_latents``: phantom validation slices for :func:`register_diagnostics` (0: skip them).
+    """
+    if diagnostic_latents < 0 or diagnostic_latents == 1:
+        raise ValueError(f"diagnostic_latents must be 0 (off) or >= 2, got {diagnostic_latents}")
     unet = anatomical_unet(model)
     os.makedirs(out_dir, exist_ok=True)
     scope = model.ema_scope("inspect_registers") if use_ema and getattr(model, "use_ema", False) else nullcontext()
@@ -217,11 +442,20 @@ def inspect_registers(model: torch.nn.Module, out_dir: str, num_samples: int = 4
         bank = unet.register_bank
         sim = register_similarity(bank.registers)
         traj = attention_trajectory(model, num_samples, ddim_steps, eta, seed)
+        diag, heights = None, []
+        if diagnostic_latents:
+            z0, heights = phantom_latents(model, diagnostic_latents, seed)
+            diag = register_diagnostics(model, z0, heights, seed=seed)
     c, k = bank.registers.shape[:2]
     label_set = label_set_of(model, int(c))
     names = list(class_names) if class_names else list(label_set.classes)
     pal = np.asarray(colours if colours is not None else label_set.palette(int(c)), dtype=np.float64)
     files = _figures(out_dir, sim, traj, names, pal, k)
+    if diag is not None:
+        files["diagnostics"] = _diagnostics_figure(out_dir, diag, heights)
+        diag = _json_safe({"data": "phantom validation slices", "heights": heights, **diag})
+    maps = torch.from_numpy(traj["maps"])  # [S, L, N, C, h, w]
+    entropy = attention_entropy(maps.flatten(0, 2)).view(maps.shape[:3]).mean(2)  # [S, L]
     final_acc = traj["accuracy"][-1]
     summary = {
         "num_classes": int(c), "registers_per_class": int(k), "register_dim": int(bank.registers.shape[2]),
@@ -238,7 +472,9 @@ def inspect_registers(model: torch.nn.Module, out_dir: str, num_samples: int = 4
                                           for row in traj["own_class_mass"]],
                        "final_accuracy_per_level": {lv["key"]: float(a) for lv, a in zip(traj["levels"], final_acc)},
                        "token_similarity_within": traj["token_similarity"][:, 0].tolist(),
-                       "token_similarity_across": traj["token_similarity"][:, 1].tolist()},
+                       "token_similarity_across": traj["token_similarity"][:, 1].tolist(),
+                       "attention_entropy_per_level": entropy.tolist()},
+        "diagnostics": diag,
         "files": {k2: os.path.basename(v) for k2, v in files.items()},
     }
     with open(os.path.join(out_dir, "registers.json"), "w") as f:
