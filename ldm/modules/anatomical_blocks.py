@@ -25,9 +25,11 @@ def num_groups(channels: int, preferred: int = 32) -> int:
 class RegisterReadAttention(nn.Module):
     """Registers (queries) attend to a pooled feature map (keys/values) and update themselves.
 
-    ``R <- R + W_o · attention(W_q · LayerNorm(R), W_k · GN(pool(h)) [+ W_p · pos], W_v · GN(pool(h)))``,
+    ``R <- R + W_o · attention(W_q · LN(R), W_k · LN(pool(h)) [+ W_p · pos], W_v · LN(pool(h)))``,
     ``pool`` = adaptive average pooling to at most ``pool_size x pool_size`` cells, so the cost is ``C*K``
-    queries over at most ``pool_size^2`` keys whatever the level's size. ``W_o`` is zero-initialised.
+    queries over at most ``pool_size^2`` keys whatever the level's size. The pooled cells are layer-normalised
+    as tokens (over channels), not group-normalised over the grid, which would remove each channel's mean over
+    the image: the global content the registers should read. ``W_o`` is zero-initialised.
 
     Args:
         channels: feature channels of the block it follows.
@@ -50,7 +52,7 @@ class RegisterReadAttention(nn.Module):
         self.dim_head = register_dim // self.heads
         self.pool_size = int(pool_size)
         self.norm_registers = nn.LayerNorm(register_dim)
-        self.norm_features = nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
+        self.norm_features = nn.LayerNorm(channels)
         self.to_q = nn.Linear(register_dim, register_dim, bias=False)
         self.to_k = nn.Linear(channels, register_dim, bias=False)
         self.to_v = nn.Linear(channels, register_dim, bias=False)
@@ -74,7 +76,7 @@ class RegisterReadAttention(nn.Module):
         if ch != self.channels:
             raise ValueError(f"RegisterReadAttention built for {self.channels} channels got {ch}")
         pooled = F.adaptive_avg_pool2d(h, self.pooled_size(*h.shape[-2:]))
-        feats = self.norm_features(pooled).flatten(2).transpose(1, 2)  # [B, n, ch]
+        feats = self.norm_features(pooled.flatten(2).transpose(1, 2))  # [B, n, ch]
         k = self.to_k(feats)
         if self.pos_proj is not None:
             if pos is None:
