@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.evaluation.registers import register_similarity
+from ldm.evaluation.registers import (attention_entropy, register_diagnostics, register_similarity, state_similarity,
+                                     zero_register_outputs)
+from ldm.util import instantiate_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_sample_run import load_script, make_run  # noqa: E402
+from tiny_models import anatomical_params, ldm_config, unet_config  # noqa: E402
 
 
 def test_register_similarity_known_answer():
@@ -56,6 +59,22 @@ def test_inspect_script_on_trained_run(tmp_path):
     assert summary["num_classes"] == 6 and summary["registers_per_class"] == 2
     within, across = np.asarray(traj["token_similarity_within"]), np.asarray(traj["token_similarity_across"])
     assert within.shape == across.shape == (4,) and (np.abs(within) <= 1 + 1e-6).all()
+    assert np.asarray(traj["attention_entropy_per_level"]).shape == (4, len(traj["levels"]))
+    assert (out / "register_diagnostics.png").stat().st_size > 0
+    diag = summary["diagnostics"]
+    n_t, layers = len(diag["timesteps"]), [lv["key"] for lv in traj["levels"]]
+    assert n_t == 5 and diag["num_latents"] == 8 and len(diag["heights"]) == 8
+    for key in ("output_ratio", "attention_entropy"):
+        assert sorted(diag[key]) == sorted(layers)
+        values = np.asarray([diag[key][k] for k in layers], dtype=float)
+        assert values.shape == (len(layers), n_t) and np.isfinite(values).all() and (values >= 0).all()
+    for key in ("eps_mse", "eps_mse_zeroed", "eps_mse_change"):
+        assert len(diag[key]) == n_t and np.isfinite(diag[key]).all()
+    np.testing.assert_allclose(np.asarray(diag["eps_mse_zeroed"]) - diag["eps_mse"], diag["eps_mse_change"], atol=1e-6)
+    for sim in diag["register_similarity"]:
+        assert all(np.isfinite(sim[k]) for k in ("mean_pairwise", "relative_spread", "far_pairs_mean",
+                                                 "near_pairs_mean"))
+    assert np.asarray(diag["register_similarity_matrix"]).shape == (8, 8)
 
 
 def test_inspect_refuses_baseline(tmp_path):
@@ -64,3 +83,53 @@ def test_inspect_refuses_baseline(tmp_path):
     run = make_run(str(tmp_path), anatomical=False, steps=1, name="base")
     with pytest.raises(ValueError, match="no anatomical registers"):
         inspect_registers.main(["-r", run, "-l", str(tmp_path / "o"), "--device", "cpu"])
+
+
+def test_state_similarity_and_entropy_known_answers():
+    states = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    sim = state_similarity(states, heights=[0.1, 0.2, 0.9])
+    assert sim["matrix"].shape == (3, 3)
+    assert sim["near_pairs_mean"] == pytest.approx(1.0) and sim["far_pairs_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert sim["mean_pairwise"] == pytest.approx(1.0 / 3.0)
+    same = state_similarity(torch.ones(4, 3, 2))
+    assert same["mean_pairwise"] == pytest.approx(1.0) and same["relative_spread"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        state_similarity(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="heights"):
+        state_similarity(torch.ones(3, 2), heights=[0.0, 1.0])
+    uniform = torch.full((2, 4, 3, 3), 0.25)
+    one_hot = torch.zeros(2, 4, 3, 3)
+    one_hot[:, 1] = 1.0
+    assert torch.allclose(attention_entropy(uniform), torch.ones(2))
+    assert torch.allclose(attention_entropy(one_hot), torch.zeros(2), atol=1e-6)
+
+
+def test_zero_register_outputs_gives_the_base_unet():
+    torch.manual_seed(0)
+    anat = instantiate_from_config(unet_config(anatomy=anatomical_params(), two_level=True)).eval()
+    with torch.no_grad():
+        for p in anat.parameters():
+            p.normal_(0.0, 0.2)  # trained-like weights: the zero-initialised output layers no longer zero
+    base = instantiate_from_config(unet_config(two_level=True)).eval()
+    base.load_state_dict(anat.state_dict(), strict=False)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert not torch.allclose(anat(x, t), base(x, t), atol=1e-4)
+        with zero_register_outputs(anat):
+            torch.testing.assert_close(anat(x, t), base(x, t))
+            torch.testing.assert_close(anat.forward_with_anatomy(x, t).prediction, base(x, t))
+        assert not torch.allclose(anat(x, t), base(x, t), atol=1e-4)  # hooks removed on exit
+
+
+def test_diagnostics_value_errors(tmp_path):
+    from ldm.evaluation.registers import inspect_registers
+
+    model = instantiate_from_config(ldm_config(True, timesteps=20)).eval()
+    with pytest.raises(ValueError, match="outside 0..19"):
+        register_diagnostics(model, torch.randn(2, 2, 8, 8), timesteps=[5, 20])
+    with pytest.raises(ValueError, match="diagnostic_latents"):
+        inspect_registers(model, str(tmp_path), diagnostic_latents=1)
+    plain = instantiate_from_config(ldm_config(False, timesteps=20))
+    with pytest.raises(ValueError, match="no anatomical registers"):
+        with zero_register_outputs(plain):
+            pass
