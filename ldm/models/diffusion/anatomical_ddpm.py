@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_label_set, get_label_set
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.joint import JointMaskMixin
 from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
                                            soft_alignment_loss, soft_class_targets, soft_dice_loss, timestep_weights)
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
@@ -69,7 +70,7 @@ def mode_downsample(mask: torch.Tensor, size: Sequence[int], num_classes: int, i
     return torch.where(winner == num_classes, torch.full_like(winner, ignore_index), winner)
 
 
-class AnatomicalLatentDiffusion(LatentDiffusion):
+class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
     """LatentDiffusion whose AnatomicalUNetModel is supervised by segmentation masks.
 
     Args:
@@ -101,6 +102,13 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         label_set: name of the masks' label set in :mod:`ldm.data.labels` (``ctorgan``, ``breastmri``): class
             names and colours of previews and saved masks, and the rule checker; its class count must equal
             ``num_anatomical_classes``. ``None``: unnamed classes with generic colours.
+        joint_mask_config: ``{target, params}`` of a frozen mask autoencoder
+            (:class:`~ldm.models.mask_autoencoder.MaskAutoencoderKL`): joint mode, the model denoises
+            ``concat(image latent, mask latent)`` and generates the mask with the image (:mod:`ldm.models.diffusion.joint`).
+            ``channels`` and the UNet's in/out channels must be the sum of both latents' channels. ``None``: off.
+        mask_scale_factor: scale of the mask latents (joint mode). mask_scale_by_std: set it to ``1 / std`` of the
+            first training batch's mask latents instead (kept in the checkpoint).
+        joint_mask_loss_weight: weight of the mask channels' diffusion loss (joint mode; examples with a mask only).
     """
 
     progress_bar_keys = ("loss", "diffusion_loss", "anatomical_loss", "anatomical_dice")
@@ -112,7 +120,9 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                  anatomical_class_weights: Optional[Sequence[float]] = None, use_anatomical_inference: bool = True,
                  label_set: Optional[str] = None, alignment_target: str = "majority", segmentation_loss: str = "ce",
                  anatomical_timestep_weighting: str = "none", anatomical_logit_adjustment: bool = False,
-                 **kwargs: Any) -> None:
+                 joint_mask_config: Optional[Mapping[str, Any]] = None, mask_scale_factor: float = 1.0,
+                 mask_scale_by_std: bool = False, joint_mask_loss_weight: float = 1.0, **kwargs: Any) -> None:
+        ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", ())
         super().__init__(*args, **kwargs)
         unet = self.unet
         self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))
@@ -161,6 +171,9 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                              "their log from the logits); set the weights or anatomical_logit_adjustment: false")
         if self.use_anatomy:
             self._check_mask_upsample_factor()
+        self.setup_joint(joint_mask_config, mask_scale_factor, mask_scale_by_std, joint_mask_loss_weight)
+        if ckpt_path is not None:  # after the joint mode's modules exist, so that their keys load too
+            self.init_from_ckpt(ckpt_path, ignore_keys)
 
     def first_stage_downsampling_factor(self) -> Optional[int]:
         """Image size / latent size of the first stage (``2 ** (len(ch_mult) - 1)``), ``None`` if unknown."""
@@ -221,6 +234,8 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         return mask
 
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any):
+        if self.is_joint:
+            return self.joint_shared_step(batch)
         x, c = self.get_input(batch, self.first_stage_key)
         if not self.use_anatomy:
             return self(x, c)
@@ -352,14 +367,19 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
     @torch.no_grad()
     def predict_masks(self, z: torch.Tensor, image_size: Sequence[int], cond: Any = None) -> torch.Tensor:
         """Masks ``[B, H, W]`` (int64) for final latents ``z``: one UNet call at ``t = 0``, the seg logits
-        upsampled to ``image_size``, argmax over classes."""
+        upsampled to ``image_size``, argmax over classes. A joint model returns its generated masks instead
+        (the mask channels of ``z`` through the mask decoder, :meth:`joint_masks`)."""
+        if self.is_joint:
+            return self.joint_masks(z, image_size)
         return self._argmax_at(self.predict_anatomy(z, cond=cond).seg_logits, image_size)
 
     @torch.no_grad()
     def decode_with_anatomy(self, latents: torch.Tensor, cond: Any = None) -> dict:
         """The one "then predict masks" step after sampling: ``{"images": [B, ch, H, W] in [-1, 1] (decoded),
         "masks": [B, H, W] int64 (argmax of the seg logits upsampled to the image size), "seg_logits",
-        "class_attention": [B, C, h, w], "latents": [B, c, h, w]}``."""
+        "class_attention": [B, C, h, w], "latents": [B, c, h, w]}``. A joint model: :meth:`decode_joint`."""
+        if self.is_joint:
+            return self.decode_joint(latents, cond)
         anatomy = self.predict_anatomy(latents, cond=cond)
         images = self.decode_first_stage(latents)
         return {"images": images, "masks": self._argmax_at(anatomy.seg_logits, images.shape[-2:]),
@@ -388,7 +408,7 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         ``inputs_class_attention`` (model on the clean input latents), ``samples_mask`` and
         ``samples_class_attention`` (for the samples, which need no mask).
         """
-        anatomical = self.use_anatomy and self.use_anatomical_inference
+        anatomical = (self.use_anatomy or self.is_joint) and self.use_anatomical_inference
         log = super().log_images(batch, N=N, n_row=n_row, sample=sample and not anatomical,
                                  ddim_steps=ddim_steps, ddim_eta=ddim_eta, **kwargs)
         if not anatomical:
@@ -399,14 +419,17 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         if mask is not None:
             log["inputs_mask"] = colourise_labels(mask, self.label_set, self.anatomical_ignore_index)
         z = self.get_input(batch, self.first_stage_key, bs=n)[0]
-        anatomy = self.predict_anatomy(z)
-        log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy.seg_logits, image_size), self.label_set)
-        log["inputs_class_attention"] = self._attention_image(anatomy.class_attention, image_size)
+        if self.use_anatomy:
+            anatomy = self.predict_anatomy(z)
+            log["inputs_predicted_mask"] = colourise_labels(self._argmax_at(anatomy.seg_logits, image_size),
+                                                            self.label_set)
+            log["inputs_class_attention"] = self._attention_image(anatomy.class_attention, image_size)
         if sample:
             res = self.sample_with_anatomy(n, ddim_steps=ddim_steps, eta=ddim_eta)
             log["samples"] = res["images"]
             log["samples_mask"] = colourise_labels(res["masks"], self.label_set)
-            log["samples_class_attention"] = self._attention_image(res["class_attention"], image_size)
+            if "class_attention" in res:
+                log["samples_class_attention"] = self._attention_image(res["class_attention"], image_size)
         return log
 
     def _argmax_at(self, seg_logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
