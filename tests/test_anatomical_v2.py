@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+from ldm.data.phantom import PhantomDataset
 
 from ldm.models.diffusion.anatomical_ddpm import mode_downsample
 from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, RegisterReadAttention
@@ -14,6 +17,7 @@ from ldm.modules.diffusionmodules.anatomical_openaimodel import ANATOMICAL_KEY_P
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
 from test_anatomical_ldm import phantom_batch, tiny_config
+from test_anatomical_training import _dice_per_class, _near_deterministic_first_stage
 from tiny_models import anatomical_params, unet_params
 
 BASE = unet_params(in_channels=3, out_channels=3, image_size=16, two_level=True)
@@ -231,6 +235,61 @@ def test_logit_adjustment_undoes_the_class_weights_at_inference():
     assert (plain._argmax_at(logits, (2, 2)) == 1).all()
     logits[0, 1] = 4.0
     assert (plain._argmax_at(logits, (2, 2)) == 1).all()  # unadjusted: the weighted-CE bias towards organs
+
+
+# ---- a short training ----------------------------------------------------------------------------------------
+def _train_v2(shuffle_masks: bool, steps: int = 100) -> tuple[float, float, dict]:
+    """``steps`` AdamW steps of the tiny v2 model on 32 phantom slices (t ~ U{0..99}); returns the foreground Dice
+    of its image-size masks at t = 10 against the true masks and against other slices' masks, and the
+    correlation of each soft-aligned layer's class attention with its area-fraction target."""
+    torch.manual_seed(0)
+    model = instantiate_from_config(tiny_config(unet=V2_UNET, anatomical_warmup_steps=0, use_ema=False, **V2_LDM))
+    _near_deterministic_first_stage(model)
+    n = 32
+    ds = PhantomDataset(size=32, num_samples=n, seed=0)
+    data = default_collate([ds[i] for i in range(n)])
+    with torch.no_grad():
+        z_all = model.get_input(data, "image")[0]
+        model.scale_factor = 1.0 / z_all.std().item()
+        z_all = z_all * model.scale_factor
+    masks = model.get_anatomy_target(data)
+    train_masks = masks[torch.randperm(n, generator=torch.Generator().manual_seed(5))] if shuffle_masks else masks
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=g)[:8]
+        t = torch.randint(0, 100, (8,), generator=g)
+        loss, _ = model.p_losses(z_all[idx], None, t, anatomy_target=train_masks[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        t = torch.full((n,), 10, dtype=torch.long)
+        anatomy = model.predict_anatomy(model.q_sample(z_all, t, torch.randn(z_all.shape, generator=g)), t)
+    assert anatomy.seg_logits.shape[-2:] == masks.shape[-2:]  # image size, no upsampling of logits
+    pred = anatomy.seg_logits.argmax(1)
+    own, other = _dice_per_class(pred, masks), _dice_per_class(pred, torch.roll(masks, 1, dims=0))
+    corr = {}
+    for key, attention in anatomy.layer_class_attention.items():
+        target, _ = soft_class_targets(masks, attention.shape[-2:], 6, 255)
+        corr[key] = torch.corrcoef(torch.stack([attention[:, 1].flatten(), target[:, 1].flatten()]))[0, 1].item()
+    return sum(own.values()) / len(own), sum(other.values()) / len(other), corr
+
+
+def test_short_training_v2_head_learns_the_masks_beyond_a_shuffled_mask_control():
+    """100 steps each, on the true masks and on masks shuffled across slices (CPU, ~35 s together).
+
+    Measured when written: foreground Dice 0.34 (true masks) vs 0.11 (trained on shuffled masks) and 0.10
+    (true-mask model scored against other slices' masks); liver attention vs its area fraction correlates
+    0.59-0.93 per layer (0.41-0.64 for the shuffled control).
+    """
+    own, other, corr = _train_v2(shuffle_masks=False)
+    control, _, corr_control = _train_v2(shuffle_masks=True)
+    assert own > 0.25, own
+    assert own > control + 0.15 and own > other + 0.15, (own, control, other)
+    assert min(corr.values()) > 0.4 and sum(corr.values()) > sum(corr_control.values()), (corr, corr_control)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------
