@@ -19,10 +19,12 @@ LDM_DIR = ROOT / "configs" / "latent-diffusion"
 ANATOMICAL_LDM = {"anatomical_mask_key", "anatomical_loss_weight", "progressive_anatomical_training",
                   "anatomical_schedule", "anatomical_warmup_steps", "attention_alignment_weight",
                   "anatomical_ignore_index", "anatomical_class_weights", "use_anatomical_inference",
-                  "label_set"}
+                  "label_set", "alignment_target", "segmentation_loss", "anatomical_timestep_weighting",
+                  "anatomical_logit_adjustment"}
 ANATOMICAL_UNET = {"use_anatomical_registers", "num_anatomical_classes", "anatomical_register_dim",
                    "num_registers_per_class", "anatomical_attention_heads", "anatomical_attention_dim",
-                   "use_timestep_aware_registers", "anatomical_attention_resolutions", "use_spatial_encoding"}
+                   "use_timestep_aware_registers", "anatomical_attention_resolutions", "use_spatial_encoding",
+                   "register_update", "register_read_pool", "mask_upsample_factor"}
 
 
 def _load(name: str) -> dict:
@@ -72,17 +74,19 @@ def test_ctorgan_config_instantiates_with_compvis_keys_plus_anatomical_ones(comp
     own = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert {k: own[k] for k in reference} == reference  # every reference key, same shape
     extra = set(own) - set(reference) - {"scale_factor"}  # scale_by_std keeps scale_factor in checkpoints
-    prefixes = ("model.diffusion_model.register_bank.", "model.diffusion_model.anatomical_attention.",
-                "model.diffusion_model.segmentation_head.", "model_ema.diffusion_modelregister_bank",
-                "model_ema.diffusion_modelanatomical_attention", "model_ema.diffusion_modelsegmentation_head")
+    modules = ("register_bank", "anatomical_attention", "register_read", "mask_decoder")
+    prefixes = tuple(f"model.diffusion_model.{m}." for m in modules) + tuple(f"model_ema.diffusion_model{m}"
+                                                                          for m in modules)
     assert extra and all(k.startswith(prefixes) for k in extra)
+    assert any(".register_read." in k for k in extra) and any(".mask_decoder." in k for k in extra)
+    assert unet.mask_upsample_factor == model.first_stage_downsampling_factor() == 4
 
 
 def test_breastmri_unet_instantiates_with_four_classes():
     cfg = OmegaConf.load(LDM_DIR / "anatomical_breastmri_kl.yaml")
     with torch.device("meta"):
         unet = instantiate_from_config(cfg.model.params.unet_config)
-    assert unet.segmentation_head[-1].out_channels == 4
+    assert unet.mask_head.out.out_channels == 4 and unet.mask_upsample_factor == 4
     assert unet.register_bank.registers.shape == (4, 4, 256)
 
 
