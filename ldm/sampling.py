@@ -118,6 +118,11 @@ def is_anatomical(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "use_anatomy", False))
 
 
+def is_joint(model: torch.nn.Module) -> bool:
+    """Whether the model generates each sample's mask with the image (joint mode, ``joint_mask_config``)."""
+    return bool(getattr(model, "is_joint", False))
+
+
 # ------------------------------------------------------------------------------------------------- noise
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """A 63-bit seed for sample ``index`` of a run seeded with ``seed`` (independent streams, no overlap)."""
@@ -205,7 +210,8 @@ def update_manifest(out_dir: str, info: dict[str, Any], run: dict[str, Any]) -> 
         if manifest.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
             logger.warning("%s already holds samples of another checkpoint (sha256 %s...); the folder now mixes "
                            "two models.", out_dir, str(manifest.get("checkpoint_sha256"))[:12])
-        changed = [k for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema", "anatomy_guidance")
+        changed = [k for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema", "anatomy_guidance",
+                               "mask_source")
                    if k in manifest and k in run and manifest[k] != run[k]]
         if changed:
             logger.warning("%s: this session's %s differ from the earlier sessions' (%s); see 'sessions' in "
@@ -215,6 +221,8 @@ def update_manifest(out_dir: str, info: dict[str, Any], run: dict[str, Any]) -> 
     manifest.update({k: run[k] for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema",
                                          "anatomy_guidance")
                      if k in run})
+    if run.get("mask_source") is not None:  # "joint": generated with the image; "segmentation_head": predicted after
+        manifest.update(mask_source=run["mask_source"], masks_generated_jointly=run["mask_source"] == "joint")
     manifest.setdefault("sessions", []).append(run)
     manifest["num_samples"] = next_index(out_dir)
     tmp = path + ".tmp"
@@ -247,9 +255,10 @@ def latent_shape(model: torch.nn.Module) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def predict_masks(model: torch.nn.Module, z: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
-    """Segmentation-head masks ``[B, H, W]`` (int64) for final latents ``z``
-    (:meth:`~ldm.models.diffusion.anatomical_ddpm.AnatomicalLatentDiffusion.predict_masks`)."""
-    if not is_anatomical(model):
+    """Masks ``[B, H, W]`` (int64) for final latents ``z``
+    (:meth:`~ldm.models.diffusion.anatomical_ddpm.AnatomicalLatentDiffusion.predict_masks`): the segmentation head's,
+    or for a joint model the generated masks (the mask channels of the joint latents ``z`` decoded)."""
+    if not (is_anatomical(model) or is_joint(model)):
         raise ValueError(f"predicting masks needs an anatomical model (AnatomicalLatentDiffusion with "
                          f"use_anatomical_registers: true); got a {type(model).__name__}")
     return model.predict_masks(z, image_size)
@@ -323,7 +332,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     ``sampler`` is a registry name (``ddim``, ``dpmpp2m``, ``ancestral``; ``vanilla`` means ``ancestral``, with
     any ``eta`` ignored as CompVis). Sample ``i`` starts from noise seeded by ``(seed, i)`` and its step noise
     (DDIM with ``eta > 0``, ancestral) is drawn per sample too, so a sample is the same whatever the batch size and
-    whether the run was resumed. Anatomical models with ``save_masks`` also write each sample's predicted mask.
+    whether the run was resumed. Anatomical models with ``save_masks`` also write each sample's predicted mask;
+    joint models always write their generated masks (same layout; ``mask_source: joint`` in the record).
     ``anatomy_guidance`` > 0 (anatomical models) steers every step with the model's own segmentation head
     (:mod:`ldm.models.diffusion.guidance`); 0 samples exactly as without it. The record's ``timings`` hold the
     sampling time per step (``sampling_per_step_s``) and, when guided, ``guidance`` its calls and energies.
@@ -339,7 +349,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
     guidance_scale = check_guidance_scale(anatomy_guidance, model)
     guidance = AnatomyGuidance(model, guidance_scale) if guidance_scale > 0 else None
-    if save_masks and not is_anatomical(model):
+    save_masks = bool(save_masks) or is_joint(model)
+    if save_masks and not (is_anatomical(model) or is_joint(model)):
         raise ValueError("--save_masks needs an anatomical model (AnatomicalUNetModel with registers); this run is "
                          f"a {type(model).__name__} with {type(model.unet).__name__}")
     os.makedirs(out_dir, exist_ok=True)
@@ -376,6 +387,7 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
             "ema": bool(use_ema and getattr(model, "use_ema", False)),
             "batch_size": batch_size, "start_index": start, "count": num_samples, "masks": bool(save_masks),
+            "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
             "formats": list(formats), "device": str(device), "torch": torch.__version__,
             "timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
                         "writing_s": timer_write.seconds, "per_sample_s": total / num_samples,

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     grids.update({name: data["images"][:args.grid, 0].numpy() for name, data in sets.items()})
     meta = {"real": args.real, "real_split": args.real_split, "num_real": len(real["images"]),
             "samples": {n: {"dir": p, "checkpoint_sha256": sets[n]["manifest"].get("checkpoint_sha256"),
-                            "ddim_steps": sets[n]["manifest"].get("ddim_steps"), "eta": sets[n]["manifest"].get("eta")}
+                            "ddim_steps": sets[n]["manifest"].get("ddim_steps"), "eta": sets[n]["manifest"].get("eta"),
+                            "mask_source": sets[n]["manifest"].get("mask_source")}
                         for n, p in _named(args.samples).items()},
             "rules": args.rules, "segmenter": args.segmenter, "features": list(extractors),
             "num_classes": num_classes, "class_names": names}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Sample images (and, for anatomical models, their predicted masks) from a trained run.
+r"""Sample images and their masks (predicted by anatomical models, generated with the image by joint models).
 
 Example:
     python scripts/sample.py -r logs/2026-01-01T00-00-00_demo -n 64 --batch_size 16 -c 50 -e 0.0 \
@@ -43,7 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--vanilla_sample", action="store_true", help="same as --sampler ancestral (CompVis flag)")
     p.add_argument("--no-ema", dest="ema", action="store_false", help="sample with the live weights, not EMA")
     p.add_argument("--save_masks", action="store_true",
-                   help="anatomical models: also write predicted masks (masks/) and colour previews (masks_colour/)")
+                   help="anatomical models: also write predicted masks (masks/) and colour previews (masks_colour/); "
+                        "joint models (joint_mask_config) always write their generated masks there")
     p.add_argument("--anatomy_guidance", type=float, default=0.0, metavar="S",
                    help="anatomical models: steer every step with the model's own segmentation head along the "
                         "gradient of an anatomical energy (co-occurrence, laterality, position, border; "
