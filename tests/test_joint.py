@@ -310,3 +310,78 @@ def test_joint_checkpoint_samples_through_sample_py(tmp_path, registers):
         inspect = load_script("inspect_registers")
         assert inspect.main(["-r", run, "-l", str(tmp_path / "registers"), "-n", "2", "-c", "2",
                              "--device", "cpu"]) == 0
+
+
+# ---------------------------------------------------------------------------------------- configs and main.py
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+JOINT_ONLY = {"joint_mask_config", "mask_scale_by_std", "joint_mask_loss_weight", "channels"}
+
+
+@pytest.mark.parametrize("joint, anatomical, mask_ae", [
+    ("anatomical_joint_ctorgan_kl.yaml", "anatomical_ctorgan_kl.yaml", "mask_ae_ctorgan.yaml"),
+    ("anatomical_joint_breastmri_kl.yaml", "anatomical_breastmri_kl.yaml", "mask_ae_breastmri.yaml"),
+    ("demo_phantom_joint.yaml", "demo_phantom_anatomical.yaml", "mask_ae_phantom.yaml"),
+])
+def test_joint_configs_equal_the_anatomical_ones_plus_the_joint_mode(joint, anatomical, mask_ae):
+    load = lambda *p: OmegaConf.to_container(OmegaConf.load(os.path.join(CONFIGS, *p)))  # noqa: E731
+    cfg, base, ae = load("latent-diffusion", joint), load("latent-diffusion", anatomical), load("autoencoder", mask_ae)
+    assert cfg["data"] == base["data"] and cfg["lightning"] == base["lightning"]
+    params, base_params = cfg["model"]["params"], base["model"]["params"]
+    assert {k: v for k, v in params.items() if k not in JOINT_ONLY | {"unet_config"}} == \
+        {k: v for k, v in base_params.items() if k not in JOINT_ONLY | {"unet_config"}}
+    mask_params = dict(params["joint_mask_config"]["params"])
+    assert params["joint_mask_config"]["target"] == ae["model"]["target"]
+    for key in ("num_classes", "embed_dim", "ddconfig"):
+        assert mask_params[key] == ae["model"]["params"][key], key  # the mask AE checkpoint loads strictly
+    channels = base_params["channels"] + mask_params["embed_dim"]
+    unet = params["unet_config"]["params"]
+    assert params["channels"] == unet["in_channels"] == unet["out_channels"] == channels
+    assert {k: v for k, v in unet.items() if "channels" not in k} == \
+        {k: v for k, v in base_params["unet_config"]["params"].items() if "channels" not in k}
+    assert mask_params["num_classes"] == unet["num_anatomical_classes"]
+    assert ae["model"]["params"]["ddconfig"]["ch_mult"].__len__() == \
+        params["first_stage_config"]["params"]["ddconfig"]["ch_mult"].__len__()  # same spatial factor
+
+
+@pytest.fixture
+def _keep_sigusr1():
+    import signal
+
+    previous = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    yield
+    if previous is not None:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+SMALL_RUN = ["lightning.trainer.max_steps=2", "lightning.trainer.limit_val_batches=1",
+             "lightning.trainer.log_every_n_steps=1", "lightning.callbacks.image_logger.params.batch_frequency=1",
+             "lightning.callbacks.image_logger.params.max_images=2", "data.params.batch_size=4",
+             "data.params.train.params.num_samples=8", "data.params.validation.params.num_samples=4"]
+
+
+def test_mask_autoencoder_and_demo_joint_config_train_through_main(tmp_path, _keep_sigusr1):
+    """Two steps of the phantom mask autoencoder, then two of the joint demo on top of it, through main.py."""
+    import main
+
+    logs = tmp_path / "logs"
+    assert main.main(["--base", os.path.join(CONFIGS, "autoencoder", "mask_ae_phantom.yaml"), "-t", "--accelerator",
+                      "cpu", "-l", str(logs), "-n", "mask_ae", *SMALL_RUN]) == 0
+    (ae_run,) = list(logs.iterdir())
+    ae_ckpt = ae_run / "checkpoints" / "last.ckpt"
+    metrics = next(ae_run.glob("csv/version_*/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"val/rec_loss", "val/dice", "train/ce"} <= set(metrics)
+    assert main.main(["--base", os.path.join(CONFIGS, "latent-diffusion", "demo_phantom_joint.yaml"), "-t",
+                      "--accelerator", "cpu", "-l", str(logs), "-n", "joint",
+                      "model.params.first_stage_config.params.ckpt_path=null",
+                      f"model.params.joint_mask_config.params.ckpt_path={ae_ckpt}",
+                      "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2", *SMALL_RUN]) == 0
+    (run,) = [p for p in logs.iterdir() if p.name.endswith("_joint")]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    ae_state = torch.load(ae_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for key, value in ae_state.items():  # the frozen mask autoencoder is carried unchanged
+        assert torch.equal(state[f"joint_mask.autoencoder.{key}"], value), key
+    assert float(state["joint_mask.scale_factor"]) != 1.0  # mask_scale_by_std ran
+    metrics = next(run.glob("csv/version_*/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"train/mask_loss_simple_step", "val/loss_simple", "val/diffusion_loss"} <= set(metrics)
+    images = {p.name.split("_gs-")[0] for p in run.glob("images/train/*.png")}
+    assert {"samples", "samples_mask", "inputs_mask"} <= images, images
