@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train an anatomical latent diffusion model: the KL autoencoder first (when no checkpoint is found),
-# then the anatomical LDM on top of it.
+# then the anatomical LDM on top of it. The *_joint variants (joint image + mask generation) also train the
+# mask autoencoder first when its checkpoint is absent.
 #
-#   ./train_anatomical_ldm.sh ctorgan|breastmri|demo [extra main.py arguments ...]
+#   ./train_anatomical_ldm.sh ctorgan|breastmri|demo|ctorgan_joint|breastmri_joint|demo_joint [main.py args ...]
 #
 # Environment:
 #   GPUS        GPUs in CompVis form: "0,1" (two GPUs, DDP), "0," (GPU 0). Default: "0," for ctorgan and
@@ -13,6 +14,8 @@
 #   AE_CKPT     autoencoder checkpoint (default: LOGDIR/<AE config name>/checkpoints/last.ckpt, the path
 #               the configs name; when it is absent the autoencoder is trained first and its run directory
 #               linked there).
+#   MASK_AE_CKPT  (*_joint) mask autoencoder checkpoint (default: LOGDIR/<mask AE config name>/checkpoints/last.ckpt;
+#               trained first and linked there when absent). MASK_AE_ARGS="..." passes arguments to that run.
 #   LOGDIR      directory of the runs (default: logs).
 #   PYTHON      interpreter (default: .venv/bin/python when it exists, else python).
 #   Dataset roots (ctorgan, breastmri) are read by the dataset classes from their config params or their
@@ -23,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [[ $# -ge 1 ]] || usage 2
 DATASET="$1"; shift
 case "$DATASET" in
@@ -39,10 +42,26 @@ case "$DATASET" in
     AE_CONFIG=configs/autoencoder/demo_phantom_kl.yaml
     LDM_CONFIG=configs/latent-diffusion/demo_phantom_anatomical.yaml
     GPUS="${GPUS-}" ;;
+  ctorgan_joint)
+    AE_CONFIG=configs/autoencoder/autoencoder_kl_64x64x3_ctorgan.yaml
+    MASK_AE_CONFIG=configs/autoencoder/mask_ae_ctorgan.yaml
+    LDM_CONFIG=configs/latent-diffusion/anatomical_joint_ctorgan_kl.yaml
+    GPUS="${GPUS-0,}" ;;
+  breastmri_joint)
+    AE_CONFIG=configs/autoencoder/autoencoder_kl_64x64x3_breastmri.yaml
+    MASK_AE_CONFIG=configs/autoencoder/mask_ae_breastmri.yaml
+    LDM_CONFIG=configs/latent-diffusion/anatomical_joint_breastmri_kl.yaml
+    GPUS="${GPUS-0,}" ;;
+  demo_joint)
+    AE_CONFIG=configs/autoencoder/demo_phantom_kl.yaml
+    MASK_AE_CONFIG=configs/autoencoder/mask_ae_phantom.yaml
+    LDM_CONFIG=configs/latent-diffusion/demo_phantom_joint.yaml
+    GPUS="${GPUS-}" ;;
   -h|--help) usage 0 ;;
-  *) echo "error: unknown dataset '$DATASET'; use ctorgan, breastmri or demo" >&2; exit 2 ;;
+  *) echo "error: unknown dataset '$DATASET'; use ctorgan, breastmri, demo or one of them with _joint" >&2; exit 2 ;;
 esac
-for cfg in "$AE_CONFIG" "$LDM_CONFIG"; do
+MASK_AE_CONFIG="${MASK_AE_CONFIG:-}"
+for cfg in "$AE_CONFIG" "$LDM_CONFIG" $MASK_AE_CONFIG; do
   [[ -f "$cfg" ]] || { echo "error: config $cfg not found (run from the repository root checkout)" >&2; exit 1; }
 done
 
@@ -84,6 +103,35 @@ elif [[ ! -f "$AE_CKPT" ]]; then
 fi
 echo "== autoencoder checkpoint: $AE_CKPT"
 
+# Joint mode: the mask autoencoder, found or trained and linked the same way as LOGDIR/<mask AE config name>.
+JOINT_ARGS=()
+if [[ -n "$MASK_AE_CONFIG" ]]; then
+  MASK_AE_NAME="$(basename "$MASK_AE_CONFIG" .yaml)"
+  MASK_AE_LINK="$LOGDIR/$MASK_AE_NAME"
+  if [[ -z "${MASK_AE_CKPT:-}" ]]; then
+    MASK_AE_CKPT="$MASK_AE_LINK/checkpoints/last.ckpt"
+    if [[ ! -f "$MASK_AE_CKPT" ]]; then
+      if [[ -e "$MASK_AE_LINK" || -L "$MASK_AE_LINK" ]]; then
+        echo "error: $MASK_AE_LINK exists but holds no checkpoints/last.ckpt; remove it or set MASK_AE_CKPT" >&2
+        exit 1
+      fi
+      echo "== no mask autoencoder checkpoint at $MASK_AE_CKPT: training $MASK_AE_CONFIG first"
+      # shellcheck disable=SC2086
+      "$PYTHON" main.py --base "$MASK_AE_CONFIG" -t -n "$MASK_AE_NAME" -l "$LOGDIR" "${DEVICE_ARGS[@]}" ${MASK_AE_ARGS:-}
+      MASK_AE_RUN="$(ls -1d "$LOGDIR"/*_"$MASK_AE_NAME" 2>/dev/null | sort | tail -n 1)"
+      if [[ -z "$MASK_AE_RUN" || ! -f "$MASK_AE_RUN/checkpoints/last.ckpt" ]]; then
+        echo "error: the mask autoencoder run wrote no $LOGDIR/*_$MASK_AE_NAME/checkpoints/last.ckpt" >&2; exit 1
+      fi
+      ln -sfn "$(basename "$MASK_AE_RUN")" "$MASK_AE_LINK"
+      echo "== linked $MASK_AE_LINK -> $MASK_AE_RUN"
+    fi
+  elif [[ ! -f "$MASK_AE_CKPT" ]]; then
+    echo "error: MASK_AE_CKPT=$MASK_AE_CKPT does not exist" >&2; exit 1
+  fi
+  echo "== mask autoencoder checkpoint: $MASK_AE_CKPT"
+  JOINT_ARGS=("model.params.joint_mask_config.params.ckpt_path=$MASK_AE_CKPT")
+fi
+
 echo "== training the anatomical LDM ($LDM_CONFIG)"
 exec "$PYTHON" main.py --base "$LDM_CONFIG" -t -n "${DATASET}_anatomical" -l "$LOGDIR" "${DEVICE_ARGS[@]}" \
-  "model.params.first_stage_config.params.ckpt_path=$AE_CKPT" "$@"
+  "model.params.first_stage_config.params.ckpt_path=$AE_CKPT" ${JOINT_ARGS[@]+"${JOINT_ARGS[@]}"} "$@"

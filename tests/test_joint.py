@@ -385,3 +385,39 @@ def test_mask_autoencoder_and_demo_joint_config_train_through_main(tmp_path, _ke
     assert {"train/mask_loss_simple_step", "val/loss_simple", "val/diffusion_loss"} <= set(metrics)
     images = {p.name.split("_gs-")[0] for p in run.glob("images/train/*.png")}
     assert {"samples", "samples_mask", "inputs_mask"} <= images, images
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# stands in for python: records its arguments; a training run (-n NAME -l LOGDIR) writes a checkpoint
+echo "$*" >> "$CALLS"
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  [[ "${args[i]}" == -n ]] && name="${args[i+1]}"
+  [[ "${args[i]}" == -l ]] && logdir="${args[i+1]}"
+done
+mkdir -p "$logdir/2026-01-01T00-00-00_$name/checkpoints" && touch "$logdir/2026-01-01T00-00-00_$name/checkpoints/last.ckpt"
+"""
+
+
+def test_train_script_trains_the_mask_autoencoder_when_absent(tmp_path):
+    import subprocess
+
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    root = os.path.dirname(CONFIGS)
+    env = {**os.environ, "PYTHON": str(stub), "LOGDIR": str(tmp_path / "logs"), "CALLS": str(tmp_path / "calls")}
+    for _ in range(2):  # the second run finds both autoencoders
+        subprocess.run([os.path.join(root, "train_anatomical_ldm.sh"), "demo_joint"], env=env, check=True,
+                       capture_output=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 4
+    assert "configs/autoencoder/demo_phantom_kl.yaml" in calls[0] and "mask_ae_phantom.yaml" in calls[1]
+    for ldm_call in (calls[2], calls[3]):
+        assert "demo_phantom_joint.yaml" in ldm_call
+        assert f"model.params.joint_mask_config.params.ckpt_path={tmp_path}/logs/mask_ae_phantom/checkpoints/last.ckpt" \
+            in ldm_call
+    assert os.path.islink(tmp_path / "logs" / "mask_ae_phantom")
+    out = subprocess.run([os.path.join(root, "train_anatomical_ldm.sh"), "demo"], env=env, check=True,
+                         capture_output=True, text=True)
+    assert "joint_mask_config" not in (tmp_path / "calls").read_text().splitlines()[-1] and "mask" not in out.stdout
