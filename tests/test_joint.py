@@ -306,6 +306,13 @@ def test_joint_checkpoint_samples_through_sample_py(tmp_path, registers):
     manifest = json.loads((out / "samples.json").read_text())
     assert manifest["mask_source"] == "joint" and manifest["masks_generated_jointly"] is True
     assert manifest["sessions"][0]["mask_source"] == "joint"
+    if not registers:
+        evaluate = load_script("evaluate")
+        report = tmp_path / "report"
+        assert evaluate.main(["--samples", f"joint={out}", "--real", str(out), "--rules", "phantom", "-o", str(report),
+                              "--kid_subset_size", "2", "--grid", "2", "--device", "cpu"]) == 0
+        meta = json.loads((report / "report.json").read_text())
+        assert "joint" in json.dumps(meta) and '"mask_source": "joint"' in json.dumps(meta)
     if registers:
         inspect = load_script("inspect_registers")
         assert inspect.main(["-r", run, "-l", str(tmp_path / "registers"), "-n", "2", "-c", "2",

@@ -94,6 +94,8 @@ class MaskAutoencoderKL(pl.LightningModule):
         dice_weight: weight of the soft Dice loss beside the cross-entropy.
         class_weights: optional per-class cross-entropy weights (length C).
         label_set: name in :mod:`ldm.data.labels` (preview colours); ``None``: generic colours.
+        sample_posterior: train on posterior samples (``True``, as the image autoencoder) or on the posterior mode
+            (``False``: a plain autoencoder whose latent means carry the KL term; converges faster).
         ckpt_path, ignore_keys: weights to load after construction.
         monitor: metric name for checkpointing.
     """
@@ -101,8 +103,8 @@ class MaskAutoencoderKL(pl.LightningModule):
     def __init__(self, ddconfig: Mapping[str, Any], num_classes: int, embed_dim: int,
                  mask_key: str = "segmentation", ignore_index: int = DEFAULT_IGNORE_INDEX, kl_weight: float = 1e-6,
                  dice_weight: float = 1.0, class_weights: Optional[Sequence[float]] = None,
-                 label_set: Optional[str] = None, ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (),
-                 monitor: Optional[str] = "val/rec_loss") -> None:
+                 label_set: Optional[str] = None, sample_posterior: bool = True, ckpt_path: Optional[str] = None,
+                 ignore_keys: Sequence[str] = (), monitor: Optional[str] = "val/rec_loss") -> None:
         super().__init__()
         if int(num_classes) < 2:
             raise ValueError(f"num_classes must be >= 2 (background and at least one class), got {num_classes}")
@@ -126,6 +128,7 @@ class MaskAutoencoderKL(pl.LightningModule):
         self.ignore_index = int(ignore_index)
         self.kl_weight = float(kl_weight)
         self.dice_weight = float(dice_weight)
+        self.sample_posterior = bool(sample_posterior)
         self.label_set = get_label_set(label_set) if label_set is not None else generic_label_set(self.num_classes)
         if label_set is not None:
             self.label_set.check_num_classes(self.num_classes, "the mask autoencoder (num_classes)")
@@ -193,7 +196,7 @@ class MaskAutoencoderKL(pl.LightningModule):
 
     def _step(self, batch: Mapping[str, Any], split: str) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
         mask = masks_from_batch(batch, self.mask_key, self.ignore_index).to(self.device)
-        logits, posterior = self(self.one_hot(mask), sample_posterior=split == "train")
+        logits, posterior = self(self.one_hot(mask), sample_posterior=self.sample_posterior and split == "train")
         rec, parts = self.reconstruction_loss(logits, mask)
         kl = posterior.kl().mean()
         loss = rec + self.kl_weight * kl
