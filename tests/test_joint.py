@@ -377,12 +377,21 @@ def test_mask_autoencoder_and_demo_joint_config_train_through_main(tmp_path, _ke
     ae_ckpt = ae_run / "checkpoints" / "last.ckpt"
     metrics = next(ae_run.glob("csv/version_*/metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"val/rec_loss", "val/dice", "train/ce"} <= set(metrics)
+    dice_script = load_script("mask_ae_dice")
+    assert dice_script.main(["-r", str(ae_run), "--num_samples", "4", "-o", str(tmp_path / "dice.json"),
+                             "--device", "cpu"]) == 0
+    dice = json.loads((tmp_path / "dice.json").read_text())
+    assert dice["num_masks"] == 4 and all(0.0 <= v <= 1.0 for v in dice["dice"].values())
+    with pytest.raises(ValueError, match="no data.params.nosuch"):
+        dice_script.main(["-r", str(ae_run), "--split", "nosuch", "--device", "cpu"])
     assert main.main(["--base", os.path.join(CONFIGS, "latent-diffusion", "demo_phantom_joint.yaml"), "-t",
                       "--accelerator", "cpu", "-l", str(logs), "-n", "joint",
                       "model.params.first_stage_config.params.ckpt_path=null",
                       f"model.params.joint_mask_config.params.ckpt_path={ae_ckpt}",
                       "lightning.callbacks.image_logger.params.log_images_kwargs.ddim_steps=2", *SMALL_RUN]) == 0
     (run,) = [p for p in logs.iterdir() if p.name.endswith("_joint")]
+    with pytest.raises(ValueError, match="not a mask autoencoder"):
+        dice_script.main(["-r", str(run), "--device", "cpu"])
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     ae_state = torch.load(ae_ckpt, map_location="cpu", weights_only=False)["state_dict"]
     for key, value in ae_state.items():  # the frozen mask autoencoder is carried unchanged
