@@ -243,6 +243,9 @@ def test_joint_sampling_value_errors():
         plain.joint_mask_logits(torch.randn(1, 2, 8, 8))
     with pytest.raises(ValueError, match="has no 'segmentation' masks"):
         model.joint_mask_latents({"image": torch.zeros(1, 16, 16, 1)})
+    with pytest.raises(ValueError, match="has no 'segmentation' masks"):
+        instantiate_from_config(joint_config(mask_scale_by_std=True)).on_train_batch_start(
+            {"image": torch.zeros(1, 16, 16, 1)}, 0)
 
 
 # ---------------------------------------------------------------------------------------- config errors

@@ -159,17 +159,21 @@ class JointMaskMixin:
     # ------------------------------------------------------------------ latents
     def joint_mask_present(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> torch.Tensor:
         """Which examples have a mask ``[B]`` (``has_segmentation``; all when the key is absent)."""
+        self._check_mask_key(batch)
         n = len(batch[self.anatomical_mask_key])
         has = batch.get("has_segmentation")
         present = (torch.ones(n, dtype=torch.bool) if has is None
                    else torch.as_tensor(has).bool().view(-1).cpu())
         return (present[:bs] if bs is not None else present).to(self.device)
 
-    def joint_mask_latents(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> torch.Tensor:
-        """Scaled mask latents of the batch's masks (zeros for examples without one)."""
+    def _check_mask_key(self, batch: Mapping[str, Any]) -> None:
         if self.anatomical_mask_key not in batch:
             raise ValueError(f"joint mode: the batch has no {self.anatomical_mask_key!r} masks; load them "
                              "(dataset param load_segmentations: true) or set anatomical_mask_key")
+
+    def joint_mask_latents(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> torch.Tensor:
+        """Scaled mask latents of the batch's masks (zeros for examples without one)."""
+        self._check_mask_key(batch)
         mask = masks_from_batch(batch, self.anatomical_mask_key, self.joint_mask.ignore_index)
         mask = (mask[:bs] if bs is not None else mask).to(self.device)
         return self.joint_mask.encode(mask, self.joint_mask_present(batch, bs))
