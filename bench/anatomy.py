@@ -15,7 +15,9 @@ Presets: ``cpu`` (default on CPU), ``gpu`` (automatic on CUDA), ``quick``; see `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import platform
 import sys
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 for path in (os.path.dirname(HERE), HERE):
@@ -57,6 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=None, help="samples per trained model (preset: 1000)")
     p.add_argument("--train-slices", "--train_slices", dest="train_slices", type=int, default=None,
                    help="training slices (preset: 2048; e.g. 64 for a data-scarce run)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="anatomy-guidance scale of the anatomical_guided arm")
     p.add_argument("--preset", choices=sorted(am.PRESETS), default=None,
                    help="scale (default: quick with --quick, gpu on CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="toy sizes: every stage in well under a minute")
@@ -86,6 +90,40 @@ def _jdump(obj: Any, path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive(path: str, poll_s: float = 5.0) -> Iterator[None]:
+    """Hold ``path + '.lock'`` (holding the pid) for the block; wait while a live process holds it.
+
+    Several ``anatomy.py`` processes can then share one run directory (e.g. one per arm, one thread each):
+    a stage that another process is computing is waited for and then reused, never computed twice.
+    """
+    lock = path + ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid = int(f.read().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                logger.warning("removing the stale lock %s", lock)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock)
+                continue
+            except PermissionError:
+                pass
+            time.sleep(poll_s)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
 
 
 def _jload(path: str) -> Any:
@@ -196,7 +234,7 @@ def calibrate(preset: am.Preset, train: dict, test: dict, ae_ckpt: str, seg: tor
 
 
 def evaluate_checkpoint(arm: str, config: dict, ckpt: str, n: int, final: bool, preset: am.Preset, seed: int,
-                        ctx: dict, path: str) -> dict[str, Any]:
+                        ctx: dict, path: str, guidance: float = 0.0) -> dict[str, Any]:
     """Sample ``n`` images from one checkpoint and judge them; cached in ``path`` (.json + .npz)."""
     if os.path.isfile(path + ".json") and os.path.isfile(path + ".npz"):
         return _load_eval(path)
@@ -205,11 +243,11 @@ def evaluate_checkpoint(arm: str, config: dict, ckpt: str, n: int, final: bool, 
     own = arm in am.MASK_ARMS
     bar = tqdm(total=n, desc=f"{arm} seed {seed} {os.path.basename(path)}", unit="img", disable=not ctx["progress"])
     t0 = time.perf_counter()
-    drawn = am.draw_samples(model, n, preset.sampler_steps, NOISE_SEED, 250, device, own, bar.update)
+    drawn = am.draw_samples(model, n, preset.sampler_steps, NOISE_SEED, 250, device, own, bar.update, guidance)
     sample_s = time.perf_counter() - t0
     bar.close()
     j = ev.judge(drawn["image"], seg, drawn.get("own_mask"))
-    info: dict[str, Any] = {"n": n, "ckpt": os.path.basename(ckpt), "sampling_seconds": sample_s,
+    info: dict[str, Any] = {"n": n, "ckpt": os.path.basename(ckpt), "sampling_seconds": sample_s, "guidance": guidance,
                             "own_dice": j.get("own_dice")}
     arrays = {f"seg_{k}": v for k, v in j["outcomes"].items()}
     arrays.update({f"own_{k}": v for k, v in j.get("own_outcomes", {}).items()})
@@ -239,11 +277,25 @@ def _load_eval(path: str) -> dict[str, Any]:
 
 def run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float]) -> dict:
     out = os.path.join(ctx["out"], "arms", arm, f"seed{seed}")
+    os.makedirs(out, exist_ok=True)
+    with exclusive(os.path.join(out, "work")):
+        return _run_arm_seed(arm, seed, preset, ctx, baseline_seconds, out)
+
+
+def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float],
+                  out: str) -> dict:
+    if arm == "anatomical_guided":  # the anatomical arm's models, sampled with guidance (final checkpoint)
+        trained = run_arm_seed("anatomical", seed, preset, ctx, baseline_seconds)
+        config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
+        ckpt = trained["train"]["checkpoints"][str(preset.steps)]
+        scale = ctx["guidance"]
+        ev_final = evaluate_checkpoint(arm, config, ckpt, preset.samples, True, preset, seed, ctx,
+                                       os.path.join(out, f"eval_step{preset.steps:06d}_g{scale:g}"), scale)
+        return {"train": trained["train"], "evals": {f"step{preset.steps}": ev_final}}
     config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
     data = ctx["train"]
     if arm == "shuffled_masks":
         data = {"image": data["image"], "segmentation": data["segmentation"][am.derangement(len(data["image"]), 99)]}
-    logger.info("training %s, seed %d (%d steps)", arm, seed, preset.steps)
     info = am.train_ldm(config, data, preset, seed, out, ctx["device"],
                         equal_time_s=None if arm == "baseline" else baseline_seconds, progress=ctx["progress"])
     evals = {}
@@ -289,12 +341,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     logger.info("preset %s on %s -> %s", name, _device_name(device), args.out)
     train, test = am.phantom_split(preset, "train"), am.phantom_split(preset, "test")
     t0 = time.perf_counter()
-    ae_ckpt, scale = train_autoencoder(preset, train, args.out, device, args.progress)
-    seg = independent_segmenter(preset, train, args.out, device, args.progress)
-    cal = calibrate(preset, train, test, ae_ckpt, seg, preset.seeds, args.out, device)
+    with exclusive(os.path.join(args.out, "autoencoder")):
+        ae_ckpt, scale = train_autoencoder(preset, train, args.out, device, args.progress)
+    with exclusive(os.path.join(args.out, "segmenter")):
+        seg = independent_segmenter(preset, train, args.out, device, args.progress)
+    with exclusive(os.path.join(args.out, "calibration")):
+        cal = calibrate(preset, train, test, ae_ckpt, seg, preset.seeds, args.out, device)
     setup_s = time.perf_counter() - t0
     ctx = {"out": args.out, "device": device, "seg": seg, "train": train, "test": test, "ae_ckpt": ae_ckpt,
-           "scale_factor": scale, "progress": args.progress,
+           "scale_factor": scale, "progress": args.progress, "guidance": args.guidance,
            "real_features": ev.segmenter_features(seg, test["image"]),
            "heldout_nn": ev.pixel_nn_distances(test["image"], train["image"])}
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
@@ -307,7 +362,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "preset": name, "settings": settings, "seeds": list(range(preset.seeds)), "noise_seed": NOISE_SEED,
             "device": _device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
             "python": platform.python_version(), "wall_seconds_this_call": time.time() - started,
-            "setup_seconds_this_call": setup_s, "scale_factor": scale,
+            "setup_seconds_this_call": setup_s, "scale_factor": scale, "guidance_scale": args.guidance,
             "arms_described": {a: am.ARMS[a] for a in results},
             "configs": {a: am.arm_config(a, preset, "<autoencoder.ckpt>", scale) for a in results}}
     write_outputs(args.out, cal, results, preset, meta)
@@ -324,7 +379,7 @@ def _other_finished_arms(out: str, arms: list[str], preset: am.Preset, ctx: dict
         if arm in arms or arm not in am.ARMS:
             continue
         seeds_done = [s for s in range(preset.seeds)
-                      if os.path.isfile(os.path.join(arms_dir, arm, f"seed{s}", f"eval_step{preset.steps:06d}.json"))]
+                      if glob.glob(os.path.join(arms_dir, arm, f"seed{s}", f"eval_step{preset.steps:06d}*.json"))]
         if len(seeds_done) == preset.seeds:
             extra[arm] = {s: run_arm_seed(arm, s, preset, ctx, results["baseline"][s]["train"]["train_seconds"])
                           for s in seeds_done}

@@ -197,14 +197,34 @@ def shipped_anatomical_params(steps: int) -> tuple[dict[str, Any], dict[str, Any
     return ldm, unet
 
 
+# The first implementation's anatomical parameters (constant class-grouped registers, segmentation head at latent
+# resolution, majority-vote alignment), as shipped in anatomical_ctorgan_kl.yaml until the register issue: the
+# ``anatomical_v1`` arm keeps measuring it after the shipped config moves on.
+V1_LDM_PARAMS: dict[str, Any] = {
+    "anatomical_mask_key": "segmentation", "anatomical_loss_weight": 0.1, "progressive_anatomical_training": True,
+    "anatomical_schedule": "warmup_decay", "attention_alignment_weight": 0.5, "anatomical_ignore_index": 255,
+    "anatomical_class_weights": None, "use_anatomical_inference": True}
+V1_UNET_PARAMS: dict[str, Any] = {
+    "use_anatomical_registers": True, "num_anatomical_classes": 6, "anatomical_register_dim": 256,
+    "num_registers_per_class": 4, "anatomical_attention_heads": 8, "anatomical_attention_dim": 256,
+    "use_timestep_aware_registers": True, "anatomical_attention_resolutions": [1, 2, 4],
+    "use_spatial_encoding": True}
+
+
 def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float) -> dict[str, Any]:
     """The ``model:`` config of one arm (see ``ARMS``)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    if arm == "anatomical_guided":
+        arm = "anatomical"  # same models, guided sampling
     cfg = baseline_config(preset, ae_ckpt, scale_factor)
     if arm == "baseline":
         return cfg
-    ldm, unet = shipped_anatomical_params(preset.steps)
+    if arm == "anatomical_v1":
+        ldm = {**V1_LDM_PARAMS, "anatomical_warmup_steps": max(1, int(round(0.1 * preset.steps)))}
+        unet = copy.deepcopy(V1_UNET_PARAMS)
+    else:
+        ldm, unet = shipped_anatomical_params(preset.steps)
     cfg["target"] = "ldm.models.diffusion.anatomical_ddpm.AnatomicalLatentDiffusion"
     cfg["params"].update(ldm)
     cfg["params"]["unet_config"]["target"] = \
@@ -226,11 +246,13 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float) -> d
 ARMS: dict[str, str] = {
     "baseline": "plain LatentDiffusion + UNetModel (no masks)",
     "anatomical": "the shipped anatomical configuration (registers + segmentation head + anatomical loss)",
+    "anatomical_v1": "the first implementation (constant registers, latent-resolution head, majority-vote alignment)",
+    "anatomical_guided": "the anatomical arm's models sampled with mask-free anatomy guidance (--guidance scale)",
     "registers_no_loss": "anatomical UNet, anatomical loss weight 0 (registers as extra capacity only)",
     "shuffled_masks": "anatomical, but every image is trained with another image's mask",
     "seg_head_only": "segmentation head and loss, no register attention",
 }
-MASK_ARMS = ("anatomical", "registers_no_loss", "shuffled_masks", "seg_head_only")
+MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "registers_no_loss", "shuffled_masks", "seg_head_only")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -302,6 +324,8 @@ def train_ldm(config: dict[str, Any], data: dict[str, torch.Tensor], preset: Pre
     done = sorted(s for s, p in save_at.items() if os.path.isfile(p))
     resume = save_at[done[-1]] if done else None
     start = done[-1] if done else 0
+    logger.info("training %s from step %d to %d (seed %d)", os.path.basename(os.path.dirname(out_dir)), start,
+                steps, seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     model = instantiate_from_config(config)
     model.learning_rate = preset.lr
@@ -345,10 +369,12 @@ def load_trained(config: dict[str, Any], ckpt: str, device: torch.device) -> tor
 # ------------------------------------------------------------------------------------------------ sampling
 @torch.no_grad()
 def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed: int, batch: int,
-                 device: torch.device, own_masks: bool, progress: Optional[Callable[[int], None]] = None
-                 ) -> dict[str, torch.Tensor]:
+                 device: torch.device, own_masks: bool, progress: Optional[Callable[[int], None]] = None,
+                 guidance: float = 0.0) -> dict[str, torch.Tensor]:
     """``n`` samples (EMA weights, DDIM eta 0) from the start noise of indices ``0..n-1`` of ``noise_seed``
-    (shared by every arm), decoded to images ``[n, 1, H, W]``; with ``own_masks`` the model's own masks."""
+    (shared by every arm), decoded to images ``[n, 1, H, W]``; with ``own_masks`` the model's own masks;
+    ``guidance`` > 0 steers every step with the model's mask-free anatomy guidance."""
+    from ldm.models.diffusion.guidance import AnatomyGuidance
     from ldm.sampling import initial_noise, latent_shape, predict_masks, sample_latents
 
     shape = latent_shape(model)
@@ -357,7 +383,8 @@ def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed:
         for first in range(0, n, batch):
             idx = list(range(first, min(n, first + batch)))
             x_T = initial_noise(shape, noise_seed, idx, device=device)
-            z = sample_latents(model, x_T, sampler_steps, 0.0)
+            steer = AnatomyGuidance(model, guidance) if guidance > 0 else None
+            z = sample_latents(model, x_T, sampler_steps, 0.0, guidance=steer)
             img = model.decode_first_stage(z).clamp(-1, 1)
             images.append(img.float().cpu())
             if own_masks:

@@ -63,21 +63,26 @@ def aggregate(cal: dict, results: Results, steps: int) -> dict[str, Any]:
     base_seconds = arms["baseline"]["train_seconds"]
     for entry in arms.values():
         entry["train_time_ratio"] = entry["train_seconds"] / base_seconds if base_seconds else None
-    comparisons = []
-    base = _outcomes(results, "baseline", final)
-    for arm in results:
-        if arm == "baseline":
-            continue
-        for kind, tag in (("equal_steps", final), ("equal_wall_clock", "equal_time")):
-            a = _outcomes(results, arm, tag)
-            n = min(a.shape[1], base.shape[1])
-            diff, ci = paired_bootstrap(a[:, :n], base[:, :n])
-            test = mcnemar(a[:, :n], base[:, :n])
-            fail_a, fail_b = 1 - a[:, :n].mean(), 1 - base[:, :n].mean()
-            comparisons.append({"a": arm, "b": "baseline", "kind": kind, "diff": diff, "ci95": list(ci),
-                                "p_value": test["p_value"], "a_only": test["a_only"], "b_only": test["b_only"],
-                                "failure_ratio": float(fail_a / fail_b) if fail_b > 0 else None})
+    pairs = [(arm, "baseline", kind, tag) for arm in results if arm != "baseline"
+             for kind, tag in (("equal_steps", final), ("equal_wall_clock", "equal_time"))
+             if tag in results[arm][min(results[arm])]["evals"]]
+    if "anatomical_guided" in results and "anatomical" in results:
+        pairs.append(("anatomical_guided", "anatomical", "guidance_effect", final))
+    comparisons = [compare(results, a, b, kind, tag, final) for a, b, kind, tag in pairs]
     return {"calibration": cal, "arms": arms, "comparisons": comparisons}
+
+
+def compare(results: Results, a_arm: str, b_arm: str, kind: str, tag: str, final: str) -> dict[str, Any]:
+    """Arm ``a`` at evaluation ``tag`` against arm ``b`` at its final checkpoint, paired by seed and sample."""
+    a, b = _outcomes(results, a_arm, tag), _outcomes(results, b_arm, final)
+    n = min(a.shape[1], b.shape[1])
+    a, b = a[:, :n], b[:, :n]
+    diff, ci = paired_bootstrap(a, b)
+    test = mcnemar(a, b)
+    fail_a, fail_b = 1 - a.mean(), 1 - b.mean()
+    return {"a": a_arm, "b": b_arm, "kind": kind, "diff": diff, "ci95": list(ci), "p_value": test["p_value"],
+            "a_only": test["a_only"], "b_only": test["b_only"],
+            "failure_ratio": float(fail_a / fail_b) if fail_b > 0 else None}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -146,10 +151,10 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
               "seeds and samples; p from an exact McNemar test on the paired samples (same training seed, same start "
               "noise). McNemar treats the trained models as fixed; the bootstrap interval also covers training-seed "
               "variation, so read both. Failure ratio = arm failure rate / baseline failure rate.", "",
-              "| arm | comparison | diff [95% CI] | McNemar p (arm only / baseline only) | failure ratio |",
-              "|---|---|---|---|---|"]
+              "| arm | against | comparison | diff [95% CI] | McNemar p (arm only / other only) | failure ratio |",
+              "|---|---|---|---|---|---|"]
     for c in comps:
-        lines.append(f"| {c['a']} | {c['kind'].replace('_', ' ')} | {100 * c['diff']:+.1f} pts "
+        lines.append(f"| {c['a']} | {c['b']} | {c['kind'].replace('_', ' ')} | {100 * c['diff']:+.1f} pts "
                      f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['p_value']:.3g} "
                      f"({c['a_only']} / {c['b_only']}) | {_num(c['failure_ratio'], 2)} |")
     eq = {n: a["equal_time"] for n, a in arms.items() if "equal_time" in a}
@@ -162,13 +167,13 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for r in RULES:
         lines.append(f"| {r} | {_pct(cal['real_rules_failure'][r])} | {_pct(cal['reconstructed_rules_failure'][r])} | "
                      + " | ".join(_pct(a["rules"][r]) for a in arms.values()) + " |")
+    steps = arms["baseline"]["curve"]
     lines += ["", "## Pass rate against training step", "",
-              "| arm | " + " | ".join(f"step {k}" for k in next(iter(arms.values()))["curve"]) + " |",
-              "|---|" + "---|" * len(next(iter(arms.values()))["curve"])]
+              "| arm | " + " | ".join(f"step {k}" for k in steps) + " |", "|---|" + "---|" * len(steps)]
     for name, a in arms.items():
-        lines.append(f"| {name} | " + " | ".join(f"{_pct(v['pass_rate'])} [{_pct(v['ci95'][0])}, "
-                                                 f"{_pct(v['ci95'][1])}] (n={v['n']})" for v in a["curve"].values())
-                     + " |")
+        cells = [a["curve"].get(k) for k in steps]
+        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{_pct(v['pass_rate'])} [{_pct(v['ci95'][0])}, "
+                                                 f"{_pct(v['ci95'][1])}] (n={v['n']})" for v in cells) + " |")
     lines += ["", "## Figures", "", "![pass rates](figures/pass_rates.png)", "", "![curve](figures/curve.png)", "",
               "![samples](figures/samples.png)", ""]
     return "\n".join(lines)
