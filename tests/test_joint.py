@@ -86,14 +86,14 @@ def test_mask_autoencoder_training_reduces_the_loss_and_unlabelled_examples_are_
     batch = phantom_batch(8)
     losses = []
     for _ in range(15):
-        loss, log, _, _ = ae._step(batch, "train")
+        loss, log, _, _ = ae.shared_step(batch, "train")
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(log["train/rec_loss"]))
     assert losses[-1] < 0.8 * losses[0]
     unlabelled = phantom_batch(2, has=[False, False])
-    assert float(ae._step(unlabelled, "train")[1]["train/rec_loss"]) == 0.0
+    assert float(ae.shared_step(unlabelled, "train")[1]["train/rec_loss"]) == 0.0
     val = ae.validation_step(phantom_batch(4), 0)
     assert {"val/rec_loss", "val/dice", "val/dice_0"} <= set(val)
     images = ae.log_images(phantom_batch(2))

@@ -194,7 +194,10 @@ class MaskAutoencoderKL(pl.LightningModule):
         dice = soft_dice_loss(logits, mask, self.ignore_index)
         return ce + self.dice_weight * dice, {"ce": ce.detach(), "dice_loss": dice.detach()}
 
-    def _step(self, batch: Mapping[str, Any], split: str) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    def shared_step(self, batch: Mapping[str, Any], split: str = "train"
+                    ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """``(loss, logged values, logits, masks)`` of one batch (``split`` "train" samples the posterior when
+        ``sample_posterior``); a manual training loop calls this and steps its own optimiser."""
         mask = masks_from_batch(batch, self.mask_key, self.ignore_index).to(self.device)
         logits, posterior = self(self.one_hot(mask), sample_posterior=self.sample_posterior and split == "train")
         rec, parts = self.reconstruction_loss(logits, mask)
@@ -205,7 +208,7 @@ class MaskAutoencoderKL(pl.LightningModule):
         return loss, log, logits, mask
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, log, _, mask = self._step(batch, "train")
+        loss, log, _, mask = self.shared_step(batch, "train")
         bs = len(mask)
         self.log("train/loss", log.pop("train/loss"), prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=bs)
@@ -213,7 +216,7 @@ class MaskAutoencoderKL(pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        _, log, logits, mask = self._step(batch, "val")
+        _, log, logits, mask = self.shared_step(batch, "val")
         dice = hard_dice(logits.argmax(1), mask, self.num_classes, self.ignore_index)
         log.update({f"val/dice_{c}": v for c, v in dice.items()})
         fg = [v for c, v in dice.items() if c > 0]
