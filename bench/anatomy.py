@@ -92,12 +92,18 @@ def _jdump(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+class Busy(Exception):
+    """Another live process holds the lock (``exclusive(..., wait=False)``)."""
+
+
 @contextlib.contextmanager
-def exclusive(path: str, poll_s: float = 5.0) -> Iterator[None]:
-    """Hold ``path + '.lock'`` (holding the pid) for the block; wait while a live process holds it.
+def exclusive(path: str, poll_s: float = 5.0, wait: bool = True) -> Iterator[None]:
+    """Hold ``path + '.lock'`` (holding the pid) for the block; wait while a live process holds it, or raise
+    ``Busy`` at once with ``wait=False``.
 
     Several ``anatomy.py`` processes can then share one run directory (e.g. one per arm, one thread each):
-    a stage that another process is computing is waited for and then reused, never computed twice.
+    a stage that another process is computing is waited for (or skipped for now) and then reused, never
+    computed twice. A lock left by a killed process is removed.
     """
     lock = path + ".lock"
     while True:
@@ -116,6 +122,8 @@ def exclusive(path: str, poll_s: float = 5.0) -> Iterator[None]:
                 continue
             except PermissionError:
                 pass
+            if not wait:
+                raise Busy(lock)
             time.sleep(poll_s)
     try:
         os.write(fd, str(os.getpid()).encode())
@@ -275,11 +283,39 @@ def _load_eval(path: str) -> dict[str, Any]:
     return info
 
 
-def run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float]) -> dict:
+def run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float],
+                 wait: bool = True) -> dict:
+    """Train and evaluate one arm for one seed (or reuse what is on disk); ``Busy`` if another process is on it
+    and ``wait`` is false."""
     out = os.path.join(ctx["out"], "arms", arm, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
-    with exclusive(os.path.join(out, "work")):
+    with exclusive(os.path.join(out, "work"), wait=wait):
         return _run_arm_seed(arm, seed, preset, ctx, baseline_seconds, out)
+
+
+def run_all(arms: list[str], preset: am.Preset, ctx: dict) -> dict[str, dict[int, dict]]:
+    """Every (seed, arm) task, in seed order, skipping for now a task another process holds or whose baseline
+    (same seed: the equal-wall-clock budget) is not finished, so processes sharing a run never sit idle."""
+    results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    pending = [(seed, arm) for seed in range(preset.seeds) for arm in arms]
+    while pending:
+        progressed = False
+        for seed, arm in list(pending):
+            base = None
+            if arm != "baseline":
+                if seed not in results["baseline"]:
+                    continue
+                base = results["baseline"][seed]["train"]["train_seconds"]
+            try:
+                results[arm][seed] = run_arm_seed(arm, seed, preset, ctx, base, wait=False)
+            except Busy:
+                continue
+            pending.remove((seed, arm))
+            progressed = True
+            break  # back to the first pending task: earlier seeds first
+        if not progressed:
+            time.sleep(10)
+    return results
 
 
 def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float],
@@ -352,11 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
            "scale_factor": scale, "progress": args.progress, "guidance": args.guidance,
            "real_features": ev.segmenter_features(seg, test["image"]),
            "heldout_nn": ev.pixel_nn_distances(test["image"], train["image"])}
-    results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    for seed in range(preset.seeds):
-        for arm in arms:
-            base_s = results["baseline"][seed]["train"]["train_seconds"] if arm != "baseline" else None
-            results[arm][seed] = run_arm_seed(arm, seed, preset, ctx, base_s)
+    results = run_all(arms, preset, ctx)
     results.update(_other_finished_arms(args.out, arms, preset, ctx, results))
     meta = {"command": "python bench/anatomy.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "preset": name, "settings": settings, "seeds": list(range(preset.seeds)), "noise_seed": NOISE_SEED,
