@@ -261,6 +261,13 @@ def test_joint_config_value_errors(overrides, match):
         instantiate_from_config(joint_config(**overrides))
 
 
+def test_joint_mode_needs_a_first_stage_with_embed_dim():
+    config = joint_config()
+    config["params"]["first_stage_config"] = {"target": "ldm.models.autoencoder.IdentityFirstStage"}
+    with pytest.raises(ValueError, match="first stage with embed_dim"):
+        instantiate_from_config(config)
+
+
 def test_joint_unet_channels_and_classes_must_match():
     config = joint_config()
     config["params"]["unet_config"] = unet_config(2, 2)
