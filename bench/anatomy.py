@@ -294,10 +294,12 @@ def run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_sec
 
 
 def run_all(arms: list[str], preset: am.Preset, ctx: dict) -> dict[str, dict[int, dict]]:
-    """Every (seed, arm) task, in seed order, skipping for now a task another process holds or whose baseline
-    (same seed: the equal-wall-clock budget) is not finished, so processes sharing a run never sit idle."""
+    """Every (seed, arm) task, the baselines first (the other arms need their same-seed baseline's training time
+    for the equal-wall-clock budget), skipping for now a task another process holds or whose baseline is not
+    finished, so processes sharing a run never sit idle while there is work."""
     results: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
-    pending = [(seed, arm) for seed in range(preset.seeds) for arm in arms]
+    pending = [(seed, "baseline") for seed in range(preset.seeds)]
+    pending += [(seed, arm) for seed in range(preset.seeds) for arm in arms if arm != "baseline"]
     while pending:
         progressed = False
         for seed, arm in list(pending):
@@ -312,7 +314,7 @@ def run_all(arms: list[str], preset: am.Preset, ctx: dict) -> dict[str, dict[int
                 continue
             pending.remove((seed, arm))
             progressed = True
-            break  # back to the first pending task: earlier seeds first
+            break  # back to the first pending task
         if not progressed:
             time.sleep(10)
     return results

@@ -84,7 +84,7 @@ PRESETS: dict[str, Preset] = {
     # the default: 2 arms x 3 seeds in about an hour on 2 idle CPU cores
     "cpu": Preset(size=64, train_slices=2048, test_slices=512, ae_steps=1000, ae_batch=16, ae_ch=32, seg_steps=1200,
                   unet={"model_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "num_heads": 4},
-                  steps=2000, batch=32),
+                  steps=1000, batch=32),
     # used automatically on CUDA: larger images and UNet, longer training
     "gpu": Preset(size=128, train_slices=8192, test_slices=1024, ae_steps=6000, ae_batch=32, ae_ch=64,
                   seg_steps=4000,
@@ -237,9 +237,6 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float) -> d
             r for r in unet_params["anatomical_attention_resolutions"] if r in levels]
     if arm == "registers_no_loss":
         cfg["params"]["anatomical_loss_weight"] = 0.0
-    if arm == "seg_head_only":
-        cfg["params"]["unet_config"]["params"]["anatomical_attention_resolutions"] = []
-        cfg["params"]["attention_alignment_weight"] = 0.0
     return cfg
 
 
@@ -250,9 +247,8 @@ ARMS: dict[str, str] = {
     "anatomical_guided": "the anatomical arm's models sampled with mask-free anatomy guidance (--guidance scale)",
     "registers_no_loss": "anatomical UNet, anatomical loss weight 0 (registers as extra capacity only)",
     "shuffled_masks": "anatomical, but every image is trained with another image's mask",
-    "seg_head_only": "segmentation head and loss, no register attention",
 }
-MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "registers_no_loss", "shuffled_masks", "seg_head_only")
+MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "registers_no_loss", "shuffled_masks")
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -80,7 +80,7 @@ def test_arms_follow_the_shipped_configs():
     bp, ap = base["params"], anat["params"]
     assert bp["scale_by_std"] and ap["scale_by_std"] and bp["scale_factor"] == ap["scale_factor"] == 0.5
     assert ap["unet_config"]["target"].endswith("AnatomicalUNetModel")
-    assert ap["anatomical_warmup_steps"] == 200  # 10 % of the preset's 2000 steps
+    assert ap["anatomical_warmup_steps"] == 100  # 10 % of the preset's 1000 steps
     # everything but the anatomical additions is identical
     shared = {k: v for k, v in ap["unet_config"]["params"].items() if k in bp["unet_config"]["params"]}
     assert shared == bp["unet_config"]["params"]
