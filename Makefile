@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench
+.PHONY: demo test install bench bench-anatomy
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ bench: $(STAMP)
 	$(PY) bench/sampling.py --quick
 	$(PY) bench/attention.py --quick
 	$(PY) bench/flops.py --quick
+	$(PY) bench/anatomy.py --quick -o bench/out/anatomy_quick
+
+# the anatomy benchmark at its default scale (baseline + anatomical, 3 seeds; about 1.5 h on 2 CPU cores)
+bench-anatomy: $(STAMP)
+	$(PY) bench/anatomy.py -o bench/out/anatomy
