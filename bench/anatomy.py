@@ -172,28 +172,52 @@ def check_run_dir(out: str, preset: am.Preset, name: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ stages
+def _fit_first_stage(config: dict, lr: float, steps_per_batch: int, preset: am.Preset, train: dict, ckpt: str,
+                     device: torch.device, progress: bool) -> torch.nn.Module:
+    """Train a first stage for ``preset.ae_steps`` batches (seed 0) with Lightning, save ``ckpt``; eval mode."""
+    pl.seed_everything(0, verbose=False)
+    model = instantiate_from_config(config)
+    model.learning_rate = lr
+    loader = DataLoader(am.TensorSlices(train["image"], train["segmentation"]), batch_size=preset.ae_batch,
+                        sampler=am.StreamSampler(len(train["image"]), preset.ae_steps * preset.ae_batch, 0),
+                        drop_last=True)
+    trainer = pl.Trainer(**am.trainer_kwargs(device, steps_per_batch * preset.ae_steps, progress))
+    trainer.fit(model, loader)
+    trainer.save_checkpoint(ckpt + ".tmp")
+    os.replace(ckpt + ".tmp", ckpt)
+    return model.eval().to(device)
+
+
 def train_autoencoder(preset: am.Preset, train: dict, out: str, device: torch.device, progress: bool) -> tuple[str, float]:
     """The shared frozen first stage and the latent scale ``1 / std(z)`` over the training set."""
     ckpt, scale_path = os.path.join(out, "autoencoder.ckpt"), os.path.join(out, "autoencoder.json")
     if os.path.isfile(ckpt) and os.path.isfile(scale_path):
         return ckpt, float(_jload(scale_path)["scale_factor"])
-    pl.seed_everything(0, verbose=False)
-    model = instantiate_from_config(am.autoencoder_config(preset))
-    model.learning_rate = 5e-4
-    loader = DataLoader(am.TensorSlices(train["image"], train["segmentation"]), batch_size=preset.ae_batch,
-                        sampler=am.StreamSampler(len(train["image"]), preset.ae_steps * preset.ae_batch, 0),
-                        drop_last=True)
     # two optimisers (autoencoder, discriminator): Lightning counts two steps per batch
-    trainer = pl.Trainer(**am.trainer_kwargs(device, 2 * preset.ae_steps, progress))
-    trainer.fit(model, loader)
-    trainer.save_checkpoint(ckpt + ".tmp")
-    os.replace(ckpt + ".tmp", ckpt)
-    model.eval().to(device)
+    model = _fit_first_stage(am.autoencoder_config(preset), 5e-4, 2, preset, train, ckpt, device, progress)
     torch.manual_seed(0)
     with torch.no_grad():
         z = torch.cat([model.encode(x.to(device)).sample().float().cpu() for x in train["image"].split(256)])
     scale = float(1.0 / z.flatten().std())
     _jdump({"scale_factor": scale, "latent_std": float(z.flatten().std())}, scale_path)
+    return ckpt, scale
+
+
+def train_mask_autoencoder(preset: am.Preset, train: dict, out: str, device: torch.device,
+                           progress: bool) -> tuple[str, float]:
+    """The joint arm's frozen mask first stage (shipped phantom mask-AE config at this image size) and its latent
+    scale ``1 / std`` over the training masks (the same for every seed)."""
+    ckpt, scale_path = os.path.join(out, "mask_autoencoder.ckpt"), os.path.join(out, "mask_autoencoder.json")
+    if os.path.isfile(ckpt) and os.path.isfile(scale_path):
+        return ckpt, float(_jload(scale_path)["scale_factor"])
+    model = _fit_first_stage(am.mask_autoencoder_config(preset), 1e-3, 1, preset, train, ckpt, device, progress)
+    with torch.no_grad():
+        z = torch.cat([model.encode_mask(m.to(device)).float().cpu() for m in train["segmentation"].split(256)])
+        rec = torch.cat([model.decode(model.encode_mask(m.to(device))).argmax(1).cpu()
+                         for m in train["segmentation"].split(256)])
+    scale = float(1.0 / z.flatten().std())
+    _jdump({"scale_factor": scale, "train_reconstruction_dice": ev.foreground_dice(rec, train["segmentation"])},
+           scale_path)
     return ckpt, scale
 
 
@@ -289,6 +313,9 @@ def run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_sec
     and ``wait`` is false."""
     out = os.path.join(ctx["out"], "arms", arm, f"seed{seed}")
     os.makedirs(out, exist_ok=True)
+    if arm == "joint" and "mask_ae" not in ctx:
+        with exclusive(os.path.join(ctx["out"], "mask_autoencoder")):
+            ctx["mask_ae"] = train_mask_autoencoder(preset, ctx["train"], ctx["out"], ctx["device"], ctx["progress"])
     with exclusive(os.path.join(out, "work"), wait=wait):
         return _run_arm_seed(arm, seed, preset, ctx, baseline_seconds, out)
 
@@ -330,7 +357,7 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
         ev_final = evaluate_checkpoint(arm, config, ckpt, preset.samples, True, preset, seed, ctx,
                                        os.path.join(out, f"eval_step{preset.steps:06d}_g{scale:g}"), scale)
         return {"train": trained["train"], "evals": {f"step{preset.steps}": ev_final}}
-    config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
+    config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"], ctx.get("mask_ae"))
     data = ctx["train"]
     if arm == "shuffled_masks":
         data = {"image": data["image"], "segmentation": data["segmentation"][am.derangement(len(data["image"]), 99)]}
@@ -397,8 +424,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             "device": _device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
             "python": platform.python_version(), "wall_seconds_this_call": time.time() - started,
             "setup_seconds_this_call": setup_s, "scale_factor": scale, "guidance_scale": args.guidance,
+            "mask_autoencoder": (_jload(os.path.join(args.out, "mask_autoencoder.json"))
+                                 if os.path.isfile(os.path.join(args.out, "mask_autoencoder.json")) else None),
             "arms_described": {a: am.ARMS[a] for a in results},
-            "configs": {a: am.arm_config(a, preset, "<autoencoder.ckpt>", scale) for a in results}}
+            "configs": {a: am.arm_config(a, preset, "<autoencoder.ckpt>", scale,
+                                         ("<mask_autoencoder.ckpt>", ctx["mask_ae"][1]) if "mask_ae" in ctx else None)
+                        for a in results}}
     write_outputs(args.out, cal, results, preset, meta)
     logger.info("wrote %s and %s", os.path.join(args.out, "anatomy.json"), os.path.join(args.out, "report.md"))
     return 0

@@ -160,6 +160,18 @@ def autoencoder_config(preset: Preset) -> dict[str, Any]:
                      "dropout": 0.0}}}
 
 
+MASK_AE_CONFIG = os.path.join(ROOT, "configs", "autoencoder", "mask_ae_phantom.yaml")
+JOINT_CONFIG = os.path.join(ROOT, "configs", "latent-diffusion", "anatomical_joint_ctorgan_kl.yaml")
+
+
+def mask_autoencoder_config(preset: Preset) -> dict[str, Any]:
+    """The joint arm's mask first stage: the shipped phantom mask autoencoder at the benchmark's image size."""
+    params = _yaml_model_params(MASK_AE_CONFIG)
+    params["ddconfig"]["resolution"] = preset.size
+    params.pop("monitor", None)
+    return {"target": OmegaConf.load(MASK_AE_CONFIG).model.target, "params": params}
+
+
 def _yaml_model_params(path: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path).model.params, resolve=False)
 
@@ -211,8 +223,9 @@ V1_UNET_PARAMS: dict[str, Any] = {
     "use_spatial_encoding": True}
 
 
-def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float) -> dict[str, Any]:
-    """The ``model:`` config of one arm (see ``ARMS``)."""
+def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float,
+               mask_ae: Optional[tuple[str, float]] = None) -> dict[str, Any]:
+    """The ``model:`` config of one arm (see ``ARMS``); ``joint`` needs ``mask_ae = (checkpoint, latent scale)``."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     if arm == "anatomical_guided":
@@ -235,6 +248,17 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float) -> d
     if unet_params.get("anatomical_attention_resolutions") is not None:  # keep the levels this UNet has
         unet_params["anatomical_attention_resolutions"] = [
             r for r in unet_params["anatomical_attention_resolutions"] if r in levels]
+    if arm == "joint":
+        if mask_ae is None:
+            raise ValueError("the joint arm needs the mask autoencoder (checkpoint, scale)")
+        mask_cfg = mask_autoencoder_config(preset)
+        mask_cfg["params"].update(ckpt_path=mask_ae[0])
+        mask_channels = int(mask_cfg["params"]["embed_dim"])
+        shipped = _yaml_model_params(JOINT_CONFIG)
+        cfg["params"].update(joint_mask_config=mask_cfg, mask_scale_by_std=False, mask_scale_factor=float(mask_ae[1]),
+                             joint_mask_loss_weight=float(shipped.get("joint_mask_loss_weight", 1.0)),
+                             channels=3 + mask_channels)
+        unet_params.update(in_channels=3 + mask_channels, out_channels=3 + mask_channels)
     if arm == "registers_no_loss":
         cfg["params"]["anatomical_loss_weight"] = 0.0
     return cfg
@@ -245,10 +269,11 @@ ARMS: dict[str, str] = {
     "anatomical": "the shipped anatomical configuration (registers + segmentation head + anatomical loss)",
     "anatomical_v1": "the first implementation (constant registers, latent-resolution head, majority-vote alignment)",
     "anatomical_guided": "the anatomical arm's models sampled with mask-free anatomy guidance (--guidance scale)",
+    "joint": "the shipped anatomical configuration in joint mode: image and mask latents generated together",
     "registers_no_loss": "anatomical UNet, anatomical loss weight 0 (registers as extra capacity only)",
     "shuffled_masks": "anatomical, but every image is trained with another image's mask",
 }
-MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "registers_no_loss", "shuffled_masks")
+MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "joint", "registers_no_loss", "shuffled_masks")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -356,6 +381,8 @@ def load_trained(config: dict[str, Any], ckpt: str, device: torch.device) -> tor
     """An arm's model with the weights of ``ckpt`` (strict), in eval mode on ``device``."""
     cfg = copy.deepcopy(config)
     cfg["params"]["first_stage_config"]["params"].pop("ckpt_path", None)
+    if "joint_mask_config" in cfg["params"]:
+        cfg["params"]["joint_mask_config"]["params"].pop("ckpt_path", None)
     model = instantiate_from_config(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state, strict=True)

@@ -130,7 +130,12 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              f"{_num(cal['reconstructed_image_stats']['fid_segmenter'])} / "
              f"{_num(cal['train_vs_test_image_stats']['fid_segmenter'])} |",
              f"| TSTR reference: segmenter trained on {s['tstr_pairs']} real pairs, Dice on test | "
-             f"{_ci(mean_interval(list(cal['tstr_real_dice'].values())))} |", "",
+             f"{_ci(mean_interval(list(cal['tstr_real_dice'].values())))} |"]
+    if meta.get("mask_autoencoder"):
+        d = meta["mask_autoencoder"]["train_reconstruction_dice"]
+        lines.append(f"| joint arm's mask autoencoder: reconstruction Dice on the training masks (per class "
+                     f"{_fmt_list(d['per_class'])}) | {_num(d['foreground_mean'])} |")
+    lines += ["",
              "## Arms (final checkpoint, equal optimiser steps)", "",
              "| arm | n | pass rate [95% Wilson] | own-mask pass | own vs segmenter Dice | TSTR Dice | FID seg | "
              "FID pixel | hist W1 | memorisation share | train s (ratio) |",

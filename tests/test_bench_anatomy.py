@@ -129,7 +129,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     # adds an arm: the anatomical models sampled with anatomy guidance, compared with the same models unguided
     ckpt = os.path.join(out, "arms", "anatomical", "seed1", f"step{preset.steps:06d}.ckpt")
     before = os.path.getmtime(ckpt)
-    assert _run(out, "--arms", "anatomical_guided", "--guidance", "2") == 0
+    assert _run(out, "--arms", "anatomical_guided,joint", "--guidance", "2") == 0
     assert os.path.getmtime(ckpt) == before
     with open(os.path.join(out, "anatomy.json")) as f:
         again = json.load(f)
@@ -138,6 +138,11 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert again["meta"]["guidance_scale"] == 2.0
     assert ("anatomical_guided", "anatomical", "guidance_effect") in {(c["a"], c["b"], c["kind"])
                                                                       for c in again["comparisons"]}
+    # the joint arm: its own masks are the generated ones, its mask autoencoder is reported
+    joint = again["arms"]["joint"]
+    assert joint["own_mask_pass_rate"] is not None and 0.0 <= joint["own_mask_dice"] <= 1.0
+    assert again["meta"]["mask_autoencoder"]["scale_factor"] > 0
+    assert "mask autoencoder" in open(os.path.join(out, "report.md")).read()
 
     # other settings in the same run directory are refused, naming what differs
     assert _run(out, "--steps", "5") == 2
