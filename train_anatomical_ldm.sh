@@ -78,56 +78,44 @@ fi
 DEVICE_ARGS=(--num_nodes "$NUM_NODES")
 if [[ -n "$GPUS" ]]; then DEVICE_ARGS+=(--gpus "$GPUS"); else DEVICE_ARGS+=(--accelerator cpu); fi
 
-# The autoencoder run is linked as LOGDIR/<AE config name>, the path the LDM configs (and the plain baselines)
-# name in first_stage_config.params.ckpt_path.
-AE_NAME="$(basename "$AE_CONFIG" .yaml)"
-AE_LINK="$LOGDIR/$AE_NAME"
-if [[ -z "${AE_CKPT:-}" ]]; then
-  AE_CKPT="$AE_LINK/checkpoints/last.ckpt"
-  if [[ ! -f "$AE_CKPT" ]]; then
-    if [[ -e "$AE_LINK" || -L "$AE_LINK" ]]; then
-      echo "error: $AE_LINK exists but holds no checkpoints/last.ckpt; remove it or set AE_CKPT" >&2; exit 1
-    fi
-    echo "== no autoencoder checkpoint at $AE_CKPT: training $AE_CONFIG first"
-    # shellcheck disable=SC2086
-    "$PYTHON" main.py --base "$AE_CONFIG" -t -n "$AE_NAME" -l "$LOGDIR" "${DEVICE_ARGS[@]}" ${AE_ARGS:-}
-    AE_RUN="$(ls -1d "$LOGDIR"/*_"$AE_NAME" 2>/dev/null | sort | tail -n 1)"
-    if [[ -z "$AE_RUN" || ! -f "$AE_RUN/checkpoints/last.ckpt" ]]; then
-      echo "error: the autoencoder run wrote no $LOGDIR/*_$AE_NAME/checkpoints/last.ckpt" >&2; exit 1
-    fi
-    ln -sfn "$(basename "$AE_RUN")" "$AE_LINK"
-    echo "== linked $AE_LINK -> $AE_RUN"
+# first_stage_ckpt WHAT CONFIG CKPT_VAR ARGS: prints the checkpoint of a first stage. CKPT_VAR (e.g. AE_CKPT) set in
+# the environment wins; else LOGDIR/<config name>/checkpoints/last.ckpt; else the config is trained with main.py
+# and its run linked as LOGDIR/<config name>, the path the LDM configs name in their ckpt_path.
+first_stage_ckpt() {
+  local what="$1" config="$2" var="$3" args="$4"
+  local name link ckpt run
+  name="$(basename "$config" .yaml)"
+  link="$LOGDIR/$name"
+  ckpt="${!var:-}"
+  if [[ -n "$ckpt" ]]; then
+    [[ -f "$ckpt" ]] || { echo "error: $var=$ckpt does not exist" >&2; return 1; }
+    echo "$ckpt"; return 0
   fi
-elif [[ ! -f "$AE_CKPT" ]]; then
-  echo "error: AE_CKPT=$AE_CKPT does not exist" >&2; exit 1
-fi
+  ckpt="$link/checkpoints/last.ckpt"
+  if [[ ! -f "$ckpt" ]]; then
+    if [[ -e "$link" || -L "$link" ]]; then
+      echo "error: $link exists but holds no checkpoints/last.ckpt; remove it or set $var" >&2; return 1
+    fi
+    echo "== no $what checkpoint at $ckpt: training $config first" >&2
+    # shellcheck disable=SC2086
+    "$PYTHON" main.py --base "$config" -t -n "$name" -l "$LOGDIR" "${DEVICE_ARGS[@]}" $args >&2 || return 1
+    run="$(ls -1d "$LOGDIR"/*_"$name" 2>/dev/null | sort | tail -n 1)"
+    if [[ -z "$run" || ! -f "$run/checkpoints/last.ckpt" ]]; then
+      echo "error: the $what run wrote no $LOGDIR/*_$name/checkpoints/last.ckpt" >&2; return 1
+    fi
+    ln -sfn "$(basename "$run")" "$link"
+    echo "== linked $link -> $run" >&2
+  fi
+  echo "$ckpt"
+}
+
+AE_CKPT="$(first_stage_ckpt autoencoder "$AE_CONFIG" AE_CKPT "${AE_ARGS:-}")" || exit 1
 echo "== autoencoder checkpoint: $AE_CKPT"
 
-# Joint mode: the mask autoencoder, found or trained and linked the same way as LOGDIR/<mask AE config name>.
+# Joint mode: the mask autoencoder, found or trained and linked the same way.
 JOINT_ARGS=()
 if [[ -n "$MASK_AE_CONFIG" ]]; then
-  MASK_AE_NAME="$(basename "$MASK_AE_CONFIG" .yaml)"
-  MASK_AE_LINK="$LOGDIR/$MASK_AE_NAME"
-  if [[ -z "${MASK_AE_CKPT:-}" ]]; then
-    MASK_AE_CKPT="$MASK_AE_LINK/checkpoints/last.ckpt"
-    if [[ ! -f "$MASK_AE_CKPT" ]]; then
-      if [[ -e "$MASK_AE_LINK" || -L "$MASK_AE_LINK" ]]; then
-        echo "error: $MASK_AE_LINK exists but holds no checkpoints/last.ckpt; remove it or set MASK_AE_CKPT" >&2
-        exit 1
-      fi
-      echo "== no mask autoencoder checkpoint at $MASK_AE_CKPT: training $MASK_AE_CONFIG first"
-      # shellcheck disable=SC2086
-      "$PYTHON" main.py --base "$MASK_AE_CONFIG" -t -n "$MASK_AE_NAME" -l "$LOGDIR" "${DEVICE_ARGS[@]}" ${MASK_AE_ARGS:-}
-      MASK_AE_RUN="$(ls -1d "$LOGDIR"/*_"$MASK_AE_NAME" 2>/dev/null | sort | tail -n 1)"
-      if [[ -z "$MASK_AE_RUN" || ! -f "$MASK_AE_RUN/checkpoints/last.ckpt" ]]; then
-        echo "error: the mask autoencoder run wrote no $LOGDIR/*_$MASK_AE_NAME/checkpoints/last.ckpt" >&2; exit 1
-      fi
-      ln -sfn "$(basename "$MASK_AE_RUN")" "$MASK_AE_LINK"
-      echo "== linked $MASK_AE_LINK -> $MASK_AE_RUN"
-    fi
-  elif [[ ! -f "$MASK_AE_CKPT" ]]; then
-    echo "error: MASK_AE_CKPT=$MASK_AE_CKPT does not exist" >&2; exit 1
-  fi
+  MASK_AE_CKPT="$(first_stage_ckpt "mask autoencoder" "$MASK_AE_CONFIG" MASK_AE_CKPT "${MASK_AE_ARGS:-}")" || exit 1
   echo "== mask autoencoder checkpoint: $MASK_AE_CKPT"
   JOINT_ARGS=("model.params.joint_mask_config.params.ckpt_path=$MASK_AE_CKPT")
 fi
