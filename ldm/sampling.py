@@ -1,17 +1,23 @@
-"""Loading a trained run for sampling, seeded per-sample noise, and writing samples to disk.
+"""Loading a trained run for sampling, seeded per-sample noise, and the sampling loop.
 
 ``scripts/sample.py`` is a thin command line around these functions. A run is a log directory
-(``logs/<timestamp>_<name>/{checkpoints/last.ckpt, configs/*-project.yaml}``) or a checkpoint file inside one;
-a bare state dict or a safetensors file is accepted too when the config is given.
+(``logs/<timestamp>_<name>/{checkpoints/last.ckpt, configs/*-project.yaml}``), a checkpoint file inside one, a
+CompVis model folder (``model.ckpt`` + ``config.yaml``) or a ``scripts/export.py`` folder (``model.safetensors`` +
+``config.yaml``); a bare state dict or a safetensors file is accepted too when the config is given. Files are
+written by :mod:`ldm.sample_io` (atomic, resumable); NIfTI geometry comes from :mod:`ldm.sample_geometry`.
+Three lines of Python::
+
+    from ldm.sampling import load_model_for_sampling, sample_images
+    model, info = load_model_for_sampling("exported/")   # a run, a CompVis folder or an export
+    images = sample_images(model, 4, ddim_steps=50, seed=0)  # [4, C, H, W] in [-1, 1]
 """
 from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
+import math
 import os
-import re
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -23,21 +29,46 @@ from ldm.models.diffusion.samplers import check_sampler, generator_noise, sample
 from ldm.modules.diffusionmodules.util import sampler_timesteps
 from ldm.checkpoints import load_weights, read_state_dict
 from ldm.checkpoints import locate_run as resolve_run
+from ldm.sample_geometry import SampleGeometry
+from ldm.sample_io import (IMAGE_DIR, MASK_COLOUR_DIR, MASK_DIR, begin_session, end_session,  # noqa: F401
+                           next_index, read_manifest, remove_temporary_files, save_samples, scan_samples, to_uint8,
+                           write_stack)
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-IMAGE_DIR, MASK_DIR, MASK_COLOUR_DIR = "images", "masks", "masks_colour"
-_INDEX_RE = re.compile(r"^(\d{6,})\.png$")
+COMPVIS_CONFIG = "config.yaml"
 
 
 # ------------------------------------------------------------------------------------------- run loading
 def run_config_paths(run_dir: Optional[str]) -> list[str]:
-    """The run's ``configs/*-project.yaml`` files (sorted, later ones override earlier ones)."""
+    """The run's ``configs/*-project.yaml`` files (sorted, later ones override earlier ones), else its
+    ``configs/*.yaml``, else the ``config.yaml`` of a CompVis model folder or an export."""
     if run_dir is None:
         return []
     paths = sorted(glob.glob(os.path.join(run_dir, "configs", "*-project.yaml")))
-    return paths or sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml")))
+    paths = paths or sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml")))
+    flat = os.path.join(run_dir, COMPVIS_CONFIG)
+    return paths or ([flat] if os.path.isfile(flat) else [])
+
+
+def locate_model(path: str) -> tuple[str, Optional[str]]:
+    """``(checkpoint, folder with its configs or None)`` for ``-r``: a run directory or a checkpoint in one
+    (:func:`ldm.checkpoints.locate_run`), also a checkpoint beside a CompVis/export ``config.yaml``."""
+    ckpt_path, run_dir = resolve_run(path)
+    if run_dir is None:
+        beside = os.path.dirname(os.path.abspath(ckpt_path))
+        if os.path.isfile(os.path.join(beside, COMPVIS_CONFIG)):
+            run_dir = beside
+    return ckpt_path, run_dir
+
+
+def read_run_config(path: str, config_paths: Sequence[str] = ()) -> tuple[str, Optional[str], list[str], Any]:
+    """``(checkpoint, run_dir, config files, merged config)`` of ``-r path`` and ``-b config_paths``, reading
+    YAML only (nothing is imported or built), so a command line can check its settings before loading."""
+    ckpt_path, run_dir = locate_model(path)
+    files = run_config_paths(run_dir) + list(config_paths)
+    return ckpt_path, run_dir, files, load_config(files)
 
 
 def load_config(config_paths: Sequence[str]) -> Any:
@@ -45,8 +76,8 @@ def load_config(config_paths: Sequence[str]) -> Any:
     from omegaconf import OmegaConf
 
     if not config_paths:
-        raise FileNotFoundError("no config: the checkpoint is not inside a run directory with configs/, "
-                                "so pass the model config with -b CONFIG.yaml")
+        raise FileNotFoundError("no config: the checkpoint is not inside a run directory with configs/ "
+                                "nor beside a config.yaml, so pass the model config with -b CONFIG.yaml")
     for p in config_paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"config file not found: {p}")
@@ -94,9 +125,7 @@ def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_
     """
     from omegaconf import OmegaConf
 
-    ckpt_path, run_dir = resolve_run(path)
-    files = run_config_paths(run_dir) + list(config_paths)
-    config = load_config(files)
+    ckpt_path, _, files, config = read_run_config(path, config_paths)
     state_dict = read_state_dict(ckpt_path, weights_only=not unsafe_load)
     model = instantiate_from_config(_strip_checkpoint_paths(config.model))
     missing, _ = load_weights(model, state_dict, allow_unexpected=True, source=ckpt_path,
@@ -136,100 +165,6 @@ def initial_noise(shape: Sequence[int], seed: int, indices: Sequence[int], devic
     noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(sample_seed(seed, i)))
              for i in indices]
     return torch.stack(noise).to(device=device, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------------------------- writing
-def next_index(out_dir: str) -> int:
-    """First free sample index in ``out_dir`` (resuming continues the numbering)."""
-    folder = os.path.join(out_dir, IMAGE_DIR)
-    if not os.path.isdir(folder):
-        return 0
-    indices = [int(m.group(1)) for m in (_INDEX_RE.match(n) for n in os.listdir(folder)) if m]
-    return max(indices) + 1 if indices else 0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[B, C, H, W]`` in ``[-1, 1]`` -> ``[B, H, W]`` (C == 1) or ``[B, H, W, C]`` uint8."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
-    arr = arr.transpose(0, 2, 3, 1)
-    return arr[..., 0] if arr.shape[-1] == 1 else arr
-
-
-def save_samples(out_dir: str, start: int, images: torch.Tensor, masks: Optional[torch.Tensor] = None,
-                 formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None) -> list[str]:
-    """Write one batch: 8-bit PNGs (always), NIfTI/NPZ on request, masks and their colour previews.
-
-    File names are ``{index:06d}``; returns the image PNG paths. NIfTI/NPZ hold the float image in ``[-1, 1]``
-    (``H, W`` or ``H, W, C``) and the mask as uint8.
-    """
-    from PIL import Image
-
-    os.makedirs(os.path.join(out_dir, IMAGE_DIR), exist_ok=True)
-    pixels = to_uint8(images)
-    floats = images.detach().float().clamp(-1, 1).cpu().numpy().transpose(0, 2, 3, 1)
-    mask_np = masks.detach().cpu().numpy().astype(np.uint8) if masks is not None else None
-    if mask_np is not None:
-        os.makedirs(os.path.join(out_dir, MASK_DIR), exist_ok=True)
-        os.makedirs(os.path.join(out_dir, MASK_COLOUR_DIR), exist_ok=True)
-    paths = []
-    for j in range(pixels.shape[0]):
-        name = f"{start + j:06d}"
-        path = os.path.join(out_dir, IMAGE_DIR, name + ".png")
-        Image.fromarray(pixels[j]).save(path)
-        paths.append(path)
-        image_f = floats[j][..., 0] if floats.shape[-1] == 1 else floats[j]
-        if mask_np is not None:
-            Image.fromarray(mask_np[j]).save(os.path.join(out_dir, MASK_DIR, name + ".png"))
-            Image.fromarray(_colourise(mask_np[j], colours)).save(os.path.join(out_dir, MASK_COLOUR_DIR, name + ".png"))
-        if "npz" in formats:
-            extra = {"mask": mask_np[j]} if mask_np is not None else {}
-            np.savez_compressed(os.path.join(out_dir, IMAGE_DIR, name + ".npz"), image=image_f, **extra)
-        if "nii" in formats:
-            import nibabel as nib
-
-            nib.save(nib.Nifti1Image(image_f.astype(np.float32), np.eye(4)),
-                     os.path.join(out_dir, IMAGE_DIR, name + ".nii.gz"))
-            if mask_np is not None:
-                nib.save(nib.Nifti1Image(mask_np[j], np.eye(4)), os.path.join(out_dir, MASK_DIR, name + ".nii.gz"))
-    return paths
-
-
-def _colourise(mask: np.ndarray, colours: Optional[Sequence[Sequence[int]]]) -> np.ndarray:
-    from ldm.data.labels import colourise
-
-    return colourise(mask, colours) if colours is not None else colourise(mask)
-
-
-def update_manifest(out_dir: str, info: dict[str, Any], run: dict[str, Any]) -> str:
-    """Create or extend ``samples.json``: checkpoint hash, config, and one entry per sampling session."""
-    path = os.path.join(out_dir, "samples.json")
-    manifest: dict[str, Any] = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            manifest = json.load(f)
-        if manifest.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
-            logger.warning("%s already holds samples of another checkpoint (sha256 %s...); the folder now mixes "
-                           "two models.", out_dir, str(manifest.get("checkpoint_sha256"))[:12])
-        changed = [k for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema", "anatomy_guidance",
-                               "mask_source")
-                   if k in manifest and k in run and manifest[k] != run[k]]
-        if changed:
-            logger.warning("%s: this session's %s differ from the earlier sessions' (%s); see 'sessions' in "
-                           "samples.json for which samples used which settings.", out_dir, changed,
-                           {k: manifest[k] for k in changed})
-    manifest.update({k: info[k] for k in ("checkpoint", "checkpoint_sha256", "config", "config_files")})
-    manifest.update({k: run[k] for k in ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema",
-                                         "anatomy_guidance")
-                     if k in run})
-    if run.get("mask_source") is not None:  # "joint": generated with the image; "segmentation_head": predicted after
-        manifest.update(mask_source=run["mask_source"], masks_generated_jointly=run["mask_source"] == "joint")
-    manifest.setdefault("sessions", []).append(run)
-    manifest["num_samples"] = next_index(out_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
 
 
 class Timer:
@@ -323,10 +258,110 @@ def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, e
     return z
 
 
+def check_sampling_settings(num_samples: int, batch_size: int, ddim_steps: int, eta: float, sampler: str = "ddim",
+                            vanilla: bool = False, anatomy_guidance: float = 0.0) -> str:
+    """Validate the settings of a sampling session without a model (a command line checks them before loading);
+    returns the sampler's registry name."""
+    sampler = "ancestral" if vanilla else check_sampler(sampler)
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
+    if sampler != "ancestral" and ddim_steps < 1:
+        raise ValueError(f"-c (sampler steps) must be >= 1, got {ddim_steps}")
+    if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"-e (DDIM eta) must be a number in [0, 1] (0: deterministic, 1: DDPM-like), got {eta}")
+    if not vanilla and sampler != "ddim" and eta != 0:
+        raise ValueError(f"--sampler {sampler} takes no eta; eta applies to DDIM only (got -e {eta})")
+    check_guidance_scale(anatomy_guidance)
+    return sampler
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output folder that cannot be one (a file, below a file, not writable) or whose ``samples.json``
+    is damaged, before any model is loaded."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output folder {out_dir} is a file; pass a folder with -l (it is created if missing)")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"output folder {out_dir} cannot be created: {parent} is a file; pass another -l folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {out_dir}: {parent} is not writable; pass another -l folder")
+    if os.path.isdir(out_dir):
+        read_manifest(out_dir)
+
+
+def _check_nifti_folder(manifest: dict[str, Any], geometry: dict[str, Any], hu: bool, stack: bool) -> None:
+    """Earlier NIfTI sessions of the folder in other units or geometry: refused with ``stack`` (one volume needs
+    one grid), else a warning."""
+    keys = ("directions", "slice_axis", "fov_mm", "thickness_mm", "centre_mm")
+    for session in manifest.get("sessions", []):
+        before = session.get("geometry")
+        if "nii" not in (session.get("formats") or ()) or not before:
+            continue
+        same = bool(session.get("hu", False)) == hu and all(
+            np.allclose(np.asarray(before.get(k), dtype=float), np.asarray(geometry.get(k), dtype=float))
+            if before.get(k) is not None and geometry.get(k) is not None else before.get(k) == geometry.get(k)
+            for k in keys)
+        if not same:
+            message = (f"NIfTI samples of an earlier session (started {session.get('time')}) in this folder have "
+                       f"another geometry or intensity unit (hu={session.get('hu', False)}, geometry from "
+                       f"{before.get('source')}); ")
+            if stack:
+                raise ValueError(message + "--stack needs one grid: sample into another -l folder")
+            logger.warning(message + "the folder mixes them")
+            return
+
+
+@torch.no_grad()
+def _sample_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float,
+                  sampler: str, guidance: Optional[AnatomyGuidance], save_masks: bool,
+                  timers: Sequence["Timer"]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Images ``[B, C, H, W]`` (and masks) of the samples ``indices``; refuses non-finite images."""
+    device = next(model.parameters()).device
+    x_T = initial_noise(latent_shape(model), seed, indices, device=device)
+    with timers[0]:
+        z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), sampler=sampler,
+                           guidance=guidance)
+    masks = None
+    with timers[1]:
+        if save_masks:
+            decoded = model.decode_with_anatomy(z)
+            images, masks = decoded["images"], decoded["masks"]
+        else:
+            images = model.decode_first_stage(z)
+    finite = torch.isfinite(images.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = [int(i) for i, ok in zip(indices, finite.tolist()) if not ok]
+        raise ValueError(f"samples {bad[:10]} came out non-finite (NaN/Inf) and were not written: the checkpoint "
+                         "holds non-finite weights, or the settings (-e, -c) broke the sampler")
+    return images, masks
+
+
+def sample_images(model: torch.nn.Module, num_samples: int, ddim_steps: int = 50, eta: float = 0.0, seed: int = 0,
+                  sampler: str = "ddim", use_ema: bool = True, start_index: int = 0,
+                  batch_size: Optional[int] = None) -> torch.Tensor:
+    """Samples ``start_index .. start_index + num_samples - 1`` as ``[N, C, H, W]`` in ``[-1, 1]``, the same
+    images :func:`generate` (``scripts/sample.py``) writes for this seed and these settings."""
+    from contextlib import nullcontext
+
+    sampler = check_sampling_settings(num_samples, batch_size or num_samples, ddim_steps, eta, sampler)
+    indices = list(range(start_index, start_index + num_samples))
+    size = batch_size or num_samples
+    ema = model.ema_scope("sampling") if use_ema and getattr(model, "use_ema", False) else nullcontext()
+    timers = (Timer(), Timer())
+    with ema:
+        out = [_sample_batch(model, indices[k:k + size], seed, ddim_steps, eta, sampler, None, False, timers)[0]
+               for k in range(0, num_samples, size)]
+    return torch.cat(out)
+
+
 def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size: int, ddim_steps: int = 50,
              eta: float = 0.0, seed: int = 0, vanilla: bool = False, use_ema: bool = True, save_masks: bool = False,
              formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None,
-             progress: bool = True, sampler: str = "ddim", anatomy_guidance: float = 0.0) -> dict[str, Any]:
+             progress: bool = True, sampler: str = "ddim", anatomy_guidance: float = 0.0,
+             geometry: Optional[SampleGeometry] = None, hu: bool = False, stack: bool = False,
+             manifest_info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
 
     ``sampler`` is a registry name (``ddim``, ``dpmpp2m``, ``ancestral``; ``vanilla`` means ``ancestral``, with
@@ -337,63 +372,91 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     ``anatomy_guidance`` > 0 (anatomical models) steers every step with the model's own segmentation head
     (:mod:`ldm.models.diffusion.guidance`); 0 samples exactly as without it. The record's ``timings`` hold the
     sampling time per step (``sampling_per_step_s``) and, when guided, ``guidance`` its calls and energies.
+
+    Files are written atomically (:mod:`ldm.sample_io`); samples an interrupted session left incomplete are
+    redone first (``redone`` in the record). NIfTI files (``formats`` with ``nii``; ``hu`` and ``stack`` imply it)
+    use ``geometry`` (:mod:`ldm.sample_geometry`; default 1 mm RAS+), ``hu`` writes CT samples in HU and
+    ``stack`` also writes every complete sample of the folder as one volume. With ``manifest_info`` (the ``info``
+    of :func:`load_model_for_sampling`) the session is recorded in ``samples.json`` as it starts and as it ends.
     """
+    import uuid
     from contextlib import nullcontext
 
     from tqdm import tqdm
 
-    sampler = "ancestral" if vanilla else check_sampler(sampler)
-    if not vanilla and sampler != "ddim" and eta != 0:
-        raise ValueError(f"--sampler {sampler} takes no eta; eta applies to DDIM only (got -e {eta})")
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
+    sampler = check_sampling_settings(num_samples, batch_size, ddim_steps, eta, sampler, vanilla, anatomy_guidance)
     guidance_scale = check_guidance_scale(anatomy_guidance, model)
     guidance = AnatomyGuidance(model, guidance_scale) if guidance_scale > 0 else None
     save_masks = bool(save_masks) or is_joint(model)
     if save_masks and not (is_anatomical(model) or is_joint(model)):
         raise ValueError("--save_masks needs an anatomical model (AnatomicalUNetModel with registers); this run is "
                          f"a {type(model).__name__} with {type(model.unet).__name__}")
+    formats = list(dict.fromkeys([*formats, *(["nii"] if hu or stack else [])]))
+    geometry = geometry or SampleGeometry()
+    if hu:
+        geometry.check_hu()
+    check_output_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    start = next_index(out_dir)
-    device = next(model.parameters()).device
-    shape = latent_shape(model)
+    manifest = read_manifest(out_dir)
+    if "nii" in formats:
+        _check_nifti_folder(manifest, geometry.to_dict(), hu, stack)
+    if remove_temporary_files(out_dir):
+        logger.info("%s: removed the temporary files of an interrupted session", out_dir)
+    _, redo, start = scan_samples(out_dir, formats, save_masks, manifest.get("sessions", []))
+    if redo:
+        logger.warning("%s: samples %s are incomplete (an interrupted session); redoing them first", out_dir,
+                       redo if len(redo) <= 10 else f"{redo[:10]}... ({len(redo)})")
+    todo = redo + list(range(start, start + num_samples))
+    ancestral = sampler == "ancestral"
+    use_ema = bool(use_ema and getattr(model, "use_ema", False))
+    run: dict[str, Any] = {
+        "id": uuid.uuid4().hex[:12], "seed": seed, "sampler": sampler, "ddim_steps": None if ancestral else ddim_steps,
+        "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
+        "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
+        "masks": bool(save_masks),
+        "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
+        "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
+        "device": str(next(model.parameters()).device), "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if manifest_info is not None:
+        begin_session(out_dir, manifest_info, run)
     timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
-    written: list[str] = []
-    ema = model.ema_scope("sampling") if use_ema and getattr(model, "use_ema", False) else nullcontext()
-    bar = tqdm(total=num_samples, desc="sampling", unit="img", disable=not progress)
+    ema = model.ema_scope("sampling") if use_ema else nullcontext()
+    bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress)
     with ema, torch.no_grad():
-        for first in range(start, start + num_samples, batch_size):
-            indices = list(range(first, min(first + batch_size, start + num_samples)))
-            x_T = initial_noise(shape, seed, indices, device=device)
-            with timer_sample:
-                z = sample_latents(model, x_T, ddim_steps, 0.0 if vanilla else eta, SampleNoise(seed, indices),
-                                   sampler=sampler, guidance=guidance)
-                masks = None
-            with timer_decode:
-                if save_masks:
-                    decoded = model.decode_with_anatomy(z)
-                    images, masks = decoded["images"], decoded["masks"]
-                else:
-                    images = model.decode_first_stage(z)
+        for k in range(0, len(todo), batch_size):
+            indices = todo[k:k + batch_size]
+            images, masks = _sample_batch(model, indices, seed, ddim_steps, 0.0 if ancestral else eta, sampler,
+                                          guidance, save_masks, (timer_sample, timer_decode))
             with timer_write:
-                written += save_samples(out_dir, first, images, masks, formats, colours)
+                save_samples(out_dir, indices, images, masks, formats, colours, geometry, hu)
+            if run["geometry"] is not None and "affine" not in run["geometry"]:
+                run["geometry"] = geometry.to_dict(_canonical_shape(images.shape[-2:], geometry.slice_axis))
             bar.update(len(indices))
     bar.close()
+    if stack:
+        complete, _, _ = scan_samples(out_dir, formats, save_masks, read_manifest(out_dir).get("sessions", []))
+        run["stack"] = write_stack(out_dir, complete, geometry, save_masks)
     total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
-    ancestral = sampler == "ancestral"
     steps = len(sampler_timesteps(sampler, None if ancestral else ddim_steps, model.alphas_cumprod)) - 1
-    batches = -(-num_samples // batch_size)
-    return {"seed": seed, "sampler": sampler, "ddim_steps": None if ancestral else ddim_steps,
-            "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
-            "ema": bool(use_ema and getattr(model, "use_ema", False)),
-            "batch_size": batch_size, "start_index": start, "count": num_samples, "masks": bool(save_masks),
-            "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
-            "formats": list(formats), "device": str(device), "torch": torch.__version__,
-            "timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
-                        "writing_s": timer_write.seconds, "per_sample_s": total / num_samples,
-                        "sampling_per_step_s": timer_sample.seconds / (batches * steps)},
-            "guidance": None if guidance is None else guidance.summary(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    batches = -(-len(todo) // batch_size)
+    run.update({"timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
+                            "writing_s": timer_write.seconds, "per_sample_s": total / len(todo),
+                            "sampling_per_step_s": timer_sample.seconds / (batches * steps)},
+                "guidance": None if guidance is None else guidance.summary()})
+    if manifest_info is not None:
+        if "load_s" in manifest_info:
+            run["timings"]["load_s"] = manifest_info["load_s"]
+        end_session(out_dir, run)
+    return run
+
+
+def _canonical_shape(image_hw: Sequence[int], slice_axis: int) -> list[int]:
+    """Canonical shape of one display image ``H, W`` written as a single slice (see ``display_to_canonical``)."""
+    h, w = (int(v) for v in image_hw)
+    shape = [w, h]
+    shape.insert(slice_axis, 1)
+    return shape
 
 
 def palette_for(model: torch.nn.Module) -> np.ndarray:

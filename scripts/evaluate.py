@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from ldm.data.labels import LABEL_SETS, get_label_set, get_rule_checker  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
-from ldm.evaluation import compare, metrics, report  # noqa: E402
+from ldm.evaluation import compare, features, metrics, report  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,21 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None,
                    help=f"local Inception-v3 weights for FID/KID (or set {metrics.INCEPTION_ENV}); "
                         "without them only feature-free numbers and pixel-feature FID/KID are computed")
+    p.add_argument("--fid_inception", default=None, metavar="PATH",
+                   help=f"the standard FID Inception weights ({features.FID_INCEPTION_FILE}, torch-fidelity's; or set "
+                        f"{features.FID_INCEPTION_ENV}): FID comparable with published numbers (needs the 'metrics' "
+                        "extra). Images: 8-bit, grey replicated to RGB, resized to 299 px as the original FID")
+    p.add_argument("--medical_features", nargs="+", default=[], metavar="[NAME=]PATH",
+                   help="feature networks for FID/KID (e.g. RadImageNet ResNet-50): a torch.export archive (.pt2) "
+                        "or a torchvision ResNet-50 state dict; keys fid_NAME (default NAME: the file name). Images: grey replicated "
+                        "to RGB, resized to --feature_size px, normalised by --feature_norm")
+    p.add_argument("--feature_size", type=int, default=224, help="input size of --medical_features networks")
+    p.add_argument("--feature_norm", default="imagenet", choices=features.NORMALIZATIONS,
+                   help="input normalisation of --medical_features networks: ImageNet mean/std on [0, 1], "
+                        "[0, 1] (unit) or [-1, 1] (symmetric)")
     p.add_argument("--kid_subset_size", type=int, default=1000)
+    p.add_argument("--ms_ssim_pairs", type=int, default=1000,
+                   help="image pairs per set for MS-SSIM diversity (0: skip)")
     p.add_argument("--grid", type=int, default=16, help="samples per set shown in the figure")
     p.add_argument("-o", "--outdir", required=True, help="report folder")
     p.add_argument("--device", default=None)
@@ -67,6 +81,33 @@ def _named(entries: list[str]) -> dict[str, str]:
     return out
 
 
+def check_sample_folder(folder: str) -> None:
+    """Name the first unreadable file of a sample folder (an empty or damaged PNG, a damaged samples.json)
+    instead of failing on it later; warn about samples an interrupted session left incomplete."""
+    from PIL import Image
+
+    from ldm.sample_io import IMAGE_DIR, MASK_DIR, read_manifest
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"sample folder {folder} does not exist")
+    manifest = read_manifest(folder)
+    for sub in (IMAGE_DIR, MASK_DIR):
+        path = os.path.join(folder, sub)
+        names = sorted(n for n in os.listdir(path) if n.endswith(".png")) if os.path.isdir(path) else []
+        for name in names:
+            file = os.path.join(path, name)
+            try:
+                with Image.open(file) as img:
+                    img.load()
+            except (OSError, SyntaxError, ValueError) as err:
+                raise ValueError(f"{file} is empty or not a readable image ({type(err).__name__}); a sampling session "
+                                 "was interrupted or the file was damaged: rerun scripts/sample.py with the same -l "
+                                 "to redo incomplete samples, or delete the file") from err
+    if manifest.get("incomplete"):
+        logging.getLogger(__name__).warning("%s: samples.json lists incomplete samples %s; rerun scripts/sample.py "
+                                            "with the same -l to redo them", folder, manifest["incomplete"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -77,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if names is not None and len(names) != num_classes:
         raise ValueError(f"--class_names has {len(names)} names but --num_classes is {num_classes}")
 
+    for path in _named(args.samples).values():
+        check_sample_folder(path)
     sets = {name: compare.load_sample_set(path, args.max_samples) for name, path in _named(args.samples).items()}
     real = compare.load_real(args.real, args.real_split, args.max_real)
     extractors: dict = {"pixel": metrics.PixelFeatureExtractor(8)}
@@ -84,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         extractors["inception"] = metrics.InceptionFeatureExtractor(args.inception).to(device)
     else:
         print(f"note: no Inception weights (--inception or {metrics.INCEPTION_ENV}); FID/KID use pixel features only")
+    if args.fid_inception or os.environ.get(features.FID_INCEPTION_ENV):
+        extractors["fid_inception"] = features.FIDInceptionExtractor(args.fid_inception).to(device)
+    for name, path in _named(args.medical_features).items():
+        extractors[os.path.splitext(name)[0]] = features.MedicalFeatureExtractor(
+            path, args.feature_size, args.feature_norm).to(device)
     segmenter = None
     if args.segmenter:
         from ldm.evaluation.segmenter import load_segmenter
@@ -91,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         segmenter, _ = load_segmenter(args.segmenter, device)
     checker = label_set.load_rule_checker() if args.rules == "label_set" else get_rule_checker(args.rules)
     results, fractions = compare.evaluate_sets(sets, real, num_classes, extractors, checker, segmenter, names,
-                                               kid_subset_size=args.kid_subset_size)
+                                               kid_subset_size=args.kid_subset_size, ms_ssim_pairs=args.ms_ssim_pairs)
     grids = {"real": real["images"][:args.grid, 0].numpy()}
     grids.update({name: data["images"][:args.grid, 0].numpy() for name, data in sets.items()})
     meta = {"real": args.real, "real_split": args.real_split, "num_real": len(real["images"]),

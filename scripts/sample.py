@@ -51,7 +51,21 @@ def get_parser() -> argparse.ArgumentParser:
                         "README_anatomical.md); 0 (default): off, bit-identical to plain sampling; each guided "
                         "step costs a forward pass with gradients and a backward pass")
     p.add_argument("--format", nargs="+", choices=["png", "nii", "npz"], default=["png"],
-                   help="extra formats beside the 8-bit PNGs (always written)")
+                   help="extra formats beside the 8-bit PNGs (always written); nii: NIfTI samples and integer "
+                        "masks in the training data's canonical (RAS+) orientation, spacing and position")
+    p.add_argument("--reference", default=None, metavar="VOLUME.nii.gz",
+                   help="NIfTI volume whose geometry the NIfTI samples take (default: the run's recorded geometry, "
+                        "else the first NIfTI of the run's training data, else 1 mm pixels with a note)")
+    p.add_argument("--hu", action="store_true",
+                   help="CT runs: NIfTI samples in Hounsfield units (the training window inverted); implies "
+                        "--format nii")
+    p.add_argument("--stack", action="store_true",
+                   help="also write every complete sample of the folder as one volume (stack.nii.gz, "
+                        "stack_masks.nii.gz) along the slice axis; implies --format nii")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet before sampling (pays off for many samples; the first batch "
+                        "is slow while graphs are captured)")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -63,26 +77,43 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
-    load_s = time.perf_counter() - t0
+    # Everything that can be checked without the model is checked before loading it.
+    sampling.check_sampling_settings(args.n_samples, args.batch_size, args.custom_steps, args.eta, args.sampler,
+                                     args.vanilla_sample, args.anatomy_guidance)
+    _, run_dir, _, config = sampling.read_run_config(args.resume, args.base)
     out_dir = args.logdir
     if out_dir is None:
-        _, run_dir = sampling.resolve_run(args.resume)
         base = run_dir or os.path.dirname(os.path.abspath(args.resume))
         ancestral = args.vanilla_sample or args.sampler == "ancestral"
         tag = "vanilla" if ancestral else f"{args.sampler}{args.custom_steps}_eta{args.eta:g}"
         tag += f"_guided{args.anatomy_guidance:g}" if args.anatomy_guidance else ""
         out_dir = os.path.join(base, "samples", f"{tag}_seed{args.seed}")
+    sampling.check_output_dir(out_dir)
+    geometry = None
+    if "nii" in args.format or args.hu or args.stack:
+        from omegaconf import OmegaConf
+
+        from ldm.sample_geometry import resolve_geometry
+
+        geometry = resolve_geometry(OmegaConf.to_container(config, resolve=True), args.reference)
+        if args.hu:
+            geometry.check_hu()  # a non-CT run is refused here, before loading
+    t0 = time.perf_counter()
+    model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
+    if args.compile:
+        from ldm.modules.diffusionmodules.openaimodel import compile_unet
+
+        compile_unet(model, backend=args.compile_backend)
+    info["load_s"] = time.perf_counter() - t0
     run = sampling.generate(model, out_dir, args.n_samples, args.batch_size, args.custom_steps, args.eta, args.seed,
                             vanilla=args.vanilla_sample, use_ema=args.ema and info["has_ema"],
                             save_masks=args.save_masks, formats=args.format,
                             colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler,
-                            anatomy_guidance=args.anatomy_guidance)
-    run["timings"]["load_s"] = load_s
-    path = sampling.update_manifest(out_dir, info, run)
+                            anatomy_guidance=args.anatomy_guidance, geometry=geometry, hu=args.hu,
+                            stack=args.stack, manifest_info=info)
+    redone = f"; redid incomplete samples {run['redone']}" if run["redone"] else ""
     print(f"wrote {run['count']} samples ({run['start_index']:06d}..{run['start_index'] + run['count'] - 1:06d}) "
-          f"to {out_dir}; manifest {path}")
+          f"to {out_dir}{redone}; manifest {os.path.join(out_dir, 'samples.json')}")
     return 0
 
 
