@@ -3,6 +3,18 @@
 Every example follows the data contract: ``image`` float32 H x W x 1 in [-1, 1], ``segmentation``
 int64 H x W (``ignore_index`` where there is no mask), ``has_segmentation`` bool, ``file_path_``,
 ``relative_file_path_`` and ``slice_index`` (-1 for a 2D file).
+
+Geometry of each example (for writing outputs with the source's orientation and spacing):
+``spacing`` float32 ``[row, column]`` in mm of the returned pixels, and ``affine`` float32 4 x 4, the
+voxel-to-world (RAS+ mm) affine of the returned slice stored as a one-slice canonical volume,
+``ldm.data.io.display_slice_to_canonical(image[..., 0], slice_axis)``; it accounts for resampling,
+padding, cropping and flips. 2D files record no geometry: both are NaN there.
+``MedicalImagesBase.slice_geometry(i)`` gives the same without reading voxels (unflipped).
+
+Bad data is refused with the file named: non-finite voxels or pixels (unless ``nonfinite: fill``), a
+float 2D file without an explicit ``intensity`` (its range is not fixed by its type), a damaged
+``.nii.gz`` (gzip CRC), slices of different sizes with ``size: null``. Symlinked folders under
+``data_root`` are followed (a folder reached twice, e.g. through a link loop, is read once).
 """
 from __future__ import annotations
 
@@ -19,13 +31,21 @@ from torch.utils.data import Dataset
 
 from ldm.data import intensity as inten
 from ldm.data.io import (IMAGE_EXTENSIONS, MASK_EXTENSIONS, NIFTI_EXTENSIONS, NiftiInfo, canonical_affines_match,
-                         is_image_2d, is_nifti, load_canonical, nifti_info, read_image_2d, read_mask_2d,
-                         split_extension, volume_slice_to_display)
+                         display_slice_affine, find_files, image_shape_2d, is_image_2d, is_nifti, load_canonical,
+                         nifti_info, read_image_2d, read_mask_2d, slice_spacing, split_extension,
+                         volume_slice_to_display)
 from ldm.data.labels import BREASTMRI, CTORG_RAW_BRAIN_ID, CTORGAN, DEFAULT_IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": "train", "validation": "validation", "test": "test"}
+NONFINITE_POLICIES: tuple[str, ...] = ("error", "fill")
+Map = tuple[float, float]  # output pixel x sits at source pixel s * x + o (pixel centres)
+
+
+def _compose(outer: Map, s: float, o: float) -> Map:
+    """``outer`` after a new step whose output pixel x sits at its input pixel ``s * x + o``."""
+    return outer[0] * s, outer[0] * o + outer[1]
 
 
 @dataclass
@@ -58,14 +78,19 @@ class MedicalImagesBase(Dataset):
             volume ``volume-N`` also ``labels-N``). None: no masks. May equal ``data_root`` (files
             that are another file's mask are then not used as images).
         size: output side in pixels (images resized with ``interpolation``, masks nearest neighbour);
-            None keeps the stored size.
+            None keeps the stored size (then every slice must have the same size, checked at start).
+            With ``spacing``: the side of the centre crop/pad after resampling (no further resize).
         n_labels: number of classes; a mask value >= n_labels (other than ``ignore_index``) is an error.
         load_segmentations: False ignores masks (``has_segmentation`` False everywhere).
         interpolation: "bicubic", "bilinear", "lanczos", "area" or "nearest" for images.
         flip_p: probability of a horizontal flip of image and mask (default 0: flips swap left and right anatomy).
-        intensity: "ct" (``window``), "mr" (``percentiles`` per volume or 2D file), "minmax" or "uint8"
-            (0..255 files). None: "uint8" for 2D files, the class's volume default for NIfTI.
-        window: CT window [level, width] in HU.
+        intensity: "ct" (``window``), "mr" (``percentiles`` per volume or 2D file), "minmax", "uint8"
+            (whole numbers 0..255), "unit" (values in [0, 1]) or "signed" (values already in [-1, 1]).
+            None: from the file type, "uint8" for integer 2D files (a float 2D file is refused: its
+            range is not fixed by its type), the class's volume default for NIfTI.
+        window: CT window [level, width] in HU, "multi" (``intensity.CT_MULTI_WINDOW``: lungs, soft
+            tissue and bone in one channel) or [[HU, value], ...] points; None: the class default
+            ([40, 400]).
         percentiles: [lower, upper] percentiles mapped to -1 and 1 for "mr".
         slice_axis: axis of the canonical (RAS+) volume to slice along (2 = axial).
         skip_empty_slices: keep only volume slices whose mask has foreground.
@@ -74,17 +99,25 @@ class MedicalImagesBase(Dataset):
         square: "pad" or "crop" for non-square slices before resizing (not used when ``size`` is None).
         check_affine: compare volume and label affines (after reorientation) and refuse a mismatch.
         cache_volumes: number of decoded volumes kept in memory (per worker).
+        spacing: resample NIfTI slices to this in-plane spacing in mm (one number, or [row, column]) before
+            ``size`` crops/pads them; None keeps the pixel grid and resizes to ``size``. 2D files record
+            no spacing and are refused with it.
+        nonfinite: "error" (default) refuses a volume or 2D file holding NaN/Inf, naming it and the count;
+            "fill" replaces NaN and -Inf by the file's lowest finite value and +Inf by its highest, with
+            one warning.
     """
 
     default_volume_intensity = "minmax"
+    default_window: Any = (40.0, 400.0)
 
     def __init__(self, data_root: str | os.PathLike, segmentation_root: str | os.PathLike | None = None,
                  size: int | None = 256, n_labels: int | None = None, load_segmentations: bool = True,
                  interpolation: str = "bicubic", flip_p: float = 0.0, intensity: str | None = None,
-                 window: Sequence[float] = (40.0, 400.0), percentiles: Sequence[float] = (0.5, 99.5),
+                 window: Any = None, percentiles: Sequence[float] = (0.5, 99.5),
                  slice_axis: int = 2, skip_empty_slices: bool = False, label_map: Mapping[Any, Any] | None = None,
                  ignore_index: int = DEFAULT_IGNORE_INDEX, square: str = "pad", check_affine: bool = True,
-                 cache_volumes: int = 2) -> None:
+                 cache_volumes: int = 2, spacing: float | Sequence[float] | None = None,
+                 nonfinite: str = "error") -> None:
         self.data_root = Path(data_root)
         self.segmentation_root = Path(segmentation_root) if segmentation_root is not None else None
         self.size = None if size is None else int(size)
@@ -93,7 +126,10 @@ class MedicalImagesBase(Dataset):
         self.interpolation = interpolation
         self.flip_p = float(flip_p)
         self.intensity = intensity
-        self.window = tuple(float(w) for w in window) if window is not None else None
+        self.window = self._window_param(self.default_window if window is None else window)
+        self.spacing = self._spacing_param(spacing)
+        self.nonfinite = nonfinite
+        self._warned_nonfinite = False
         self.percentiles = tuple(float(p) for p in percentiles)
         self.slice_axis = int(slice_axis)
         self.ignore_index = int(ignore_index)
@@ -107,6 +143,31 @@ class MedicalImagesBase(Dataset):
         self.examples = self._scan(skip_empty_slices)
 
     # ----------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _window_param(window: Any) -> Any:
+        if isinstance(window, str):
+            return window
+        try:
+            if len(window) == 2 and np.isscalar(window[0]):
+                return tuple(float(w) for w in window)
+            return tuple(tuple(float(v) for v in pt) for pt in window)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"window must be [level, width], 'multi' or a list of [HU, value] points, got "
+                             f"{window!r}") from err
+
+    @staticmethod
+    def _spacing_param(spacing: Any) -> tuple[float, float] | None:
+        if spacing is None:
+            return None
+        try:
+            values = (float(spacing),) * 2 if np.isscalar(spacing) else tuple(float(v) for v in spacing)
+        except (TypeError, ValueError):
+            values = ()
+        if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"spacing must be a positive in-plane spacing in mm (one number or [row, column]) or "
+                             f"null, got {spacing!r}")
+        return values  # type: ignore[return-value]
+
     def _validate_params(self) -> None:
         if self.size is not None and self.size < 1:
             raise ValueError(f"size must be a positive number of pixels or None, got {self.size}")
@@ -124,6 +185,8 @@ class MedicalImagesBase(Dataset):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
         if self.square not in ("pad", "crop"):
             raise ValueError(f"square must be 'pad' or 'crop', got {self.square!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         if not self.data_root.is_dir():
             raise FileNotFoundError(f"data_root {self.data_root} does not exist or is not a directory")
         if self.segmentation_root is not None and not self.segmentation_root.is_dir():
@@ -139,8 +202,7 @@ class MedicalImagesBase(Dataset):
         return None
 
     def _scan(self, skip_empty_slices: bool) -> list[_Example]:
-        files = sorted(p for p in self.data_root.rglob("*")
-                       if p.is_file() and not p.name.startswith(".") and (is_image_2d(p) or is_nifti(p)))
+        files = [p for p in find_files(self.data_root) if is_image_2d(p) or is_nifti(p)]
         masks: dict[Path, Path | None] = {}
         for f in files:
             rel = f.relative_to(self.data_root).as_posix()
@@ -156,6 +218,12 @@ class MedicalImagesBase(Dataset):
                            "is filled with ignore_index %d and has_segmentation is False", len(missing), len(files),
                            self.data_root, self.segmentation_root, missing[0].relative_to(self.data_root),
                            self.ignore_index)
+        if self.spacing is not None:
+            flat = [f for f in files if not is_nifti(f)]
+            if flat:
+                raise ValueError(f"spacing: {list(self.spacing)} resamples NIfTI volumes, but {flat[0]} (and "
+                                 f"{len(flat) - 1} more 2D files) record no pixel spacing; use NIfTI volumes or "
+                                 "set spacing: null")
         examples: list[_Example] = []
         skipped = 0
         for f in files:
@@ -179,7 +247,39 @@ class MedicalImagesBase(Dataset):
         if not examples:
             raise ValueError(f"no slices left under {self.data_root}: every volume slice has an empty or missing "
                              "mask (set skip_empty_slices: false, or check segmentation_root)")
+        if self.size is None:
+            self._check_equal_sizes(examples)
         return examples
+
+    def _check_equal_sizes(self, examples: list[_Example]) -> None:
+        """``size: null`` keeps stored sizes; refuse, naming two files, sizes the default collate cannot batch."""
+        first: tuple[Path, tuple[int, int]] | None = None
+        seen: set[Path] = set()
+        for ex in examples:
+            if ex.image in seen:
+                continue
+            seen.add(ex.image)
+            hw = self._out_hw(ex)
+            if hw is None:
+                continue
+            if first is None:
+                first = (ex.image, hw)
+            elif hw != first[1]:
+                raise ValueError(f"size: null keeps each slice's own size, but {first[0]} gives {first[1][0]}x"
+                                 f"{first[1][1]} slices and {ex.image} gives {hw[0]}x{hw[1]}; they cannot be batched "
+                                 "together: set size to a number of pixels (e.g. size: 256)")
+
+    def _out_hw(self, ex: _Example) -> tuple[int, int] | None:
+        """Output slice size from headers alone (None when a 2D header cannot be read)."""
+        if ex.slice_index < 0:
+            hw = image_shape_2d(ex.image)
+            return None if hw is None else self._steps(hw, None)[3]
+        info = self._infos[ex.image]
+        return self._steps(self._display_hw(info), slice_spacing(info.affine, self.slice_axis))[3]
+
+    def _display_hw(self, info: NiftiInfo) -> tuple[int, int]:
+        p, q = (a for a in range(3) if a != self.slice_axis)
+        return int(info.shape[q]), int(info.shape[p])
 
     def _check_pair(self, info: NiftiInfo, mask_path: Path) -> None:
         minfo = nifti_info(mask_path)
@@ -234,7 +334,7 @@ class MedicalImagesBase(Dataset):
         if is_label:
             arr = self._labels_array(arr, path)
         else:
-            arr = arr.astype(np.float32)
+            arr = self._finite(arr.astype(np.float32), path, "voxels")
             mode = self.intensity or self.default_volume_intensity
             if mode == "mr":
                 lo, hi = np.percentile(arr, self.percentiles)
@@ -246,15 +346,50 @@ class MedicalImagesBase(Dataset):
             self._volumes.popitem(last=False)
         return arr, ref
 
+    def _finite(self, arr: np.ndarray, path: Path, what: str) -> np.ndarray:
+        """``arr`` when every value is finite; else an error naming the file and the count, or (``nonfinite:
+        fill``) NaN/-Inf replaced by the lowest finite value and +Inf by the highest, with one warning."""
+        if arr.dtype.kind != "f":
+            return arr
+        finite = np.isfinite(arr)
+        bad = int(arr.size - np.count_nonzero(finite))
+        if not bad:
+            return arr
+        n_nan = int(np.count_nonzero(np.isnan(arr)))
+        if self.nonfinite == "error" or bad == arr.size:
+            raise ValueError(f"{path} holds {bad} non-finite {what} ({n_nan} NaN, {bad - n_nan} Inf) of {arr.size}; "
+                             "they would make the training loss non-finite: fix the file (e.g. numpy.nan_to_num) "
+                             + ("" if bad == arr.size else "or set nonfinite: fill to replace them by the file's "
+                                "lowest/highest finite value"))
+        lo, hi = float(arr[finite].min()), float(arr[finite].max())
+        log = logger.info if self._warned_nonfinite else logger.warning
+        log("nonfinite: fill: %s holds %d non-finite %s (%d NaN); NaN and -Inf become %g, +Inf becomes %g%s", path,
+            bad, what, n_nan, lo, hi, "" if self._warned_nonfinite else " (further files are logged at INFO)")
+        self._warned_nonfinite = True
+        return np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+
     def _scale(self, raw: np.ndarray, mode: str, path: Path, ref: tuple[float, float] | None) -> np.ndarray:
+        lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
         if mode == "uint8":
-            if raw.size and (float(raw.min()) < 0 or float(raw.max()) > 255):
-                raise ValueError(f"image {path} holds values {float(raw.min()):g}..{float(raw.max()):g}, outside the "
+            if raw.dtype.kind == "f" and not np.all(raw == np.round(raw)):
+                raise ValueError(f"image {path} holds {raw.dtype} values {lo:g}..{hi:g} with fractions, but intensity "
+                                 "'uint8' expects whole numbers 0..255; for a float image in [0, 1] set intensity: "
+                                 "unit, in [-1, 1] signed, otherwise minmax, ct or mr")
+            if lo < 0 or hi > 255:
+                raise ValueError(f"image {path} holds values {lo:g}..{hi:g}, outside the "
                                  "0..255 that intensity 'uint8' expects; set intensity to 'minmax', 'ct' or 'mr'")
             return inten.scale_uint8(raw)
+        if mode in ("unit", "signed"):
+            low = 0.0 if mode == "unit" else -1.0
+            if lo < low or hi > 1.0:
+                raise ValueError(f"image {path} holds values {lo:g}..{hi:g}, outside the [{low:g}, 1] that intensity "
+                                 f"{mode!r} expects; set intensity to 'uint8', 'minmax', 'ct' or 'mr'")
+            return inten.scale_unit(raw) if mode == "unit" else np.asarray(raw, dtype=np.float32)
         if mode == "ct":
             assert self.window is not None
-            return inten.window_ct(raw, *self.window)
+            if isinstance(self.window, tuple) and len(self.window) == 2 and np.isscalar(self.window[0]):
+                return inten.window_ct(raw, *self.window)
+            return inten.window_multi(raw, self.window)
         if ref is not None:
             return inten.scale_linear(raw, *ref)
         if mode == "mr":
@@ -263,8 +398,16 @@ class MedicalImagesBase(Dataset):
 
     def _load(self, ex: _Example) -> tuple[np.ndarray, np.ndarray | None]:
         if ex.slice_index < 0:
-            raw = read_image_2d(ex.image)
-            scaled = self._scale(raw, self.intensity or "uint8", ex.image, None)
+            raw = self._finite(read_image_2d(ex.image), ex.image, "pixels")
+            mode = self.intensity
+            if mode is None:
+                if raw.dtype.kind == "f":
+                    raise ValueError(f"image {ex.image} holds {raw.dtype} values {float(raw.min()):g}.."
+                                     f"{float(raw.max()):g}: a float file's range is not fixed by its type, so set "
+                                     "intensity: unit (values in [0, 1]), signed ([-1, 1]), uint8 (whole numbers "
+                                     "0..255), minmax (per file), ct (HU) or mr")
+                mode = "uint8"
+            scaled = self._scale(raw, mode, ex.image, None)
             mask = read_mask_2d(ex.mask) if ex.mask is not None else None
         else:
             vol, ref = self._volume(ex.image, is_label=False)
@@ -291,19 +434,82 @@ class MedicalImagesBase(Dataset):
         has_seg = mask is not None
         if mask is None:
             mask = np.full(image.shape, self.ignore_index, dtype=np.int64)
-        if self.size is not None and image.shape[0] != image.shape[1]:
-            if self.square == "pad":
-                image, mask = inten.pad_to_square(image, mask, -1.0, 0 if has_seg else self.ignore_index)
+        info = self._infos.get(ex.image) if ex.slice_index >= 0 else None
+        src_spacing = slice_spacing(info.affine, self.slice_axis) if info is not None else None
+        steps, row_map, col_map, _ = self._steps(image.shape, src_spacing)
+        for op, arg in steps:
+            if op == "fit":
+                image, mask, _, _ = inten.fit_to_size(image, mask, arg, -1.0, 0 if has_seg else self.ignore_index)
             else:
-                image, mask = inten.crop_to_square(image, mask)
-        if self.size is not None:
-            image = inten.resize_image(image, self.size, self.interpolation)
-            mask = inten.resize_mask(mask, self.size)
+                image = inten.resize_image(image, arg, self.interpolation)
+                mask = inten.resize_mask(mask, arg)
         if self.flip_p > 0 and float(torch.rand(())) < self.flip_p:
             image, mask = image[:, ::-1], mask[:, ::-1]
+            col_map = _compose(col_map, -1.0, image.shape[1] - 1.0)
+        spacing, affine = self._geometry(ex, image.shape, row_map, col_map)
         return {"image": np.ascontiguousarray(image, dtype=np.float32)[..., None],
                 "segmentation": np.ascontiguousarray(mask, dtype=np.int64), "has_segmentation": has_seg,
-                "file_path_": str(ex.image), "relative_file_path_": ex.relative, "slice_index": ex.slice_index}
+                "file_path_": str(ex.image), "relative_file_path_": ex.relative, "slice_index": ex.slice_index,
+                "spacing": spacing, "affine": affine}
+
+    # ---------------------------------------------------------------------------------------- geometry
+    def _steps(self, hw: tuple[int, int], src_spacing: tuple[float, float] | None
+               ) -> tuple[list[tuple[str, Any]], Map, Map, tuple[int, int]]:
+        """Resampling plan of a ``hw`` slice: ``[("resize", (h, w)) | ("fit", side)]``, the row and column
+        maps from output to source pixels, and the output size."""
+        h, w = int(hw[0]), int(hw[1])
+        steps: list[tuple[str, Any]] = []
+        rmap: Map = (1.0, 0.0)
+        cmap: Map = (1.0, 0.0)
+
+        def resize(h1: int, w1: int) -> None:
+            nonlocal h, w, rmap, cmap
+            steps.append(("resize", (h1, w1)))
+            rmap = _compose(rmap, h / h1, 0.5 * h / h1 - 0.5)
+            cmap = _compose(cmap, w / w1, 0.5 * w / w1 - 0.5)
+            h, w = h1, w1
+
+        def fit(side: int) -> None:
+            nonlocal h, w, rmap, cmap
+            steps.append(("fit", side))
+            rmap = _compose(rmap, 1.0, float((h - side) // 2 if h > side else -((side - h) // 2)))
+            cmap = _compose(cmap, 1.0, float((w - side) // 2 if w > side else -((side - w) // 2)))
+            h = w = side
+
+        if self.spacing is not None and src_spacing is not None:
+            h1 = max(1, int(round(h * src_spacing[0] / self.spacing[0])))
+            w1 = max(1, int(round(w * src_spacing[1] / self.spacing[1])))
+            if (h1, w1) != (h, w):
+                resize(h1, w1)
+            if self.size is not None and (h, w) != (self.size, self.size):
+                fit(self.size)
+        elif self.size is not None:
+            if h != w:
+                fit(max(h, w) if self.square == "pad" else min(h, w))
+            if (h, w) != (self.size, self.size):
+                resize(self.size, self.size)
+        return steps, rmap, cmap, (h, w)
+
+    def _geometry(self, ex: _Example, out_hw: tuple[int, ...], row_map: Map, col_map: Map
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        if ex.slice_index < 0:
+            return np.full(2, np.nan, dtype=np.float32), np.full((4, 4), np.nan, dtype=np.float32)
+        info = self._infos[ex.image]
+        affine = display_slice_affine(info.affine, info.shape, self.slice_axis, ex.slice_index,
+                                      (int(out_hw[0]), int(out_hw[1])), row_map, col_map)
+        return np.asarray(slice_spacing(affine, self.slice_axis), dtype=np.float32), affine.astype(np.float32)
+
+    def slice_geometry(self, index: int) -> dict[str, np.ndarray]:
+        """``{"spacing", "affine"}`` of example ``index`` as ``__getitem__`` reports them (without a flip),
+        from the headers alone; NaN for a 2D file."""
+        ex = self.examples[index]
+        if ex.slice_index < 0:
+            spacing, affine = self._geometry(ex, (0, 0), (1.0, 0.0), (1.0, 0.0))
+        else:
+            info = self._infos[ex.image]
+            _, rmap, cmap, hw = self._steps(self._display_hw(info), slice_spacing(info.affine, self.slice_axis))
+            spacing, affine = self._geometry(ex, hw, rmap, cmap)
+        return {"spacing": spacing, "affine": affine}
 
 
 class _SplitDataset(MedicalImagesBase):

@@ -21,6 +21,8 @@ from torch import nn
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.checkpoints import load_weights
+from ldm.models.optim import make_adam
+from ldm.data.batch import to_channels_first
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -63,17 +65,12 @@ class _GANAutoencoder(pl.LightningModule):
 
     # ------------------------------------------------------------------ data
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
-        """``batch[k]`` as B,H,W(,C) channels-last in [-1, 1] -> contiguous float B,C,H,W."""
+        """``batch[k]`` in [-1, 1] -> contiguous float B,C,H,W; channel-last B,H,W(,C) and channel-first
+        B,C,H,W (MONAI) are told apart by the encoder's input channels (:func:`ldm.data.batch.to_channels_first`)."""
         if k not in batch:
             raise ValueError(f"batch has no key {k!r} (image_key); it has {sorted(batch)}")
-        x = batch[k]
-        if not isinstance(x, torch.Tensor):
-            x = torch.as_tensor(np.asarray(x))
-        if x.ndim == 3:
-            x = x[..., None]
-        if x.ndim != 4:
-            raise ValueError(f"batch[{k!r}] must be B,H,W,C (or B,H,W), got shape {tuple(x.shape)}")
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        channels = self.encoder.conv_in.in_channels if k == self.image_key else None
+        return to_channels_first(batch[k], channels, k)
 
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
@@ -128,8 +125,8 @@ class _GANAutoencoder(pl.LightningModule):
 
     def _adam_pair(self, ae_params: list[nn.Parameter], lr_g: float, lr_d: float):
         self._check_trainable_loss()
-        opt_ae = torch.optim.Adam(ae_params, lr=lr_g, betas=ADAM_BETAS)
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr_d, betas=ADAM_BETAS)
+        opt_ae = make_adam(torch.optim.Adam, ae_params, lr=lr_g, betas=ADAM_BETAS)
+        opt_disc = make_adam(torch.optim.Adam, self.loss.discriminator.parameters(), lr=lr_d, betas=ADAM_BETAS)
         return opt_ae, opt_disc
 
     # ------------------------------------------------------------------ images

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from ldm.checkpoints import load_weights
+from ldm.data.batch import to_channels_first
 from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
 from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model
 from ldm.models.diffusion.training import DiffusionLightningMixin, ScaleByStdMixin, denoise_grid, diffusion_row
@@ -296,13 +297,15 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
 
     # ------------------------------------------------------------------ data and Lightning steps
     def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
-        """``batch[k]`` (B,H,W[,C] channels-last, CompVis convention) as a float B,C,H,W tensor."""
+        """``batch[k]`` as a float B,C,H,W tensor: channel-last B,H,W[,C] (CompVis) and channel-first B,C,H,W
+        (MONAI) batches are told apart by ``input_channels(k)`` (:func:`ldm.data.batch.to_channels_first`)."""
         if k not in batch:
             raise ValueError(f"batch has no key {k!r} (keys: {sorted(batch)}); check first_stage_key / cond_stage_key")
-        x = torch.as_tensor(batch[k])
-        if x.ndim == 3:
-            x = x[..., None]
-        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+        return to_channels_first(batch[k], self.input_channels(k), k)
+
+    def input_channels(self, k: str) -> Optional[int]:
+        """Channel count expected under batch key ``k`` (None: unknown, channel-last assumed)."""
+        return int(self.channels) if k == self.first_stage_key else None
 
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict]:
         x = self.get_input(batch, self.first_stage_key)
@@ -485,6 +488,13 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
 
     # ------------------------------------------------------------------ data and training
     @torch.no_grad()
+    def input_channels(self, k: str) -> Optional[int]:
+        """Image channels of the first stage for ``first_stage_key`` (of the cond encoder for ``cond_stage_key``)."""
+        model = self.first_stage_model if k == self.first_stage_key else (
+            getattr(self, "cond_stage_model", None) if k == self.cond_stage_key else None)
+        conv_in = getattr(getattr(model, "encoder", None), "conv_in", None)
+        return int(conv_in.in_channels) if isinstance(conv_in, nn.Conv2d) else None
+
     def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
                   force_c_encode: bool = False, cond_key: Optional[str] = None, return_original_cond: bool = False,
                   bs: Optional[int] = None) -> list[Any]:

@@ -1,0 +1,40 @@
+"""Batch layout: channel-last (CompVis datasets) and channel-first (MONAI, torchvision) image batches.
+
+``to_channels_first`` turns a batch entry into the ``B, C, H, W`` float tensor the models take:
+
+- ``B, H, W`` gets one channel;
+- ``B, H, W, C`` (channel-last, what this project's datasets and CompVis's return) is permuted;
+- ``B, C, H, W`` (channel-first, what a MONAI ``EnsureChannelFirstd`` pipeline yields) is kept.
+
+The model's channel count ``C`` decides: the layout whose channel axis has size ``C`` is taken. A
+shape that fits both (``B, C, H, C``) is refused as ambiguous, one that fits neither names ``C``.
+Without a known channel count (a key the model does not encode, e.g. a conditioning input with no
+encoder) the CompVis channel-last convention applies.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+def to_channels_first(x: Any, channels: Optional[int], key: str) -> torch.Tensor:
+    """``x`` (``B,H,W``, ``B,H,W,C`` or ``B,C,H,W``) as a contiguous float ``B,C,H,W`` tensor (see module doc)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim != 4:
+        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}; expected B,H,W,C (channel-last), B,C,H,W "
+                         "(channel-first) or B,H,W")
+    elif channels is None or (x.shape[3] == channels and x.shape[1] != channels):
+        x = x.permute(0, 3, 1, 2)
+    elif x.shape[1] == channels and x.shape[3] == channels:
+        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}: with {channels} model channel(s) it reads as "
+                         "channel-first B,C,H,W and as channel-last B,H,W,C; give images whose width differs from "
+                         "the channel count, or convert them to B,H,W,C yourself")
+    elif x.shape[1] != channels:
+        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}, but the model takes {channels} channel(s): "
+                         f"expected B,H,W,{channels} (channel-last) or B,{channels},H,W (channel-first)")
+    return x.to(memory_format=torch.contiguous_format).float()
