@@ -95,8 +95,8 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _strip_checkpoint_paths(model_config: Any) -> Any:
-    """Copy of the model config without ``ckpt_path`` entries: the checkpoint already holds every weight."""
+def strip_checkpoint_paths(model_config: Any) -> Any:
+    """Plain copy of a config (node) without ``ckpt_path`` entries: the checkpoint already holds every weight."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(model_config, resolve=True)
@@ -127,7 +127,7 @@ def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_
 
     ckpt_path, _, files, config = read_run_config(path, config_paths)
     state_dict = read_state_dict(ckpt_path, weights_only=not unsafe_load)
-    model = instantiate_from_config(_strip_checkpoint_paths(config.model))
+    model = instantiate_from_config(strip_checkpoint_paths(config.model))
     missing, _ = load_weights(model, state_dict, allow_unexpected=True, source=ckpt_path,
                               required=lambda key: not key.startswith("model_ema."))
     has_ema = bool(getattr(model, "use_ema", False)) and not any(k.startswith("model_ema.") for k in missing)
