@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -26,14 +28,15 @@ from ldm.evaluation import compare, features, metrics, report  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", nargs="+", required=True, metavar="NAME=DIR",
                    help="sample folders of scripts/sample.py, each named (a bare DIR is named after the folder)")
     p.add_argument("--real", required=True, metavar="DIR_OR_CONFIG",
                    help="real images: a folder (images/*.png [+ masks/*.png]) or a dataset/main.py config YAML")
     p.add_argument("--real_split", default="validation", help="split of a main.py config's data section")
-    p.add_argument("--max_real", type=int, default=None)
-    p.add_argument("--max_samples", type=int, default=None)
+    p.add_argument("--max_real", type=int, default=None, help="use at most this many real images (default: all)")
+    p.add_argument("--max_samples", type=int, default=None,
+                   help="use at most this many samples per set (default: all)")
     p.add_argument("--label_set", default="ctorgan",
                    help=f"label set of the masks ({', '.join(LABEL_SETS)}): default class names and count, and the "
                         "checker of --rules label_set")
@@ -54,18 +57,19 @@ def get_parser() -> argparse.ArgumentParser:
                         "extra). Images: 8-bit, grey replicated to RGB, resized to 299 px as the original FID")
     p.add_argument("--medical_features", nargs="+", default=[], metavar="[NAME=]PATH",
                    help="feature networks for FID/KID (e.g. RadImageNet ResNet-50): a torch.export archive (.pt2) "
-                        "or a torchvision ResNet-50 state dict; keys fid_NAME (default NAME: the file name). Images: grey replicated "
-                        "to RGB, resized to --feature_size px, normalised by --feature_norm")
+                        "or a torchvision ResNet-50 state dict; keys fid_NAME (default NAME: the file name). "
+                        "Images: grey replicated to RGB, resized to --feature_size px, normalised by --feature_norm")
     p.add_argument("--feature_size", type=int, default=224, help="input size of --medical_features networks")
     p.add_argument("--feature_norm", default="imagenet", choices=features.NORMALIZATIONS,
                    help="input normalisation of --medical_features networks: ImageNet mean/std on [0, 1], "
                         "[0, 1] (unit) or [-1, 1] (symmetric)")
-    p.add_argument("--kid_subset_size", type=int, default=1000)
+    p.add_argument("--kid_subset_size", type=int, default=1000, help="images per KID subset")
     p.add_argument("--ms_ssim_pairs", type=int, default=1000,
                    help="image pairs per set for MS-SSIM diversity (0: skip)")
     p.add_argument("--grid", type=int, default=16, help="samples per set shown in the figure")
     p.add_argument("-o", "--outdir", required=True, help="report folder")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None,
+                   help="torch device for feature networks (default: the first accelerator, else the CPU)")
     return p
 
 
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         segmenter, _ = load_segmenter(args.segmenter, device)
     checker = label_set.load_rule_checker() if args.rules == "label_set" else get_rule_checker(args.rules)
     results, fractions = compare.evaluate_sets(sets, real, num_classes, extractors, checker, segmenter, names,
-                                               kid_subset_size=args.kid_subset_size, ms_ssim_pairs=args.ms_ssim_pairs)
+                                               kid_subset_size=args.kid_subset_size,
+                                               ms_ssim_pairs=args.ms_ssim_pairs)
     grids = {"real": real["images"][:args.grid, 0].numpy()}
     grids.update({name: data["images"][:args.grid, 0].numpy() for name, data in sets.items()})
     meta = {"real": args.real, "real_split": args.real_split, "num_real": len(real["images"]),

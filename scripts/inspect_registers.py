@@ -17,6 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
 import torch  # noqa: E402
 
 from ldm.data.labels import label_set_of  # noqa: E402
@@ -27,7 +29,7 @@ from ldm.evaluation.registers import inspect_registers  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--resume", required=True, metavar="RUN_DIR_OR_CKPT")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml")
     p.add_argument("-l", "--logdir", required=True, metavar="OUT_DIR")

@@ -17,11 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
 from ldm.data.phantom import write_phantom_2d, write_phantom_nifti  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[str]]:
-    parser = argparse.ArgumentParser(description="Write a synthetic CT-Organ-like phantom data set.")
+    parser = ArgumentParser(description="Write a synthetic CT-Organ-like phantom data set.")
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--format", choices=("png", "nifti", "ctorg"), default="png")
     parser.add_argument("--size", type=int, default=64, help="slice side in pixels")

@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
 import torch  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -24,7 +26,7 @@ from ldm.util import instantiate_from_config, resolve_device  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--resume", required=True, metavar="RUN_DIR_OR_CKPT", help="mask autoencoder run or checkpoint")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml",
                    help="config(s) merged over the run's (needed for a bare checkpoint)")

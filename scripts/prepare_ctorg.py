@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
 from ldm.data.intensity import pad_to_square, resize_image, resize_mask, window_ct  # noqa: E402
 from ldm.data.io import (canonical_affines_match, load_canonical, nifti_info,  # noqa: E402
                          volume_slice_to_display)
@@ -104,7 +106,7 @@ def convert_volume(vid: str, vol: Path, lab: Path, out: Path, split: str, size: 
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input_dir", type=Path, help="folder with volume-N.nii.gz and labels-N.nii.gz")
     parser.add_argument("output_dir", type=Path, help="output root (use it as CTORG_ROOT)")
     parser.add_argument("--size", type=int, default=256, help="output side in pixels")

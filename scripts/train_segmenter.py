@@ -14,6 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
 import torch  # noqa: E402
 
 from ldm.util import resolve_device  # noqa: E402
@@ -22,7 +24,7 @@ from ldm.evaluation import compare, segmenter  # noqa: E402
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True,
                    help="dataset config YAML ({target, params}) or a main.py config (its data.params.<split>)")
     p.add_argument("--split", default="train")

@@ -24,6 +24,7 @@ def no_weights_anywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("LDM_LPIPS_DIR", str(empty))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(lpips_mod, "_torchmetrics_lpips_dir", lambda: None)  # nor torchmetrics' shipped copy
     return empty
 
 

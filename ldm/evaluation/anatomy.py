@@ -73,6 +73,47 @@ def dice_per_class(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.T
     return out
 
 
+def dice_per_case(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int,
+                  ignore_index: Optional[int] = None) -> np.ndarray:
+    """Dice of each case and class, ``[N, num_classes]``; NaN where a class is absent from both masks of a case.
+
+    Papers report Dice as mean +- sd over cases (this), which weights small and large structures per case;
+    :func:`dice_per_class` pools the pixels of the whole set instead.
+    """
+    p, t = _masks(pred), _masks(target)
+    if p.shape != t.shape:
+        raise ValueError(f"mask sets differ in shape: {p.shape} vs {t.shape}")
+    valid = np.ones_like(t, dtype=bool) if ignore_index is None else t != ignore_index
+    out = np.full((p.shape[0], num_classes), np.nan)
+    for c in range(num_classes):
+        pc, tc = (p == c) & valid, (t == c) & valid
+        inter = (pc & tc).sum(axis=(1, 2))
+        denom = pc.sum(axis=(1, 2)) + tc.sum(axis=(1, 2))
+        present = denom > 0
+        out[present, c] = 2.0 * inter[present] / denom[present]
+    return out
+
+
+def case_dice_summary(per_case: np.ndarray) -> dict[str, float]:
+    """Mean and sample sd (ddof 1) over cases of per-case Dice ``[N, C]``: ``mean``/``std`` of each case's mean
+    over its foreground classes (class 0 left out; classes absent from a case skipped), and per class
+    ``class<c>``/``class<c>_std`` over the cases where the class occurs."""
+    def mean_sd(values: np.ndarray) -> tuple[float, float]:
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return float("nan"), float("nan")
+        return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float("nan")
+
+    fg = per_case[:, 1:] if per_case.shape[1] > 1 else per_case
+    has_any = np.isfinite(fg).any(axis=1)
+    case_means = np.full(len(fg), np.nan)
+    case_means[has_any] = np.nanmean(fg[has_any], axis=1)
+    out = dict(zip(("mean", "std"), mean_sd(case_means)))
+    for c in range(per_case.shape[1]):
+        out[f"class{c}"], out[f"class{c}_std"] = mean_sd(per_case[:, c])
+    return out
+
+
 def rule_pass_rate(masks: np.ndarray | torch.Tensor, checker: RuleChecker) -> tuple[float, list[bool]]:
     """Fraction of masks the rule ``checker`` accepts, and the per-mask verdicts.
 
@@ -125,7 +166,9 @@ def mask_metrics(masks: np.ndarray | torch.Tensor, num_classes: int,
     """Flat dict of anatomy numbers for one mask set.
 
     ``real_masks`` gives area distances; ``checker`` the rule pass rate; ``reference`` (masks of the same samples
-    from another source) the Dice. Per-class keys use ``class_names`` (default ``class<i>``); means exclude class 0.
+    from another source) the Dice, pooled over the set (``dice_*``) and per case as mean +- sd
+    (``dice_case_*`` and ``dice_case_*_std``). Per-class keys use ``class_names`` (default ``class<i>``); means
+    exclude class 0.
     """
     names = list(class_names) if class_names else [f"class{c}" for c in range(num_classes)]
     out: dict[str, float] = {}
@@ -148,4 +191,9 @@ def mask_metrics(masks: np.ndarray | torch.Tensor, num_classes: int,
         out[f"{prefix}dice_mean"] = float(np.nanmean(fg)) if np.isfinite(fg).any() else float("nan")
         for c in range(1, num_classes):
             out[f"{prefix}dice_{names[c]}"] = float(dice[c])
+        cases = case_dice_summary(dice_per_case(masks, reference, num_classes))
+        out[f"{prefix}dice_case_mean"], out[f"{prefix}dice_case_mean_std"] = cases["mean"], cases["std"]
+        for c in range(1, num_classes):
+            out[f"{prefix}dice_case_{names[c]}"] = cases[f"class{c}"]
+            out[f"{prefix}dice_case_{names[c]}_std"] = cases[f"class{c}_std"]
     return out

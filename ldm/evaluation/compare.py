@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ldm.evaluation import anatomy, metrics
+from ldm.evaluation import anatomy, diversity, features, metrics
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,24 @@ def load_real(source: str, split: str = "validation", max_items: Optional[int] =
     return {"images": images, "masks": masks}
 
 
+def _diversity(images: torch.Tensor, pairs: int, name: str) -> dict[str, float]:
+    if len(images) < 2:
+        logger.warning("%s: MS-SSIM diversity needs at least 2 images, the set has %d; left out", name, len(images))
+        return {}
+    return diversity.ms_ssim_diversity(images, pairs)
+
+
 def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any], num_classes: int,
                   extractors: Optional[Mapping[str, metrics.FeatureExtractor]] = None,
                   checker: Optional[Callable[[np.ndarray], Any]] = None, segmenter: Optional[torch.nn.Module] = None,
-                  class_names: Optional[Sequence[str]] = None,
-                  kid_subset_size: int = 1000) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """All numbers per sample set (plus ``real`` as a reference row where masks exist).
+                  class_names: Optional[Sequence[str]] = None, kid_subset_size: int = 1000,
+                  ms_ssim_pairs: int = 1000) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """All numbers per sample set (plus ``real`` as a reference row).
 
-    Keys: image quality (``histogram_w1``, ``fid_*``, ``kid_*``); ``model_*`` from the model's own masks;
-    ``seg_*`` from the independent segmenter's masks (``seg_dice_*`` compares them with the model's masks).
+    Keys: image quality (``histogram_w1``, ``fid_*``, ``kid_*``; real images are first quantised to 8 bits like
+    the PNG samples, as clean-fid recommends); diversity (``ms_ssim``: mean MS-SSIM over ``ms_ssim_pairs`` pairs,
+    0 to skip; compare with the real row's); ``model_*`` from the model's own masks; ``seg_*`` from the
+    independent segmenter's masks (``seg_dice_*`` compares them with the model's masks, pooled and per case).
     Returns ``(results, area_fractions)`` where ``area_fractions`` feeds the report's histograms (from the
     segmenter's masks when there is one, so every set is measured alike, else from the model's own masks).
     """
@@ -128,6 +137,7 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
     results: dict[str, dict[str, float]] = {}
     fractions: dict[str, np.ndarray] = {}
     real_masks = real.get("masks")
+    real_images = features.quantize_8bit(real["images"])
     if real_masks is not None:
         fractions["real"] = anatomy.class_area_fractions(real_masks, num_classes)
         row: dict[str, float] = {"num_images": float(len(real["images"]))}
@@ -137,10 +147,15 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
             seg_real = segment(segmenter, real["images"])
             row["seg_dice_mean"] = anatomy.mask_metrics(seg_real, num_classes, reference=real_masks)["dice_mean"]
         results["real"] = row
+    if ms_ssim_pairs > 0:
+        results.setdefault("real", {"num_images": float(len(real_images))})
+        results["real"].update(_diversity(real_images, ms_ssim_pairs, "real"))
     for name, data in sets.items():
         row = {"num_images": float(len(data["images"]))}
-        row.update(metrics.image_quality(data["images"], real["images"], dict(extractors or {}),
+        row.update(metrics.image_quality(data["images"], real_images, dict(extractors or {}),
                                          kid_subset_size=kid_subset_size))
+        if ms_ssim_pairs > 0:
+            row.update(_diversity(data["images"], ms_ssim_pairs, name))
         own = data.get("masks")
         if own is not None:
             row.update(anatomy.mask_metrics(own, num_classes, real_masks=real_masks, checker=checker,

@@ -20,6 +20,8 @@ def _direction(metric: str) -> str:
     name = metric.split("/")[-1]
     if name.endswith("_std"):
         return ""
+    if name.startswith("ms_ssim"):
+        return "match real" if name == "ms_ssim" else ""
     if any(tag in name for tag in _LOWER_BETTER):
         return "lower"
     if any(tag in name for tag in _HIGHER_BETTER):

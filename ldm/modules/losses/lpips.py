@@ -8,6 +8,9 @@ Key names match the LPIPS module inside CompVis/taming loss checkpoints (``scali
 Weight files, looked up in order in ``$LDM_LPIPS_DIR``, then ``~/.cache/ldm/lpips``:
 - ``vgg.pth``: the LPIPS linear layers (v0.1), as distributed with taming-transformers
   (``taming/modules/autoencoder/lpips/vgg.pth``) or the ``lpips`` package (``lpips/weights/v0.1/vgg.pth``);
+  when neither folder has it, the copy that torchmetrics (installed with pytorch-lightning) ships in
+  ``torchmetrics/functional/image/lpips_models/vgg.pth`` (same keys ``lin{0..4}.model.1.weight``) is used,
+  so a user needs only the VGG16 file;
 - ``vgg16-397923af.pth``: torchvision's ImageNet VGG16 weights; also found in torch hub's checkpoint
   directory (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``).
 """
@@ -45,10 +48,22 @@ def _torch_hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def _torchmetrics_lpips_dir() -> Optional[Path]:
+    """torchmetrics' folder of LPIPS linear-layer weights, or None when torchmetrics is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchmetrics")
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).parent / "functional" / "image" / "lpips_models"
+
+
 def find_lpips_weights() -> tuple[Path, Path]:
     """Paths of (LPIPS linear weights, VGG16 weights); ``FileNotFoundError`` saying what to get if absent."""
     dirs = lpips_search_dirs()
-    lin = next((d / LPIPS_LIN_FILE for d in dirs if (d / LPIPS_LIN_FILE).is_file()), None)
+    shipped = _torchmetrics_lpips_dir()
+    lin_dirs = dirs + ([shipped] if shipped is not None else [])
+    lin = next((d / LPIPS_LIN_FILE for d in lin_dirs if (d / LPIPS_LIN_FILE).is_file()), None)
     vgg_dirs = dirs + [_torch_hub_checkpoint_dir()]
     vgg = next((d / VGG16_FILE for d in vgg_dirs if (d / VGG16_FILE).is_file()), None)
     if lin is not None and vgg is not None:
@@ -56,8 +71,9 @@ def find_lpips_weights() -> tuple[Path, Path]:
     missing = []
     if lin is None:
         missing.append(
-            f"'{LPIPS_LIN_FILE}' (the LPIPS v0.1 VGG linear-layer weights, distributed with taming-transformers "
-            f"as taming/modules/autoencoder/lpips/vgg.pth and with the 'lpips' package as lpips/weights/v0.1/vgg.pth)"
+            f"'{LPIPS_LIN_FILE}' (the LPIPS v0.1 VGG linear-layer weights, shipped by torchmetrics, which "
+            f"pytorch-lightning installs, and distributed with taming-transformers as "
+            f"taming/modules/autoencoder/lpips/vgg.pth and with the 'lpips' package as lpips/weights/v0.1/vgg.pth)"
         )
     if vgg is None:
         missing.append(
