@@ -4,9 +4,9 @@ The datasets (:mod:`ldm.data.medical_images`) bring a volume to canonical RAS+ o
 in radiological display orientation (:func:`ldm.data.io.volume_slice_to_display`), pad or crop it to a square
 and resize it to ``size``. A sample is such a display image. :func:`display_to_canonical` undoes the display
 transform, and :class:`SampleGeometry` gives the written volume an affine with the training data's directions,
-the in-plane spacing of a ``size`` pixel image (``source spacing * square side / size``), the source's slice
-thickness, and its centre at the centre of the reference volume (a sample is no particular slice, so its
-position along the slice axis is the reference's centre).
+the in-plane spacing of the training slices (``source spacing * square side / size``, or the dataset's
+``spacing:`` when it resamples), the source's slice thickness, and its centre at the centre of the reference
+volume (a sample is no particular slice, so its position along the slice axis is the reference's centre).
 
 Where the geometry comes from (first that applies; :func:`resolve_geometry`):
 
@@ -17,8 +17,9 @@ Where the geometry comes from (first that applies; :func:`resolve_geometry`):
 4. none of these: 1 mm pixels in RAS+ directions, with a note saying so.
 
 Intensities: images stay in the model's ``[-1, 1]`` unless ``hu`` is asked for, which maps a CT run's window
-back to Hounsfield units (``level - width/2 + (x + 1) / 2 * width``; values outside the window were clipped in
-training, so samples never leave it). MR runs scale each volume by its own percentiles (or min-max), so no
+back to Hounsfield units (:func:`ldm.data.intensity.hu_from_ct`: ``level - width/2 + (x + 1) / 2 * width`` for a
+``[level, width]`` window, piecewise linear for ``multi``; values outside the window were clipped in training,
+so samples never leave it). MR runs scale each volume by its own percentiles (or min-max), so no
 absolute unit exists to go back to; their NIfTI samples stay in ``[-1, 1]``.
 """
 from __future__ import annotations
@@ -43,13 +44,17 @@ _DATA_SPLITS = ("train", "validation", "test")
 # ------------------------------------------------------------------------------------------ orientation
 def display_to_canonical(images: np.ndarray, slice_axis: int = 2) -> np.ndarray:
     """Display-oriented images ``[N, H, W]`` -> a canonical (RAS+) volume holding them as ``N`` slices along
-    ``slice_axis``: the inverse of :func:`ldm.data.io.volume_slice_to_display` for every axis."""
+    ``slice_axis``: the inverse of the datasets' display transform
+    (:func:`ldm.data.io.display_slice_to_canonical` for each image)."""
+    from ldm.data.io import display_slice_to_canonical
+
     images = np.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"display_to_canonical expects images [N, H, W], got shape {images.shape}")
     if slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
-    return np.ascontiguousarray(np.stack([img[::-1, ::-1].T for img in images], axis=slice_axis))
+    return np.ascontiguousarray(np.concatenate([display_slice_to_canonical(img, slice_axis) for img in images],
+                                               axis=slice_axis))
 
 
 # -------------------------------------------------------------------------------------------- geometry
@@ -104,10 +109,12 @@ class SampleGeometry:
                              "there are no absolute units to go back to: leave --hu out")
 
     def to_hu(self, images: np.ndarray) -> np.ndarray:
-        """``[-1, 1]`` images of a CT run in Hounsfield units (the window inverted)."""
+        """``[-1, 1]`` images of a CT run in Hounsfield units (the window, linear or multi, inverted:
+        :func:`ldm.data.intensity.hu_from_ct`)."""
+        from ldm.data.intensity import hu_from_ct
+
         self.check_hu()
-        level, width = (float(v) for v in self.intensity["window"])
-        return ((np.asarray(images, np.float32) + 1.0) / 2.0 * width + (level - width / 2.0)).astype(np.float32)
+        return hu_from_ct(images, self.intensity["window"])
 
     def to_dict(self, shape: Optional[Sequence[int]] = None) -> dict[str, Any]:
         """JSON-able record (``samples.json`` / an exported config's ``geometry:``); with ``shape`` also the
@@ -145,21 +152,28 @@ class SampleGeometry:
 
 
 def geometry_from_nifti(path: str | os.PathLike, slice_axis: int = 2, size: Optional[int] = None,
-                        square: str = "pad", intensity: Optional[Mapping[str, Any]] = None) -> SampleGeometry:
+                        square: str = "pad", spacing: Optional[Sequence[float]] = None,
+                        intensity: Optional[Mapping[str, Any]] = None) -> SampleGeometry:
     """Geometry of samples from a model trained on slices of the NIfTI file ``path`` (header only) taken along
-    ``slice_axis``, padded (``square: pad``) or cropped to a square and resized to ``size`` (None: kept)."""
+    ``slice_axis`` as the datasets take them: resampled to ``spacing`` ([row, column] mm) and centre-cropped or
+    padded to ``size``; or (no ``spacing``) padded (``square: pad``) or cropped to a square and resized to
+    ``size`` (None: kept)."""
     from ldm.data.io import nifti_info
 
     info = nifti_info(path)
     columns = np.asarray(info.affine[:3, :3], dtype=np.float64)
     zooms = np.linalg.norm(columns, axis=0)
     shape = np.asarray(info.shape, dtype=np.float64)
-    in_plane = [a for a in range(3) if a != slice_axis]
-    side = None
-    if size is not None:
-        sides = [int(info.shape[a]) for a in in_plane]
-        side = max(sides) if square == "pad" else min(sides)
-    fov = [float(zooms[a] * (side if side is not None else info.shape[a])) for a in range(3)]
+    p, q = (a for a in range(3) if a != slice_axis)  # display columns run along p, rows along q
+    fov = [float(zooms[a] * info.shape[a]) for a in range(3)]
+    if spacing is not None:
+        target = {q: float(spacing[0]), p: float(spacing[1])}
+        for a in (p, q):
+            pixels = size if size is not None else max(1, int(round(info.shape[a] * zooms[a] / target[a])))
+            fov[a] = target[a] * pixels
+    elif size is not None:
+        side = max(info.shape[p], info.shape[q]) if square == "pad" else min(info.shape[p], info.shape[q])
+        fov[p], fov[q] = float(zooms[p] * side), float(zooms[q] * side)
     centre = info.affine[:3, :3] @ ((shape - 1.0) / 2.0) + info.affine[:3, 3]
     return SampleGeometry(directions=columns / zooms[None, :], slice_axis=slice_axis, fov=fov,
                           thickness=float(zooms[slice_axis]), centre=centre, source=f"reference NIfTI {path}",
@@ -215,11 +229,11 @@ def _images_folder(cls: Optional[type], params: Mapping[str, Any]) -> Optional[P
 
 
 def _first_nifti(folder: Optional[Path]) -> Optional[Path]:
-    from ldm.data.io import is_nifti
+    from ldm.data.io import find_files, is_nifti
 
     if folder is None or not folder.is_dir():
         return None
-    found = sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    found = [p for p in find_files(folder) if is_nifti(p)]
     return found[0] if found else None
 
 
@@ -232,11 +246,15 @@ def data_intensity(config: Mapping[str, Any], volumes: bool) -> dict[str, Any]:
         mode = getattr(cls, "default_volume_intensity", None) if volumes else "uint8"
     out: dict[str, Any] = {"mode": mode}
     if mode == "ct":
-        window = params.get("window", _class_default(cls, "window", None))
+        window = params.get("window")
+        window = getattr(cls, "default_window", None) if window is None else window
         if window is None:
             raise ValueError(f"the run's dataset ({target}) uses intensity 'ct' but its window is unknown; set "
                              "data.params.train.params.window: [level, width]")
-        out["window"] = [float(v) for v in window]
+        from ldm.data.intensity import window_points
+
+        window_points(window)  # a ValueError for a malformed window
+        out["window"] = window if isinstance(window, str) else np.asarray(window, dtype=float).tolist()
     return out
 
 
@@ -246,17 +264,19 @@ def resolve_geometry(config: Mapping[str, Any], reference: Optional[str] = None)
     slice_axis = int(params.get("slice_axis", 2))
     size = params.get("size", _class_default(_dataset_class(target), "size", None))
     square = str(params.get("square", "pad"))
+    spacing = params.get("spacing")
+    spacing = None if spacing is None else ([float(spacing)] * 2 if np.isscalar(spacing) else list(spacing))
     if reference is not None:
         if not os.path.isfile(reference):
             raise FileNotFoundError(f"--reference {reference}: no such NIfTI file")
-        geometry = geometry_from_nifti(reference, slice_axis, size, square, data_intensity(config, True))
+        geometry = geometry_from_nifti(reference, slice_axis, size, square, spacing, data_intensity(config, True))
     elif config.get("geometry"):
         geometry = SampleGeometry.from_dict(config["geometry"])
     else:
         cls = _dataset_class(target)
         ref = params.get("reference") or _first_nifti(_images_folder(cls, params))
         if ref is not None:
-            geometry = geometry_from_nifti(ref, slice_axis, size, square, data_intensity(config, True))
+            geometry = geometry_from_nifti(ref, slice_axis, size, square, spacing, data_intensity(config, True))
         else:
             geometry = SampleGeometry(slice_axis=slice_axis, intensity=data_intensity(config, False))
     check_finite_geometry(geometry)

@@ -322,6 +322,8 @@ def end_session(out_dir: str, run: dict[str, Any]) -> str:
         sessions.append(run)
     if run.get("stack") is not None:
         manifest["stack"] = run["stack"]
+    if run.get("geometry") is not None:
+        manifest["geometry"] = run["geometry"]
     complete, incomplete, _ = scan_samples(out_dir, sessions=sessions)
     manifest["num_samples"] = len(complete)
     manifest["incomplete"] = incomplete
