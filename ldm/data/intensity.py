@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+Map = tuple[float, float]  # output pixel x sits at input pixel s * x + o (pixel centres), per axis
 INTENSITY_MODES: tuple[str, ...] = ("ct", "mr", "minmax", "uint8", "unit", "signed")
 CT_MULTI_WINDOW: tuple[tuple[float, float], ...] = ((-1000.0, -1.0), (-160.0, -0.5), (240.0, 0.5), (1500.0, 1.0))
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
@@ -94,7 +95,7 @@ def scale_linear(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((x - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
 
 
-def check_intensity_mode(mode: str | None, window: Sequence[float] | None, percentiles: Sequence[float]) -> None:
+def check_intensity_mode(mode: str | None, window: Any, percentiles: Sequence[float]) -> None:
     """Validate the intensity settings of a dataset (ValueError names the parameter); None = per-file default."""
     if mode is not None and mode not in INTENSITY_MODES:
         raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {mode!r}")
@@ -176,3 +177,53 @@ def fit_to_size(image: np.ndarray, mask: np.ndarray, size: int, image_fill: floa
     img[d0:d0 + nh, e0:e0 + nw] = image[r0:r0 + nh, c0:c0 + nw]
     msk[d0:d0 + nh, e0:e0 + nw] = mask[r0:r0 + nh, c0:c0 + nw]
     return img, msk, top, left
+
+
+def compose_map(outer: Map, s: float, o: float) -> Map:
+    """``outer`` after a further step whose output pixel x sits at its input pixel ``s * x + o``."""
+    return outer[0] * s, outer[0] * o + outer[1]
+
+
+def resampling_plan(hw: Sequence[int], size: int | None, square: str, spacing: Sequence[float] | None = None,
+                    src_spacing: Sequence[float] | None = None
+                    ) -> tuple[list[tuple[str, Any]], Map, Map, tuple[int, int]]:
+    """How a ``hw`` slice becomes a dataset example: steps ``("resize", (h, w))`` / ``("fit", side)``
+    (``resize_image``/``resize_mask``, ``fit_to_size``), the row and column maps from output to input
+    pixels, and the output size.
+
+    With ``spacing`` (and the slice's ``src_spacing``, both [row, column] mm): resample to that spacing,
+    then centre-crop/pad to ``size`` (None: keep). Without: a non-square slice is padded or cropped to a
+    square (``square``), then resized to ``size`` (None: unchanged).
+    """
+    h, w = int(hw[0]), int(hw[1])
+    steps: list[tuple[str, Any]] = []
+    rmap: Map = (1.0, 0.0)
+    cmap: Map = (1.0, 0.0)
+
+    def resize(h1: int, w1: int) -> None:
+        nonlocal h, w, rmap, cmap
+        steps.append(("resize", (h1, w1)))
+        rmap = compose_map(rmap, h / h1, 0.5 * h / h1 - 0.5)
+        cmap = compose_map(cmap, w / w1, 0.5 * w / w1 - 0.5)
+        h, w = h1, w1
+
+    def fit(side: int) -> None:
+        nonlocal h, w, rmap, cmap
+        steps.append(("fit", side))
+        rmap = compose_map(rmap, 1.0, float((h - side) // 2 if h > side else -((side - h) // 2)))
+        cmap = compose_map(cmap, 1.0, float((w - side) // 2 if w > side else -((side - w) // 2)))
+        h = w = side
+
+    if spacing is not None and src_spacing is not None:
+        h1 = max(1, int(round(h * float(src_spacing[0]) / float(spacing[0]))))
+        w1 = max(1, int(round(w * float(src_spacing[1]) / float(spacing[1]))))
+        if (h1, w1) != (h, w):
+            resize(h1, w1)
+        if size is not None and (h, w) != (size, size):
+            fit(size)
+    elif size is not None:
+        if h != w:
+            fit(max(h, w) if square == "pad" else min(h, w))
+        if (h, w) != (size, size):
+            resize(size, size)
+    return steps, rmap, cmap, (h, w)

@@ -207,7 +207,8 @@ def verify_gzip(path: str | Path) -> None:
                 pass
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"cannot read voxel data of {path}: {err} (the file is damaged or truncated: its gzip "
-                         "integrity check failed, so its voxels cannot be trusted; download or export it again)") from err
+                         "integrity check failed, so its voxels cannot be trusted; download or export it "
+                         "again)") from err
     _GZIP_VERIFIED.add(key)
 
 

@@ -40,12 +40,6 @@ logger = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": "train", "validation": "validation", "test": "test"}
 NONFINITE_POLICIES: tuple[str, ...] = ("error", "fill")
-Map = tuple[float, float]  # output pixel x sits at source pixel s * x + o (pixel centres)
-
-
-def _compose(outer: Map, s: float, o: float) -> Map:
-    """``outer`` after a new step whose output pixel x sits at its input pixel ``s * x + o``."""
-    return outer[0] * s, outer[0] * o + outer[1]
 
 
 @dataclass
@@ -445,7 +439,7 @@ class MedicalImagesBase(Dataset):
                 mask = inten.resize_mask(mask, arg)
         if self.flip_p > 0 and float(torch.rand(())) < self.flip_p:
             image, mask = image[:, ::-1], mask[:, ::-1]
-            col_map = _compose(col_map, -1.0, image.shape[1] - 1.0)
+            col_map = inten.compose_map(col_map, -1.0, image.shape[1] - 1.0)
         spacing, affine = self._geometry(ex, image.shape, row_map, col_map)
         return {"image": np.ascontiguousarray(image, dtype=np.float32)[..., None],
                 "segmentation": np.ascontiguousarray(mask, dtype=np.int64), "has_segmentation": has_seg,
@@ -454,43 +448,11 @@ class MedicalImagesBase(Dataset):
 
     # ---------------------------------------------------------------------------------------- geometry
     def _steps(self, hw: tuple[int, int], src_spacing: tuple[float, float] | None
-               ) -> tuple[list[tuple[str, Any]], Map, Map, tuple[int, int]]:
-        """Resampling plan of a ``hw`` slice: ``[("resize", (h, w)) | ("fit", side)]``, the row and column
-        maps from output to source pixels, and the output size."""
-        h, w = int(hw[0]), int(hw[1])
-        steps: list[tuple[str, Any]] = []
-        rmap: Map = (1.0, 0.0)
-        cmap: Map = (1.0, 0.0)
+               ) -> tuple[list[tuple[str, Any]], inten.Map, inten.Map, tuple[int, int]]:
+        spacing = self.spacing if src_spacing is not None else None
+        return inten.resampling_plan(hw, self.size, self.square, spacing, src_spacing)
 
-        def resize(h1: int, w1: int) -> None:
-            nonlocal h, w, rmap, cmap
-            steps.append(("resize", (h1, w1)))
-            rmap = _compose(rmap, h / h1, 0.5 * h / h1 - 0.5)
-            cmap = _compose(cmap, w / w1, 0.5 * w / w1 - 0.5)
-            h, w = h1, w1
-
-        def fit(side: int) -> None:
-            nonlocal h, w, rmap, cmap
-            steps.append(("fit", side))
-            rmap = _compose(rmap, 1.0, float((h - side) // 2 if h > side else -((side - h) // 2)))
-            cmap = _compose(cmap, 1.0, float((w - side) // 2 if w > side else -((side - w) // 2)))
-            h = w = side
-
-        if self.spacing is not None and src_spacing is not None:
-            h1 = max(1, int(round(h * src_spacing[0] / self.spacing[0])))
-            w1 = max(1, int(round(w * src_spacing[1] / self.spacing[1])))
-            if (h1, w1) != (h, w):
-                resize(h1, w1)
-            if self.size is not None and (h, w) != (self.size, self.size):
-                fit(self.size)
-        elif self.size is not None:
-            if h != w:
-                fit(max(h, w) if self.square == "pad" else min(h, w))
-            if (h, w) != (self.size, self.size):
-                resize(self.size, self.size)
-        return steps, rmap, cmap, (h, w)
-
-    def _geometry(self, ex: _Example, out_hw: tuple[int, ...], row_map: Map, col_map: Map
+    def _geometry(self, ex: _Example, out_hw: tuple[int, ...], row_map: inten.Map, col_map: inten.Map
                   ) -> tuple[np.ndarray, np.ndarray]:
         if ex.slice_index < 0:
             return np.full(2, np.nan, dtype=np.float32), np.full((4, 4), np.nan, dtype=np.float32)
