@@ -21,6 +21,7 @@ from torch import nn
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.checkpoints import load_weights
+from ldm.models.optim import make_adam
 from ldm.data.batch import to_channels_first
 from ldm.util import instantiate_from_config
 
@@ -124,8 +125,8 @@ class _GANAutoencoder(pl.LightningModule):
 
     def _adam_pair(self, ae_params: list[nn.Parameter], lr_g: float, lr_d: float):
         self._check_trainable_loss()
-        opt_ae = torch.optim.Adam(ae_params, lr=lr_g, betas=ADAM_BETAS)
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr_d, betas=ADAM_BETAS)
+        opt_ae = make_adam(torch.optim.Adam, ae_params, lr=lr_g, betas=ADAM_BETAS)
+        opt_disc = make_adam(torch.optim.Adam, self.loss.discriminator.parameters(), lr=lr_d, betas=ADAM_BETAS)
         return opt_ae, opt_disc
 
     # ------------------------------------------------------------------ images

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoints import load_weights
+from ldm.models.optim import make_adam
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, colourise, generic_label_set, get_label_set
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -230,7 +231,7 @@ class MaskAutoencoderKL(pl.LightningModule):
         if lr is None:
             raise ValueError("MaskAutoencoderKL.learning_rate is not set; main.py sets it from "
                              "model.base_learning_rate, set it yourself when training without main.py")
-        return torch.optim.Adam(self.parameters(), lr=float(lr))
+        return make_adam(torch.optim.Adam, self.parameters(), lr=float(lr))
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], only_inputs: bool = False, **kwargs: Any) -> dict[str, torch.Tensor]:

@@ -153,6 +153,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=str, default=None,
                         help="CompVis/PL1 style: '0,1' = GPUs 0 and 1 (DDP), '0,' = GPU 0, '2' = two GPUs, "
                              "'-1' = all GPUs, '0' = no GPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the diffusion UNet (in place: checkpoints keep their keys); the first "
+                             "steps are slow while graphs are captured")
+    parser.add_argument("--compile_backend", "--compile-backend", type=str, default="inductor",
+                        help="torch.compile backend with --compile (default inductor; aot_eager/eager for debugging)")
+    parser.add_argument("--compile_mode", "--compile-mode", type=str, default=None,
+                        help="torch.compile mode with --compile (default, reduce-overhead, max-autotune)")
     for name, conv in TRAINER_FLAGS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*flags, dest=name, type=conv, default=None, help=f"Lightning Trainer({name}=...)")

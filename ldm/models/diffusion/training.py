@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm.models.optim import make_adam
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class DiffusionLightningMixin:
         if lr is None:
             raise ValueError("learning_rate is not set on the model: main.py sets it from model.base_learning_rate; "
                              "set model.learning_rate yourself when training without main.py")
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        opt = make_adam(torch.optim.AdamW, self.trainable_parameters(), lr=lr)
         if not self.use_scheduler:
             return opt
         multiplier = instantiate_from_config(self.scheduler_config)

@@ -339,12 +339,24 @@ class AnatomicalUNetModel(UNetModel):
         return None if pos is None else pos.to(dtype)
 
     # ---- calls -----------------------------------------------------------------------------------
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``Module.compile`` (``forward``, in place) plus the same compilation of :meth:`forward_with_anatomy`,
+        which training and anatomy guidance call directly; state-dict keys are unchanged."""
+        super().compile(*args, **kwargs)
+        self._compiled_forward_with_anatomy = torch.compile(self._forward_with_anatomy, *args, **kwargs)
+
     def forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                              context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
                              **kwargs: Any) -> AnatomyOutput:
         """The prediction together with the segmentation and class-attention outputs (see :class:`AnatomyOutput`)."""
         if not self.use_anatomical_registers:
             raise ValueError("forward_with_anatomy needs use_anatomical_registers: true in the UNet config")
+        compiled = self.__dict__.get("_compiled_forward_with_anatomy")
+        return (compiled or self._forward_with_anatomy)(x, timesteps, context, y, **kwargs)
+
+    def _forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor],
+                              context: Optional[torch.Tensor], y: Optional[torch.Tensor],
+                              **kwargs: Any) -> AnatomyOutput:
         out, state = self.forward_with_state(x, timesteps, context, y, collect_attention=True, **kwargs)
         assert isinstance(state, AnatomicalUNetState) and state.features is not None
         size = x.shape[-2:]
