@@ -20,12 +20,21 @@ setup(
         "tqdm>=4.64",
         "safetensors>=0.4",
         "matplotlib>=3.7",
+        # `tensorboard --logdir logs` after install: main.py adds a TensorBoard logger when it is importable
+        "tensorboard>=2.14",
+        # MS-SSIM and the LPIPS linear-layer weights it ships (pytorch-lightning installs it too)
+        "torchmetrics>=1.5",
         # the installable distribution of taming-transformers (provides VectorQuantizer2);
         # the registry's `taming-transformers` 0.0.1 lacks it
         "taming-transformers-rom1504>=0.0.6",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
-        "metrics": ["torchmetrics>=1.0"],
+        # pydicom writes the synthetic DICOM series of tests/test_dicom.py; torch-fidelity builds the FID
+        # Inception network that tests/test_metrics_medical.py loads from a local file
+        "test": ["pytest>=7.4", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3"],
+        # FID with the standard Inception weights (torch-fidelity's network, through torchmetrics)
+        "metrics": ["torch-fidelity>=0.3"],
+        # scripts/prepare_dicom.py and scripts/prepare_breastmri.py: DICOM series and NRRD/NIfTI masks
+        "dicom": ["SimpleITK>=2.2"],
     },
 )

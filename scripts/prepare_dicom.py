@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+r"""Convert DICOM series (+ segmentation masks as NIfTI/NRRD) to the NIfTI layout the datasets read, split by patient.
+
+Input: a folder searched recursively for DICOM series (any file names; one folder may hold several series).
+Masks (optional): a folder with one label volume per series or patient, NIfTI (.nii, .nii.gz) or NRRD (.nrrd,
+.seg.nrrd), found by --mask_pattern; each is resampled onto its image's grid (nearest neighbour, physical
+coordinates), so a mask stored at another orientation or cropping still lines up. Output::
+
+    OUT/split.json                                   patients per split, series converted, settings
+    OUT/<split>/images/<patient>/<series>.nii.gz     intensities as stored after rescale (CT: HU)
+    OUT/<split>/masks/<patient>/<series>.nii.gz      uint8 class ids on the image's grid (when a mask exists)
+
+Use OUT as CTORG_ROOT / BREASTMRI_ROOT (NIfTI volumes, see docs/data.md) or as data_root of MedicalImagesBase.
+A patient (DICOM PatientID) goes to one split with all its series. Reading uses SimpleITK (the 'dicom' extra):
+its GDCM reader sorts slices by position, applies rescale slope/intercept, decodes compressed transfer syntaxes
+and keeps the geometry, and the same library reads NRRD masks and writes NIfTI with a correct affine.
+
+    python scripts/prepare_dicom.py /data/dicom /data/ct_nifti --modality CT --masks /data/masks \
+        --mask_pattern "{patient}*.nii.gz"
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ldm.cli_flags import ArgumentParser  # noqa: E402
+
+logger = logging.getLogger("prepare_dicom")
+SPLITS = ("train", "validation", "test")
+TAGS = {"patient": "0010|0020", "modality": "0008|0060", "description": "0008|103e", "series_number": "0020|0011",
+        "series_uid": "0020|000e"}
+
+
+def import_sitk() -> Any:
+    """SimpleITK, or an ImportError saying how to install it."""
+    try:
+        import SimpleITK as sitk
+    except ImportError as err:
+        raise ImportError("reading DICOM needs SimpleITK: pip install -e '.[dicom]' (or pip install SimpleITK)") \
+            from err
+    return sitk
+
+
+@dataclass
+class Series:
+    """One DICOM series: its patient, tags and slice files (sorted by GDCM)."""
+
+    patient: str
+    uid: str
+    modality: str
+    description: str
+    number: str
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """File-system-safe series name: ``<number>_<description>`` (or the UID's tail)."""
+        text = f"{self.number}_{self.description}" if self.number or self.description else self.uid[-12:]
+        return safe_name(text)
+
+
+def safe_name(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits, ``.``, ``-`` and ``_`` made one ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("_") or "unnamed"
+
+
+def find_series(root: Path) -> list[Series]:
+    """Every DICOM series below ``root`` (searched recursively), sorted by patient and series number."""
+    sitk = import_sitk()
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM folder {root} does not exist")
+    found: list[Series] = []
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns about every folder without DICOM files
+    try:
+        folders = [(folder, sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)) for folder, _, files in os.walk(root)
+                   if files]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+    for folder, uids in folders:
+        for uid in uids:
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            reader.ReadImageInformation()
+
+            def tag(key: str) -> str:
+                return reader.GetMetaData(TAGS[key]).strip() if reader.HasMetaDataKey(TAGS[key]) else ""
+
+            patient = tag("patient")
+            if not patient:
+                raise ValueError(f"{files[0]} has no PatientID (0010,0020): patient-level splits need it")
+            found.append(Series(safe_name(patient), uid, tag("modality"), tag("description"), tag("series_number"),
+                                files))
+    if not found:
+        raise ValueError(f"no DICOM series found under {root}")
+    return sorted(found, key=lambda s: (s.patient, int(s.number) if s.number.isdigit() else 0, s.uid))
+
+
+def select_series(series: list[Series], modality: Optional[str] = None,
+                  description: Optional[str] = None) -> list[Series]:
+    """Series of ``modality`` (e.g. CT, MR) whose SeriesDescription matches the regex ``description``."""
+    pattern = re.compile(description, re.IGNORECASE) if description else None
+    chosen = [s for s in series if (not modality or s.modality.upper() == modality.upper())
+              and (pattern is None or pattern.search(s.description))]
+    if not chosen:
+        seen = sorted({f"{s.modality}: {s.description!r}" for s in series})
+        raise ValueError(f"no series match modality={modality!r} description={description!r}; the input holds "
+                         f"{seen[:20]}")
+    return chosen
+
+
+def read_series(series: Series) -> Any:
+    """The series as one SimpleITK volume (rescaled values, DICOM geometry)."""
+    sitk = import_sitk()
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(series.files)
+    image = reader.Execute()
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"series {series.uid} of patient {series.patient} is not a single-channel 3D volume "
+                         f"(dimension {image.GetDimension()}, {image.GetNumberOfComponentsPerPixel()} components)")
+    return image
+
+
+def resample_mask(mask: Any, reference: Any, source: str) -> Any:
+    """``mask`` on ``reference``'s grid (nearest neighbour in physical space) as uint8 labels."""
+    sitk = import_sitk()
+    if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"mask {source} is not a single-layer 3D label volume (dimension {mask.GetDimension()}, "
+                         f"{mask.GetNumberOfComponentsPerPixel()} components); export it as a labelmap")
+    values = sitk.GetArrayViewFromImage(mask)
+    if values.size and (values.min() < 0 or values.max() > 255 or (values % 1 != 0).any()):
+        raise ValueError(f"mask {source} holds values outside the integer range 0..255; masks must be class ids")
+    return sitk.Resample(sitk.Cast(mask, sitk.sitkUInt8), reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         sitk.sitkUInt8)
+
+
+def find_mask(masks_dir: Path, pattern: str, series: Series) -> Optional[Path]:
+    """The mask file for ``series``: ``pattern`` with ``{patient}``, ``{series}``, ``{uid}`` filled, searched
+    recursively; None when there is none; ``ValueError`` when several match."""
+    glob = pattern.format(patient=series.patient, series=series.name, uid=series.uid)
+    hits = sorted(p for p in masks_dir.rglob(glob) if p.is_file())
+    if len(hits) > 1:
+        raise ValueError(f"several masks match {glob!r} for patient {series.patient} series {series.name}: "
+                         f"{[str(h) for h in hits[:5]]}; make --mask_pattern more specific (e.g. use {{series}})")
+    return hits[0] if hits else None
+
+
+MaskReader = Callable[[Series, Any], Optional[Any]]
+
+
+def mask_reader_from_folder(masks_dir: Optional[Path], pattern: str,
+                            label_map: Optional[dict[int, int]] = None) -> MaskReader:
+    """A function ``(series, image) -> mask on the image grid or None`` reading masks from ``masks_dir``."""
+    def read(series: Series, image: Any) -> Optional[Any]:
+        if masks_dir is None:
+            return None
+        path = find_mask(masks_dir, pattern, series)
+        if path is None:
+            return None
+        sitk = import_sitk()
+        mask = resample_mask(sitk.ReadImage(str(path)), image, str(path))
+        if label_map:
+            mask = remap_labels(mask, label_map)
+        return mask
+
+    if masks_dir is not None and not masks_dir.is_dir():
+        raise FileNotFoundError(f"mask folder {masks_dir} does not exist")
+    return read
+
+
+def remap_labels(mask: Any, label_map: dict[int, int]) -> Any:
+    """Labels replaced by ``label_map`` (ids it does not name are kept)."""
+    import numpy as np
+
+    sitk = import_sitk()
+    arr = sitk.GetArrayFromImage(mask)
+    out = arr.copy()
+    for src, dst in label_map.items():
+        out[arr == src] = dst
+    result = sitk.GetImageFromArray(out.astype(np.uint8))
+    result.CopyInformation(mask)
+    return result
+
+
+def convert(series_list: list[Series], out: Path, splits: dict[str, list[str]], read_mask: MaskReader) -> dict:
+    """Write every series (and its mask) into ``out/<split>/{images,masks}/<patient>/<series>.nii.gz``."""
+    sitk = import_sitk()
+    split_of = {p: s for s in SPLITS for p in splits[s]}
+    written, without_mask = [], []
+    for series in series_list:
+        split = split_of[series.patient]
+        rel = Path(series.patient) / f"{series.name}.nii.gz"
+        image = read_series(series)
+        mask = read_mask(series, image)
+        img_path = out / split / "images" / rel
+        img_path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(img_path), useCompression=True)
+        if mask is not None:
+            mask_path = out / split / "masks" / rel
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(mask, str(mask_path), useCompression=True)
+        else:
+            without_mask.append(str(rel))
+        written.append({"patient": series.patient, "split": split, "file": str(rel), "uid": series.uid,
+                        "modality": series.modality, "description": series.description,
+                        "spacing": list(image.GetSpacing()), "size": list(image.GetSize()), "mask": mask is not None})
+        logger.info("%s -> %s/%s%s", series.uid, split, rel, "" if mask is not None else " (no mask)")
+    if without_mask:
+        logger.warning("%d of %d series have no mask (first: %s); the datasets mark their slices "
+                       "has_segmentation=False", len(without_mask), len(written), without_mask[0])
+    return {"series": written}
+
+
+def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optional[str] = None,
+            description: Optional[str] = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
+            seed: int = 0, settings: Optional[dict] = None) -> dict[str, list[str]]:
+    """Find, select, split (by patient) and convert; writes ``out/split.json``. Returns patients per split."""
+    from prepare_ctorg import split_patients
+
+    if (out / "split.json").exists():
+        raise ValueError(f"{out / 'split.json'} exists: prepare into a new (or emptied) output folder")
+    series = select_series(find_series(input_dir), modality, description)
+    patients = sorted({s.patient for s in series})
+    splits = split_patients(patients, {}, val_fraction, test_fraction, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    record = convert(series, out, splits, read_mask)
+    record.update({"splits": splits, "settings": dict(settings or {}, modality=modality, description=description,
+                                                      val_fraction=val_fraction, test_fraction=test_fraction,
+                                                      seed=seed)})
+    (out / "split.json").write_text(json.dumps(record, indent=2))
+    logger.info("%d series of %d patients (%s) written to %s", len(series), len(patients),
+                ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS), out)
+    return splits
+
+
+def parse_label_map(items: list[str]) -> dict[int, int]:
+    """``["1:2", "4:0"]`` -> ``{1: 2, 4: 0}``."""
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition(":")
+        if not sep or not src.strip().isdigit() or not dst.strip().isdigit():
+            raise ValueError(f"--label_map entry {item!r} is not SRC:DST with two label ids, e.g. 4:0")
+        out[int(src)] = int(dst)
+    return out
+
+
+def add_split_arguments(parser: ArgumentParser) -> None:
+    """The patient-split options shared with scripts/prepare_breastmri.py."""
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction of patients for validation")
+    parser.add_argument("--test_fraction", type=float, default=0.2, help="fraction of patients for test")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle")
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("input_dir", type=Path, help="folder searched recursively for DICOM series")
+    p.add_argument("output_dir", type=Path, help="output root (a new folder)")
+    p.add_argument("--modality", default=None, help="keep series of this DICOM Modality only, e.g. CT or MR")
+    p.add_argument("--series_description", default=None, metavar="REGEX",
+                   help="keep series whose SeriesDescription matches (case-insensitive search)")
+    p.add_argument("--masks", type=Path, default=None, help="folder of label volumes (NIfTI or NRRD)")
+    p.add_argument("--mask_pattern", default="{patient}*",
+                   help="file name glob of a series' mask under --masks; {patient}, {series} and {uid} are filled")
+    p.add_argument("--label_map", nargs="+", default=[], metavar="SRC:DST",
+                   help="relabel mask ids, e.g. 4:0 to drop class 4")
+    add_split_arguments(p)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    read_mask = mask_reader_from_folder(args.masks, args.mask_pattern, parse_label_map(args.label_map))
+    return prepare(args.input_dir, args.output_dir, read_mask, args.modality, args.series_description,
+                   args.val_fraction, args.test_fraction, args.seed,
+                   settings={"masks": str(args.masks) if args.masks else None, "mask_pattern": args.mask_pattern,
+                             "label_map": args.label_map})
+
+
+if __name__ == "__main__":
+    from ldm.util import run_script
+
+    sys.exit(run_script(main))
