@@ -31,6 +31,7 @@ from ldm.training.cli import (
     LOGDIR_ENV,
     RunPaths,
     UsageError,
+    check_resume,
     effective_learning_rate,
     lightning_trainer_kwargs,
     load_configs,
@@ -38,6 +39,7 @@ from ldm.training.cli import (
     resolve_run_paths,
     trainer_settings,
 )
+from ldm.training.config_check import load_kwargs
 from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401
 
 # Names CompVis configs use as ``main.X`` targets, re-exported from ldm.training.
@@ -227,6 +229,8 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
             compile_unet(model, backend=opt.compile_backend, mode=opt.compile_mode)
         except ValueError as err:
             raise UsageError(str(err)) from err
+    if paths.ckpt:  # weights_only, a Lightning checkpoint, weights that fit: one line instead of Lightning's traceback
+        check_resume(paths.ckpt, model, training=bool(opt.train))
     _adapt_to_manual_optimisation(model, trainer_kwargs)
     _set_learning_rate(model, config, trainer_kwargs, spec.num_devices, opt.scale_lr)
 
@@ -237,11 +241,11 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
           f" num_nodes={trainer_kwargs.get('num_nodes', 1)}")
     try:
         if opt.train:
-            trainer.fit(model, data, ckpt_path=paths.ckpt)
+            trainer.fit(model, data, ckpt_path=paths.ckpt, **load_kwargs(trainer.fit))
         test_ok = data is None or not hasattr(data, "has_split") or data.has_split("test")
         if not opt.no_test and not trainer.interrupted:
             if test_ok and is_overridden("test_step", model):
-                trainer.test(model, data, ckpt_path=None if opt.train else paths.ckpt)
+                trainer.test(model, data, ckpt_path=None if opt.train else paths.ckpt, **load_kwargs(trainer.test))
             else:
                 _info("no test split or no test_step: skipping the test stage")
     finally:

@@ -1,12 +1,12 @@
 """The one checkpoint loader: reading a checkpoint file, loading it into a module, finding a run's checkpoint.
 
-- :func:`read_state_dict`: a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a safetensors file, read
-  with ``weights_only=True`` unless the caller (``--unsafe-load``) or ``LDM_UNSAFE_LOAD=1`` opts out; a file that
+- :func:`read_checkpoint` / :func:`read_state_dict`: a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a
+  safetensors file, read with ``weights_only=True`` unless the caller (``--unsafe-load``) or ``LDM_UNSAFE_LOAD=1`` opts out; a file that
   needs full unpickling raises :class:`UnsafeCheckpointError` (told apart by the exception type torch raises and
   the file being a ``torch.save`` archive, never by the message text).
 - :func:`load_weights`: never a silent half-load: other shapes, unexpected keys (unless allowed) or missing
   required keys raise :class:`CheckpointMismatchError` naming the file, before anything is loaded; other missing
-  or unexpected keys are logged.
+  or unexpected keys are logged; :func:`check_fits` is that check alone (``main.py`` runs it before resuming).
 - :func:`locate_run`: a run directory (``logs/<run>/{checkpoints/last.ckpt, configs/}``) or a checkpoint file
   -> ``(checkpoint, run directory or None)``; ``scripts/sample.py`` and ``main.py -r`` both use it.
 """
@@ -17,7 +17,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,12 +36,14 @@ class CheckpointMismatchError(ValueError, RuntimeError):
     """A checkpoint that does not fit the model (other shapes, unexpected or missing keys); nothing was loaded."""
 
 
-def read_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict of a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a safetensors file.
+def read_checkpoint(path: str, weights_only: bool = True) -> dict:
+    """The whole object of a ``torch.save`` file (a Lightning ``.ckpt``: ``state_dict``, ``optimizer_states``, ...)
+    or a safetensors file (its tensors), read with ``weights_only=True`` unless the caller or ``LDM_UNSAFE_LOAD=1``
+    opts out.
 
     Raises ``FileNotFoundError`` for a missing file, :class:`UnsafeCheckpointError` for a file that needs full
     unpickling (only for files you trust: ``weights_only=False`` or ``LDM_UNSAFE_LOAD=1``) and ``ValueError``
-    for a file that is not a checkpoint.
+    for a file that is not a checkpoint (damaged, truncated, foreign).
     """
     if os.environ.get(UNSAFE_LOAD_ENV, "") not in ("", "0"):
         weights_only = False
@@ -50,7 +52,10 @@ def read_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Ten
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:  # what torch raises when weights_only refuses a file
@@ -62,12 +67,46 @@ def read_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Ten
         raise ValueError(f"could not read checkpoint {path}: {type(err).__name__} (not a torch.save archive; "
                          f"a legacy pickle needs {UNSAFE_LOAD_ENV}=1 / --unsafe-load, for trusted files only)") from err
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {str(err)[:300]}") from err
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:300] if str(err) else ''}") from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
+    return dict(obj)
+
+
+def read_state_dict(path: str, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a safetensors file, read by
+    :func:`read_checkpoint` (same errors)."""
+    obj = read_checkpoint(path, weights_only)
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
         raise ValueError(f"{path} holds no state dict (got {type(obj).__name__})")
     return dict(obj)
+
+
+def check_fits(module: nn.Module, sd: Mapping[str, Any], source: str, allow_unexpected: bool = False,
+               required: Optional[Callable[[str], bool]] = None) -> tuple[list[str], list[str]]:
+    """Raise :class:`CheckpointMismatchError` when ``sd`` does not fit ``module``: tensors of other shapes, keys
+    the module lacks (unless ``allow_unexpected``), missing keys for which ``required(key)`` is true. Returns
+    ``(missing, unexpected)``."""
+    own = module.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise CheckpointMismatchError(f"checkpoint {source} does not fit this model: {len(bad)} tensors have other "
+                                      f"shapes, e.g. {'; '.join(bad[:5])}. Is the config the one it was trained with?")
+    unexpected = [k for k in sd if k not in own]
+    if unexpected and not allow_unexpected:
+        raise CheckpointMismatchError(
+            f"checkpoint {source} has {len(unexpected)} keys this model does not have (e.g. {unexpected[:5]}): "
+            "it was trained with another config; fix the config or pass ignore_keys to skip them")
+    missing = [k for k in own if k not in sd]
+    lacking = [k for k in missing if required is not None and required(k)]
+    if lacking:
+        raise CheckpointMismatchError(f"checkpoint {source} lacks {len(lacking)} weights of this model (e.g. "
+                                      f"{lacking[:5]}); is the config the one it was trained with?")
+    return missing, unexpected
 
 
 def load_weights(module: nn.Module, checkpoint: Union[str, Mapping[str, torch.Tensor]], *,
@@ -91,22 +130,7 @@ def load_weights(module: nn.Module, checkpoint: Union[str, Mapping[str, torch.Te
     target = module.model if only_model else module
     if only_model and any(k.startswith("model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    own = target.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
-           if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise CheckpointMismatchError(f"checkpoint {source} does not fit this model: {len(bad)} tensors have other "
-                                      f"shapes, e.g. {'; '.join(bad[:5])}. Is the config the one it was trained with?")
-    unexpected = [k for k in sd if k not in own]
-    if unexpected and not allow_unexpected:
-        raise CheckpointMismatchError(
-            f"checkpoint {source} has {len(unexpected)} keys this model does not have (e.g. {unexpected[:5]}): "
-            "it was trained with another config; fix the config or pass ignore_keys to skip them")
-    missing = [k for k in own if k not in sd]
-    lacking = [k for k in missing if required is not None and required(k)]
-    if lacking:
-        raise CheckpointMismatchError(f"checkpoint {source} lacks {len(lacking)} weights of this model (e.g. "
-                                      f"{lacking[:5]}); is the config the one it was trained with?")
+    missing, unexpected = check_fits(target, sd, source, allow_unexpected, required)
     if not sd:
         raise CheckpointMismatchError(f"checkpoint {source} holds no weights for this model (after ignore_keys)")
     target.load_state_dict(sd, strict=False)

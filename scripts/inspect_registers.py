@@ -22,6 +22,7 @@ from ldm.cli_flags import ArgumentParser  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.data.labels import label_set_of  # noqa: E402
+from ldm.trust import add_trust_argument, check_run  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -43,6 +44,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="phantom slices for the register diagnostics (0: skip them)")
     p.add_argument("--no-ema", dest="ema", action="store_false")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true")
+    add_trust_argument(p)
     p.add_argument("--device", default=None)
     return p
 
@@ -50,6 +52,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
     model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
     label_set = label_set_of(model, getattr(model.unet, "num_anatomical_classes", None))

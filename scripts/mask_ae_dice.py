@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from ldm import sampling  # noqa: E402
 from ldm.models.mask_autoencoder import masks_from_batch  # noqa: E402
+from ldm.trust import add_trust_argument, check_run  # noqa: E402
 from ldm.util import instantiate_from_config, resolve_device  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=None, help="override the split's num_samples (phantom)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("-o", "--out", default=None, help="write the Dice values to this JSON file")
+    add_trust_argument(p)
     p.add_argument("--device", default=None)
     return p
 
@@ -59,6 +61,7 @@ def reconstruction_dice(model: torch.nn.Module, dataset: torch.utils.data.Datase
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
     model, info = sampling.load_model_for_sampling(args.resume, args.base, device=device)
     if not hasattr(model, "encode_mask"):

@@ -20,6 +20,7 @@ from ldm.cli_flags import ArgumentParser  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.models.diffusion.samplers import SAMPLERS  # noqa: E402
+from ldm.trust import add_trust_argument, check_run  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -70,6 +71,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")
+    add_trust_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -78,6 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
     # Everything that can be checked without the model is checked before loading it.
     sampling.check_sampling_settings(args.n_samples, args.batch_size, args.custom_steps, args.eta, args.sampler,

@@ -96,9 +96,13 @@ def test_autoencoder_needing_lpips_without_weights_fails_with_the_documented_mes
 def test_dataset_root_unset_stops_before_training_with_one_message(tmp_path, monkeypatch, capsys):
     """A CT-Organ data section without CTORG_ROOT: exit code 2, one line naming the variable, no run started."""
     monkeypatch.delenv("CTORG_ROOT", raising=False)
-    code = main.main(["--base", TINY_AE, "-t", "-l", str(tmp_path / "logs"), "--accelerator", "cpu",
-                      "data.params.train.target=ldm.data.medical_images.CTOrganTrain",
-                      "data.params.train.params={size: 32}"])
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(TINY_AE)  # the phantom's params (num_samples, ...) are no CTOrganTrain parameters
+    config.data.params.train = {"target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32}}
+    OmegaConf.save(config, tmp_path / "ctorg.yaml")
+    code = main.main(["--base", str(tmp_path / "ctorg.yaml"), "-t", "-l", str(tmp_path / "logs"),
+                      "--accelerator", "cpu"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("main.py: error: could not build the model or the data from the config: CTOrganTrain")

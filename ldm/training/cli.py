@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoints import locate_run
+from ldm.trust import add_trust_argument, check_run_configs, load_yaml
+from ldm.util import ConfigError, closest
 
 DEVICE_KEYS = ("gpus", "accelerator", "devices")
 LOGDIR_ENV = "LDM_MAIN_LOGDIR"  # run directory handed from rank 0 to the DDP processes it launches
@@ -150,6 +152,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale_lr", type=_str2bool, nargs="?", const=True, default=True,
                         help="learning rate = accumulate_grad_batches * devices * num_nodes * batch_size "
                              "* base_learning_rate (CompVis default: true)")
+    add_trust_argument(parser)
     parser.add_argument("--gpus", type=str, default=None,
                         help="CompVis/PL1 style: '0,1' = GPUs 0 and 1 (DDP), '0,' = GPU 0, '2' = two GPUs, "
                              "'-1' = all GPUs, '0' = no GPU")
@@ -354,8 +357,10 @@ def lightning_trainer_kwargs(settings: dict[str, Any], cuda_count: Optional[int]
     valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
+        hint = closest(unknown[0], valid)
         raise UsageError(f"unknown Lightning Trainer setting(s) {unknown} in lightning.trainer or on the command "
-                         f"line; valid names: {sorted(valid)}")
+                         f"line{f' (did you mean lightning.trainer.{hint}?)' if hint else ''}; valid names: "
+                         f"{sorted(valid)}")
     return kwargs, spec, notes
 
 
@@ -384,16 +389,21 @@ def parse_overrides(items: Sequence[str]) -> DictConfig:
 
 
 def load_configs(paths: Sequence[str], overrides: Sequence[str] = ()) -> DictConfig:
-    """Merge YAML files left to right, then the overrides.
+    """Merge YAML files left to right, then the overrides; then check the result before anything is built.
 
-    An override that sets a device key of ``lightning.trainer`` replaces the configs' device keys.
+    An override that sets a device key of ``lightning.trainer`` replaces the configs' device keys. A YAML mistake,
+    an override of a key that exists in no config (:func:`~ldm.training.config_check.check_overrides`) and an
+    unknown target or parameter anywhere in the tree (:func:`~ldm.training.config_check.check_config_tree`) raise
+    ``UsageError`` with one line naming the file or key path and the closest valid name.
     """
-    configs = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path} (given with -b/--base or found in the "
-                                    f"resumed run's configs/)")
-        configs.append(OmegaConf.load(path))
+    from ldm.training.config_check import check_config_tree, check_overrides
+
+    try:
+        configs = [load_yaml(path) for path in paths]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (given with -b/--base or found in the resumed run's configs/)") from err
+    except ConfigError as err:
+        raise UsageError(str(err)) from err
     base = OmegaConf.merge(*configs) if configs else OmegaConf.create()
     cli = parse_overrides(overrides)
     cli_trainer = OmegaConf.select(cli, "lightning.trainer")
@@ -402,7 +412,25 @@ def load_configs(paths: Sequence[str], overrides: Sequence[str] = ()) -> DictCon
         if base_trainer is not None:
             for key in DEVICE_KEYS:
                 base_trainer.pop(key, None)
-    return OmegaConf.merge(base, cli)
+    try:
+        check_overrides(base, overrides)
+        merged = OmegaConf.merge(base, cli)
+        check_config_tree(merged)
+    except ConfigError as err:
+        raise UsageError(str(err)) from err
+    return merged
+
+
+def check_resume(ckpt: str, model: Any, training: bool) -> None:
+    """``main.py``'s check of the checkpoint it resumes from, before Lightning loads it: read with
+    ``weights_only=True`` (``LDM_UNSAFE_LOAD=1`` opts out), a Lightning checkpoint, weights that fit ``model``.
+    Raises ``UsageError`` (one line) otherwise."""
+    from ldm.training.config_check import check_resume_checkpoint
+
+    try:
+        check_resume_checkpoint(ckpt, model, training)
+    except ValueError as err:
+        raise UsageError(f"cannot resume: {err}") from err
 
 
 @dataclass
@@ -470,6 +498,10 @@ def resolve_run_paths(opt: argparse.Namespace, now: Optional[str] = None) -> Run
         configs = sorted(glob.glob(os.path.join(logdir, "configs", "*.yaml")))
         if not configs and not opt.base:
             raise FileNotFoundError(f"cannot resume {logdir}: no configs/*.yaml in it and no --base given")
+        try:  # what the run saved may only name allow-listed targets (ldm.trust); -b configs are the user's own
+            check_run_configs(configs, trust_all=bool(getattr(opt, "trust_config", False)))
+        except ValueError as err:
+            raise UsageError(str(err)) from err
         return RunPaths(logdir, os.path.basename(os.path.normpath(logdir)), now, ckpt, configs)
     inherited = os.environ.get(LOGDIR_ENV)
     if inherited and _is_launched_child():

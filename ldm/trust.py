@@ -1,0 +1,163 @@
+"""What a config read from a run directory may name as ``target``.
+
+``instantiate_from_config`` imports and calls any dotted ``target``, so a shared run directory whose
+``configs/*.yaml`` names, say, ``os.system`` would run it. Configs read back from a run directory (``main.py -r``,
+``scripts/sample.py -r``, ``scripts/inspect_registers.py -r``, ``scripts/mask_ae_dice.py -r``) may therefore only
+name targets that are
+
+- classes defined under the known prefixes :data:`KNOWN_PREFIXES` (this project's ``ldm`` and ``main``, and the
+  torch / torchvision / Lightning modules whose classes configs use), or
+- anything under a prefix the user trusts: ``LDM_TRUSTED_TARGETS=pkg1,pkg2.mod`` (every entry point), or
+  everything in that run with ``--trust-config``.
+
+Anything else is refused with one line naming the config key path, the target and both opt-ins. Prefixes match
+on module boundaries (``ldmx.evil`` is not under ``ldm``). The whole tree of every file is checked before anything
+is built. Configs the user passes with ``-b/--base`` are the user's own choice and are not checked here.
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import logging
+import os
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from ldm.util import ConfigError, plain_config, resolve_target
+
+logger = logging.getLogger(__name__)
+
+TRUSTED_TARGETS_ENV = "LDM_TRUSTED_TARGETS"
+TRUST_FLAG = "--trust-config"
+
+# Classes under these modules may be named by a run's config without any opt-in.
+KNOWN_PREFIXES: tuple[str, ...] = (
+    "ldm", "main",
+    "torch.nn", "torch.optim",
+    "torchvision.transforms",
+    "pytorch_lightning.callbacks", "pytorch_lightning.loggers",
+    "lightning.pytorch.callbacks", "lightning.pytorch.loggers",
+)
+
+
+class UntrustedTargetError(ValueError):
+    """A config read from a run directory names a target outside the allow-list; nothing was built."""
+
+
+def under(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` or lies inside it on a module boundary (``ldm.util`` is under ``ldm``, ``ldmx`` not)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def trusted_prefixes(env: Optional[str] = None) -> tuple[str, ...]:
+    """The prefixes of ``LDM_TRUSTED_TARGETS`` (comma-separated dotted names); ``ValueError`` for a malformed one."""
+    text = os.environ.get(TRUSTED_TARGETS_ENV, "") if env is None else env
+    prefixes = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in prefixes if not all(part.isidentifier() for part in p.split("."))]
+    if bad:
+        raise ValueError(f"{TRUSTED_TARGETS_ENV}={text!r}: {bad} are not dotted module names; give comma-separated "
+                         f"prefixes such as mypkg,other.module (or pass {TRUST_FLAG} to trust a whole run)")
+    return prefixes
+
+
+def iter_targets(config: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """``(key path, value)`` of every ``target`` entry anywhere in a config tree (any value, any depth)."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            path = f"{key}.{k}" if key else str(k)
+            if k == "target":
+                yield path, v
+            yield from iter_targets(v, path)
+    elif isinstance(config, list):
+        for i, v in enumerate(config):
+            yield from iter_targets(v, f"{key}.{i}" if key else str(i))
+
+
+def _refusal(key: str, target: Any, source: str, why: str) -> UntrustedTargetError:
+    module = target.rsplit(".", 1)[0] if isinstance(target, str) and "." in target else str(target)
+    return UntrustedTargetError(
+        f"config key {key} in {source} names {target!r}, {why}; a config read from a run directory may only name "
+        f"classes under {', '.join(KNOWN_PREFIXES)}. If you trust this run, pass {TRUST_FLAG}; to trust that "
+        f"package everywhere, set {TRUSTED_TARGETS_ENV}={module} (comma-separated prefixes)")
+
+
+def check_trusted(config: Any, source: str, extra_prefixes: Sequence[str] = ()) -> None:
+    """Refuse (:class:`UntrustedTargetError`) any ``target`` of ``config`` that is not a class under
+    :data:`KNOWN_PREFIXES` (also by where the class is defined) or under ``extra_prefixes`` / the environment's.
+
+    Every target string is judged before anything is imported; only targets under the known prefixes are
+    imported, to see that they are classes defined there."""
+    user = tuple(extra_prefixes) + trusted_prefixes()
+    targets = list(iter_targets(plain_config(config)))
+    known: list[tuple[str, str]] = []
+    for key, target in targets:
+        if not isinstance(target, str) or "." not in target:
+            continue  # nothing get_obj_from_str would import (it needs a dotted string)
+        if any(under(target, p) for p in user):
+            continue
+        if "${" in target:
+            raise _refusal(key, target, source, "an interpolation that is not resolved yet")
+        if not any(under(target, p) for p in KNOWN_PREFIXES):
+            raise _refusal(key, target, source, "which is outside the allow-list")
+        known.append((key, target))
+    for key, target in known:
+        obj = resolve_target(target, key)
+        if not inspect.isclass(obj):
+            raise _refusal(key, target, source, f"which is a {type(obj).__name__}, not a class")
+        home = getattr(obj, "__module__", "") or ""
+        if not any(under(home, p) for p in KNOWN_PREFIXES + user):
+            raise _refusal(key, target, source, f"a class defined in {home}, outside the allow-list")
+
+
+def load_yaml(path: str) -> Any:
+    """``OmegaConf.load(path)``; a missing file raises ``FileNotFoundError``, a YAML mistake :class:`ConfigError`
+    with one line naming the file, line and column."""
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml's ScannerError/ParserError, omegaconf's grammar errors
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from err
+
+
+def run_config_files(run_dir: Optional[str]) -> list[str]:
+    """Every ``configs/*.yaml`` of a run directory (what any entry point may read back from it)."""
+    if not run_dir:
+        return []
+    return sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml")))
+
+
+def check_run_configs(paths: Iterable[str], trust_all: bool = False) -> None:
+    """Load every config file a run saved and check its targets (:func:`check_trusted`) before anything is
+    built; with ``trust_all`` (``--trust-config``) only the YAML is checked."""
+    paths = list(paths)
+    loaded = [(p, load_yaml(p)) for p in paths]
+    if trust_all:
+        if paths:
+            logger.warning("%s: trusting every target in %s", TRUST_FLAG, os.path.dirname(os.path.dirname(paths[0])))
+        return
+    for path, config in loaded:
+        check_trusted(config, f"run config {path}")
+
+
+def check_run(resume: str, base: Sequence[str] = (), trust_all: bool = False) -> None:
+    """For the scripts' ``-r RUN_DIR_OR_CKPT [-b CONFIG ...]``: check the run directory's configs (if the
+    checkpoint lies in one) as :func:`check_run_configs` does, and that every ``-b`` file is valid YAML."""
+    from ldm.checkpoints import locate_run
+
+    _, run_dir = locate_run(resume)
+    check_run_configs(run_config_files(run_dir), trust_all)
+    for path in base:
+        load_yaml(path)
+
+
+def add_trust_argument(parser: Any) -> None:
+    """The ``--trust-config`` flag of every entry point that reads a run directory."""
+    parser.add_argument(TRUST_FLAG, dest="trust_config", action="store_true",
+                        help="trust every target named by the run directory's configs (only for runs you trust; by "
+                             f"default they may name classes of ldm, main, torch.nn and Lightning only; "
+                             f"{TRUSTED_TARGETS_ENV}=pkg1,pkg2.mod trusts more prefixes everywhere)")
