@@ -142,7 +142,7 @@ def test_multi_window_in_datasets_and_bad_windows(tmp_path):
     np.testing.assert_allclose(got, intensity.window_multi(hu[:, 0, 0], "multi"), atol=1e-6)
     default = CTOrganTrain(data_root=tmp_path, size=None)[0]["image"][0, ::-1, 0]
     np.testing.assert_allclose(default, intensity.window_ct(hu[:, 0, 0], 40, 400), atol=1e-6)
-    for bad in ("lung", [[0, -1]], [[0, -1], [-10, 1]], [[0, -1], [10, 0.5]], (40, 0)):
+    for bad in ("lung", 5, [[0, -1]], [[0, -1], [-10, 1]], [[0, -1], [10, 0.5]], (40, 0)):
         with pytest.raises(ValueError, match="window"):
             MedicalImagesBase(tmp_path, None, intensity="ct", window=bad)
 
