@@ -60,7 +60,7 @@ class ImageLogger(Callback):
     """Call ``pl_module.log_images`` every ``batch_frequency`` batches and write image grids.
 
     Grids go to ``<save_dir>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png`` (rank zero only),
-    and to the logger too when it can take images (TensorBoard).
+    and to every logger that takes images (TensorBoard, W&B; see ``ldm.training.image_logs``).
 
     Args:
         batch_frequency: log every this many global steps (training; validation logs its first batch when the
@@ -157,11 +157,10 @@ class ImageLogger(Callback):
                    if isinstance(v, torch.Tensor) and v.ndim == 4}
         self.save_local(self._root(trainer), split, tensors, pl_module.global_step, pl_module.current_epoch,
                         batch_idx)
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        if experiment is not None and hasattr(experiment, "add_image"):
-            for key, value in tensors.items():
-                experiment.add_image(f"{split}/{key}", self.to_grid(value), pl_module.global_step,
-                                     dataformats="HWC")
+        from ldm.training.image_logs import log_image_grid
+
+        for key, value in tensors.items():  # TensorBoard, W&B, ...: every logger that takes images
+            log_image_grid(trainer.loggers, f"{split}/{key}", self.to_grid(value), pl_module.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
