@@ -2,8 +2,8 @@
 
 ``instantiate_from_config`` imports and calls any dotted ``target``, so a shared run directory whose
 ``configs/*.yaml`` names, say, ``os.system`` would run it. Configs read back from a run directory (``main.py -r``,
-``scripts/sample.py -r``, ``scripts/inspect_registers.py -r``, ``scripts/mask_ae_dice.py -r``) may therefore only
-name targets that are
+``scripts/sample.py -r``, ``scripts/inspect_registers.py -r``, ``scripts/mask_ae_dice.py -r``; also the
+``config.yaml`` of a CompVis model folder or an export) may therefore only name targets that are
 
 - classes defined under the known prefixes :data:`KNOWN_PREFIXES` (this project's ``ldm`` and ``main``, and the
   torch / torchvision / Lightning modules whose classes configs use), or
@@ -124,11 +124,17 @@ def load_yaml(path: str) -> Any:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from err
 
 
-def run_config_files(run_dir: Optional[str]) -> list[str]:
-    """Every ``configs/*.yaml`` of a run directory (what any entry point may read back from it)."""
-    if not run_dir:
-        return []
-    return sorted(glob.glob(os.path.join(run_dir, "configs", "*.yaml")))
+def run_config_files(run_dir: Optional[str], checkpoint: Optional[str] = None) -> list[str]:
+    """Every config an entry point may read back from a run: ``configs/*.yaml`` of the run directory, and the
+    ``config.yaml`` of a CompVis model folder or an export (in the folder, or beside the checkpoint)."""
+    folders = [d for d in (run_dir, os.path.dirname(os.path.abspath(checkpoint)) if checkpoint else None) if d]
+    found: list[str] = []
+    for folder in folders:
+        found += sorted(glob.glob(os.path.join(folder, "configs", "*.yaml")))
+        flat = os.path.join(folder, "config.yaml")
+        if os.path.isfile(flat):
+            found.append(flat)
+    return list(dict.fromkeys(os.path.normpath(p) for p in found))
 
 
 def check_run_configs(paths: Iterable[str], trust_all: bool = False) -> None:
@@ -145,12 +151,12 @@ def check_run_configs(paths: Iterable[str], trust_all: bool = False) -> None:
 
 
 def check_run(resume: str, base: Sequence[str] = (), trust_all: bool = False) -> None:
-    """For the scripts' ``-r RUN_DIR_OR_CKPT [-b CONFIG ...]``: check the run directory's configs (if the
-    checkpoint lies in one) as :func:`check_run_configs` does, and that every ``-b`` file is valid YAML."""
+    """For the scripts' ``-r RUN_DIR_OR_CKPT [-b CONFIG ...]``: check the configs read back with the checkpoint
+    (:func:`run_config_files`) as :func:`check_run_configs` does, and that every ``-b`` file is valid YAML."""
     from ldm.checkpoints import locate_run
 
-    _, run_dir = locate_run(resume)
-    check_run_configs(run_config_files(run_dir), trust_all)
+    checkpoint, run_dir = locate_run(resume)
+    check_run_configs(run_config_files(run_dir, checkpoint), trust_all)
     for path in base:
         load_yaml(path)
 

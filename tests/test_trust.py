@@ -191,6 +191,22 @@ def test_sample_py_checks_the_run_of_a_checkpoint_file_too(tmp_path):
     assert not marker.exists()
 
 
+def test_sample_py_checks_a_compvis_or_export_folder_config(tmp_path):
+    """A model folder (model.ckpt + config.yaml, the CompVis layout and what scripts/export.py writes)."""
+    sample = load_script("sample")
+    marker = tmp_path / "pwned"
+    run = ldm_run(tmp_path / "logs", _evil(marker), "evil")
+    folder = tmp_path / "shared_model"
+    folder.mkdir()
+    shutil.copy(run / "checkpoints" / "last.ckpt", folder / "model.ckpt")
+    (project,) = glob.glob(str(run / "configs" / "*-project.yaml"))
+    shutil.copy(project, folder / "config.yaml")
+    for resume in (folder, folder / "model.ckpt"):
+        with pytest.raises(UntrustedTargetError, match=r"config\.yaml names 'os\.makedirs'"):
+            sample.main(["-r", str(resume), "-n", "1", "-c", "2", "--device", "cpu", "-l", str(tmp_path / "o")])
+    assert not marker.exists()
+
+
 def test_inspect_registers_refuses_an_untrusted_run(tmp_path):
     inspect_registers = load_script("inspect_registers")
     marker = tmp_path / "pwned"
