@@ -402,7 +402,11 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         _check_nifti_folder(manifest, geometry.to_dict(), hu, stack)
     if remove_temporary_files(out_dir):
         logger.info("%s: removed the temporary files of an interrupted session", out_dir)
-    _, redo, start = scan_samples(out_dir, formats, save_masks, manifest.get("sessions", []))
+    complete, redo, start = scan_samples(out_dir, formats, save_masks, manifest.get("sessions", []))
+    flat = [i for i in complete if not os.path.isfile(os.path.join(out_dir, IMAGE_DIR, f"{i:06d}.nii.gz"))]
+    if stack and flat:
+        raise ValueError(f"--stack: {out_dir} holds {len(flat)} samples without NIfTI files (first: {flat[0]:06d}, "
+                         "written without --format nii); stack into a folder whose samples all have them")
     if redo:
         logger.warning("%s: samples %s are incomplete (an interrupted session); redoing them first", out_dir,
                        redo if len(redo) <= 10 else f"{redo[:10]}... ({len(redo)})")

@@ -95,7 +95,8 @@ def check_sample_folder(folder: str) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"sample folder {folder} does not exist")
     manifest = read_manifest(folder)
-    for sub in (IMAGE_DIR, MASK_DIR):
+    subs = (IMAGE_DIR, MASK_DIR) if os.path.isdir(os.path.join(folder, IMAGE_DIR)) else ("",)  # or flat PNGs
+    for sub in subs:
         path = os.path.join(folder, sub)
         names = sorted(n for n in os.listdir(path) if n.endswith(".png")) if os.path.isdir(path) else []
         for name in names:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if names is not None and len(names) != num_classes:
         raise ValueError(f"--class_names has {len(names)} names but --num_classes is {num_classes}")
 
-    for path in _named(args.samples).values():
+    for path in [*_named(args.samples).values(), *([args.real] if os.path.isdir(args.real) else [])]:
         check_sample_folder(path)
     sets = {name: compare.load_sample_set(path, args.max_samples) for name, path in _named(args.samples).items()}
     real = compare.load_real(args.real, args.real_split, args.max_real)

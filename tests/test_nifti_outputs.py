@@ -139,6 +139,13 @@ def test_hu_stack_and_export_keep_the_geometry(nifti_run, tmp_path):
     assert stack_masks.get_data_dtype().kind in "iu"
     manifest = json.load(open(tmp_path / "hu" / "samples.json"))
     assert manifest["stack"]["indices"] == [0, 1, 2] and manifest["sessions"][0]["hu"] is True
+    # One volume needs one grid and unit: a folder of [-1, 1] samples, or of PNGs only, is not stacked with HU.
+    with pytest.raises(ValueError, match="another geometry or intensity unit.*--stack needs one grid"):
+        sample.main(["-r", run, "-n", "1", "-l", str(tmp_path / "plain"), "--hu", "--stack", *COMMON])
+    assert sample.main(["-r", run, "-n", "1", "-l", str(tmp_path / "png"), *COMMON]) == 0
+    with pytest.raises(ValueError, match="--stack: .* holds 1 samples without NIfTI files"):
+        sample.main(["-r", run, "-n", "1", "-l", str(tmp_path / "png"), "--stack", *COMMON])
+    assert sorted(os.listdir(tmp_path / "png" / "images")) == ["000000.png"]
 
     # An export records the geometry, so samples from it keep it when the training data is gone.
     assert load_script("export").main(["-r", run, "-o", str(tmp_path / "exported")]) == 0

@@ -142,6 +142,11 @@ def test_evaluate_names_an_unreadable_sample(reference, tmp_path):
     with pytest.raises(ValueError, match=r"masks/000004\.png is empty or not a readable image"):
         evaluate.main(["--samples", str(folder), "--real", str(reference), "-o", str(tmp_path / "r")])
     (folder / "masks" / "000004.png").unlink()
+    real = tmp_path / "real"
+    shutil.copytree(reference / "images", real)
+    (real / "000001.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"real/000001\.png is empty or not a readable image"):
+        evaluate.main(["--samples", str(reference), "--real", str(real), "-o", str(tmp_path / "r")])
     (folder / "samples.json").write_text("{")
     with pytest.raises(ValueError, match="samples.json is not readable JSON"):
         evaluate.main(["--samples", str(folder), "--real", str(reference), "-o", str(tmp_path / "r")])
