@@ -48,6 +48,7 @@ def _without_paths(model: dict) -> dict:
     model = json.loads(json.dumps(model))
     params = model["params"]
     params.pop("lossconfig", None)
+    params.pop("scale_by_std", None)  # on in the shipped baselines (the project's autoencoders), off in CompVis'
     fs = params.get("first_stage_config")
     if fs:
         fs["params"].pop("ckpt_path", None)

@@ -129,6 +129,9 @@ def diffusion_row(model: Any, x_start: torch.Tensor, decode: Callable[[torch.Ten
     return denoise_grid(decode, frames)
 
 
+LATENT_STD_RANGE = (0.5, 2.0)  # scaled latents with a std outside this are "far from unit variance"
+
+
 class ScaleByStdMixin:
     """``scale_by_std`` of :class:`~ldm.models.diffusion.ddpm.LatentDiffusion`: ``scale_factor = 1 / std(z)`` from
     the first training batch of a fresh run (rank 0's value on every rank), kept once set or loaded.
@@ -145,7 +148,10 @@ class ScaleByStdMixin:
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """With ``scale_by_std``, set ``scale_factor = 1 / std(z)`` from the first batch of a fresh run."""
+        """With ``scale_by_std``, set ``scale_factor = 1 / std(z)`` from the first batch of a fresh run; without
+        it, warn when that batch's scaled latents are far from unit variance."""
+        if not self.scale_by_std and self.global_step == 0 and batch_idx == 0:
+            self._warn_latent_scale(batch)
         if not self.scale_by_std or self._scale_factor_fixed or self.global_step != 0 or batch_idx != 0:
             return
         if float(self.scale_factor) != 1.0:
@@ -160,3 +166,17 @@ class ScaleByStdMixin:
         self._scale_factor_fixed = True
         logger.info("scale_by_std: set scale_factor = %.6g (1 / std of the first batch's latents)",
                     float(self.scale_factor))
+
+    def _warn_latent_scale(self, batch: Any) -> float:
+        """Warn when ``scale_factor * z`` of ``batch`` has a std outside ``LATENT_STD_RANGE`` (the diffusion schedule
+        assumes unit-variance data: CompVis' 0.18215 fits only its own f8 autoencoder). Returns the std."""
+        x = super().get_input(batch, self.first_stage_key).to(self.device)
+        z = self._raw_latent(self.encode_first_stage(x)).detach().float()
+        std = float((float(self.scale_factor) * z).flatten().std())
+        low, high = LATENT_STD_RANGE
+        if not low <= std <= high:
+            logger.warning("the scaled latents of the first batch have std %.3g (scale_factor %.6g), far from 1: the "
+                           "noise schedule assumes unit variance. Set model.params.scale_by_std: true (or "
+                           "scale_factor: %.6g) for this first stage", std, float(self.scale_factor),
+                           float(self.scale_factor) / std if std > 0 else float("nan"))
+        return std
