@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import torch  # noqa: E402
 
 from ldm import sampling  # noqa: E402
+from ldm.trust import add_trust_argument, check_run  # noqa: E402
 
 WEIGHTS, STATE_DICT, CONFIG = "model.safetensors", "state_dict.pt", sampling.COMPVIS_CONFIG
 
@@ -47,6 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --outdir")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")
+    add_trust_argument(p)
     return p
 
 
@@ -94,6 +96,7 @@ def export_run(path: str, out_dir: str, base: list[str] | tuple[str, ...] = (), 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     paths = export_run(args.resume, args.outdir, args.base, args.ema, args.reference, args.overwrite,
                        args.unsafe_load)
     print(f"exported {args.resume} to {args.outdir}: {', '.join(os.path.basename(p) for p in paths.values())}; "

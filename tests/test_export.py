@@ -87,3 +87,21 @@ def test_compvis_model_folder_layout(run, run_samples, tmp_path):
     (folder / "config.yaml").unlink()
     with pytest.raises(FileNotFoundError, match="-b CONFIG.yaml"):
         load_script("sample").main(["-r", str(folder / "model.ckpt"), "-l", str(tmp_path / "x"), *COMMON])
+
+
+def test_export_refuses_an_untrusted_run(run, tmp_path):
+    """A shared run whose config names a callable outside the allow-list is refused before anything is built."""
+    from omegaconf import OmegaConf
+
+    from ldm.trust import UntrustedTargetError
+
+    evil = tmp_path / "2026-01-01T00-00-00_evil"
+    shutil.copytree(run, evil)
+    (project,) = [evil / "configs" / n for n in os.listdir(evil / "configs")]
+    cfg = OmegaConf.load(project)
+    marker = tmp_path / "pwned"
+    cfg.model.params.first_stage_config.params.lossconfig = {"target": "os.makedirs", "params": {"name": str(marker)}}
+    OmegaConf.save(cfg, project)
+    with pytest.raises(UntrustedTargetError, match="lossconfig.target.*'os.makedirs'"):
+        load_script("export").main(["-r", str(evil), "-o", str(tmp_path / "out")])
+    assert not marker.exists() and not (tmp_path / "out").exists()
