@@ -28,13 +28,14 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import torch  # noqa: E402
 
 from ldm import sampling  # noqa: E402
+from ldm.cli_flags import ArgumentParser  # noqa: E402
 from ldm.trust import add_trust_argument, check_run  # noqa: E402
 
 WEIGHTS, STATE_DICT, CONFIG = "model.safetensors", "state_dict.pt", sampling.COMPVIS_CONFIG
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-r", "--resume", required=True, metavar="RUN_DIR_OR_CKPT",
                    help="log directory of a run, or a checkpoint (.ckpt, bare state dict, .safetensors)")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml",
