@@ -339,21 +339,26 @@ def _sample_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddi
 
 
 def sample_images(model: torch.nn.Module, num_samples: int, ddim_steps: int = 50, eta: float = 0.0, seed: int = 0,
-                  sampler: str = "ddim", use_ema: bool = True, start_index: int = 0,
-                  batch_size: Optional[int] = None) -> torch.Tensor:
+                  sampler: str = "ddim", use_ema: bool = True, start_index: int = 0, batch_size: Optional[int] = None,
+                  masks: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Samples ``start_index .. start_index + num_samples - 1`` as ``[N, C, H, W]`` in ``[-1, 1]``, the same
-    images :func:`generate` (``scripts/sample.py``) writes for this seed and these settings."""
+    images :func:`generate` (``scripts/sample.py``) writes for this seed and these settings; with ``masks``
+    (anatomical and joint models) ``(images, masks [N, H, W])``."""
     from contextlib import nullcontext
 
-    sampler = check_sampling_settings(num_samples, batch_size or num_samples, ddim_steps, eta, sampler)
-    indices = list(range(start_index, start_index + num_samples))
     size = batch_size or num_samples
+    sampler = check_sampling_settings(num_samples, size, ddim_steps, eta, sampler)
+    if masks and not (is_anatomical(model) or is_joint(model)):
+        raise ValueError(f"masks=True needs an anatomical or joint model; got a {type(model).__name__}")
+    with_masks = bool(masks) or is_joint(model)  # a joint model's latents decode through its mask path
+    indices = list(range(start_index, start_index + num_samples))
     ema = model.ema_scope("sampling") if use_ema and getattr(model, "use_ema", False) else nullcontext()
     timers = (Timer(), Timer())
     with ema:
-        out = [_sample_batch(model, indices[k:k + size], seed, ddim_steps, eta, sampler, None, False, timers)[0]
+        out = [_sample_batch(model, indices[k:k + size], seed, ddim_steps, eta, sampler, None, with_masks, timers)
                for k in range(0, num_samples, size)]
-    return torch.cat(out)
+    images = torch.cat([o[0] for o in out])
+    return (images, torch.cat([o[1] for o in out])) if masks else images
 
 
 def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size: int, ddim_steps: int = 50,

@@ -150,3 +150,20 @@ def test_evaluate_names_an_unreadable_sample(reference, tmp_path):
     (folder / "samples.json").write_text("{")
     with pytest.raises(ValueError, match="samples.json is not readable JSON"):
         evaluate.main(["--samples", str(folder), "--real", str(reference), "-o", str(tmp_path / "r")])
+
+
+def test_python_api_gives_the_scripts_images_and_masks(run, reference):
+    """``sample_images(..., masks=True)`` reproduces the files of scripts/sample.py for the same settings."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm import sampling
+
+    model, _ = sampling.load_model_for_sampling(run)
+    images, masks = sampling.sample_images(model, 2, ddim_steps=3, eta=0.5, seed=5, start_index=3, masks=True)
+    pixels = sampling.to_uint8(images)
+    for j, index in enumerate((3, 4)):
+        assert np.array_equal(pixels[j], np.asarray(Image.open(reference / "images" / f"{index:06d}.png")))
+        assert np.array_equal(masks[j].numpy(), np.asarray(Image.open(reference / "masks" / f"{index:06d}.png")))
+    with pytest.raises(ValueError, match=r"-e \(DDIM eta\)"):
+        sampling.sample_images(model, 1, eta=float("nan"))
