@@ -38,7 +38,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
                    help="ddim (CompVis default), dpmpp2m (DPM-Solver++(2M): 20-25 steps match 200-step DDIM; "
                         "deterministic, eta must be 0) or ancestral (the full DDPM loop; -c and -e unused)")
-    p.add_argument("-e", "--eta", type=float, default=0.0, help="DDIM eta (0: deterministic given the seed)")
+    p.add_argument("-e", "--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (0: deterministic given the seed)")
     p.add_argument("-l", "--logdir", default=None, metavar="OUT_DIR",
                    help="output folder (default: <run>/samples/ddim<c>_eta<e>_seed<seed>); "
                         "re-running continues the numbering")
