@@ -12,8 +12,7 @@ Where the geometry comes from (first that applies; :func:`resolve_geometry`):
 
 1. a reference NIfTI the user names (``scripts/sample.py --reference``);
 2. a ``geometry:`` section of the run's config (written by ``scripts/export.py``);
-3. the data config's training dataset: its ``reference`` parameter, else the first NIfTI under its data folder
-   (header only);
+3. the first NIfTI under the data folder of the run's training dataset (its header only);
 4. none of these: 1 mm pixels in RAS+ directions, with a note saying so.
 
 Intensities: images stay in the model's ``[-1, 1]`` unless ``hu`` is asked for, which maps a CT run's window
@@ -266,19 +265,21 @@ def resolve_geometry(config: Mapping[str, Any], reference: Optional[str] = None)
     square = str(params.get("square", "pad"))
     spacing = params.get("spacing")
     spacing = None if spacing is None else ([float(spacing)] * 2 if np.isscalar(spacing) else list(spacing))
-    if reference is not None:
-        if not os.path.isfile(reference):
-            raise FileNotFoundError(f"--reference {reference}: no such NIfTI file")
-        geometry = geometry_from_nifti(reference, slice_axis, size, square, spacing, data_intensity(config, True))
-    elif config.get("geometry"):
+    if config.get("geometry") and reference is None:
         geometry = SampleGeometry.from_dict(config["geometry"])
     else:
-        cls = _dataset_class(target)
-        ref = params.get("reference") or _first_nifti(_images_folder(cls, params))
-        if ref is not None:
-            geometry = geometry_from_nifti(ref, slice_axis, size, square, spacing, data_intensity(config, True))
+        folder = _images_folder(_dataset_class(target), params)
+        found = _first_nifti(folder)
+        # Training data of 2D files only (reachable, no NIfTI in it) was scaled as 2D files are, not as volumes.
+        volumes = found is not None or folder is None or not folder.is_dir()
+        if reference is not None:
+            if not os.path.isfile(reference):
+                raise FileNotFoundError(f"--reference {reference}: no such NIfTI file")
+            found = reference
+        if found is not None:
+            geometry = geometry_from_nifti(found, slice_axis, size, square, spacing, data_intensity(config, volumes))
         else:
-            geometry = SampleGeometry(slice_axis=slice_axis, intensity=data_intensity(config, False))
+            geometry = SampleGeometry(slice_axis=slice_axis, intensity=data_intensity(config, volumes))
     check_finite_geometry(geometry)
     if geometry.note:
         logger.warning("NIfTI samples: %s; pass --reference VOLUME.nii.gz for the training data's geometry",
