@@ -15,18 +15,6 @@ import shutil
 import sys
 from typing import Any, Optional, Sequence
 
-from pytorch_lightning.callbacks import LearningRateMonitor
-
-from ldm.training.callbacks import (  # noqa: F401  (CompVis configs name these as main.X)
-    CUDACallback,
-    FaultCheckpoint,
-    ImageLogger,
-    LastCheckpoint,
-    MonitoredCheckpoint,
-    NonFiniteLossError,
-    NonFiniteLossGuard,
-    SetupCallback,
-)
 from ldm.training.cli import (
     LOGDIR_ENV,
     RunPaths,
@@ -39,12 +27,26 @@ from ldm.training.cli import (
     resolve_run_paths,
     trainer_settings,
 )
-from ldm.training.config_check import load_kwargs
-from ldm.training.data import DataModuleFromConfig, WrappedDataset, worker_init_fn  # noqa: F401
 
 # Names CompVis configs use as ``main.X`` targets, re-exported from ldm.training.
 __all__ = ["CUDACallback", "DataModuleFromConfig", "ImageLogger", "LearningRateMonitor", "NonFiniteLossError",
            "SetupCallback", "WrappedDataset", "main", "worker_init_fn"]
+
+# Names CompVis configs use as ``main.X`` targets (main.ImageLogger, main.DataModuleFromConfig,
+# main.LearningRateMonitor, ...) are looked up in these modules on first use (PEP 562), so that parsing the
+# command line (``main.py --help``) imports neither torch nor Lightning.
+_REEXPORT_MODULES = ("ldm.training.callbacks", "ldm.training.data", "pytorch_lightning.callbacks")
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if not name.startswith("__"):
+        for module in _REEXPORT_MODULES:
+            value = getattr(importlib.import_module(module), name, None)
+            if value is not None:
+                return value
+    raise AttributeError(f"module 'main' has no attribute {name!r}")
 
 logger = logging.getLogger("main")
 
@@ -75,6 +77,8 @@ def build_callbacks(paths: RunPaths, opt: argparse.Namespace, config: Any, light
     """Default callbacks (CompVis keys, overridable under ``lightning.callbacks``) plus checkpoints."""
     from omegaconf import OmegaConf
 
+    from ldm.training.callbacks import (FaultCheckpoint, LastCheckpoint, MonitoredCheckpoint, NonFiniteLossGuard,
+                                        SetupCallback)
     from ldm.util import instantiate_from_config
 
     defaults = {
@@ -196,6 +200,8 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
+    from ldm.training.config_check import load_kwargs
+    from ldm.training.data import DataModuleFromConfig
     from ldm.util import instantiate_from_config
 
     paths = resolve_run_paths(opt)

@@ -17,7 +17,7 @@ def _show_default(action: argparse.Action) -> None:
     if not action.option_strings or action.help == argparse.SUPPRESS:
         return
     default = action.default
-    if default is None or default is False or default is argparse.SUPPRESS or default in ([], ()):
+    if default is None or default is False or default is argparse.SUPPRESS or default in ([], (), ""):
         return
     if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
         return

@@ -7,12 +7,13 @@ import inspect
 import logging
 import pkgutil
 import re
-from typing import Any, Iterator, Mapping, Optional
+import sys
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ldm.checkpoints import read_state_dict
-
+# torch is imported where it is used, not here, so that command-line help (main.py --help) needs no torch.
 logger = logging.getLogger(__name__)
 
 # Strings with a special meaning in CompVis configs, kept as such.
@@ -178,7 +179,9 @@ def accepted_parameters(obj: Any) -> Optional[list[str]]:
     names: list[str] = []
     followed = False  # reached through another class's **kwargs
     for owner in owners:
-        if owner in (object, torch.nn.Module):  # reached with **kwargs still open: whatever the class does with them
+        torch_module = getattr(sys.modules.get("torch"), "nn", None)  # imported already if owner is a Module
+        if owner is object or (torch_module is not None and owner is torch_module.Module):
+            # reached with **kwargs still open: whatever the class does with them
             return None
         try:
             sig = inspect.signature(owner.__dict__["__init__"] if inspect.isclass(owner) else owner)
@@ -263,15 +266,25 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def ismap(x: Any) -> bool:
+    import torch
+
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
 
 
 def isimage(x: Any) -> bool:
+    import torch
+
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3)
 
 
-# The checkpoint reader lives in ldm.checkpoints; the old name stays importable from here.
-load_checkpoint_state_dict = read_state_dict
+def __getattr__(name: str) -> Any:
+    """``load_checkpoint_state_dict``: the checkpoint reader lives in ldm.checkpoints; the old name stays
+    importable from here (resolved on first use, PEP 562)."""
+    if name == "load_checkpoint_state_dict":
+        from ldm.checkpoints import read_state_dict
+
+        return read_state_dict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_device(name: Optional[str] = None) -> torch.device:
@@ -279,6 +292,8 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
 
     Raises ``ValueError`` when a named accelerator is not available.
     """
+    import torch
+
     if not name or name == "auto":
         if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, MPS, XPU alike
             if torch.accelerator.is_available():

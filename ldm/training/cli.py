@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoints import locate_run
+from ldm.cli_flags import ArgumentParser
 from ldm.trust import add_trust_argument, check_run_configs, load_yaml
 from ldm.util import ConfigError, closest
 
@@ -127,7 +127,7 @@ TRAINER_FLAGS: dict[str, Callable[[str], Any]] = {
 
 def get_parser() -> argparse.ArgumentParser:
     """The CompVis ``main.py`` flags plus Lightning 2 trainer settings; trailing ``a.b=c`` are overrides."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train or test a model described by CompVis-style YAML configs (Lightning 2).",
         epilog="Trailing arguments of the form a.b.c=value override config entries, e.g. "
                "model.base_learning_rate=1e-5 lightning.trainer.max_steps=1000.",
@@ -190,7 +190,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     import sys
 
     parser = get_parser()
-    opt, unknown = parser.parse_known_args(_explicit_bools(list(sys.argv[1:] if argv is None else argv)))
+    argv = parser.normalize_flags(list(sys.argv[1:] if argv is None else argv))  # --a-b or --a_b
+    opt, unknown = parser.parse_known_args(_explicit_bools(argv))
     bad = [u for u in unknown if u.startswith("-") or "=" not in u]
     if bad:
         parser.error(f"unrecognised arguments {bad}: options are listed by --help, config overrides "
@@ -473,6 +474,8 @@ def resolve_resume(resume: str) -> tuple[str, str]:
     if not os.path.exists(resume):
         raise FileNotFoundError(f"cannot resume: {resume} does not exist. Pass a run directory (logs/RUN) or a "
                                 f"checkpoint inside it (logs/RUN/checkpoints/last.ckpt)")
+    from ldm.checkpoints import locate_run  # imports torch: not needed before parsing (main.py --help stays fast)
+
     ckpt, logdir = locate_run(resume, names=("last.ckpt",))
     if os.path.isfile(resume) and "checkpoints" not in Path(resume).parts[:-1]:
         raise UsageError(f"cannot resume from {resume}: the checkpoint is not inside a run's checkpoints/ folder, "
