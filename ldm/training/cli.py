@@ -350,6 +350,7 @@ def lightning_trainer_kwargs(settings: dict[str, Any], cuda_count: Optional[int]
         kwargs.setdefault("strategy", "ddp" if old_value == "ddp_cpu" else old_value)
         notes.append(f"trainer setting accelerator={old_value!r} (PL 1.x) is now strategy={kwargs['strategy']!r}")
     spec = resolve_devices(kwargs, cuda_count)
+    check_node_launch(int(kwargs.get("num_nodes") or 1))
     kwargs.pop("gpus", None)
     kwargs.update(accelerator=spec.accelerator, devices=spec.devices)
     if spec.strategy is not None:
@@ -363,6 +364,25 @@ def lightning_trainer_kwargs(settings: dict[str, Any], cuda_count: Optional[int]
                          f"line{f' (did you mean lightning.trainer.{hint}?)' if hint else ''}; valid names: "
                          f"{sorted(valid)}")
     return kwargs, spec, notes
+
+
+# Set by the launchers that start one process per node (torchrun, srun, mpirun, LSF, or by hand for Lightning).
+NODE_LAUNCH_ENV = ("WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID",
+                   "MASTER_ADDR")
+
+
+def check_node_launch(num_nodes: int, environ: Optional[dict[str, str]] = None) -> None:
+    """``num_nodes > 1`` outside a multi-node launch would wait forever for the other nodes: a ``UsageError``.
+
+    A multi-node launcher sets one of ``NODE_LAUNCH_ENV``; resuming a multi-node run (whose saved config says
+    ``num_nodes: N``) on one machine needs ``--num_nodes 1``.
+    """
+    environ = os.environ if environ is None else environ
+    if num_nodes > 1 and not any(environ.get(key) for key in NODE_LAUNCH_ENV):
+        raise UsageError(f"num_nodes={num_nodes}, but this process was not started on {num_nodes} nodes (none of "
+                         f"{', '.join(NODE_LAUNCH_ENV)} is set), so it would wait forever for the other nodes. Start "
+                         f"one copy per node with torchrun --nnodes {num_nodes} --node_rank R or srun (README, "
+                         f"several nodes), or pass --num_nodes 1 to train (or resume a multi-node run) on this machine")
 
 
 # ----------------------------------------------------------------------------------- learning rate

@@ -24,8 +24,8 @@ from ldm.modules.diffusionmodules.util import (ConditionedBlock, TimestepBlock, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock",
-           "UNetModel", "qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState", "compile_unet"]
+__all__ = ["TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock", "UNetModel",
+           "qkv_attention", "token_qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState", "compile_unet"]
 
 
 class BlockStage(enum.StrEnum):
@@ -272,15 +272,22 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy_order: bool = True) 
     ``QKVAttentionLegacy``); otherwise as [q (all heads), k, v] (``QKVAttention``). Scores are scaled
     by 1/sqrt(C) and computed with ``scaled_dot_product_attention``.
     """
-    b, width, length = qkv.shape
+    return token_qkv_attention(qkv.transpose(1, 2), num_heads, legacy_order).transpose(1, 2)
+
+
+def token_qkv_attention(qkv: torch.Tensor, num_heads: int, legacy_order: bool = True) -> torch.Tensor:
+    """:func:`qkv_attention` in token layout: ``qkv`` [B, T, 3*H*C] -> [B, T, H*C].
+
+    Queries, keys and values reach ``scaled_dot_product_attention`` as [B, H, T, C] views whose last axis is
+    contiguous, which lets it use its fused kernels (a channel-major layout falls back to the unfused path).
+    """
+    b, length, width = qkv.shape
     assert width % (3 * num_heads) == 0
     ch = width // (3 * num_heads)
-    if legacy_order:
-        q, k, v = qkv.reshape(b, num_heads, 3 * ch, length).split(ch, dim=2)
-    else:
-        q, k, v = (t.reshape(b, num_heads, ch, length) for t in qkv.chunk(3, dim=1))
-    out = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
-    return out.transpose(2, 3).reshape(b, num_heads * ch, length)
+    grouped = qkv.view(b, length, num_heads, 3, ch) if legacy_order else qkv.view(b, length, 3, num_heads, ch)
+    q, k, v = grouped.unbind(3 if legacy_order else 2)  # each [B, T, H, C]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(b, length, num_heads * ch)
 
 
 class AttentionBlock(nn.Module):
@@ -316,10 +323,15 @@ class AttentionBlock(nn.Module):
         return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The 1x1 Conv1d projections (CompVis parameters, kept) run as matrix products on [B, T, C] tokens: the
+        # same numbers as the convolutions, without their im2col path, and in the layout attention wants.
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy_order)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        tokens = self.norm(x).transpose(1, 2)  # [B, T, C]
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
+        h = token_qkv_attention(qkv, self.num_heads, self.legacy_order)
+        h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias).transpose(1, 2)
+        return (x + h).reshape(b, c, *spatial)
 
 
 class UNetModel(nn.Module):
