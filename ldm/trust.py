@@ -6,7 +6,8 @@
 ``config.yaml`` of a CompVis model folder or an export) may therefore only name targets that are
 
 - classes defined under the known prefixes :data:`KNOWN_PREFIXES` (this project's ``ldm`` and ``main``, and the
-  torch / torchvision / Lightning modules whose classes configs use), or
+  torch / torchvision / Lightning modules whose classes configs use) or named in :data:`KNOWN_CLASSES`
+  (Lightning's CSV and TensorBoard loggers), or
 - anything under a prefix the user trusts: ``LDM_TRUSTED_TARGETS=pkg1,pkg2.mod`` (every entry point), or
   everything in that run with ``--trust-config``.
 
@@ -29,14 +30,17 @@ logger = logging.getLogger(__name__)
 TRUSTED_TARGETS_ENV = "LDM_TRUSTED_TARGETS"
 TRUST_FLAG = "--trust-config"
 
-# Classes under these modules may be named by a run's config without any opt-in.
+# Classes defined under these modules may be named by a run's config without any opt-in.
 KNOWN_PREFIXES: tuple[str, ...] = (
     "ldm", "main",
     "torch.nn", "torch.optim",
     "torchvision.transforms",
-    "pytorch_lightning.callbacks", "pytorch_lightning.loggers",
-    "lightning.pytorch.callbacks", "lightning.pytorch.loggers",
+    "pytorch_lightning.callbacks", "lightning.pytorch.callbacks",
 )
+# And these classes: loggers that only write into the run directory (the others talk to servers), and PL 1.x's
+# TestTubeLogger, which CompVis configs name and main.py replaces with CSVLogger.
+KNOWN_CLASSES: tuple[str, ...] = tuple(f"{pkg}.loggers.{cls}" for pkg in ("pytorch_lightning", "lightning.pytorch")
+                                       for cls in ("CSVLogger", "TensorBoardLogger", "TestTubeLogger"))
 
 
 class UntrustedTargetError(ValueError):
@@ -76,8 +80,9 @@ def _refusal(key: str, target: Any, source: str, why: str) -> UntrustedTargetErr
     module = target.rsplit(".", 1)[0] if isinstance(target, str) and "." in target else str(target)
     return UntrustedTargetError(
         f"config key {key} in {source} names {target!r}, {why}; a config read from a run directory may only name "
-        f"classes under {', '.join(KNOWN_PREFIXES)}. If you trust this run, pass {TRUST_FLAG}; to trust that "
-        f"package everywhere, set {TRUSTED_TARGETS_ENV}={module} (comma-separated prefixes)")
+        f"classes under {', '.join(KNOWN_PREFIXES)} and Lightning's CSV/TensorBoard loggers. If you trust this "
+        f"run, pass {TRUST_FLAG}; to trust that package everywhere, set {TRUSTED_TARGETS_ENV}={module} "
+        "(comma-separated prefixes)")
 
 
 def check_trusted(config: Any, source: str, extra_prefixes: Sequence[str] = ()) -> None:
@@ -96,15 +101,18 @@ def check_trusted(config: Any, source: str, extra_prefixes: Sequence[str] = ()) 
             continue
         if "${" in target:
             raise _refusal(key, target, source, "an interpolation that is not resolved yet")
-        if not any(under(target, p) for p in KNOWN_PREFIXES):
+        if not any(under(target, p) for p in KNOWN_PREFIXES) and target not in KNOWN_CLASSES:
             raise _refusal(key, target, source, "which is outside the allow-list")
         known.append((key, target))
     for key, target in known:
-        obj = resolve_target(target, key)
+        try:
+            obj = resolve_target(target, key)
+        except ConfigError:  # nothing there to run (e.g. PL 1.x's TestTubeLogger): building reports it, if used
+            continue
         if not inspect.isclass(obj):
             raise _refusal(key, target, source, f"which is a {type(obj).__name__}, not a class")
         home = getattr(obj, "__module__", "") or ""
-        if not any(under(home, p) for p in KNOWN_PREFIXES + user):
+        if target not in KNOWN_CLASSES and not any(under(home, p) for p in KNOWN_PREFIXES + user):
             raise _refusal(key, target, source, f"a class defined in {home}, outside the allow-list")
 
 

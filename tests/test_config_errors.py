@@ -118,6 +118,28 @@ def test_yaml_syntax_error_in_base(tmp_path, capsys):
     assert "bad.yaml is not valid YAML (line 4, column 1)" in line
 
 
+def test_sample_py_names_a_misspelt_parameter_of_the_run_config(tmp_path, capsys):
+    import importlib.util
+
+    from ldm.util import run_script
+
+    good = ldm_config(first_stage=first_stage_config(ch=8), unet=unet_config(), timesteps=20)
+    run = tmp_path / "2026-01-01T00-00-00_typo"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    torch.save({"state_dict": instantiate_from_config(good).state_dict()}, run / "checkpoints" / "last.ckpt")
+    good["params"]["unet_config"]["params"]["num_res_block"] = 1
+    OmegaConf.save(OmegaConf.create({"model": good}), run / "configs" / "x-project.yaml")
+    spec = importlib.util.spec_from_file_location("_cfg_err_sample", ROOT / "scripts" / "sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    assert run_script(sample.main, ["-r", str(run), "-n", "1", "-c", "2", "--device", "cpu",
+                                    "-l", str(tmp_path / "o")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "error: config key params.unet_config.params.num_res_block" in err[0]
+    assert "did you mean 'num_res_blocks'?" in err[0]
+
+
 # ------------------------------------------------------------------------------------------------ overrides
 def test_override_of_a_key_that_exists_nowhere_is_refused_with_a_suggestion(tmp_path, capsys):
     assert main.main(["-b", TOY, "-t", "-l", str(tmp_path), "model.base_learnig_rate=1e-3"]) == 2
@@ -145,6 +167,14 @@ def test_which_new_keys_overrides_may_add(override, refusal):
     else:
         with pytest.raises(cli.UsageError, match=refusal):
             cli.load_configs([TOY], [override])
+
+
+def test_pl1_testtube_logger_still_accepted():
+    """CompVis configs name PL 1.x's TestTubeLogger; main.py replaces it with CSVLogger, so it is not an error."""
+    cfg = cli.load_configs([TOY], ["lightning.logger.target=pytorch_lightning.loggers.TestTubeLogger"])
+    assert cfg.lightning.logger.target.endswith("TestTubeLogger")
+    with pytest.raises(cli.UsageError, match=r"lightning\.logger\.target: .*did you mean .*CSVLogger"):
+        cli.load_configs([TOY], ["lightning.logger.target=pytorch_lightning.loggers.CSVLoger"])
 
 
 def test_check_overrides_names_the_closest_key():

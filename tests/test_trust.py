@@ -121,9 +121,15 @@ def test_targets_anywhere_in_the_tree_and_lists_are_checked():
               "data": {"params": {"extra": [{"target": "main.SetupCallback"}, {"target": "subprocess.Popen"}]}}}
     with pytest.raises(UntrustedTargetError, match=r"data\.params\.extra\.1\.target .*'subprocess\.Popen'"):
         check_trusted(config, "x")
+    # PL 1.x's TestTubeLogger no longer exists: nothing to run, left to main.py (which replaces it)
+    check_trusted({"lightning": {"logger": {"target": "pytorch_lightning.loggers.TestTubeLogger"}}}, "x")
     # allowed classes of torch / Lightning, re-exports through main included
     check_trusted({"a": {"target": "torch.nn.Identity"}, "b": {"target": "main.LearningRateMonitor"},
-                   "c": {"target": "pytorch_lightning.callbacks.ModelCheckpoint"}}, "x")
+                   "c": {"target": "pytorch_lightning.callbacks.ModelCheckpoint"},
+                   "d": {"target": "pytorch_lightning.loggers.CSVLogger"}}, "x")
+    # loggers that send the run to a server are not allow-listed
+    with pytest.raises(UntrustedTargetError, match="'pytorch_lightning.loggers.WandbLogger'"):
+        check_trusted({"lightning": {"logger": {"target": "pytorch_lightning.loggers.WandbLogger"}}}, "x")
 
 
 def test_user_prefixes_from_the_environment(monkeypatch):

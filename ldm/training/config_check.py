@@ -2,8 +2,8 @@
 
 - :func:`check_overrides`: a trailing ``a.b.c=value`` must set a key that exists in the configs, or add one where
   new keys are expected (a target's ``params``, ``lightning.trainer``/``callbacks``, a new top-level section).
-- :func:`check_config_tree`: every ``{target, params}`` node of ``model``, ``data`` and ``lightning`` imports and
-  takes the parameters it is given (:func:`ldm.util.check_config`).
+- :func:`check_config_tree`: every ``{target, params}`` node of ``model``, ``data``, ``lightning.callbacks``
+  and ``lightning.logger`` imports and takes the parameters it is given (:func:`ldm.util.check_config`).
 - :func:`check_resume_checkpoint`: the checkpoint ``-r``/``--resume_from_checkpoint`` resumes from is read with
   ``weights_only=True`` (``LDM_UNSAFE_LOAD=1`` opts out) and fits the model, before Lightning loads it.
 
@@ -73,9 +73,11 @@ def check_config_tree(config: DictConfig) -> None:
         if section in config:
             check_config(config[section], section)
     lightning = config.get("lightning") or {}
-    for key in ("callbacks", "logger"):
-        if lightning.get(key) is not None:
-            check_config(lightning[key], f"lightning.{key}")
+    if lightning.get("callbacks") is not None:
+        check_config(lightning["callbacks"], "lightning.callbacks")
+    logger = lightning.get("logger")
+    if logger is not None and "TestTube" not in str(logger.get("target", "")):  # main.py replaces PL 1.x's
+        check_config(logger, "lightning.logger")
 
 
 def unsafe_load() -> bool:
