@@ -50,6 +50,8 @@ def __getattr__(name: str) -> Any:
 
 logger = logging.getLogger("main")
 
+COMPLETE_MARKER = "training_complete.json"  # written into the run directory when training reached its end
+
 
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
@@ -77,8 +79,8 @@ def build_callbacks(paths: RunPaths, opt: argparse.Namespace, config: Any, light
     """Default callbacks (CompVis keys, overridable under ``lightning.callbacks``) plus checkpoints."""
     from omegaconf import OmegaConf
 
-    from ldm.training.callbacks import (FaultCheckpoint, LastCheckpoint, MonitoredCheckpoint, NonFiniteLossGuard,
-                                        SetupCallback)
+    from ldm.training.callbacks import (ConfiguredLearningRate, FaultCheckpoint, LastCheckpoint, MonitoredCheckpoint,
+                                        NonFiniteLossGuard, SetupCallback)
     from ldm.util import instantiate_from_config
 
     defaults = {
@@ -104,7 +106,7 @@ def build_callbacks(paths: RunPaths, opt: argparse.Namespace, config: Any, light
     mc = lightning_config.get("modelcheckpoint") or {}
     mc_params = dict(OmegaConf.to_container(mc.get("params") or OmegaConf.create(), resolve=True))
     last = LastCheckpoint(paths.ckptdir, every_n_train_steps=int(mc_params.pop("every_n_train_steps", 0) or 0))
-    callbacks += [last, NonFiniteLossGuard(last.path), FaultCheckpoint(last)]
+    callbacks += [last, NonFiniteLossGuard(last), FaultCheckpoint(last), ConfiguredLearningRate()]
 
     monitor = _model_monitor(model, lightning_config)
     has_val = data is None or not hasattr(data, "has_split") or data.has_split("validation")
@@ -200,6 +202,7 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
+    from ldm.training.callbacks import FaultCheckpoint
     from ldm.training.config_check import load_kwargs
     from ldm.training.data import DataModuleFromConfig
     from ldm.util import instantiate_from_config
@@ -245,9 +248,20 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
                          default_root_dir=paths.logdir)
     _info(f"trainer: accelerator={spec.accelerator} devices={spec.devices} strategy={trainer_kwargs.get('strategy')}"
           f" num_nodes={trainer_kwargs.get('num_nodes', 1)}")
+    fault = next(cb for cb in callbacks if isinstance(cb, FaultCheckpoint))
     try:
         if opt.train:
-            trainer.fit(model, data, ckpt_path=paths.ckpt, **load_kwargs(trainer.fit))
+            if trainer.is_global_zero:
+                _remove_marker(paths.logdir)  # a resumed run is complete again only when it reaches its end
+            try:
+                trainer.fit(model, data, ckpt_path=paths.ckpt, **load_kwargs(trainer.fit))
+            except SystemExit:  # Lightning ends SIGTERM and Ctrl-C with SystemExit (SIGTERM with status 0)
+                if fault.stop_signal is None:
+                    raise
+            if fault.stop_signal is not None:
+                return _interrupted(fault, paths)
+            if trainer.is_global_zero:
+                _write_marker(paths.logdir, trainer)
         test_ok = data is None or not hasattr(data, "has_split") or data.has_split("test")
         if not opt.no_test and not trainer.interrupted:
             if test_ok and is_overridden("test_step", model):
@@ -261,6 +275,36 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
             shutil.move(paths.logdir, target)
             logger.info("debug run moved to %s", target)
     return 0
+
+
+def _remove_marker(logdir: str) -> None:
+    try:
+        os.remove(os.path.join(logdir, COMPLETE_MARKER))
+    except FileNotFoundError:
+        pass
+
+
+def _write_marker(logdir: str, trainer: Any) -> None:
+    """Mark the run complete: training reached its end (max_steps, max_epochs or a stopping callback)."""
+    import json
+    import time
+
+    path = os.path.join(logdir, COMPLETE_MARKER)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+                   "checkpoint": os.path.join("checkpoints", "last.ckpt"),
+                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fh)
+    os.replace(tmp, path)
+    _info(f"training complete at global step {trainer.global_step}: marked in {path}")
+
+
+def _interrupted(fault: FaultCheckpoint, paths: RunPaths) -> int:
+    """Exit status 128 + signal number for a run stopped by a signal (last.ckpt saved, no completion marker)."""
+    assert fault.stop_signal is not None
+    _info(f"training interrupted by {fault.stop_signal.name}: {os.path.join(paths.ckptdir, 'last.ckpt')} holds the "
+          f"last step; continue with: python main.py -r {paths.logdir} -t", logging.WARNING)
+    return 128 + int(fault.stop_signal)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

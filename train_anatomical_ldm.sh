@@ -12,8 +12,9 @@
 #               Under SLURM (srun) Lightning reads the SLURM variables itself; otherwise set on every node
 #               MASTER_ADDR, MASTER_PORT and NODE_RANK (0 on the master).
 #   AE_CKPT     autoencoder checkpoint (default: LOGDIR/<AE config name>/checkpoints/last.ckpt, the path
-#               the configs name; when it is absent the autoencoder is trained first and its run directory
-#               linked there).
+#               the configs name, used only when main.py marked that run complete; when it is absent the
+#               autoencoder is trained first and its run directory linked there once it finished; an
+#               interrupted autoencoder run stops the script).
 #   MASK_AE_CKPT  (*_joint) mask autoencoder checkpoint (default: LOGDIR/<mask AE config name>/checkpoints/last.ckpt;
 #               trained first and linked there when absent). MASK_AE_ARGS="..." passes arguments to that run.
 #   LOGDIR      directory of the runs (default: logs).
@@ -26,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [[ $# -ge 1 ]] || usage 2
 DATASET="$1"; shift
 case "$DATASET" in
@@ -79,8 +80,10 @@ DEVICE_ARGS=(--num_nodes "$NUM_NODES")
 if [[ -n "$GPUS" ]]; then DEVICE_ARGS+=(--gpus "$GPUS"); else DEVICE_ARGS+=(--accelerator cpu); fi
 
 # first_stage_ckpt WHAT CONFIG CKPT_VAR ARGS: prints the checkpoint of a first stage. CKPT_VAR (e.g. AE_CKPT) set in
-# the environment wins; else LOGDIR/<config name>/checkpoints/last.ckpt; else the config is trained with main.py
-# and its run linked as LOGDIR/<config name>, the path the LDM configs name in their ckpt_path.
+# the environment wins; else LOGDIR/<config name>/checkpoints/last.ckpt of a run main.py marked complete; else the
+# config is trained with main.py and its run, once complete, linked as LOGDIR/<config name>, the path the LDM
+# configs name in their ckpt_path. An interrupted run (non-zero exit, no marker) stops the script.
+COMPLETE_MARKER=training_complete.json  # main.py writes it into a run directory when training reached its end
 first_stage_ckpt() {
   local what="$1" config="$2" var="$3" args="$4"
   local name link ckpt run
@@ -97,14 +100,25 @@ first_stage_ckpt() {
       echo "error: $link exists but holds no checkpoints/last.ckpt; remove it or set $var" >&2; return 1
     fi
     echo "== no $what checkpoint at $ckpt: training $config first" >&2
+    local status=0
     # shellcheck disable=SC2086
-    "$PYTHON" main.py --base "$config" -t -n "$name" -l "$LOGDIR" "${DEVICE_ARGS[@]}" $args >&2 || return 1
+    "$PYTHON" main.py --base "$config" -t -n "$name" -l "$LOGDIR" "${DEVICE_ARGS[@]}" $args >&2 || status=$?
     run="$(ls -1d "$LOGDIR"/*_"$name" 2>/dev/null | sort | tail -n 1)"
-    if [[ -z "$run" || ! -f "$run/checkpoints/last.ckpt" ]]; then
-      echo "error: the $what run wrote no $LOGDIR/*_$name/checkpoints/last.ckpt" >&2; return 1
+    if [[ "$status" -ne 0 ]]; then
+      local hint=""
+      [[ -z "$run" ]] || hint="; continue it with: $PYTHON main.py -r $run -t, then run this script again"
+      echo "error: the $what run stopped (exit status $status)$hint" >&2
+      return 1
+    fi
+    if [[ -z "$run" || ! -f "$run/$COMPLETE_MARKER" ]]; then
+      echo "error: the $what run did not reach its end (no $LOGDIR/*_$name/$COMPLETE_MARKER)" >&2; return 1
     fi
     ln -sfn "$(basename "$run")" "$link"
     echo "== linked $link -> $run" >&2
+  elif [[ ! -f "$link/$COMPLETE_MARKER" ]]; then
+    echo "error: the $what run $link did not reach its end (no $COMPLETE_MARKER): continue it with" \
+         "$PYTHON main.py -r $link -t, or set $var=$ckpt to use this checkpoint as it is" >&2
+    return 1
   fi
   echo "$ckpt"
 }

@@ -414,7 +414,8 @@ def test_mask_autoencoder_and_demo_joint_config_train_through_main(tmp_path, _ke
 
 
 STUB_PYTHON = """#!/usr/bin/env bash
-# stands in for python: records its arguments; a training run (-n NAME -l LOGDIR) writes a checkpoint
+# stands in for python: records its arguments; a training run (-n NAME -l LOGDIR) writes a checkpoint and the
+# completion marker of a finished run
 echo "$*" >> "$CALLS"
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -422,6 +423,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   [[ "${args[i]}" == -l ]] && logdir="${args[i+1]}"
 done
 mkdir -p "$logdir/2026-01-01T00-00-00_$name/checkpoints" && touch "$logdir/2026-01-01T00-00-00_$name/checkpoints/last.ckpt"
+echo '{}' > "$logdir/2026-01-01T00-00-00_$name/training_complete.json"
 """
 
 

@@ -116,7 +116,10 @@ def test_exception_saves_a_checkpoint_before_exiting(tmp_path):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="platform without SIGUSR1")
 def test_sigusr1_saves_and_stops(tmp_path):
-    run = _train(tmp_path, "model.params.signal_at_step=1", "lightning.trainer.max_steps=50")
+    logs = tmp_path / "logs"
+    assert main.main(["--base", TOY, "-t", "-l", str(logs), "model.params.signal_at_step=1",
+                      "lightning.trainer.max_steps=50"]) == 128 + signal.SIGUSR1  # interrupted: not a finished run
+    (run,) = _runs(logs)
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
