@@ -52,9 +52,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"local Inception-v3 weights for FID/KID (or set {metrics.INCEPTION_ENV}); "
                         "without them only feature-free numbers and pixel-feature FID/KID are computed")
     p.add_argument("--fid_inception", default=None, metavar="PATH",
-                   help=f"the standard FID Inception weights ({features.FID_INCEPTION_FILE}, torch-fidelity's; or set "
-                        f"{features.FID_INCEPTION_ENV}): FID comparable with published numbers (needs the 'metrics' "
-                        "extra). Images: 8-bit, grey replicated to RGB, resized to 299 px as the original FID")
+                   help=f"the standard FID Inception weights ({features.FID_INCEPTION_FILE}, torch-fidelity's; or "
+                        f"set {features.FID_INCEPTION_ENV}): keys fid_tf_inception, kid_tf_inception, comparable with "
+                        "published FIDs (needs the 'metrics' extra). Images: 8-bit, grey replicated to RGB, resized "
+                        "to 299 px as the original FID")
     p.add_argument("--medical_features", nargs="+", default=[], metavar="[NAME=]PATH",
                    help="feature networks for FID/KID (e.g. RadImageNet ResNet-50): a torch.export archive (.pt2) "
                         "or a torchvision ResNet-50 state dict; keys fid_NAME (default NAME: the file name). "
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"note: no Inception weights (--inception or {metrics.INCEPTION_ENV}); FID/KID use pixel features only")
     if args.fid_inception or os.environ.get(features.FID_INCEPTION_ENV):
-        extractors["fid_inception"] = features.FIDInceptionExtractor(args.fid_inception).to(device)
+        extractors["tf_inception"] = features.FIDInceptionExtractor(args.fid_inception).to(device)
     for name, path in _named(args.medical_features).items():
         extractors[os.path.splitext(name)[0]] = features.MedicalFeatureExtractor(
             path, args.feature_size, args.feature_norm).to(device)
