@@ -89,6 +89,11 @@ def test_compiled_anatomical_unet_matches_eager_outputs_and_gradients():
     for field in ("prediction", "seg_logits", "class_attention", "registers"):
         torch.testing.assert_close(getattr(out_c, field), getattr(out_e, field), rtol=1e-5, atol=1e-6, msg=field)
     assert list(out_c.layer_class_attention) == list(out_e.layer_class_attention)
+    twin = copy.deepcopy(compiled)  # a copy of a compiled model runs its own weights, not the original's
+    with torch.no_grad():
+        twin.mask_decoder.out.bias.add_(1.0)
+    torch.testing.assert_close(twin.forward_with_anatomy(x, t).seg_logits, out_e.seg_logits + 1.0, rtol=1e-5,
+                               atol=1e-5)
     for out, model in ((out_c, compiled), (out_e, eager)):
         (out.prediction.square().mean() + out.seg_logits.logsumexp(1).mean()).backward()
     grads_e = dict(eager.named_parameters())

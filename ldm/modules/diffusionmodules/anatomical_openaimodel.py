@@ -343,7 +343,8 @@ class AnatomicalUNetModel(UNetModel):
         """``Module.compile`` (``forward``, in place) plus the same compilation of :meth:`forward_with_anatomy`,
         which training and anatomy guidance call directly; state-dict keys are unchanged."""
         super().compile(*args, **kwargs)
-        self._compiled_forward_with_anatomy = torch.compile(self._forward_with_anatomy, *args, **kwargs)
+        # the plain function, called with self: a deep copy of this module runs its own weights through it
+        self._compiled_forward_with_anatomy = torch.compile(type(self)._forward_with_anatomy, *args, **kwargs)
 
     def forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                              context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
@@ -352,7 +353,9 @@ class AnatomicalUNetModel(UNetModel):
         if not self.use_anatomical_registers:
             raise ValueError("forward_with_anatomy needs use_anatomical_registers: true in the UNet config")
         compiled = self.__dict__.get("_compiled_forward_with_anatomy")
-        return (compiled or self._forward_with_anatomy)(x, timesteps, context, y, **kwargs)
+        if compiled is None:
+            return self._forward_with_anatomy(x, timesteps, context, y, **kwargs)
+        return compiled(self, x, timesteps, context, y, **kwargs)
 
     def _forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor],
                               context: Optional[torch.Tensor], y: Optional[torch.Tensor],
