@@ -291,6 +291,25 @@ def test_resume_with_a_warmup_schedule_scales_it_to_the_new_rate(tmp_path):
     assert ckpt["lr_schedulers"][0]["base_lrs"] == [pytest.approx(2e-3)]
 
 
+def test_readme_nan_recovery_lower_the_rate_and_resume_runs_to_the_end(tmp_path, caplog):
+    """SGD at 100 diverges until the loss overflows; resuming with a 1e6 times lower rate finishes the run (with the
+    old rate restored from the optimiser state it overflowed again at once)."""
+    logs = tmp_path / "logs"
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+        _toy(logs, "model.base_learning_rate=50", "lightning.trainer.max_steps=40",
+             "lightning.trainer.limit_val_batches=0")
+    run = _run_dir(logs)
+    stopped_at = _ckpt(run / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < stopped_at < 40
+    caplog.set_level(logging.INFO)
+    assert main.main(["-r", str(run), "-t", "model.base_learning_rate=5e-5"]) == 0
+    assert "(optimiser 0 group 0: 100 -> 0.0001)" in caplog.text
+    ckpt = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 40
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert (run / main.COMPLETE_MARKER).is_file()
+
+
 # ----------------------------------------------------------------------------- NaN stop
 def test_nan_stop_keeps_the_checkpoint_before_the_weights_that_gave_the_nan(tmp_path):
     """Step 4's gradients are scaled by 1e30: finite loss, weights ~1e25 saved as step 4, inf loss at the next step.
