@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench bench-anatomy
+.PHONY: demo test install bench bench-anatomy gpu-check
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ bench: $(STAMP)
 # the anatomy benchmark at its default scale (baseline + anatomical, 3 seeds; about 1.5 h on 2 CPU cores)
 bench-anatomy: $(STAMP)
 	$(PY) bench/anatomy.py -o bench/out/anatomy
+
+# every GPU measurement in one command (at most 8 minutes on one GPU): bench/out/gpu.json and gpu.md;
+# `python bench/gpu_check.py --cpu-dry-run` runs the same code at toy sizes on the CPU (the tests do)
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py

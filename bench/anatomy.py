@@ -4,6 +4,7 @@
     python bench/anatomy.py -o bench/out/anatomy                        # baseline + anatomical, 3 seeds
     python bench/anatomy.py -o bench/out/anatomy --arms shuffled_masks  # an ablation, same run directory
     python bench/anatomy.py -o /tmp/anatomy_quick --quick               # every stage at toy size (the tests)
+    python bench/anatomy.py -o RUN --report-only                        # report what RUN holds, train nothing
 
 Every arm is trained from the same frozen autoencoder on the same phantom data (same latent scale, data order,
 optimiser and number of steps), sampled from start noise shared across arms, and judged by an independent
@@ -68,6 +69,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                    help="no progress bars")
+    p.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
+                   help="write anatomy.json, report.md and figures from the evaluations the run directory holds "
+                        "(arms whose every seed finished; --arms is ignored), without training or loading any model "
+                        "(e.g. a run copied from a GPU machine without its weights)")
+    p.add_argument("--note", default=None, help="with --report-only: a caveat printed at the top of the report")
     return p.parse_args(argv)
 
 
@@ -396,9 +402,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if unknown:
             raise ValueError(f"unknown arm(s) {unknown}; arms: {', '.join(am.ARMS)}")
         arms = ["baseline"] + [a for a in arms if a != "baseline"]
+        if args.report_only:
+            args.preset = args.preset or _saved_preset(args.out)
         preset = resolve_preset(args, device)
         name = args.preset or ("quick" if args.quick else "gpu" if device.type == "cuda" else "cpu")
         settings = check_run_dir(args.out, preset, name)
+        if args.report_only:
+            return report_only(args, preset, settings)
     except ValueError as err:
         print(f"anatomy.py: error: {err}", file=sys.stderr)
         return 2
@@ -432,6 +442,73 @@ def main(argv: Optional[list[str]] = None) -> int:
                         for a in results}}
     write_outputs(args.out, cal, results, preset, meta)
     logger.info("wrote %s and %s", os.path.join(args.out, "anatomy.json"), os.path.join(args.out, "report.md"))
+    return 0
+
+
+def _saved_preset(out: str) -> str:
+    path = os.path.join(out, "run.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--report-only: {out} holds no benchmark run (no run.json)")
+    return _jload(path)["preset"]
+
+
+def load_finished(out: str, preset: am.Preset) -> dict[str, dict[int, dict]]:
+    """Every arm whose ``preset.seeds`` seeds all hold their final evaluation, read from disk (no model needed):
+    ``{arm: {seed: {"train": ..., "evals": {"step<N>": ..., "equal_time": ...}}}}``, as ``run_all`` returns."""
+    results: dict[str, dict[int, dict]] = {}
+    for arm in sorted(os.listdir(os.path.join(out, "arms"))) if os.path.isdir(os.path.join(out, "arms")) else []:
+        if arm not in am.ARMS:
+            continue
+        per_seed = {}
+        for seed in range(preset.seeds):
+            d = os.path.join(out, "arms", arm, f"seed{seed}")
+            finals = sorted(glob.glob(os.path.join(d, f"eval_step{preset.steps:06d}*.json")))
+            trained = os.path.join(out, "arms", "anatomical" if arm == "anatomical_guided" else arm, f"seed{seed}",
+                                   "train.json")
+            if not finals or not os.path.isfile(trained):
+                break
+            evals = {}
+            for path in glob.glob(os.path.join(d, "eval_step*.json")):
+                step = int(os.path.basename(path)[len("eval_step"):len("eval_step") + 6])
+                evals[f"step{step}"] = _load_eval(path[:-len(".json")])
+            equal = os.path.join(d, "eval_equal_time")
+            if os.path.isfile(equal + ".json"):
+                evals["equal_time"] = _load_eval(equal)
+            elif arm not in ("baseline", "anatomical_guided"):  # its equal-time checkpoint was the final one
+                evals["equal_time"] = evals[f"step{preset.steps}"]
+            per_seed[seed] = {"train": _jload(trained), "evals": evals}
+        if len(per_seed) == preset.seeds:
+            results[arm] = per_seed
+    results = {arm: results[arm] for arm in ["baseline"] + list(am.ARMS) if arm in results}  # the report's order
+    if "baseline" not in results:
+        raise ValueError(f"{out}: the baseline has not finished every seed; nothing to compare")
+    return results
+
+
+def report_only(args: argparse.Namespace, preset: am.Preset, settings: dict[str, Any]) -> int:
+    """``--report-only``: the outputs from what the run directory holds."""
+    out = args.out
+    results = load_finished(out, preset)
+    cal_path = os.path.join(out, "calibration.json")
+    if not os.path.isfile(cal_path):
+        raise ValueError(f"--report-only: {cal_path} is missing (the run's setup did not finish)")
+    old = os.path.join(out, "anatomy.json")
+    unknown = "not recorded (the run's anatomy.json was missing)"
+    meta = _jload(old)["meta"] if os.path.isfile(old) else {
+        "command": unknown, "preset": args.preset, "settings": settings, "seeds": list(range(preset.seeds)),
+        "noise_seed": NOISE_SEED, "device": unknown, "torch": unknown, "lightning": unknown}
+    scale_path = os.path.join(out, "autoencoder.json")
+    if os.path.isfile(scale_path):
+        meta["scale_factor"] = float(_jload(scale_path)["scale_factor"])
+    mask_path = os.path.join(out, "mask_autoencoder.json")
+    meta["mask_autoencoder"] = _jload(mask_path) if os.path.isfile(mask_path) else None
+    meta["report_command"] = "python bench/anatomy.py " + " ".join(sys.argv[1:])
+    meta["arms_described"] = {a: am.ARMS[a] for a in results}
+    if args.note:
+        meta["note"] = args.note
+    write_outputs(out, _jload(cal_path), results, preset, meta)
+    logger.info("wrote %s and %s for arms %s", os.path.join(out, "anatomy.json"), os.path.join(out, "report.md"),
+                ", ".join(results))
     return 0
 
 

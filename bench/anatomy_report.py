@@ -14,6 +14,10 @@ from ldm.data.labels import CTORGAN_COLOURS
 Results = dict[str, dict[int, dict[str, Any]]]
 
 
+# arms that take one part away from (or add one to) the shipped anatomical method
+ABLATIONS = ("registers_no_loss", "shuffled_masks", "anatomical_v1", "joint")
+
+
 def _outcomes(results: Results, arm: str, tag: str, key: str = "seg_plausible") -> Optional[np.ndarray]:
     """``[seeds, samples]`` booleans of one arm at one evaluation tag (``None`` if an arm lacks them)."""
     rows = [results[arm][s]["evals"][tag]["arrays"].get(key) for s in sorted(results[arm])]
@@ -68,6 +72,8 @@ def aggregate(cal: dict, results: Results, steps: int) -> dict[str, Any]:
              if tag in results[arm][min(results[arm])]["evals"]]
     if "anatomical_guided" in results and "anatomical" in results:
         pairs.append(("anatomical_guided", "anatomical", "guidance_effect", final))
+    # an ablation against the shipped method: which part of it does the work
+    pairs += [(arm, "anatomical", "ablation", final) for arm in ABLATIONS if arm in results and "anatomical" in results]
     comparisons = [compare(results, a, b, kind, tag, final) for a, b, kind, tag in pairs]
     return {"calibration": cal, "arms": arms, "comparisons": comparisons}
 
@@ -112,8 +118,10 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              f"different patients), f4 KL autoencoder ({s['size'] // 4}x{s['size'] // 4}x3 latents, scale "
              f"{meta['scale_factor']:.4g} for every arm), UNet {s['unet']}, self-attention only in the middle block; "
              f"{s['steps']} AdamW steps (lr {s['lr']}, batch {s['batch']}), EMA weights, DDIM {s['sampler_steps']} "
-             "steps (eta 0).", "",
-             "Every image is judged by an **independent segmenter** (trained on the real training split only) and "
+             "steps (eta 0).", ""]
+    if meta.get("note"):
+        lines += [f"**Note:** {meta['note']}", ""]
+    lines += ["Every image is judged by an **independent segmenter** (trained on the real training split only) and "
              "its mask checked against the phantom's anatomy rules (`ldm/data/anatomy_check.py`). A model's own "
              "masks are scored separately.", "",
              "## Calibration (real held-out slices)", "",
@@ -151,11 +159,13 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                      f"{a['train_seconds']:.1f} ({a['train_time_ratio']:.2f}x) |")
     lines += ["", "Per-seed pass rates: " + "; ".join(f"{n} {[round(v, 3) for v in a['per_seed_pass_rate']]}"
                                                         for n, a in arms.items()), "",
-              "## Comparisons with the baseline", "",
-              "diff = pass rate of the arm minus the baseline's; interval from a paired bootstrap over training "
+              "## Comparisons", "",
+              "Against the baseline at equal steps and at equal wall-clock; the guided arm and the ablations (kind "
+              "`ablation`) also against the shipped `anatomical` arm. "
+              "diff = pass rate of the arm minus the other's; interval from a paired bootstrap over training "
               "seeds and samples; p from an exact McNemar test on the paired samples (same training seed, same start "
               "noise). McNemar treats the trained models as fixed; the bootstrap interval also covers training-seed "
-              "variation, so read both. Failure ratio = arm failure rate / baseline failure rate.", "",
+              "variation, so read both. Failure ratio = arm failure rate / the other's failure rate.", "",
               "| arm | against | comparison | diff [95% CI] | McNemar p (arm only / other only) | failure ratio |",
               "|---|---|---|---|---|---|"]
     for c in comps:

@@ -1,6 +1,7 @@
 """The anatomy benchmark: its statistics against known values, and ``bench/anatomy.py --quick`` end to end."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -143,6 +144,28 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert joint["own_mask_pass_rate"] is not None and 0.0 <= joint["own_mask_dice"] <= 1.0
     assert again["meta"]["mask_autoencoder"]["scale_factor"] > 0
     assert "mask autoencoder" in open(os.path.join(out, "report.md")).read()
+    # the joint arm is an ablation of the shipped method: compared with it as well as with the baseline
+    assert ("joint", "anatomical", "ablation") in {(c["a"], c["b"], c["kind"]) for c in again["comparisons"]}
+
+    # --report-only rebuilds the same report from the evaluations alone (a run copied without its weights)
+    import anatomy
+
+    for path in glob.glob(os.path.join(out, "**", "*.ckpt"), recursive=True) + [os.path.join(out, "segmenter.pt")]:
+        os.remove(path)
+    os.remove(os.path.join(out, "anatomy.json"))
+    assert anatomy.main(["-o", out, "--report-only", "--note", "weights removed"]) == 0
+    with open(os.path.join(out, "anatomy.json")) as f:
+        rebuilt = json.load(f)
+    assert list(rebuilt["arms"]) == ["baseline", "anatomical", "anatomical_guided", "joint"]
+    for arm in rebuilt["arms"]:
+        assert rebuilt["arms"][arm]["pass_rate"] == again["arms"][arm]["pass_rate"]
+    def by_pair(summary: dict) -> dict:
+        return {(c["a"], c["b"], c["kind"]): c["diff"] for c in summary["comparisons"]}
+
+    assert by_pair(rebuilt) == by_pair(again)
+    assert "**Note:** weights removed" in open(os.path.join(out, "report.md")).read()
+    assert anatomy.main(["-o", str(tmp_path / "nothing"), "--report-only"]) == 2
+    assert "no benchmark run" in capsys.readouterr().err
 
     # other settings in the same run directory are refused, naming what differs
     assert _run(out, "--steps", "5") == 2
