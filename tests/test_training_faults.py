@@ -245,7 +245,7 @@ def test_checkpoint_every_n_steps_holds_the_ema_update_of_its_step(tmp_path):
 
 # ----------------------------------------------------------------------------- failures while saving
 def test_a_failed_emergency_save_keeps_the_original_exception_and_leaves_no_tmp(tmp_path, caplog):
-    caplog.set_level(logging.ERROR, logger="ldm.training.callbacks")
+    caplog.set_level(logging.ERROR, logger="ldm.training.faults")
     logs = tmp_path / "logs"
     with pytest.raises(RuntimeError, match="injected failure"):
         _toy(logs, "model.params.disk_full_at_step=5", "lightning.trainer.limit_val_batches=0")
@@ -330,7 +330,7 @@ def test_nan_stop_keeps_the_checkpoint_before_the_weights_that_gave_the_nan(tmp_
 
 def test_weights_holding_inf_are_never_saved(tmp_path, caplog):
     """Infinite gradients at step 3 make the weights inf; no save writes them (nor the NaN stop keeps them)."""
-    caplog.set_level(logging.WARNING, logger="ldm.training.callbacks")
+    caplog.set_level(logging.WARNING, logger="ldm.training.faults")
     logs = tmp_path / "logs"
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at global step 3") as stop:
         _toy(logs, "model.params.explode_at_step=2", "model.params.explode_by=inf",
