@@ -302,8 +302,13 @@ def _write_marker(logdir: str, trainer: Any) -> None:
 def _interrupted(fault: FaultCheckpoint, paths: RunPaths) -> int:
     """Exit status 128 + signal number for a run stopped by a signal (last.ckpt saved, no completion marker)."""
     assert fault.stop_signal is not None
-    _info(f"training interrupted by {fault.stop_signal.name}: {os.path.join(paths.ckptdir, 'last.ckpt')} holds the "
-          f"last step; continue with: python main.py -r {paths.logdir} -t", logging.WARNING)
+    last = fault.last
+    if last.has_file:
+        _info(f"training interrupted by {fault.stop_signal.name}: {last.path} holds global step {last.last_saved_step}"
+              f"; continue with: python main.py -r {paths.logdir} -t", logging.WARNING)
+    else:
+        _info(f"training interrupted by {fault.stop_signal.name} before a step was saved; no new checkpoint was "
+              f"written", logging.WARNING)
     return 128 + int(fault.stop_signal)
 
 
