@@ -167,7 +167,7 @@ def resolve_target(target: Any, key: str = "target") -> Any:
     try:
         return getattr(module, attr)
     except AttributeError as err:
-        names = [n for n in dir(module) if not n.startswith("_")]
+        names = [n for n in [*dir(module), *getattr(module, "__all__", ())] if not n.startswith("_")]  # lazy too
         raise ConfigError(f"config key {key}: module {module_name} has no {attr!r} (target {target})"
                           f"{did_you_mean(attr, names, module_name + '.{}')}") from err
 

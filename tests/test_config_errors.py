@@ -159,6 +159,8 @@ def test_override_of_a_key_that_exists_nowhere_is_refused_with_a_suggestion(tmp_
     ("lightning.trainr.max_steps=3", r"did you mean lightning\.trainer\?"),
     ("modle.params.size=3", r"did you mean model\?"),
     ("data.batch_size=3", r"data\.batch_size exists in no config; data has \['params', 'target'\]"),
+    ("lightning.callbacks.image_logger.target=main.ImageLoger",  # an existing key, a class that does not exist
+     r"lightning\.callbacks\.image_logger\.target: .*did you mean main\.ImageLogger\?"),
 ])
 def test_which_new_keys_overrides_may_add(override, refusal):
     if refusal is None:
