@@ -108,7 +108,6 @@ class LastCheckpoint(Checkpoint):
         self.previous_step: Optional[int] = None  # step of last-previous.ckpt while it exists
         self.unproven = False  # last.ckpt's weights have not yet given a finite loss
         self.save_due = False
-        self.disabled_reason: Optional[str] = None
 
     @property
     def path(self) -> str:
@@ -121,7 +120,7 @@ class LastCheckpoint(Checkpoint):
     def save(self, trainer: pl.Trainer, keep_previous: bool = True) -> None:
         """Collective: every rank must call it (Lightning's save_checkpoint has a barrier). Without
         ``keep_previous`` no last-previous.ckpt remains."""
-        if self.disabled_reason is not None or trainer.global_step == self.last_saved_step:
+        if trainer.global_step == self.last_saved_step:
             return
         finite = trainer.strategy.reduce_boolean_decision(_all_finite(trainer.lightning_module.state_dict()),
                                                           all=True)
@@ -283,8 +282,9 @@ class NonFiniteLossGuard(Callback):
         value = float(loss.detach().float().flatten()[0]) if loss.numel() else float("nan")
         raise NonFiniteLossError(
             f"non-finite training loss ({value}) at global step {trainer.global_step}, epoch "
-            f"{trainer.current_epoch}; training stopped before the update, {keep}. Lower the learning rate, "
-            f"set --gradient_clip_val, or use --precision 32, then resume with -r."
+            f"{trainer.current_epoch}; training stopped before the update, {keep}. Lower the learning rate "
+            f"(model.base_learning_rate; a new rate is applied on resume), set --gradient_clip_val, or use "
+            f"--precision 32, then resume with -r."
         )
 
 
