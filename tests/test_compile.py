@@ -158,3 +158,30 @@ def test_compile_flag_on_an_autoencoder_is_a_usage_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("main.py: error: --compile compiles the diffusion UNet, but AutoencoderKL has none")
+
+
+def test_anatomical_losses_read_nothing_back_to_the_host():
+    """No data-dependent Python branch (a device synchronisation on CUDA, a graph break under torch.compile), and
+    still exactly 0 with a graph when nothing is labelled."""
+    from ldm.modules.anatomical_losses import soft_alignment_loss, soft_class_targets, soft_dice_loss
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, 4, (2, 8, 8), generator=g)
+    mask[0] = 255  # one sample without labels
+    probs = torch.randn(2, 4, 8, 8, generator=g).softmax(1).requires_grad_()
+    attention = torch.randn(2, 4, 4, 4, generator=g).softmax(1).requires_grad_()
+    target, labelled = soft_class_targets(mask, (4, 4), 4, 255)
+    weights = torch.tensor([0.3, 0.9])
+    torch._dynamo.reset()
+    for fn, args in ((soft_dice_loss, (probs, mask, 255, weights)),
+                     (soft_alignment_loss, (attention, target, labelled, weights))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, fn.__name__
+    torch._dynamo.reset()
+    unlabelled = torch.full_like(mask, 255)
+    none_target, none_labelled = soft_class_targets(unlabelled, (4, 4), 4, 255)
+    for loss in (soft_dice_loss(probs, unlabelled, 255), soft_alignment_loss(attention, none_target, none_labelled)):
+        assert loss.item() == 0.0 and loss.requires_grad
+    # the unlabelled sample is left out of the Dice mean: the loss is the labelled sample's alone
+    alone = soft_dice_loss(probs[1:], mask[1:], 255, weights[1:])
+    torch.testing.assert_close(soft_dice_loss(probs, mask, 255, weights), alone, rtol=0, atol=0)

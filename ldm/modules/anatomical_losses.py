@@ -44,6 +44,19 @@ def timestep_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, mode: str) -
     return (abar / (1.0 - abar).clamp_min(1e-12)).clamp(max=1.0)
 
 
+def class_onehot(mask: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Boolean one-hot ``[B, C, H, W]`` of an integer mask ``[B, H, W]``, all False at ``ignore_index`` pixels.
+
+    One comparison against ``arange(C)`` (``F.one_hot`` builds an int64 ``[B, H, W, C]`` tensor, 8x the bytes,
+    and reads the mask's min and max back to the host on the CPU). Labels outside ``0..C-1`` match no class.
+    """
+    classes = torch.arange(int(num_classes), device=mask.device).view(1, -1, 1, 1)
+    onehot = mask.unsqueeze(1) == classes
+    if 0 <= int(ignore_index) < int(num_classes):
+        onehot = onehot & (mask != ignore_index).unsqueeze(1)
+    return onehot
+
+
 def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int,
                        ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class area fractions of an integer mask ``[B, H, W]`` on a ``size`` grid.
@@ -55,8 +68,7 @@ def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int
     """
     size = tuple(int(s) for s in size)
     valid = mask != ignore_index
-    safe = torch.where(valid, mask, torch.zeros_like(mask))
-    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float() * valid.unsqueeze(1).float()
+    onehot = class_onehot(mask, num_classes, ignore_index).float()
     counts = F.adaptive_avg_pool2d(onehot, size)  # share of each class among all pixels of a cell
     labelled = F.adaptive_avg_pool2d(valid.unsqueeze(1).float(), size)[:, 0]
     fractions = counts / labelled.clamp_min(1e-12).unsqueeze(1)
@@ -71,15 +83,14 @@ def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled:
 
     Cells are weighted by their labelled share (and by ``sample_weights[b]`` when given) and normalised by the
     labelled share alone, so the sample weights scale the loss. Exactly 0 (graph kept) with nothing labelled.
+    No value is read back to the host (no device synchronisation, no graph break under ``torch.compile``).
     """
     if target.shape != attention.shape:
         raise ValueError(f"alignment target {tuple(target.shape)} does not match the attention {tuple(attention.shape)}")
-    ce = -(target * torch.log(attention.float().clamp_min(1e-6))).sum(dim=1)  # [B, h, w]
-    total = labelled.sum()
-    if total <= 0:
-        return (attention * 0.0).sum()
+    ce = -(target * torch.log(attention.float().clamp_min(1e-6))).sum(dim=1)  # [B, h, w], finite
     weights = labelled if sample_weights is None else labelled * sample_weights.view(-1, 1, 1).to(labelled.dtype)
-    return (ce * weights).sum() / total
+    # nothing labelled: every weight is 0, so the sum is 0 and the clamp only avoids 0 / 0
+    return (ce * weights).sum() / labelled.sum().clamp_min(1e-12)
 
 
 def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
@@ -89,19 +100,45 @@ def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
 
     ``probs``: softmax probabilities ``[B, C, H, W]`` at the mask's size. A class absent from a sample and
     not predicted scores ~1 (the +1 smoothing), so absent classes do not dominate. Exactly 0 (graph kept)
-    with nothing labelled.
+    with nothing labelled. No value is read back to the host (no device synchronisation).
     """
     valid = (mask != ignore_index)
     has = valid.flatten(1).any(dim=1)
-    if not has.any():
-        return (probs * 0.0).sum()
-    num_classes = probs.shape[1]
-    safe = torch.where(valid, mask, torch.zeros_like(mask))
-    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+    onehot = class_onehot(mask, probs.shape[1], ignore_index).to(probs.dtype)
     v = valid.unsqueeze(1).to(probs.dtype)
     p, g = (probs * v)[:, 1:].flatten(2), (onehot * v)[:, 1:].flatten(2)
     dice = (2.0 * (p * g).sum(-1) + 1.0) / (p.sum(-1) + g.sum(-1) + 1.0)  # [B, C-1]
     loss = 1.0 - dice.mean(dim=1)
     if sample_weights is not None:
         loss = loss * sample_weights.to(loss.dtype)
-    return loss[has].sum() / has.sum()
+    # samples without labelled pixels score dice 1 (loss 0) and are left out of the mean
+    has = has.to(loss.dtype)
+    return (loss * has).sum() / has.sum().clamp_min(1.0)
+
+
+def mean_soft_alignment_loss(attentions: Sequence[torch.Tensor], mask: torch.Tensor, num_classes: int,
+                             ignore_index: int, sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over layers of :func:`soft_alignment_loss` of each layer's class attention ``[B, C, h_l, w_l]``
+    against :func:`soft_class_targets` of ``mask`` at that layer's size.
+
+    The layers of one size share their targets and are stacked, so the work is a few kernels per size instead
+    of a dozen per layer (the CT-Organ UNet has 16 register layers at 3 sizes). Nothing is read back to the
+    host; exactly 0 (graph kept) with nothing labelled.
+    """
+    if not attentions:
+        raise ValueError("mean_soft_alignment_loss needs at least one attention map")
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for attention in attentions:
+        groups.setdefault((int(attention.shape[-2]), int(attention.shape[-1])), []).append(attention)
+    terms = []
+    for size, maps in groups.items():
+        target, labelled = soft_class_targets(mask, size, num_classes, ignore_index)
+        stacked = torch.stack(maps) if len(maps) > 1 else maps[0].unsqueeze(0)  # [L, B, C, h, w]
+        if stacked.shape[1:] != target.shape:
+            raise ValueError(f"alignment target {tuple(target.shape)} does not match the attention "
+                             f"{tuple(stacked.shape[1:])}")
+        ce = -(target * torch.log(stacked.float().clamp_min(1e-6))).sum(dim=2)  # [L, B, h, w]
+        weights = labelled if sample_weights is None else labelled * sample_weights.view(-1, 1, 1).to(labelled.dtype)
+        # nothing labelled: every weight is 0, so each sum is 0 and the clamp only avoids 0 / 0
+        terms.append((ce * weights).flatten(1).sum(dim=1) / labelled.sum().clamp_min(1e-12))  # [L]
+    return torch.cat(terms).mean()
