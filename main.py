@@ -28,7 +28,6 @@ from ldm.training.cli import (
     trainer_settings,
 )
 
-# Names CompVis configs use as ``main.X`` targets, re-exported from ldm.training.
 __all__ = ["CUDACallback", "DataModuleFromConfig", "ImageLogger", "LearningRateMonitor", "NonFiniteLossError",
            "SetupCallback", "WrappedDataset", "main", "worker_init_fn"]
 
@@ -47,6 +46,7 @@ def __getattr__(name: str) -> Any:
             if value is not None:
                 return value
     raise AttributeError(f"module 'main' has no attribute {name!r}")
+
 
 logger = logging.getLogger("main")
 
