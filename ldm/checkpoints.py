@@ -1,8 +1,8 @@
 """The one checkpoint loader: reading a checkpoint file, loading it into a module, finding a run's checkpoint.
 
 - :func:`read_checkpoint` / :func:`read_state_dict`: a Lightning ``.ckpt``, a bare ``torch.save`` state dict or a
-  safetensors file, read with ``weights_only=True`` unless the caller (``--unsafe-load``) or ``LDM_UNSAFE_LOAD=1`` opts out; a file that
-  needs full unpickling raises :class:`UnsafeCheckpointError` (told apart by the exception type torch raises and
+  safetensors file, read with ``weights_only=True`` unless the caller (``--unsafe-load``) or ``LDM_UNSAFE_LOAD=1``
+  opts out; a file that needs full unpickling raises :class:`UnsafeCheckpointError` (told apart by the exception type torch raises and
   the file being a ``torch.save`` archive, never by the message text).
 - :func:`load_weights`: never a silent half-load: other shapes, unexpected keys (unless allowed) or missing
   required keys raise :class:`CheckpointMismatchError` naming the file, before anything is loaded; other missing

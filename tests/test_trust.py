@@ -15,7 +15,6 @@ import torch
 from omegaconf import OmegaConf
 
 import main
-from ldm import trust
 from ldm.trust import UntrustedTargetError, check_run_configs, check_trusted, under
 from ldm.util import ConfigError, instantiate_from_config, run_script
 from tiny_models import first_stage_config, ldm_config, unet_config
