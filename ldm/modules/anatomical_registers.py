@@ -94,6 +94,9 @@ class AnatomicalRegisterBank(nn.Module):
         self.dropout = nn.Dropout(float(dropout))
         classes = torch.arange(self.num_classes).repeat_interleave(self.num_registers_per_class)
         self.register_buffer("token_classes", classes, persistent=False)
+        # built once: every register layer of every call uses it (a one_hot per layer was 3 kernels each)
+        membership = (classes[:, None] == torch.arange(self.num_classes)[None, :]).float()
+        self.register_buffer("_class_membership", membership, persistent=False)
         self.spatial_encoding = SpatialPositionEncoding(num_frequencies) if use_spatial_encoding else None
 
     @property
@@ -107,7 +110,7 @@ class AnatomicalRegisterBank(nn.Module):
 
     def class_membership(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One-hot ``[C*K, C]`` matrix: summing attention over tokens with it gives per-class mass."""
-        return nn.functional.one_hot(self.token_classes, self.num_classes).to(dtype)
+        return self._class_membership.to(dtype)
 
     def position_codes(self, height: int, width: int, device: Optional[torch.device] = None,
                        dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:

@@ -30,13 +30,15 @@ from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_l
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.joint import JointMaskMixin
 from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
-                                           soft_alignment_loss, soft_class_targets, soft_dice_loss, timestep_weights)
+                                           class_onehot, mean_soft_alignment_loss, soft_dice_loss, timestep_weights)
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
 
 logger = logging.getLogger(__name__)
 
 ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
 DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
+# batch key set by AnatomicalLatentDiffusion.on_before_batch_transfer: whether the host batch has a labelled pixel
+HOST_LABELLED_KEY = "_anatomy_any_labelled"
 
 
 def colourise_labels(mask: torch.Tensor, label_set: LabelSet, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
@@ -64,7 +66,7 @@ def mode_downsample(mask: torch.Tensor, size: Sequence[int], num_classes: int, i
         return mask
     valid = mask != ignore_index
     safe = torch.where(valid, mask, torch.full_like(mask, num_classes))
-    onehot = F.one_hot(safe, num_classes + 1).permute(0, 3, 1, 2).float()
+    onehot = class_onehot(safe, num_classes + 1, ignore_index=-1).float()  # channel C: the "ignore" votes
     votes = F.adaptive_avg_pool2d(onehot, size)
     winner = votes.argmax(dim=1)
     return torch.where(winner == num_classes, torch.full_like(winner, ignore_index), winner)
@@ -209,8 +211,28 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         return w * (1.0 + 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     # ---- training --------------------------------------------------------------------------------
-    def get_anatomy_target(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> Optional[torch.Tensor]:
-        """Masks [B, H, W] (int64) with unlabelled examples set to the ignore index; ``None`` if absent."""
+    def get_anatomy_target(self, batch: Mapping[str, Any], bs: Optional[int] = None,
+                           labelled_only: bool = False) -> Optional[torch.Tensor]:
+        """Masks [B, H, W] (int64, on the model's device) with unlabelled examples set to the ignore index; ``None``
+        if absent, and with ``labelled_only`` also when the host knows that no pixel is labelled (the training step
+        then adds its exact 0 without statistics, as for a batch without masks).
+
+        Labels outside ``0..C-1`` raise a ValueError. Both are decided while the mask is on the CPU (here, or in
+        :meth:`on_before_batch_transfer` before Lightning copies the batch, which records the second in the
+        batch), never on the device, so that the training step reads nothing back from the device.
+        """
+        mask = self._host_mask(batch, bs)
+        if mask is None:
+            return None
+        labelled = batch.get(HOST_LABELLED_KEY) if bs is None else None
+        if mask.device.type == "cpu":
+            labelled = self.check_anatomy_labels(mask)
+        if labelled_only and labelled is False:
+            return None
+        return mask.to(self.device)
+
+    def _host_mask(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The batch's masks [B, H, W] as int64 on the device they came on, unlabelled examples ignored."""
         if self.anatomical_mask_key not in batch:
             return None
         mask = torch.as_tensor(batch[self.anatomical_mask_key])
@@ -219,19 +241,33 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         if mask.ndim != 3:
             raise ValueError(f"batch['{self.anatomical_mask_key}'] must be [B, H, W] integer masks, "
                              f"got shape {tuple(mask.shape)}")
-        mask = mask.long().to(self.device)
+        mask = mask.long()
         has = batch.get("has_segmentation")
         if has is not None:
-            has = torch.as_tensor(has, device=self.device).bool().view(-1)
+            has = torch.as_tensor(has, device=mask.device).bool().view(-1)
             mask = torch.where(has[:, None, None], mask, torch.full_like(mask, self.anatomical_ignore_index))
-        if bs is not None:
-            mask = mask[:bs]
+        return mask if bs is None else mask[:bs]
+
+    def check_anatomy_labels(self, mask: torch.Tensor) -> bool:
+        """Whether ``mask`` has a labelled pixel; ValueError if it holds a label outside ``0..C-1`` other than the
+        ignore index. Reads the results back: call it on CPU masks."""
         valid = mask != self.anatomical_ignore_index
-        if valid.any() and (mask[valid].min() < 0 or mask[valid].max() >= self.num_anatomical_classes):
+        bad = valid & ((mask < 0) | (mask >= self.num_anatomical_classes))
+        if bool(bad.any()):
             raise ValueError(f"batch['{self.anatomical_mask_key}'] holds labels outside 0..{self.num_anatomical_classes - 1}"
                              f" (and ignore index {self.anatomical_ignore_index}): found "
                              f"{sorted(mask[valid].unique().tolist())[:10]}; set num_anatomical_classes in the UNet config")
-        return mask
+        return bool(valid.any())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning hook, on the host batch: check the masks' labels there and record in the batch whether any pixel
+        is labelled (see :meth:`get_anatomy_target`)."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        if self.use_anatomy and isinstance(batch, Mapping):
+            mask = self._host_mask(batch)
+            if mask is not None and mask.device.type == "cpu":
+                batch = {**batch, HOST_LABELLED_KEY: self.check_anatomy_labels(mask)}
+        return batch
 
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any):
         if self.is_joint:
@@ -239,7 +275,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         x, c = self.get_input(batch, self.first_stage_key)
         if not self.use_anatomy:
             return self(x, c)
-        return self(x, c, anatomy_target=self.get_anatomy_target(batch))
+        return self(x, c, anatomy_target=self.get_anatomy_target(batch, labelled_only=True))
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                  anatomy_target: Optional[torch.Tensor] = None):
@@ -258,7 +294,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         loss = loss + weighted
         loss_dict[f"{prefix}/loss"] = loss.detach()
         loss_dict[f"{prefix}/anatomical_loss"] = anat_loss.detach()
-        loss_dict[f"{prefix}/anatomical_weight"] = torch.tensor(weight, device=loss.device)
+        loss_dict[f"{prefix}/anatomical_weight"] = torch.full((), weight, device=loss.device)  # no host copy
         loss_dict[f"{prefix}/weighted_anatomical_loss"] = weighted.detach()
         for name, value in stats.items():
             loss_dict[f"{prefix}/{name}"] = value
@@ -267,7 +303,8 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
     def _weighted_ce(self, log_probs: torch.Tensor, target: torch.Tensor,
                      sample_weights: Optional[torch.Tensor] = None, class_weighted: bool = True) -> torch.Tensor:
         """Mean NLL over non-ignored pixels (class-weighted unless ``class_weighted=False``), each sample's
-        pixels scaled by ``sample_weights[b]`` (the normaliser stays unscaled); exactly 0 (graph kept) with none."""
+        pixels scaled by ``sample_weights[b]`` (the normaliser stays unscaled); exactly 0 (graph kept) with none.
+        Nothing is read back to the host."""
         valid = target != self.anatomical_ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target))
         nll = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)  # [B, H, W]
@@ -275,8 +312,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         if class_weighted and self.anatomical_class_weights is not None:
             weights = weights * self.anatomical_class_weights.to(nll.dtype)[safe]
         total = weights.sum()
-        if total <= 0:
-            return (log_probs * 0.0).sum()
+        total = torch.where(total > 0, total, 1.0)  # nothing weighted: the sums below are 0, and 0 / 1 = 0
         if sample_weights is not None:
             return (nll * weights * sample_weights.to(nll.dtype).view(-1, 1, 1)).sum() / total
         return (nll * weights).sum() / total
@@ -294,13 +330,16 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         ``seg_logits`` may be at latent or image size (resized bilinearly to the mask's size when they differ);
         ``layer_class_attention`` (block key -> [B, C, h_l, w_l]) feeds the soft alignment (``class_attention``
         alone is used when it is not given); ``t`` [B] the timestep weighting (none without ``t``).
-        Returns the loss (0 with a graph when nothing is labelled) and statistics: the loss parts and the Dice of
-        the argmax at mask resolution, ``anatomical_dice`` (mean over the foreground classes present) and
-        ``anatomical_dice_<c>`` per class present in the batch.
+        Returns the loss (0 with a graph when nothing is labelled) and statistics (detached tensors, the same keys
+        for every batch with a mask): the loss parts and the Dice of the argmax at mask resolution over the
+        labelled pixels, ``anatomical_dice_<c>`` for every class ``c`` (a class absent from the batch's labels
+        scores 1 if it is not predicted either, else 0) and ``anatomical_dice`` (mean over the foreground classes
+        present in the labels; over all foreground classes when none is).
+        Nothing is read back to the host: no device synchronisation, no data-dependent Python branch.
         """
         layers = list((layer_class_attention or {}).values())
-        zero = (seg_logits * 0.0).sum() + sum((a * 0.0).sum() for a in [class_attention, *layers])
-        if mask is None or not (mask != self.anatomical_ignore_index).any():
+        if mask is None:
+            zero = (seg_logits * 0.0).sum() + sum((a * 0.0).sum() for a in [class_attention, *layers])
             return zero, {}
         weights = (None if t is None else
                    timestep_weights(self.alphas_cumprod, t, self.anatomical_timestep_weighting))
@@ -308,11 +347,10 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         if logits.shape[-2:] != mask.shape[-2:]:
             logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
         log_probs = F.log_softmax(logits, dim=1)
-        dice_term = self.segmentation_loss == "ce_dice"
         seg_ce = self._weighted_ce(log_probs, mask, weights)
         stats = {"anatomical_seg_ce": seg_ce.detach()}
         seg = seg_ce
-        if dice_term:
+        if self.segmentation_loss == "ce_dice":
             dice = soft_dice_loss(log_probs.exp(), mask, self.anatomical_ignore_index, weights)
             stats["anatomical_dice_loss"] = dice.detach()
             seg = seg + dice
@@ -321,16 +359,9 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
                                     self.anatomical_ignore_index)
             align_ce = self._weighted_ce(torch.log(class_attention.float().clamp_min(1e-6)), small, weights)
         else:
-            targets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-            terms = []
-            for attention in layers or [class_attention]:
-                size = tuple(attention.shape[-2:])
-                if size not in targets:
-                    targets[size] = soft_class_targets(mask, size, self.num_anatomical_classes,
-                                                       self.anatomical_ignore_index)
-                terms.append(soft_alignment_loss(attention, *targets[size], sample_weights=weights))
-            align_ce = torch.stack(terms).mean()
-        loss = seg + self.attention_alignment_weight * align_ce + zero
+            align_ce = mean_soft_alignment_loss(layers or [class_attention], mask, self.num_anatomical_classes,
+                                                self.anatomical_ignore_index, sample_weights=weights)
+        loss = seg + self.attention_alignment_weight * align_ce
         stats["anatomical_alignment_ce"] = align_ce.detach()
         if weights is not None:
             stats["anatomical_timestep_weight"] = weights.detach().mean()
@@ -339,19 +370,21 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
 
     @torch.no_grad()
     def _dice_stats(self, pred: torch.Tensor, mask: torch.Tensor) -> dict:
-        valid = mask != self.anatomical_ignore_index
-        stats, fg = {}, []
-        for c in range(self.num_anatomical_classes):
-            p, g = (pred == c) & valid, (mask == c) & valid
-            denom = p.sum() + g.sum()
-            if g.sum() == 0:
-                continue  # only classes present in the labels are scored
-            dice = 2.0 * (p & g).sum().float() / denom.float()
-            stats[f"anatomical_dice_{c}"] = dice
-            if c > 0:
-                fg.append(dice)
-        if fg:
-            stats["anatomical_dice"] = torch.stack(fg).mean()
+        """Dice of ``pred`` against ``mask`` over the labelled pixels, per class and averaged over the foreground
+        classes present (see :meth:`anatomical_loss`), as tensors on the device: counts for every class at once,
+        no Python loop over classes and nothing read back to the host."""
+        num_classes = self.num_anatomical_classes
+        truth = class_onehot(mask, num_classes, self.anatomical_ignore_index)  # [B, C, H, W]
+        predicted = class_onehot(pred, num_classes, -1) & (mask != self.anatomical_ignore_index).unsqueeze(1)
+        dims = (0, 2, 3)
+        inter, p_count, g_count = (predicted & truth).sum(dims), predicted.sum(dims), truth.sum(dims)
+        present = g_count > 0
+        dice = torch.where(present, 2.0 * inter.float() / (p_count + g_count).clamp_min(1).float(),
+                           (p_count == 0).float())  # [C]
+        fg, fg_present = dice[1:], present[1:].float()
+        mean_present = (fg * fg_present).sum() / fg_present.sum().clamp_min(1.0)
+        stats = {f"anatomical_dice_{c}": dice[c] for c in range(num_classes)}
+        stats["anatomical_dice"] = torch.where(fg_present.sum() > 0, mean_present, fg.mean())
         return stats
 
     # ---- sampling --------------------------------------------------------------------------------

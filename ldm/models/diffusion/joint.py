@@ -248,7 +248,7 @@ class JointMaskMixin:
         x, c = self.get_input(batch, self.first_stage_key)
         with self._labelled(self.joint_mask_present(batch)):
             if self.use_anatomy:
-                return self(x, c, anatomy_target=self.get_anatomy_target(batch))
+                return self(x, c, anatomy_target=self.get_anatomy_target(batch, labelled_only=True))
             return self(x, c)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
