@@ -309,9 +309,10 @@ class AnatomicalUNetModel(UNetModel):
         if not self.use_anatomical_registers or info.key not in self.anatomical_attention:
             return h
         layer = self.anatomical_attention[info.key]
-        # the anatomical modules stay in float32 when the blocks run in float16 (use_fp16)
+        # the anatomical modules stay in float32 when the blocks run in float16 (use_fp16); under autocast the
+        # features keep their dtype (autocast casts per op: an upcast here copied every feature map to float32 and back)
         dtype = layer.to_out.weight.dtype
-        features = h.to(dtype)
+        features = h if torch.is_autocast_enabled(h.device.type) else h.to(dtype)
         use_checkpoint = self.use_checkpoint and self.training and torch.is_grad_enabled()
         if self.register_update == "read":
             reader = self.register_read[info.key]
