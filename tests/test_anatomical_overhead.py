@@ -135,3 +135,37 @@ def test_labels_are_checked_on_the_host_before_the_transfer():
     assert moved[HOST_LABELLED_KEY] is False
     assert model.get_anatomy_target(moved, labelled_only=True) is None  # no anatomical loss nor statistics
     assert model.get_anatomy_target(moved).eq(255).all()  # what log_images shows
+
+
+def test_the_counter_flags_each_kind_of_host_sync():
+    """The zero-sync test above means something: each way of reading a device value on the host is counted."""
+    x = torch.randn(4, 5)
+    with OpCounter() as counter:
+        x.sum().item()
+        bool((x > 0).any())
+        float(x.max())
+        torch.nonzero(x > 0)
+        x[x > 0]
+        torch.unique(x.round())
+        torch.tensor(0.5)
+        y = x.clone()
+        y[y > 0] = 0.0
+        (x.sum() * 2.0 + x.mean()).exp()  # none of these syncs
+    assert counter.syncs["aten._local_scalar_dense"] == 3
+    assert counter.syncs["aten.nonzero"] == 1 and counter.syncs["aten.index[bool]"] == 1
+    assert counter.syncs["aten._unique2"] + counter.syncs["aten.unique"] + counter.syncs["aten._unique"] == 1
+    # torch.tensor(0.5), and (conservatively) the 0.0 assigned through the boolean index
+    assert counter.syncs["aten.lift_fresh[host data]"] == 2 and counter.syncs["aten.index_put_[bool]"] == 1
+    assert counter.total_syncs == 9
+    assert counter.kernels > 8 and counter.views < sum(counter.ops.values())
+
+
+def test_bench_reports_counts_side_by_side(tmp_path):
+    from bench import anatomical_overhead
+
+    out = tmp_path / "overhead.json"
+    result = anatomical_overhead.main(["--no-timing", "--batch", "1", "--out", str(out)])
+    counts = result["counts"]
+    assert counts["anatomical"]["syncs"] == {} and counts["plain"]["syncs"] == {}
+    assert 1.5 < result["kernels_x_plain"] < 4.5
+    assert out.exists()
