@@ -117,14 +117,19 @@ def strip_checkpoint_paths(model_config: Any) -> Any:
 
 
 def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_load: bool = False,
-                            device: Optional[torch.device] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+                            device: Optional[torch.device] = None, trust_config: bool = False
+                            ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the run's model from its config, load the checkpoint, move to ``device``, eval mode.
 
-    Returns ``(model, info)`` with ``checkpoint``, ``checkpoint_sha256``, ``config`` (a plain dict),
-    ``config_files`` and ``has_ema``.
+    The configs the run saved may only name allow-listed targets (``ldm.trust``), as on the command line;
+    ``trust_config=True`` is the ``--trust-config`` opt-in. Returns ``(model, info)`` with ``checkpoint``,
+    ``checkpoint_sha256``, ``config`` (a plain dict), ``config_files`` and ``has_ema``.
     """
     from omegaconf import OmegaConf
 
+    from ldm.trust import check_run
+
+    check_run(path, config_paths, trust_config)  # before anything named by the run is imported or built
     ckpt_path, _, files, config = read_run_config(path, config_paths)
     state_dict = read_state_dict(ckpt_path, weights_only=not unsafe_load)
     model = instantiate_from_config(strip_checkpoint_paths(config.model))

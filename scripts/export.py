@@ -54,7 +54,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def export_run(path: str, out_dir: str, base: list[str] | tuple[str, ...] = (), ema: bool = True,
-               reference: str | None = None, overwrite: bool = False, unsafe_load: bool = False) -> dict[str, str]:
+               reference: str | None = None, overwrite: bool = False, unsafe_load: bool = False,
+               trust_config: bool = False) -> dict[str, str]:
     """Write ``model.safetensors``, ``state_dict.pt`` and ``config.yaml`` of the run at ``path`` into ``out_dir``;
     returns their paths."""
     from omegaconf import OmegaConf
@@ -70,7 +71,8 @@ def export_run(path: str, out_dir: str, base: list[str] | tuple[str, ...] = (), 
     if existing and not overwrite:
         raise ValueError(f"{out_dir} already holds an export ({', '.join(os.path.basename(p) for p in existing)}); "
                          "pass --overwrite to replace it, or another -o")
-    model, info = sampling.load_model_for_sampling(path, base, unsafe_load, torch.device("cpu"))
+    model, info = sampling.load_model_for_sampling(path, base, unsafe_load, torch.device("cpu"),
+                                                   trust_config=trust_config)
     use_ema = bool(ema and info["has_ema"])
     if ema and getattr(model, "use_ema", False) and not info["has_ema"]:
         logging.getLogger(__name__).warning("%s has no EMA weights; exporting the live weights", info["checkpoint"])
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     paths = export_run(args.resume, args.outdir, args.base, args.ema, args.reference, args.overwrite,
-                       args.unsafe_load)
+                       args.unsafe_load, args.trust_config)
     print(f"exported {args.resume} to {args.outdir}: {', '.join(os.path.basename(p) for p in paths.values())}; "
           f"sample it with: python scripts/sample.py -r {args.outdir}")
     return 0

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
-    model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
+    model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device,
+                                                   trust_config=args.trust_config)
     label_set = label_set_of(model, getattr(model.unet, "num_anatomical_classes", None))
     names = args.class_names or list(label_set.classes)
     summary = inspect_registers(model, args.logdir, args.n_samples, args.custom_steps, args.eta, args.seed,

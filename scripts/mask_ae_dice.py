@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
-    model, info = sampling.load_model_for_sampling(args.resume, args.base, device=device)
+    model, info = sampling.load_model_for_sampling(args.resume, args.base, device=device,
+                                                   trust_config=args.trust_config)
     if not hasattr(model, "encode_mask"):
         raise ValueError(f"{args.resume} is a {type(model).__name__}, not a mask autoencoder (MaskAutoencoderKL)")
     data = info["config"].get("data", {}).get("params", {})

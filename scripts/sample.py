@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.hu:
             geometry.check_hu()  # a non-CT run is refused here, before loading
     t0 = time.perf_counter()
-    model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device)
+    model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device,
+                                                   trust_config=args.trust_config)
     if args.compile:
         from ldm.modules.diffusionmodules.openaimodel import compile_unet
 

@@ -212,6 +212,22 @@ def test_sample_py_checks_a_compvis_or_export_folder_config(tmp_path):
     assert not marker.exists()
 
 
+def test_python_api_refuses_an_untrusted_run_and_accepts_the_opt_in(tmp_path):
+    from ldm.sampling import load_model_for_sampling
+
+    marker = tmp_path / "pwned"
+    run = ldm_run(tmp_path, _evil(marker))
+    with pytest.raises(UntrustedTargetError, match="os.makedirs"):
+        load_model_for_sampling(str(run))
+    assert not marker.exists()
+    safe = ldm_run(tmp_path, {"target": "test_trust.NoLoss"}, name="foreign")
+    with pytest.raises(UntrustedTargetError, match="test_trust.NoLoss"):
+        load_model_for_sampling(str(safe))
+    model, info = load_model_for_sampling(str(safe), trust_config=True)
+    assert info["config"]["model"]["params"]["first_stage_config"]["params"]["lossconfig"]["target"] == \
+        "test_trust.NoLoss"
+
+
 def test_inspect_registers_refuses_an_untrusted_run(tmp_path):
     inspect_registers = load_script("inspect_registers")
     marker = tmp_path / "pwned"
