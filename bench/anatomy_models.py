@@ -261,6 +261,9 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float,
         unet_params.update(in_channels=3 + mask_channels, out_channels=3 + mask_channels)
     if arm == "registers_no_loss":
         cfg["params"]["anatomical_loss_weight"] = 0.0
+    if arm == "anatomical_stopgrad":
+        unet_params["segmentation_stop_gradient"] = True
+        cfg["params"]["attention_alignment_weight"] = 0.0
     return cfg
 
 
@@ -272,8 +275,11 @@ ARMS: dict[str, str] = {
     "joint": "the shipped anatomical configuration in joint mode: image and mask latents generated together",
     "registers_no_loss": "anatomical UNet, anatomical loss weight 0 (registers as extra capacity only)",
     "shuffled_masks": "anatomical, but every image is trained with another image's mask",
+    "anatomical_stopgrad": "anatomical, but the mask head reads the UNet's features through a stop-gradient and the "
+                           "alignment loss is off: the masks cannot pull on the denoiser",
 }
-MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "joint", "registers_no_loss", "shuffled_masks")
+MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "joint", "registers_no_loss", "shuffled_masks",
+             "anatomical_stopgrad")
 
 
 # ------------------------------------------------------------------------------------------------ training

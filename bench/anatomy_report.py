@@ -15,7 +15,7 @@ Results = dict[str, dict[int, dict[str, Any]]]
 
 
 # arms that take one part away from (or add one to) the shipped anatomical method
-ABLATIONS = ("registers_no_loss", "shuffled_masks", "anatomical_v1", "joint")
+ABLATIONS = ("registers_no_loss", "shuffled_masks", "anatomical_v1", "joint", "anatomical_stopgrad")
 
 
 def _outcomes(results: Results, arm: str, tag: str, key: str = "seg_plausible") -> Optional[np.ndarray]:

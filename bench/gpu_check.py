@@ -55,8 +55,8 @@ SECTIONS = ("env", "train", "sampling", "anatomy", "tests", "main")
 TRAIN_MODES = ("fp32", "bf16", "bf16+compile")
 # one anatomy worker per entry (an arm named twice gets two workers): the shipped method and the ablations that
 # show which part works first; a worker trains free baselines before its arm
-ANATOMY_WORKERS = ("anatomical", "anatomical", "registers_no_loss", "registers_no_loss", "shuffled_masks",
-                   "shuffled_masks", "joint", "anatomical_v1")
+ANATOMY_WORKERS = ("anatomical", "anatomical", "registers_no_loss", "registers_no_loss", "anatomical_stopgrad",
+                   "anatomical_stopgrad", "joint", "joint")
 
 
 class Incomplete(RuntimeError):

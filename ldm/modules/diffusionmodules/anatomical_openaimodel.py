@@ -202,6 +202,10 @@ class AnatomicalUNetModel(UNetModel):
         mask_upsample_factor: ``1`` (default; the first version): segmentation head at latent resolution.
             A power of two ``f >= 2``: mask decoder with ``log2 f`` learned upsampling stages, logits at ``f``
             times the latent size; set it to the first stage's downsampling factor for image-size masks.
+        segmentation_stop_gradient: the segmentation head (or mask decoder) reads the decoder features through a
+            stop-gradient, so the mask loss trains the head alone and cannot pull the UNet away from denoising
+            (a probe of what the features hold). Pair it with ``attention_alignment_weight: 0`` on the
+            ``AnatomicalLatentDiffusion`` to keep the register attention free of mask supervision too.
     """
 
     def __init__(self, *args: Any, use_anatomical_registers: bool = True, num_anatomical_classes: int = 6,
@@ -211,7 +215,7 @@ class AnatomicalUNetModel(UNetModel):
                  use_spatial_encoding: bool = True, anatomical_loss_weight: Optional[float] = None,
                  register_dropout: float = 0.0, anatomical_attention_dim: Optional[int] = None,
                  register_update: str = "none", register_read_pool: int = 8, mask_upsample_factor: int = 1,
-                 **kwargs: Any) -> None:
+                 segmentation_stop_gradient: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_anatomical_registers = bool(use_anatomical_registers)
         self.num_anatomical_classes = int(num_anatomical_classes)
@@ -219,6 +223,7 @@ class AnatomicalUNetModel(UNetModel):
         self.anatomical_attention_blocks: tuple[BlockInfo, ...] = ()
         self.register_update = register_update
         self.mask_upsample_factor = int(mask_upsample_factor)
+        self.segmentation_stop_gradient = bool(segmentation_stop_gradient)
         if not self.use_anatomical_registers:
             return
         if register_update not in REGISTER_UPDATES:
@@ -365,7 +370,8 @@ class AnatomicalUNetModel(UNetModel):
         assert isinstance(state, AnatomicalUNetState) and state.features is not None
         size = x.shape[-2:]
         head = self.mask_head
-        seg_logits = head(state.features.to(next(head.parameters()).dtype))
+        features = state.features.detach() if self.segmentation_stop_gradient else state.features
+        seg_logits = head(features.to(next(head.parameters()).dtype))
         mask_size = tuple(s * self.mask_upsample_factor for s in size)
         if seg_logits.shape[-2:] != mask_size:
             seg_logits = F.interpolate(seg_logits, size=mask_size, mode="bilinear", align_corners=False)
