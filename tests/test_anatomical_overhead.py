@@ -164,7 +164,11 @@ def test_bench_reports_counts_side_by_side(tmp_path):
     from bench import anatomical_overhead
 
     out = tmp_path / "overhead.json"
-    result = anatomical_overhead.main(["--no-timing", "--batch", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        result = anatomical_overhead.main(["--no-timing", "--batch", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the bench sets 1 thread for its timing
     counts = result["counts"]
     assert counts["anatomical"]["syncs"] == {} and counts["plain"]["syncs"] == {}
     assert 1.5 < result["kernels_x_plain"] < 4.5
