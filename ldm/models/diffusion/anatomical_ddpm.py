@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Any, Mapping, Optional, Sequence
 
@@ -39,6 +40,8 @@ ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
 DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
 # batch key set by AnatomicalLatentDiffusion.on_before_batch_transfer: whether the host batch has a labelled pixel
 HOST_LABELLED_KEY = "_anatomy_any_labelled"
+# Lightning says that this model's on_before_batch_transfer is used with main.py's LightningDataModule: intended
+warnings.filterwarnings("ignore", message=r"You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 def colourise_labels(mask: torch.Tensor, label_set: LabelSet, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
