@@ -231,6 +231,8 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
             data.setup()  # build the datasets now: a missing root or a bad file stops here, before any training
     except ValueError as err:
         raise UsageError(f"could not build the model or the data from the config: {err}") from err
+    if paths.ckpt:  # weights_only, a Lightning checkpoint, weights that fit: one line instead of Lightning's traceback
+        check_resume(paths.ckpt, model, training=bool(opt.train))
     if opt.compile:
         from ldm.modules.diffusionmodules.openaimodel import compile_unet
 
@@ -238,8 +240,6 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
             compile_unet(model, backend=opt.compile_backend, mode=opt.compile_mode)
         except ValueError as err:
             raise UsageError(str(err)) from err
-    if paths.ckpt:  # weights_only, a Lightning checkpoint, weights that fit: one line instead of Lightning's traceback
-        check_resume(paths.ckpt, model, training=bool(opt.train))
     _adapt_to_manual_optimisation(model, trainer_kwargs)
     _set_learning_rate(model, config, trainer_kwargs, spec.num_devices, opt.scale_lr)
 

@@ -388,11 +388,22 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch", "ldm"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    for pattern in (".*no logger configured.*", ".*no `val_dataloader`.*", ".*module\\(s\\) in eval mode.*",
-                    ".*LeafSpec.*", ".*does not have many workers.*"):
-        warnings.filterwarnings("ignore", message=pattern)
+    noisy = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "ldm")]
+    levels = [log.level for log in noisy]
+    for log in noisy:
+        log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for pattern in (".*no logger configured.*", ".*no `val_dataloader`.*", ".*module\\(s\\) in eval mode.*",
+                            ".*LeafSpec.*", ".*does not have many workers.*"):
+                warnings.filterwarnings("ignore", message=pattern)
+            return _main(args, argv)
+    finally:  # called in-process (the tests): leave the caller's logging as it was
+        for log, level in zip(noisy, levels):
+            log.setLevel(level)
+
+
+def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     try:
         device = _device(args.device)
         if args.threads:

@@ -122,6 +122,7 @@ def _pngs(folder: Path) -> dict[str, np.ndarray]:
 
 def test_compiled_training_run_checkpoint_loads_into_an_eager_model_and_samples_compiled(tmp_path, caplog):
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="ldm")  # whatever level an earlier in-process tool left on the package logger
     logs = tmp_path / "logs"
     code = main.main(["--base", TINY_LDM, "-t", "-l", str(logs), "--accelerator", "cpu", "--compile",
                       "--compile_backend", "eager", "--max_steps", "2",
