@@ -618,6 +618,28 @@ def _pct(value: Optional[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _run_section(ck: Check, name: str, t0: float, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` and record the section's status (ok, skipped, incomplete, failed), seconds and result; a
+    callable result (work started in the background) is returned unrecorded."""
+    try:
+        result = fn()
+        if callable(result):
+            return result
+        entry: dict[str, Any] = {"status": "ok", "result": result}
+    except TimeoutError as err:
+        entry = {"status": "skipped", "error": str(err)}
+    except Incomplete as err:
+        entry = {"status": "incomplete", "error": str(err)}
+    except Exception as err:  # noqa: BLE001 - a failed section is recorded; the next one still runs
+        entry = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    ck.results["sections"][name] = entry
+    ck.save()
+    print(f"   {entry['status']} in {entry['seconds']:.0f} s" + (f": {entry['error']}" if "error" in entry else ""),
+          flush=True)
+    return None
+
+
 RUNNERS: dict[str, Callable[[Check], Any]] = {
     "env": section_env, "tests": section_tests, "train": section_train, "sampling": section_sampling,
     "main": section_main, "anatomy": section_anatomy}
@@ -672,40 +694,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         print(f"== {name} ({ck.left():.0f} s left)", flush=True)
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {}
-        try:
+
+        def start(name: str = name) -> Any:
             if ck.left() < args.reserve_s:
                 raise TimeoutError(f"budget spent ({ck.left():.0f} s left)")
-            result = RUNNERS[name](ck)
-            if callable(result):  # started in the background: finished after the other sections
-                pending[name] = (result, t0)
-                print("   started in the background", flush=True)
-                continue
-            entry = {"status": "ok", "result": result}
-        except TimeoutError as err:
-            entry = {"status": "skipped", "error": str(err)}
-        except Exception as err:  # noqa: BLE001 - a failed section is recorded; the next one still runs
-            entry = {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                     "traceback": traceback.format_exc(limit=6)}
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
-        ck.results["sections"][name] = entry
-        ck.save()
-        print(f"   {entry['status']} in {entry['seconds']:.0f} s" + (f": {entry['error']}" if "error" in entry else ""),
-              flush=True)
+            return RUNNERS[name](ck)
+
+        started = _run_section(ck, name, t0, start)
+        if callable(started):  # started in the background: finished after the other sections
+            pending[name] = (started, t0)
+            print("   started in the background", flush=True)
     for name, (finish, t0) in pending.items():
         print(f"== {name}: waiting for the background work ({ck.left():.0f} s left)", flush=True)
-        try:
-            entry = {"status": "ok", "result": finish()}
-        except Incomplete as err:
-            entry = {"status": "incomplete", "error": str(err)}
-        except Exception as err:  # noqa: BLE001 - recorded like any section
-            entry = {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                     "traceback": traceback.format_exc(limit=6)}
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
-        ck.results["sections"][name] = entry
-        ck.save()
-        print(f"   {entry['status']} in {entry['seconds']:.0f} s" + (f": {entry['error']}" if "error" in entry else ""),
-              flush=True)
+        _run_section(ck, name, t0, finish)
     _tar_logs(ck)
     print()
     print(markdown(ck.results))
