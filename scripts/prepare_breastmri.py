@@ -95,7 +95,8 @@ class DukeMasks:
         if dense_path is not None:
             raw = sitk.ReadImage(str(dense_path))
             values = segment_values(raw, self.dense_label, self.vessel_label, str(dense_path))
-            dense = sitk.GetArrayViewFromImage(resample_mask(raw, image, str(dense_path)))
+            # a copy: a view of the temporary resampled image would outlive its buffer
+            dense = sitk.GetArrayFromImage(resample_mask(raw, image, str(dense_path)))
             for stored, target in values.items():
                 out[dense == stored] = target
         mask = sitk.GetImageFromArray(out)
