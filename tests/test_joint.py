@@ -413,18 +413,7 @@ def test_mask_autoencoder_and_demo_joint_config_train_through_main(tmp_path, _ke
     assert {"samples", "samples_mask", "inputs_mask"} <= images, images
 
 
-STUB_PYTHON = """#!/usr/bin/env bash
-# stands in for python: records its arguments; a training run (-n NAME -l LOGDIR) writes a checkpoint and the
-# completion marker of a finished run
-echo "$*" >> "$CALLS"
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  [[ "${args[i]}" == -n ]] && name="${args[i+1]}"
-  [[ "${args[i]}" == -l ]] && logdir="${args[i+1]}"
-done
-mkdir -p "$logdir/2026-01-01T00-00-00_$name/checkpoints" && touch "$logdir/2026-01-01T00-00-00_$name/checkpoints/last.ckpt"
-echo '{}' > "$logdir/2026-01-01T00-00-00_$name/training_complete.json"
-"""
+from test_training_faults import STUB_PYTHON  # noqa: E402 - the stand-in for python main.py the script tests share
 
 
 def test_train_script_trains_the_mask_autoencoder_when_absent(tmp_path):
