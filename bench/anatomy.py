@@ -59,7 +59,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per model (preset)")
     p.add_argument("--samples", type=int, default=None, help="samples per trained model (preset: 1000)")
     p.add_argument("--train-slices", "--train_slices", dest="train_slices", type=int, default=None,
-                   help="training slices (preset: 2048; e.g. 64 for a data-scarce run)")
+                   help="training slices the diffusion models see (default: the whole training split, 2048 in the cpu "
+                        "preset; e.g. 64 for a data-scarce run). The autoencoder and the independent segmenter are "
+                        "trained on the whole split either way")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="anatomy-guidance scale of the anatomical_guided arm")
     p.add_argument("--preset", choices=sorted(am.PRESETS), default=None,
@@ -149,14 +151,17 @@ def resolve_preset(args: argparse.Namespace, device: torch.device) -> am.Preset:
     name = args.preset or ("quick" if args.quick else "gpu" if device.type == "cuda" else "cpu")
     preset = am.PRESETS[name]
     overrides = {k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("samples", args.samples),
-                                    ("train_slices", args.train_slices)) if v is not None}
+                                    ("ldm_train_slices", args.train_slices)) if v is not None}
     for key, value in overrides.items():
         if value < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+            raise ValueError(f"--{key.replace('ldm_', '').replace('_', '-')} must be >= 1, got {value}")
     if "samples" in overrides:
         overrides["curve_samples"] = max(1, min(preset.curve_samples, overrides["samples"]))
-    if "train_slices" in overrides:
-        overrides["tstr_pairs"] = min(preset.tstr_pairs, overrides["train_slices"])
+    if "ldm_train_slices" in overrides:
+        if overrides["ldm_train_slices"] > preset.train_slices:
+            raise ValueError(f"--train-slices {overrides['ldm_train_slices']} exceeds the preset's training split "
+                             f"({preset.train_slices} slices)")
+        overrides["tstr_pairs"] = min(preset.tstr_pairs, overrides["ldm_train_slices"])
     return dataclasses.replace(preset, **overrides)
 
 
@@ -239,7 +244,10 @@ def independent_segmenter(preset: am.Preset, train: dict, out: str, device: torc
 
 def calibrate(preset: am.Preset, train: dict, test: dict, ae_ckpt: str, seg: torch.nn.Module, seeds: int,
               out: str, device: torch.device) -> dict[str, Any]:
-    """What real data scores: true masks, segmenter masks, autoencoder reconstructions (the ceiling of any LDM)."""
+    """What real data scores: true masks, segmenter masks, autoencoder reconstructions (the ceiling of any LDM).
+
+    ``train`` is what the diffusion models are trained on (the train-on-real reference and the train-vs-test
+    image statistics use it)."""
     path = os.path.join(out, "calibration.json")
     cal = _jload(path) if os.path.isfile(path) else {}
     if "real_pass_rate" not in cal:
@@ -426,18 +434,21 @@ def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     started = time.time()
     logger.info("preset %s on %s -> %s", name, _device_name(device), args.out)
     train, test = am.phantom_split(preset, "train"), am.phantom_split(preset, "test")
+    # what the diffusion models see: the whole training split, or a data-scarce subset of it
+    ldm_train = train if preset.ldm_train_slices is None else am.phantom_split(preset, "train",
+                                                                               preset.ldm_train_slices)
     t0 = time.perf_counter()
     with exclusive(os.path.join(args.out, "autoencoder")):
         ae_ckpt, scale = train_autoencoder(preset, train, args.out, device, args.progress)
     with exclusive(os.path.join(args.out, "segmenter")):
         seg = independent_segmenter(preset, train, args.out, device, args.progress)
     with exclusive(os.path.join(args.out, "calibration")):
-        cal = calibrate(preset, train, test, ae_ckpt, seg, preset.seeds, args.out, device)
+        cal = calibrate(preset, ldm_train, test, ae_ckpt, seg, preset.seeds, args.out, device)
     setup_s = time.perf_counter() - t0
-    ctx = {"out": args.out, "device": device, "seg": seg, "train": train, "test": test, "ae_ckpt": ae_ckpt,
+    ctx = {"out": args.out, "device": device, "seg": seg, "train": ldm_train, "test": test, "ae_ckpt": ae_ckpt,
            "scale_factor": scale, "progress": args.progress, "guidance": args.guidance,
            "real_features": ev.segmenter_features(seg, test["image"]),
-           "heldout_nn": ev.pixel_nn_distances(test["image"], train["image"])}
+           "heldout_nn": ev.pixel_nn_distances(test["image"], ldm_train["image"])}
     results = run_all(arms, preset, ctx)
     results.update(_other_finished_arms(args.out, arms, preset, ctx, results))
     meta = {"command": "python bench/anatomy.py " + " ".join(sys.argv[1:] if argv is None else argv),

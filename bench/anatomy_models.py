@@ -41,6 +41,10 @@ class Preset:
     Args:
         size: image side (px); the f4 autoencoder gives ``size / 4`` latents.
         train_slices, test_slices: phantom slices of the training and the held-out test split.
+        ldm_train_slices: if set, the diffusion models (and the train-on-real reference, and the memorisation
+            check) see only this many training slices, drawn from ``ldm_train_slices // 8`` patients of the
+            training split (a data-scarce run); the autoencoder and the independent segmenter, the measuring
+            instrument, are still trained on all ``train_slices``.
         ae_steps, ae_batch, ae_ch: autoencoder training batches, batch size and base width.
         seg_steps: steps of the independent segmenter (real training split).
         unet: UNet size (model_channels, channel_mult, num_res_blocks, ...).
@@ -73,6 +77,7 @@ class Preset:
     tstr_pairs: int = 512
     tstr_steps: int = 600
     bootstrap: int = 2000
+    ldm_train_slices: Optional[int] = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -95,9 +100,11 @@ PRESETS: dict[str, Preset] = {
 
 
 # ------------------------------------------------------------------------------------------------ data
-def phantom_split(preset: Preset, split: str) -> dict[str, torch.Tensor]:
-    """Images ``[N, 1, H, W]`` in [-1, 1] and masks ``[N, H, W]`` of one phantom split (seed 0)."""
-    n = preset.train_slices if split == "train" else preset.test_slices
+def phantom_split(preset: Preset, split: str, n: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Images ``[N, 1, H, W]`` in [-1, 1] and masks ``[N, H, W]`` of one phantom split (seed 0); ``n`` slices
+    (default: the preset's size of the split) from ``n // 8`` patients."""
+    if n is None:
+        n = preset.train_slices if split == "train" else preset.test_slices
     ds = PhantomDataset(size=preset.size, num_samples=n, seed=0, split=split)
     images = torch.stack([torch.from_numpy(ds[i]["image"]) for i in range(n)]).permute(0, 3, 1, 2).contiguous()
     masks = torch.stack([torch.from_numpy(ds[i]["segmentation"]) for i in range(n)])

@@ -108,6 +108,14 @@ def _ci(ci: Optional[dict], digits: int = 3) -> str:
     return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
 
 
+def _scarce(settings: dict[str, Any]) -> str:
+    n = settings.get("ldm_train_slices")
+    if n is None:
+        return ""
+    return (f"; **data-scarce run: the diffusion models see only {n} training slices** ({max(1, n // 8)} patients), "
+            "the autoencoder and the independent segmenter the whole split")
+
+
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     cal, arms, comps = summary["calibration"], summary["arms"], summary["comparisons"]
     s = meta["settings"]
@@ -115,7 +123,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              f"Command: `{meta['command']}`  ", f"Preset `{meta['preset']}` on {meta['device']}; torch {meta['torch']}, "
              f"Lightning {meta['lightning']}; seeds {meta['seeds']}; start-noise seed {meta['noise_seed']}.  ",
              f"Phantom {s['size']}x{s['size']} slices ({s['train_slices']} train, {s['test_slices']} test, "
-             f"different patients), f4 KL autoencoder ({s['size'] // 4}x{s['size'] // 4}x3 latents, scale "
+             f"different patients{_scarce(s)}), f4 KL autoencoder ({s['size'] // 4}x{s['size'] // 4}x3 latents, scale "
              f"{meta['scale_factor']:.4g} for every arm), UNet {s['unet']}, self-attention only in the middle block; "
              f"{s['steps']} AdamW steps (lr {s['lr']}, batch {s['batch']}), EMA weights, DDIM {s['sampler_steps']} "
              "steps (eta 0).", ""]

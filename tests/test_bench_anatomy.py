@@ -208,3 +208,40 @@ def test_exclusive_waits_for_a_live_holder_and_clears_a_stale_lock(tmp_path):
         order.append("second in")
     t.join()
     assert order == ["holder in", "holder out", "second in"]
+
+
+def test_data_scarce_run_limits_only_the_diffusion_models(tmp_path, monkeypatch):
+    """``--train-slices N``: the diffusion models (and the train-on-real reference and the memorisation check)
+    see N slices; the autoencoder and the independent segmenter, the instrument, still see the whole split."""
+    import anatomy
+
+    seen: dict[str, list[int]] = {"ldm": [], "segmenter": [], "tstr": []}
+    real_train_ldm, real_seg, real_tstr = am.train_ldm, anatomy.train_segmenter, anatomy.ev.tstr_dice
+
+    def train_ldm(config, data, *a, **k):
+        seen["ldm"].append(len(data["image"]))
+        return real_train_ldm(config, data, *a, **k)
+
+    def train_segmenter(dataset, *a, **k):
+        seen["segmenter"].append(len(dataset))
+        return real_seg(dataset, *a, **k)
+
+    def tstr(images, masks, *a, **k):
+        seen["tstr"].append(len(images))
+        return real_tstr(images, masks, *a, **k)
+
+    monkeypatch.setattr(am, "train_ldm", train_ldm)
+    monkeypatch.setattr(anatomy, "train_segmenter", train_segmenter)
+    monkeypatch.setattr(anatomy.ev, "tstr_dice", tstr)
+    out = str(tmp_path / "scarce")
+    assert _run(out, "--train-slices", "16", "--seeds", "1", "--samples", "8") == 0
+    preset = am.PRESETS["quick"]
+    assert seen["segmenter"] == [preset.train_slices]  # the independent segmenter: the whole split
+    assert seen["ldm"] == [16, 16]  # baseline and anatomical, one seed each
+    assert seen["tstr"] and all(n <= 16 for n in seen["tstr"])  # real reference and synthetic pairs: <= N
+    with open(os.path.join(out, "anatomy.json")) as f:
+        meta = json.load(f)["meta"]
+    assert meta["settings"]["ldm_train_slices"] == 16 and meta["settings"]["tstr_pairs"] == 16
+    assert "data-scarce run" in open(os.path.join(out, "report.md")).read()
+    # more slices than the split holds is refused before any work
+    assert _run(str(tmp_path / "too_many"), "--train-slices", str(preset.train_slices + 1)) == 2
