@@ -31,7 +31,10 @@ setup(
     extras_require={
         # pydicom writes the synthetic DICOM series of tests/test_dicom.py; torch-fidelity builds the FID
         # Inception network that tests/test_metrics_medical.py loads from a local file
-        "test": ["pytest>=7.4", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3"],
+        # nilearn ships the MNI ICBM152 template that bench/anatomy_mni.py (the benchmark's real-data arm) and
+        # tests/test_bench_anatomy_mni.py read
+        "test": ["pytest>=7.4", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3", "nilearn>=0.10"],
+        "bench": ["nilearn>=0.10"],
         # FID with the standard Inception weights (torch-fidelity's network, through torchmetrics)
         "metrics": ["torch-fidelity>=0.3"],
         # scripts/prepare_dicom.py and scripts/prepare_breastmri.py: DICOM series and NRRD/NIfTI masks
