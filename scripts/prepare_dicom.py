@@ -1,10 +1,18 @@
 #!/usr/bin/env python
-r"""Convert DICOM series (+ segmentation masks as NIfTI/NRRD) to the NIfTI layout the datasets read, split by patient.
+r"""Convert DICOM series (+ segmentation masks as NIfTI/NRRD/DICOM-SEG) to the NIfTI layout the datasets read,
+split by patient.
 
-Input: a folder searched recursively for DICOM series (any file names; one folder may hold several series).
+Input: a folder searched recursively for DICOM series (any file names; one folder may hold several series;
+DICOM-SEG objects in it are not taken as images).
 Masks (optional): a folder with one label volume per series or patient, NIfTI (.nii, .nii.gz) or NRRD (.nrrd,
 .seg.nrrd), found by --mask_pattern; each is resampled onto its image's grid (nearest neighbour, physical
-coordinates), so a mask stored at another orientation or cropping still lines up. Output::
+coordinates), so a mask stored at another orientation or cropping still lines up.
+DICOM-SEG masks (optional, --dicom_seg, needs highdicom): a folder (it may be the input folder) searched
+recursively for DICOM-SEG files; each belongs to the series it references (ReferencedSeriesSequence), and its
+frames are placed on that series' slices by their referenced SOP instance UIDs. Segments become class ids by
+--seg_label_map (segment number or label -> id; default: the segment number), where segments overlap the one
+listed later wins; fractional segmentations are thresholded at 0.5. A series with a DICOM-SEG takes it instead
+of a --masks file. Output::
 
     OUT/split.json                                   patients per split, series converted, settings
     OUT/<split>/images/<patient>/<series>.nii.gz     intensities as stored after rescale (CT: HU)
@@ -17,6 +25,8 @@ and keeps the geometry, and the same library reads NRRD masks and writes NIfTI w
 
     python scripts/prepare_dicom.py /data/dicom /data/ct_nifti --modality CT --masks /data/masks \
         --mask_pattern "{patient}*.nii.gz"
+    python scripts/prepare_dicom.py /data/dicom /data/ct_nifti --modality CT --dicom_seg /data/dicom \
+        --seg_label_map Liver:1 Kidney:4
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ logger = logging.getLogger("prepare_dicom")
 SPLITS = ("train", "validation", "test")
 TAGS = {"patient": "0010|0020", "modality": "0008|0060", "description": "0008|103e", "series_number": "0020|0011",
         "series_uid": "0020|000e"}
+# SOP classes of DICOM-SEG objects: Segmentation Storage and Label Map Segmentation Storage
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 
 
 def import_sitk() -> Any:
@@ -96,6 +108,9 @@ def find_series(root: Path) -> list[Series]:
             def tag(key: str) -> str:
                 return reader.GetMetaData(TAGS[key]).strip() if reader.HasMetaDataKey(TAGS[key]) else ""
 
+            if tag("modality").upper() == "SEG":
+                logger.info("%s: DICOM-SEG series %s is not an image series (read it with --dicom_seg)", folder, uid)
+                continue
             patient = tag("patient")
             if not patient:
                 raise ValueError(f"{files[0]} has no PatientID (0010,0020): patient-level splits need it")
@@ -192,6 +207,147 @@ def remap_labels(mask: Any, label_map: dict[int, int]) -> Any:
     return result
 
 
+def import_highdicom() -> Any:
+    """highdicom, or an ImportError saying how to install it."""
+    try:
+        import highdicom
+    except ImportError as err:
+        raise ImportError("reading DICOM-SEG masks needs highdicom: pip install -e '.[dicom]' (or pip install "
+                          "highdicom)") from err
+    return highdicom
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` is a DICOM Part-10 file (the ``DICM`` marker after the 128-byte preamble)."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def find_dicom_segs(root: Path) -> dict[str, Path]:
+    """DICOM-SEG files below ``root`` (searched recursively) by the SeriesInstanceUID they reference."""
+    import_highdicom()
+    import pydicom
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"DICOM-SEG folder {root} does not exist")
+    by_series: dict[str, Path] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if not is_dicom_file(path):
+            continue
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "ReferencedSeriesSequence"])
+        if str(ds.get("SOPClassUID", "")) not in SEG_SOP_CLASSES:
+            continue
+        refs = sorted({str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])})
+        if len(refs) != 1:
+            raise ValueError(f"DICOM-SEG {path} references {len(refs)} series {refs} in its ReferencedSeriesSequence; "
+                             "a mask must belong to exactly one image series")
+        if refs[0] in by_series:
+            raise ValueError(f"DICOM-SEG files {by_series[refs[0]]} and {path} both segment series {refs[0]}; keep "
+                             "one of them under the --dicom_seg folder")
+        by_series[refs[0]] = path
+    if not by_series:
+        raise ValueError(f"no DICOM-SEG files (SOP class Segmentation Storage) found under {root}")
+    return by_series
+
+
+def parse_seg_label_map(items: list[str]) -> dict[str, int]:
+    """``["Liver:1", "3:2"]`` -> ``{"liver": 1, "3": 2}`` (keys: segment labels, lower case, or segment numbers)."""
+    out: dict[str, int] = {}
+    for item in items:
+        key, sep, value = item.rpartition(":")
+        if not sep or not key.strip() or not value.strip().isdigit() or int(value) > 255:
+            raise ValueError(f"--seg_label_map entry {item!r} is not SEGMENT:ID with a segment label or number and a "
+                             "class id 0..255, e.g. Liver:1 or 2:1")
+        out[key.strip().lower()] = int(value)
+    return out
+
+
+def segment_classes(seg: Any, label_map: dict[str, int], source: str) -> dict[int, int]:
+    """{segment number: class id} of a highdicom Segmentation, in painting order (later wins on overlap)."""
+    labels = {int(n): str(seg.get_segment_description(n).segment_label) for n in seg.segment_numbers}
+    if not label_map:
+        if any(n > 255 for n in labels):
+            raise ValueError(f"DICOM-SEG {source} has {len(labels)} segments, numbers up to {max(labels)}, but class "
+                             "ids are 0..255; map its segments to class ids with --seg_label_map")
+        return {n: n for n in sorted(labels)}
+    classes: dict[int, int] = {}
+    for key, class_id in label_map.items():
+        hits = [n for n, label in labels.items() if key in (str(n), label.lower())]
+        if not hits:
+            logger.warning("DICOM-SEG %s has no segment %r (its segments: %s)", source, key,
+                           ", ".join(f"{n} {label!r}" for n, label in labels.items()))
+        for n in hits:
+            classes.pop(n, None)
+            classes[n] = class_id
+    left_out = [f"{n} {labels[n]!r}" for n in labels if n not in classes]
+    if left_out:
+        logger.info("DICOM-SEG %s: segments %s are not in --seg_label_map and stay background", source,
+                    ", ".join(left_out))
+    return classes
+
+
+def read_dicom_seg(path: Path, series: Series, image: Any, label_map: dict[str, int]) -> Any:
+    """The DICOM-SEG ``path`` of ``series`` as uint8 class ids on ``image``'s grid (frames placed by their
+    referenced SOP instance UIDs; ``image`` was read from ``series.files`` in that order)."""
+    import numpy as np
+    import pydicom
+
+    hd, sitk = import_highdicom(), import_sitk()
+    seg = hd.seg.segread(str(path))
+    sop_uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                for f in series.files]
+    foreign = sorted({str(sop) for _, _, sop in seg.get_source_image_uids()} - set(sop_uids))
+    if foreign:
+        raise ValueError(f"DICOM-SEG {path} references {len(foreign)} instance(s) that are not slices of series "
+                         f"{series.uid} (patient {series.patient}), e.g. {foreign[0]}; it was made for another "
+                         "version of that series")
+    classes = segment_classes(seg, label_map, str(path))
+    columns, rows, _ = image.GetSize()
+    labels = np.zeros((len(sop_uids), rows, columns), np.uint8)
+    if classes:
+        pixels = seg.get_pixels_by_source_instance(sop_uids, segment_numbers=list(classes),
+                                                   assert_missing_frames_are_empty=True, dtype=np.float32)
+        if pixels.shape[1:3] != (rows, columns):
+            raise ValueError(f"DICOM-SEG {path} has {pixels.shape[1]}x{pixels.shape[2]} frames but series "
+                             f"{series.uid} has {rows}x{columns} slices")
+        for channel, class_id in enumerate(classes.values()):
+            labels[pixels[..., channel] >= 0.5] = class_id
+    mask = sitk.GetImageFromArray(labels)
+    mask.CopyInformation(image)
+    return mask
+
+
+class DicomSegMasks:
+    """Mask reader for :func:`prepare`: the DICOM-SEG under ``seg_dir`` that references a series, else
+    ``fallback`` (the --masks reader).
+
+    Args:
+        seg_dir: folder searched recursively for DICOM-SEG files (may be the DICOM input folder).
+        label_map: ``parse_seg_label_map`` output; empty: segment number = class id.
+        fallback: reader for series without a DICOM-SEG.
+    """
+
+    def __init__(self, seg_dir: Path, label_map: dict[str, int], fallback: MaskReader) -> None:
+        self.segs = find_dicom_segs(seg_dir)
+        self.label_map = label_map
+        self.fallback = fallback
+
+    def check_series(self, series: list[Series]) -> None:
+        """Refuse a DICOM-SEG whose referenced series is not among ``series`` (every series of the input)."""
+        known = {s.uid for s in series}
+        for uid, path in self.segs.items():
+            if uid not in known:
+                raise ValueError(f"DICOM-SEG {path} references series {uid}, which is not among the {len(known)} "
+                                 "DICOM series of the input folder; put the segmented series there or remove the SEG")
+
+    def __call__(self, series: Series, image: Any) -> Optional[Any]:
+        path = self.segs.get(series.uid)
+        if path is None:
+            return self.fallback(series, image)
+        return read_dicom_seg(path, series, image, self.label_map)
+
+
 def convert(series_list: list[Series], out: Path, splits: dict[str, list[str]], read_mask: MaskReader) -> dict:
     """Write every series (and its mask) into ``out/<split>/{images,masks}/<patient>/<series>.nii.gz``."""
     sitk = import_sitk()
@@ -229,7 +385,11 @@ def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optiona
 
     if (out / "split.json").exists():
         raise ValueError(f"{out / 'split.json'} exists: prepare into a new (or emptied) output folder")
-    series = select_series(find_series(input_dir), modality, description)
+    found = find_series(input_dir)
+    check_series = getattr(read_mask, "check_series", None)  # DicomSegMasks: every SEG's series is in the input
+    if check_series is not None:
+        check_series(found)
+    series = select_series(found, modality, description)
     patients = sorted({s.patient for s in series})
     splits = split_patients(patients, {}, val_fraction, test_fraction, seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +432,13 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--mask_pattern", default="{patient}*",
                    help="file name glob of a series' mask under --masks; {patient}, {series} and {uid} are filled")
     p.add_argument("--label_map", nargs="+", default=[], metavar="SRC:DST",
-                   help="relabel mask ids, e.g. 4:0 to drop class 4")
+                   help="relabel the ids of --masks files, e.g. 4:0 to drop class 4")
+    p.add_argument("--dicom_seg", type=Path, default=None,
+                   help="folder searched for DICOM-SEG masks, each matched to the series it references (may be "
+                        "input_dir; needs highdicom)")
+    p.add_argument("--seg_label_map", nargs="+", default=[], metavar="SEGMENT:ID",
+                   help="DICOM-SEG segment (label or number) to class id, e.g. Liver:1 Kidney:4; segments not "
+                        "named stay background (default: class id = segment number)")
     add_split_arguments(p)
     return p
 
@@ -281,10 +447,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     read_mask = mask_reader_from_folder(args.masks, args.mask_pattern, parse_label_map(args.label_map))
+    seg_label_map = parse_seg_label_map(args.seg_label_map)
+    if args.dicom_seg is not None:
+        read_mask = DicomSegMasks(args.dicom_seg, seg_label_map, read_mask)
+    elif seg_label_map:
+        raise ValueError("--seg_label_map maps DICOM-SEG segments: give the DICOM-SEG folder with --dicom_seg")
     return prepare(args.input_dir, args.output_dir, read_mask, args.modality, args.series_description,
                    args.val_fraction, args.test_fraction, args.seed,
                    settings={"masks": str(args.masks) if args.masks else None, "mask_pattern": args.mask_pattern,
-                             "label_map": args.label_map})
+                             "label_map": args.label_map,
+                             "dicom_seg": str(args.dicom_seg) if args.dicom_seg else None,
+                             "seg_label_map": args.seg_label_map})
 
 
 if __name__ == "__main__":

@@ -190,3 +190,113 @@ def test_breastmri_segment_names_must_be_known(tmp_path):
     assert mod.segment_values(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.uint8)), 4, 5, "y") == {4: 2, 5: 3}
     with pytest.raises(FileNotFoundError, match="segmentation folder"):
         mod.DukeMasks(tmp_path / "none", "*", "*")
+
+
+def _source_datasets(folder: Path) -> list:
+    """The slices of a series written by ``write_series``, sorted by z (the order of ``stored``), with the patient
+    and study attributes a DICOM-SEG copies (``write_series`` leaves them out)."""
+    slices = sorted((pydicom.dcmread(p) for p in folder.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    for ds in slices:
+        ds.PatientName = f"{ds.PatientID}^"  # family name only, unambiguous for highdicom
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyTime = "", "O", "120000"
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
+    return slices
+
+
+def write_seg(series_folder: Path, path: Path, segments: dict[str, np.ndarray]) -> None:
+    """A binary DICOM-SEG (highdicom) of the series in ``series_folder``; ``segments`` maps segment labels (numbered
+    1, 2, ... in order) to boolean arrays [slice, row, column]. The source slices are handed over from the top
+    down, so only their SOP instance UIDs, not the order, tell where a frame belongs."""
+    hd = pytest.importorskip("highdicom")
+    from pydicom.sr.codedict import codes
+
+    slices = _source_datasets(series_folder)[::-1]
+    masks = np.stack([m[::-1] for m in segments.values()], axis=-1)
+    descriptions = [hd.seg.SegmentDescription(segment_number=i + 1, segment_label=label,
+                                              segmented_property_category=codes.SCT.Organ,
+                                              segmented_property_type=codes.SCT.Organ, algorithm_type="MANUAL")
+                    for i, label in enumerate(segments)]
+    seg = hd.seg.Segmentation(source_images=slices, pixel_array=masks, segmentation_type="BINARY",
+                              segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=300,
+                              sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test",
+                              manufacturer_model_name="test", software_versions="0", device_serial_number="0")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(str(path))
+
+
+def _organs(shape=(4, 6, 5)) -> dict[str, np.ndarray]:
+    """Three segments [slice, row, column]: liver, kidney, and a tumour overlapping the kidney."""
+    liver, kidney, tumour = (np.zeros(shape, bool) for _ in range(3))
+    liver[0:2, 1:3, 0:2] = True
+    kidney[2:4, 3:6, 2:5] = True
+    tumour[3, 4, 3:5] = True
+    return {"Liver": liver, "Kidney": kidney, "Tumour": tumour}
+
+
+def test_prepare_dicom_places_dicom_seg_segments_on_the_series_grid(tmp_path):
+    pytest.importorskip("highdicom", reason="the 'dicom' extra (highdicom) is not installed")
+    mod = _load_script("prepare_dicom")
+    dicom = tmp_path / "dicom"
+    write_series(dicom / "P0" / "ct", "P0", _volume(0))
+    write_series(dicom / "P1" / "ct", "P1", _volume(1))
+    organs = _organs()
+    write_seg(dicom / "P0" / "ct", dicom / "P0" / "seg" / "seg.dcm", organs)  # beside the images: not an image
+
+    splits = mod.main([str(dicom), str(tmp_path / "out"), "--dicom-seg", str(dicom), "--seg-label-map", "1:2",
+                       "kidney:4", "Tumour:5", "--val-fraction", "0", "--test-fraction", "0"])
+    assert splits["train"] == ["P0", "P1"]
+    record = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert [(r["patient"], r["mask"]) for r in record["series"]] == [("P0", True), ("P1", False)]
+    image = nib.load(str(tmp_path / "out" / "train" / "images" / "P0" / "1_axial.nii.gz"))
+    mask = nib.load(str(tmp_path / "out" / "train" / "masks" / "P0" / "1_axial.nii.gz"))
+    expected = np.zeros((4, 6, 5), np.uint8)
+    expected[organs["Liver"]], expected[organs["Kidney"]], expected[organs["Tumour"]] = 2, 4, 5
+    assert mask.get_data_dtype() == np.uint8
+    assert np.allclose(mask.affine, image.affine) and np.allclose(image.affine, expected_ras_affine(
+        (-10.0, 20.0, 30.0), (0.8, 0.7), 2.5), atol=1e-4)
+    labels = np.asarray(mask.dataobj)
+    assert np.array_equal(labels, expected.transpose(2, 1, 0))  # NIfTI voxel order (column, row, slice)
+    assert np.count_nonzero(labels == 5) == 2 and np.count_nonzero(labels == 4) == 2 * 3 * 3 - 2
+    assert not (tmp_path / "out" / "train" / "masks" / "P1").exists()
+
+    # without a map the segment numbers are the class ids; the tumour (3), listed after the kidney, wins
+    mod.main([str(dicom / "P0" / "ct"), str(tmp_path / "out2"), "--dicom-seg", str(dicom / "P0" / "seg"),
+              "--val-fraction", "0", "--test-fraction", "0"])
+    labels = np.asarray(nib.load(str(tmp_path / "out2" / "train" / "masks" / "P0" / "1_axial.nii.gz")).dataobj)
+    assert sorted(np.unique(labels).tolist()) == [0, 1, 2, 3]
+    assert np.array_equal(labels == 3, organs["Tumour"].transpose(2, 1, 0))
+    assert np.array_equal(labels == 1, organs["Liver"].transpose(2, 1, 0))
+
+
+def test_dicom_seg_errors(tmp_path, monkeypatch):
+    pytest.importorskip("highdicom", reason="the 'dicom' extra (highdicom) is not installed")
+    mod = _load_script("prepare_dicom")
+    write_series(tmp_path / "a", "PA", _volume(0))
+    b_uid = write_series(tmp_path / "b", "PB", _volume(1))
+    write_seg(tmp_path / "a", tmp_path / "segs" / "a.dcm", _organs())
+    with pytest.raises(ValueError, match=r"references series .* not among the 1 DICOM series of the input"):
+        mod.main([str(tmp_path / "b"), str(tmp_path / "o1"), "--dicom_seg", str(tmp_path / "segs")])
+    assert not (tmp_path / "o1").exists()  # refused before anything was written
+
+    # a SEG relabelled to series b still references a's slices
+    seg = pydicom.dcmread(tmp_path / "segs" / "a.dcm")
+    seg.ReferencedSeriesSequence[0].SeriesInstanceUID = b_uid
+    (tmp_path / "segs_b").mkdir()
+    seg.save_as(tmp_path / "segs_b" / "a_as_b.dcm", enforce_file_format=True)
+    with pytest.raises(ValueError, match="instance.* that are not slices of series"):
+        mod.main([str(tmp_path / "b"), str(tmp_path / "o2"), "--dicom_seg", str(tmp_path / "segs_b")])
+    (tmp_path / "segs_b" / "copy.dcm").write_bytes((tmp_path / "segs_b" / "a_as_b.dcm").read_bytes())
+    with pytest.raises(ValueError, match="both segment series"):
+        mod.find_dicom_segs(tmp_path / "segs_b")
+    with pytest.raises(ValueError, match="no DICOM-SEG files"):
+        mod.find_dicom_segs(tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="DICOM-SEG folder"):
+        mod.find_dicom_segs(tmp_path / "none")
+    for bad in (["Liver"], ["Liver:256"], [":3"]):
+        with pytest.raises(ValueError, match="SEGMENT:ID"):
+            mod.parse_seg_label_map(bad)
+    with pytest.raises(ValueError, match="give the DICOM-SEG folder with --dicom_seg"):
+        mod.main([str(tmp_path / "a"), str(tmp_path / "o3"), "--seg_label_map", "Liver:1"])
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[dicom\]'"):
+        mod.find_dicom_segs(tmp_path / "segs")
