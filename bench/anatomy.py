@@ -301,6 +301,8 @@ def evaluate_checkpoint(arm: str, config: dict, ckpt: str, n: int, final: bool, 
         test = ctx["test"]
         info["image_stats"] = ev.image_statistics(drawn["image"], test["image"], seg, ctx["real_features"])
         info["memorisation"] = ev.memorisation(drawn["image"], ctx["train"]["image"], ctx["heldout_nn"])
+        if own and arm != "joint":  # a joint model's masks come with its samples; it cannot label an image
+            info.update(own_on_real(model, test))
         if own:
             k = min(preset.tstr_pairs, n)
             info["tstr_dice"] = ev.tstr_dice(drawn["image"][:k], drawn["own_mask"][:k], test, preset.tstr_steps,
@@ -312,6 +314,24 @@ def evaluate_checkpoint(arm: str, config: dict, ckpt: str, n: int, final: bool, 
     np.savez_compressed(path + ".npz", **arrays)
     _jdump(info, path + ".json")
     return _load_eval(path)
+
+
+def own_on_real(model: torch.nn.Module, test: dict) -> dict[str, Any]:
+    """The head alone: its masks of the real test slices against their true masks (Dice, rule pass rate)."""
+    masks = ev.head_masks_on_real(model, test["image"])
+    return {"own_dice_real": ev.foreground_dice(masks, test["segmentation"]),
+            "own_real_pass_rate": float(ev.rule_outcomes(masks)["plausible"].mean())}
+
+
+def _backfill_own_on_real(arm: str, config: dict, ckpt: str, path: str, ctx: dict) -> None:
+    """Add the head-on-real-slices measure to a final evaluation made before it existed (needs the checkpoint)."""
+    if arm not in am.MASK_ARMS or arm == "joint" or not os.path.isfile(path + ".json") or not os.path.isfile(ckpt):
+        return
+    info = _jload(path + ".json")
+    if "own_dice_real" in info:
+        return
+    info.update(own_on_real(am.load_trained(config, ckpt, ctx["device"]), ctx["test"]))
+    _jdump(info, path + ".json")
 
 
 def _load_eval(path: str) -> dict[str, Any]:
@@ -368,6 +388,7 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
         config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
         ckpt = trained["train"]["checkpoints"][str(preset.steps)]
         scale = ctx["guidance"]
+        _backfill_own_on_real(arm, config, ckpt, os.path.join(out, f"eval_step{preset.steps:06d}_g{scale:g}"), ctx)
         ev_final = evaluate_checkpoint(arm, config, ckpt, preset.samples, True, preset, seed, ctx,
                                        os.path.join(out, f"eval_step{preset.steps:06d}_g{scale:g}"), scale)
         return {"train": trained["train"], "evals": {f"step{preset.steps}": ev_final}}
@@ -380,6 +401,8 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
     evals = {}
     for step, ckpt in info["checkpoints"].items():
         final = int(step) == preset.steps
+        if final:
+            _backfill_own_on_real(arm, config, ckpt, os.path.join(out, f"eval_step{int(step):06d}"), ctx)
         evals[f"step{int(step)}"] = evaluate_checkpoint(arm, config, ckpt, preset.samples if final else
                                                         preset.curve_samples, final, preset, seed, ctx,
                                                         os.path.join(out, f"eval_step{int(step):06d}"))

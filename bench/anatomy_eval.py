@@ -86,6 +86,20 @@ def image_statistics(samples: torch.Tensor, real: torch.Tensor, seg: torch.nn.Mo
             "histogram_w1": histogram_distance(samples, real)}
 
 
+@torch.no_grad()
+def head_masks_on_real(model: torch.nn.Module, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """The model's own masks of real images: its segmentation head (EMA weights) at ``t = 0`` on the scaled
+    posterior means of ``images``. Against the true masks this measures the head alone, apart from how
+    plausible the model's samples are."""
+    device = next(model.parameters()).device
+    masks = []
+    with model.ema_scope():
+        for x in images.split(batch):
+            z = model.scale_factor * model.encode_first_stage(x.to(device)).mode()
+            masks.append(model.predict_masks(z, x.shape[-2:]).cpu())
+    return torch.cat(masks)
+
+
 class _Pairs(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, masks: torch.Tensor) -> None:
         self.images, self.masks = images, masks

@@ -116,6 +116,12 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
         assert list(arm["curve"]) == [str(preset.steps // 2), str(preset.steps)]
     assert arms["baseline"]["own_mask_dice"] is None and arms["baseline"]["tstr_dice"] is None
     assert 0.0 <= arms["anatomical"]["own_mask_dice"] <= 1.0 and arms["anatomical"]["tstr_dice"] is not None
+    # the head alone, on the real test slices: one Dice per seed, per class, and the rule pass rate of its masks
+    real = arms["anatomical"]["own_mask_dice_real_ci95"]
+    assert real["n"] == preset.seeds and 0.0 <= real["mean"] <= 1.0
+    assert len(arms["anatomical"]["own_mask_dice_real_per_class"]) == am.NUM_CLASSES
+    assert 0.0 <= arms["anatomical"]["own_mask_real_pass_rate"] <= 1.0
+    assert arms["baseline"]["own_mask_dice_real_ci95"] is None
     kinds = {(c["a"], c["b"], c["kind"]) for c in result["comparisons"]}
     assert kinds == {("anatomical", "baseline", "equal_steps"), ("anatomical", "baseline", "equal_wall_clock")}
     for c in result["comparisons"]:
@@ -126,6 +132,15 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     report = open(os.path.join(out, "report.md")).read()
     assert "Calibration" in report and "McNemar" in report
 
+    # an evaluation made before the head-on-real measure existed gets it added from its checkpoint
+    final_eval = os.path.join(out, "arms", "anatomical", "seed0", f"eval_step{preset.steps:06d}.json")
+    with open(final_eval) as f:
+        info = json.load(f)
+    first = info.pop("own_dice_real")
+    info.pop("own_real_pass_rate")
+    with open(final_eval, "w") as f:
+        json.dump(info, f)
+
     # a second call on the same run directory reuses every checkpoint and evaluation (nothing is retrained) and
     # adds an arm: the anatomical models sampled with anatomy guidance, compared with the same models unguided
     ckpt = os.path.join(out, "arms", "anatomical", "seed1", f"step{preset.steps:06d}.ckpt")
@@ -135,6 +150,9 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     with open(os.path.join(out, "anatomy.json")) as f:
         again = json.load(f)
     assert again["arms"]["anatomical"]["pass_rate"] == arms["anatomical"]["pass_rate"]
+    with open(final_eval) as f:
+        assert json.load(f)["own_dice_real"] == first
+    assert again["arms"]["anatomical"]["own_mask_dice_real_ci95"] == real
     assert again["arms"]["anatomical_guided"]["n_samples"] == preset.samples
     assert again["meta"]["guidance_scale"] == 2.0
     assert ("anatomical_guided", "anatomical", "guidance_effect") in {(c["a"], c["b"], c["kind"])
