@@ -9,7 +9,8 @@ Masks (optional): a folder with one label volume per series or patient, NIfTI (.
 coordinates), so a mask stored at another orientation or cropping still lines up.
 DICOM-SEG masks (optional, --dicom_seg, needs highdicom): a folder (it may be the input folder) searched
 recursively for DICOM-SEG files; each belongs to the series it references (ReferencedSeriesSequence), and its
-frames are placed on that series' slices by their referenced SOP instance UIDs. Segments become class ids by
+frames are placed on that series' slices by their referenced SOP instance UIDs (by their plane positions, resampled
+nearest neighbour, when the frames name no source slice or have another size). Segments become class ids by
 --seg_label_map (segment number or label -> id; default: the segment number), where segments overlap the one
 listed later wins; fractional segmentations are thresholded at 0.5. A series with a DICOM-SEG takes it instead
 of a --masks file. Output::
@@ -287,9 +288,49 @@ def segment_classes(seg: Any, label_map: dict[str, int], source: str) -> dict[in
     return classes
 
 
+def _paint(pixels: Any, classes: dict[int, int]) -> Any:
+    """uint8 class ids from per-segment pixels ``[..., segment]`` (in ``classes`` order; >= 0.5 is inside)."""
+    import numpy as np
+
+    labels = np.zeros(pixels.shape[:-1], np.uint8)
+    for channel, class_id in enumerate(classes.values()):
+        labels[pixels[..., channel] >= 0.5] = class_id
+    return labels
+
+
+def _frames_reference_sources(seg: Any) -> bool:
+    """Whether every frame of a SEG dataset names the source image it was derived from."""
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    if shared and "DerivationImageSequence" in shared[0]:
+        return True
+    frames = seg.get("PerFrameFunctionalGroupsSequence") or []
+    return bool(frames) and all("DerivationImageSequence" in frame for frame in frames)
+
+
+def _seg_by_position(seg: Any, classes: dict[int, int], image: Any, source: str) -> Any:
+    """The SEG's segments as a volume at their own plane positions, resampled onto ``image`` (nearest neighbour)."""
+    import numpy as np
+
+    sitk = import_sitk()
+    volume = seg.get_volume(segment_numbers=list(classes), combine_segments=False, dtype=np.float32)
+    pixels = np.asarray(volume.array).reshape(tuple(volume.spatial_shape) + (len(classes),))
+    affine = np.asarray(volume.affine, dtype=np.float64)  # (slice, row, column) index -> LPS mm, as ITK's world
+    axes = [affine[:3, 2], affine[:3, 1], affine[:3, 0]]  # ITK index order: column, row, slice
+    spacing = [float(np.linalg.norm(a)) for a in axes]
+    if min(spacing) <= 0:
+        raise ValueError(f"DICOM-SEG {source} has no usable plane geometry (spacing {spacing}); it cannot be placed "
+                         "on the image by position")
+    mask = sitk.GetImageFromArray(_paint(pixels, classes))
+    mask.SetSpacing(spacing)
+    mask.SetOrigin([float(v) for v in affine[:3, 3]])
+    mask.SetDirection([float(v) for v in np.stack([a / n for a, n in zip(axes, spacing)], axis=1).ravel()])
+    return resample_mask(mask, image, source)
+
+
 def read_dicom_seg(path: Path, series: Series, image: Any, label_map: dict[str, int]) -> Any:
-    """The DICOM-SEG ``path`` of ``series`` as uint8 class ids on ``image``'s grid (frames placed by their
-    referenced SOP instance UIDs; ``image`` was read from ``series.files`` in that order)."""
+    """The DICOM-SEG ``path`` of ``series`` as uint8 class ids on ``image``'s grid: frames placed by their
+    referenced SOP instance UIDs (``image`` was read from ``series.files`` in that order) when every frame names
+    its source slice and has the slices' size, else by their plane positions (resampled, nearest neighbour)."""
     import numpy as np
     import pydicom
 
@@ -304,16 +345,16 @@ def read_dicom_seg(path: Path, series: Series, image: Any, label_map: dict[str, 
                          "version of that series")
     classes = segment_classes(seg, label_map, str(path))
     columns, rows, _ = image.GetSize()
-    labels = np.zeros((len(sop_uids), rows, columns), np.uint8)
-    if classes:
+    if not classes:
+        mask = sitk.GetImageFromArray(np.zeros((len(sop_uids), rows, columns), np.uint8))
+    elif _frames_reference_sources(seg) and (int(seg.Rows), int(seg.Columns)) == (rows, columns):
         pixels = seg.get_pixels_by_source_instance(sop_uids, segment_numbers=list(classes),
                                                    assert_missing_frames_are_empty=True, dtype=np.float32)
-        if pixels.shape[1:3] != (rows, columns):
-            raise ValueError(f"DICOM-SEG {path} has {pixels.shape[1]}x{pixels.shape[2]} frames but series "
-                             f"{series.uid} has {rows}x{columns} slices")
-        for channel, class_id in enumerate(classes.values()):
-            labels[pixels[..., channel] >= 0.5] = class_id
-    mask = sitk.GetImageFromArray(labels)
+        mask = sitk.GetImageFromArray(_paint(pixels, classes))
+    else:
+        logger.info("DICOM-SEG %s: frames placed by their plane positions (no per-frame source references, or "
+                    "another frame size than the series)", path)
+        return _seg_by_position(seg, classes, image, str(path))
     mask.CopyInformation(image)
     return mask
 

@@ -267,6 +267,17 @@ def test_prepare_dicom_places_dicom_seg_segments_on_the_series_grid(tmp_path):
     assert np.array_equal(labels == 3, organs["Tumour"].transpose(2, 1, 0))
     assert np.array_equal(labels == 1, organs["Liver"].transpose(2, 1, 0))
 
+    # frames that name no source slice are placed by their plane positions: the same mask
+    seg = pydicom.dcmread(dicom / "P0" / "seg" / "seg.dcm")
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        del frame.DerivationImageSequence
+    (tmp_path / "noref").mkdir()
+    seg.save_as(tmp_path / "noref" / "seg.dcm", enforce_file_format=True)
+    mod.main([str(dicom / "P0" / "ct"), str(tmp_path / "out3"), "--dicom-seg", str(tmp_path / "noref"),
+              "--val-fraction", "0", "--test-fraction", "0"])
+    by_position = nib.load(str(tmp_path / "out3" / "train" / "masks" / "P0" / "1_axial.nii.gz"))
+    assert np.array_equal(np.asarray(by_position.dataobj), labels) and np.allclose(by_position.affine, image.affine)
+
 
 def test_dicom_seg_errors(tmp_path, monkeypatch):
     pytest.importorskip("highdicom", reason="the 'dicom' extra (highdicom) is not installed")
