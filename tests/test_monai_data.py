@@ -2,6 +2,7 @@
 nibabel, checked against the project's own NIfTI reader, and a short main.py training run from it."""
 from __future__ import annotations
 
+import csv
 import glob
 import signal
 import sys
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.data.labels import DEFAULT_IGNORE_INDEX  # noqa: E402
 from ldm.data.medical_images import MedicalImagesBase  # noqa: E402
 from ldm.data.monai_data import MonaiSliceDataset  # noqa: E402
+from tiny_models import ANATOMICAL_LDM_TARGET, anatomical_params, unet_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NX, NY, NZ = 12, 10, 3  # columns (x), rows (y), slices: non-square, so a swapped axis shows
@@ -146,30 +148,58 @@ def _phantom_like(folder: Path, n: int) -> None:
             nib.save(nib.Nifti1Image(array, affine), str(folder / sub / f"volume-{i}.nii.gz"))
 
 
-def test_main_trains_an_autoencoder_from_the_monai_pipeline(tmp_path):
+def _with_monai_data(cfg, root: Path) -> None:
+    """``cfg``'s train/validation datasets: the example config's MonaiSliceDataset on ``root`` at 16 px, 2 classes."""
+    example = OmegaConf.load(ROOT / "configs" / "autoencoder" / "monai_phantom_kl.yaml").data.params
+    for split, n in (("train", 2), ("validation", 1)):
+        _phantom_like(root / split, n)
+        node = example[split]
+        node.params.update(image_dir=str(root / split / "images"), mask_dir=str(root / split / "masks"), size=16,
+                           n_labels=2)
+        cfg.data.params[split] = node
+
+
+def _train(tmp_path: Path, cfg, steps: int) -> Path:
+    """``main.main`` on ``cfg`` for ``steps`` steps on the CPU (in this process); the run directory."""
     import main
 
-    for split, n in (("train", 2), ("validation", 1)):
-        _phantom_like(tmp_path / "data" / split, n)
-    cfg = OmegaConf.load(ROOT / "configs" / "tests" / "tiny_autoencoder.yaml")
-    example = OmegaConf.load(ROOT / "configs" / "autoencoder" / "monai_phantom_kl.yaml").data.params
-    for split in ("train", "validation"):  # the example config's datasets, on this folder at 16 px
-        node = example[split]
-        node.params.update(image_dir=str(tmp_path / "data" / split / "images"),
-                           mask_dir=str(tmp_path / "data" / split / "masks"), size=16, n_labels=2)
-        cfg.data.params[split] = node
-    OmegaConf.save(cfg, tmp_path / "monai_ae.yaml")
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
     handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
-    try:
-        assert main.main(["--base", str(tmp_path / "monai_ae.yaml"), "-t", "-l", str(tmp_path / "logs"),
-                          "--accelerator", "cpu", "--max_steps", "4"]) == 0
+    try:  # main installs a SIGUSR1 handler: restore the previous one for the tests that follow
+        assert main.main(["--base", str(tmp_path / "config.yaml"), "-t", "-l", str(tmp_path / "logs"),
+                          "--accelerator", "cpu", "--max_steps", str(steps)]) == 0
     finally:
         if handler is not None:
             signal.signal(signal.SIGUSR1, handler)
     (run,) = [p for p in (tmp_path / "logs").iterdir() if p.is_dir()]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 4  # two optimiser steps per batch
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     (project,) = glob.glob(str(run / "configs" / "*-project.yaml"))
     assert OmegaConf.load(project).data.params.train.target == "ldm.data.monai_data.MonaiSliceDataset"
+    return run
+
+
+def _checkpoint(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    return ckpt
+
+
+def test_main_trains_an_autoencoder_from_the_monai_pipeline(tmp_path):
+    cfg = OmegaConf.load(ROOT / "configs" / "tests" / "tiny_autoencoder.yaml")
+    _with_monai_data(cfg, tmp_path / "data")
+    run = _train(tmp_path, cfg, steps=4)
+    assert _checkpoint(run)["global_step"] == 4  # two optimiser steps per batch
     assert glob.glob(str(run / "images" / "train" / "inputs_gs-*.png"))
+
+
+def test_main_trains_an_anatomical_ldm_on_the_monai_masks(tmp_path):
+    cfg = OmegaConf.load(ROOT / "configs" / "tests" / "tiny_ldm.yaml")
+    cfg.model.target = ANATOMICAL_LDM_TARGET
+    cfg.model.params.anatomical_warmup_steps = 0
+    cfg.model.params.unet_config = unet_config(in_channels=3, out_channels=3, image_size=4,
+                                               anatomy=anatomical_params(num_classes=2))
+    _with_monai_data(cfg, tmp_path / "data")
+    run = _train(tmp_path, cfg, steps=3)
+    assert _checkpoint(run)["global_step"] == 3
+    rows = list(csv.DictReader((next(run.glob("csv/version_*/metrics.csv"))).open()))
+    losses = [float(r["train/anatomical_loss_step"]) for r in rows if r.get("train/anatomical_loss_step")]
+    assert losses and all(np.isfinite(losses)) and min(losses) > 0  # the masks reached the segmentation loss
