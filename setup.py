@@ -35,14 +35,15 @@ setup(
         # tests/test_bench_anatomy_mni.py read
         # highdicom writes the DICOM-SEG of tests/test_dicom.py; monai runs tests/test_monai_data.py
         "test": ["pytest>=7.4", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3", "nilearn>=0.10",
-                 "highdicom>=0.28", "monai>=1.5"],
+                 "highdicom>=0.28", "monai>=1.6"],
         "bench": ["nilearn>=0.10"],
         # FID with the standard Inception weights (torch-fidelity's network, through torchmetrics)
         "metrics": ["torch-fidelity>=0.3"],
         # scripts/prepare_dicom.py and scripts/prepare_breastmri.py: DICOM series and NRRD/NIfTI masks (SimpleITK),
         # DICOM-SEG masks (highdicom)
         "dicom": ["SimpleITK>=2.2", "highdicom>=0.28"],
-        # ldm/data/monai_data.py: training from a MONAI dataset / transform chain (tested with 1.6.1)
-        "monai": ["monai>=1.5"],
+        # ldm/data/monai_data.py: training from a MONAI dataset / transform chain (1.6 is the first to allow
+        # torch >= 2.7; tested with 1.6.1)
+        "monai": ["monai>=1.6"],
     },
 )
