@@ -42,8 +42,8 @@ setup(
         # scripts/prepare_dicom.py and scripts/prepare_breastmri.py: DICOM series and NRRD/NIfTI masks (SimpleITK),
         # DICOM-SEG masks (highdicom)
         "dicom": ["SimpleITK>=2.2", "highdicom>=0.28"],
-        # ldm/data/monai_data.py: training from a MONAI dataset / transform chain (1.6 is the first to allow
-        # torch >= 2.7; tested with 1.6.1)
+        # ldm/data/monai_data.py: training from a MONAI dataset / transform chain (monai 1.5.0 pins torch < 2.7;
+        # 1.6.0 and 1.6.1 install next to torch 2.14, tested with 1.6.1)
         "monai": ["monai>=1.6"],
     },
 )
