@@ -383,14 +383,14 @@ def run_all(arms: list[str], preset: am.Preset, ctx: dict) -> dict[str, dict[int
 
 def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_seconds: Optional[float],
                   out: str) -> dict:
-    if arm == "anatomical_guided":  # the anatomical arm's models, sampled with guidance (final checkpoint)
-        trained = run_arm_seed("anatomical", seed, preset, ctx, baseline_seconds)
+    if arm in am.SAME_MODELS:  # another arm's trained models (final checkpoint), guided or labelled differently
+        trained = run_arm_seed(am.SAME_MODELS[arm], seed, preset, ctx, baseline_seconds)
         config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
         ckpt = trained["train"]["checkpoints"][str(preset.steps)]
-        scale = ctx["guidance"]
-        _backfill_own_on_real(arm, config, ckpt, os.path.join(out, f"eval_step{preset.steps:06d}_g{scale:g}"), ctx)
-        ev_final = evaluate_checkpoint(arm, config, ckpt, preset.samples, True, preset, seed, ctx,
-                                       os.path.join(out, f"eval_step{preset.steps:06d}_g{scale:g}"), scale)
+        scale = ctx["guidance"] if arm == "anatomical_guided" else 0.0
+        path = os.path.join(out, f"eval_step{preset.steps:06d}" + (f"_g{scale:g}" if arm == "anatomical_guided" else ""))
+        _backfill_own_on_real(arm, config, ckpt, path, ctx)
+        ev_final = evaluate_checkpoint(arm, config, ckpt, preset.samples, True, preset, seed, ctx, path, scale)
         return {"train": trained["train"], "evals": {f"step{preset.steps}": ev_final}}
     config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"], ctx.get("mask_ae"))
     data = ctx["train"]
@@ -508,7 +508,7 @@ def load_finished(out: str, preset: am.Preset) -> dict[str, dict[int, dict]]:
         for seed in range(preset.seeds):
             d = os.path.join(out, "arms", arm, f"seed{seed}")
             finals = sorted(glob.glob(os.path.join(d, f"eval_step{preset.steps:06d}*.json")))
-            trained = os.path.join(out, "arms", "anatomical" if arm == "anatomical_guided" else arm, f"seed{seed}",
+            trained = os.path.join(out, "arms", am.SAME_MODELS.get(arm, arm), f"seed{seed}",
                                    "train.json")
             if not finals or not os.path.isfile(trained):
                 break
@@ -519,7 +519,7 @@ def load_finished(out: str, preset: am.Preset) -> dict[str, dict[int, dict]]:
             equal = os.path.join(d, "eval_equal_time")
             if os.path.isfile(equal + ".json"):
                 evals["equal_time"] = _load_eval(equal)
-            elif arm not in ("baseline", "anatomical_guided"):  # its equal-time checkpoint was the final one
+            elif arm != "baseline" and arm not in am.SAME_MODELS:  # its equal-time checkpoint was the final one
                 evals["equal_time"] = evals[f"step{preset.steps}"]
             per_seed[seed] = {"train": _jload(trained), "evals": evals}
         if len(per_seed) == preset.seeds:

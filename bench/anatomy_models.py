@@ -235,8 +235,9 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float,
     """The ``model:`` config of one arm (see ``ARMS``); ``joint`` needs ``mask_ae = (checkpoint, latent scale)``."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
-    if arm == "anatomical_guided":
-        arm = "anatomical"  # same models, guided sampling
+    mask_from = "reencoded" if arm == "anatomical_reencoded" else None
+    if arm in SAME_MODELS:
+        arm = SAME_MODELS[arm]  # the same trained models, sampled or labelled differently
     cfg = baseline_config(preset, ae_ckpt, scale_factor)
     if arm == "baseline":
         return cfg
@@ -271,6 +272,8 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float,
     if arm == "anatomical_stopgrad":
         unet_params["segmentation_stop_gradient"] = True
         cfg["params"]["attention_alignment_weight"] = 0.0
+    if mask_from is not None:
+        cfg["params"]["mask_from"] = mask_from
     return cfg
 
 
@@ -279,13 +282,17 @@ ARMS: dict[str, str] = {
     "anatomical": "the shipped anatomical configuration (registers + segmentation head + anatomical loss)",
     "anatomical_v1": "the first implementation (constant registers, latent-resolution head, majority-vote alignment)",
     "anatomical_guided": "the anatomical arm's models sampled with mask-free anatomy guidance (--guidance scale)",
+    "anatomical_reencoded": "the anatomical arm's models and samples; own masks from the decoded samples encoded "
+                            "again (mask_from: reencoded) instead of from the sampled latents",
     "joint": "the shipped anatomical configuration in joint mode: image and mask latents generated together",
     "registers_no_loss": "anatomical UNet, anatomical loss weight 0 (registers as extra capacity only)",
     "shuffled_masks": "anatomical, but every image is trained with another image's mask",
     "anatomical_stopgrad": "anatomical, but the mask head reads the UNet's features through a stop-gradient and the "
                            "alignment loss is off: the masks cannot pull on the denoiser",
 }
-MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_v1", "joint", "registers_no_loss", "shuffled_masks",
+# arms that reuse another arm's trained models (trained once, under that arm's directory)
+SAME_MODELS: dict[str, str] = {"anatomical_guided": "anatomical", "anatomical_reencoded": "anatomical"}
+MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_reencoded", "anatomical_v1", "joint", "registers_no_loss", "shuffled_masks",
              "anatomical_stopgrad")
 
 

@@ -80,15 +80,21 @@ def aggregate(cal: dict, results: Results, steps: int) -> dict[str, Any]:
              if tag in results[arm][min(results[arm])]["evals"]]
     if "anatomical_guided" in results and "anatomical" in results:
         pairs.append(("anatomical_guided", "anatomical", "guidance_effect", final))
+    if "anatomical_reencoded" in results and "anatomical" in results:  # same images; own masks differ
+        pairs.append(("anatomical_reencoded", "anatomical", "own_masks_reencoded", final))
     # an ablation against the shipped method: which part of it does the work
     pairs += [(arm, "anatomical", "ablation", final) for arm in ABLATIONS if arm in results and "anatomical" in results]
-    comparisons = [compare(results, a, b, kind, tag, final) for a, b, kind, tag in pairs]
+    comparisons = [compare(results, a, b, kind, tag, final,
+                           "own_plausible" if kind == "own_masks_reencoded" else "seg_plausible")
+                   for a, b, kind, tag in pairs]
     return {"calibration": cal, "arms": arms, "comparisons": comparisons}
 
 
-def compare(results: Results, a_arm: str, b_arm: str, kind: str, tag: str, final: str) -> dict[str, Any]:
-    """Arm ``a`` at evaluation ``tag`` against arm ``b`` at its final checkpoint, paired by seed and sample."""
-    a, b = _outcomes(results, a_arm, tag), _outcomes(results, b_arm, final)
+def compare(results: Results, a_arm: str, b_arm: str, kind: str, tag: str, final: str,
+            key: str = "seg_plausible") -> dict[str, Any]:
+    """Arm ``a`` at evaluation ``tag`` against arm ``b`` at its final checkpoint, paired by seed and sample
+    (``key``: the segmenter's masks of the samples, or ``own_plausible``, the models' own masks)."""
+    a, b = _outcomes(results, a_arm, tag, key), _outcomes(results, b_arm, final, key)
     n = min(a.shape[1], b.shape[1])
     a, b = a[:, :n], b[:, :n]
     diff, ci = paired_bootstrap(a, b)
@@ -186,7 +192,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                                                         for n, a in arms.items()), "",
               "## Comparisons", "",
               "Against the baseline at equal steps and at equal wall-clock; the guided arm and the ablations (kind "
-              "`ablation`) also against the shipped `anatomical` arm. "
+              "`ablation`) also against the shipped `anatomical` arm; `own masks reencoded` compares the rule pass rate of "
+              "the own masks (same models, same images). "
               "diff = pass rate of the arm minus the other's; interval from a paired bootstrap over training "
               "seeds and samples; p from an exact McNemar test on the paired samples (same training seed, same start "
               "noise). McNemar treats the trained models as fixed; the bootstrap interval also covers training-seed "

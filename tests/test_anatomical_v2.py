@@ -338,3 +338,24 @@ def test_layer_value_errors():
         soft_alignment_loss(torch.rand(1, 3, 2, 2), torch.rand(1, 3, 4, 4), torch.ones(1, 4, 4))
     with pytest.raises(ValueError, match="one of"):
         check_choice("x", "b", ("a",))
+
+
+def test_masks_from_reencoded_samples():
+    """``mask_from: reencoded``: the head reads the decoded image encoded again (posterior mean x scale_factor),
+    in predict_masks and decode_with_anatomy alike; ``latents`` (default) reads the latents as given."""
+    model = _v2_model()
+    _randomise(model.model, seed=3)
+    reenc = _v2_model(mask_from="reencoded")
+    reenc.load_state_dict(model.state_dict())
+    model.eval(), reenc.eval()
+    z = 3.0 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # off-manifold, like early samples
+    with torch.no_grad():
+        images = model.decode_first_stage(z).clamp(-1, 1)
+        z_again = model.scale_factor * model.encode_first_stage(images).mode()
+    assert not torch.allclose(z_again, z, atol=0.1)
+    by_hand = model.predict_masks(z_again, (32, 32))
+    assert torch.equal(reenc.predict_masks(z, (32, 32)), by_hand)
+    assert torch.equal(reenc.decode_with_anatomy(z)["masks"], by_hand)
+    assert torch.equal(model.predict_masks(z, (32, 32)), model._argmax_at(model.predict_anatomy(z).seg_logits, (32, 32)))
+    with pytest.raises(ValueError, match="mask_from"):
+        _v2_model(mask_from="images")

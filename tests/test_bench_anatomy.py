@@ -145,7 +145,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     # adds an arm: the anatomical models sampled with anatomy guidance, compared with the same models unguided
     ckpt = os.path.join(out, "arms", "anatomical", "seed1", f"step{preset.steps:06d}.ckpt")
     before = os.path.getmtime(ckpt)
-    assert _run(out, "--arms", "anatomical_guided,joint", "--guidance", "2") == 0
+    assert _run(out, "--arms", "anatomical_guided,anatomical_reencoded,joint", "--guidance", "2") == 0
     assert os.path.getmtime(ckpt) == before
     with open(os.path.join(out, "anatomy.json")) as f:
         again = json.load(f)
@@ -157,6 +157,13 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert again["meta"]["guidance_scale"] == 2.0
     assert ("anatomical_guided", "anatomical", "guidance_effect") in {(c["a"], c["b"], c["kind"])
                                                                       for c in again["comparisons"]}
+    # masks from the re-encoded samples: the anatomical models' images (same start noise, same pass rate), their
+    # own masks compared with the anatomical arm's on the own-mask rule pass rate
+    reenc = again["arms"]["anatomical_reencoded"]
+    assert reenc["pass_rate"] == arms["anatomical"]["pass_rate"] and reenc["own_mask_pass_rate"] is not None
+    assert again["meta"]["configs"]["anatomical_reencoded"]["params"]["mask_from"] == "reencoded"
+    assert ("anatomical_reencoded", "anatomical", "own_masks_reencoded") in {
+        (c["a"], c["b"], c["kind"]) for c in again["comparisons"]}
     # the joint arm: its own masks are the generated ones, its mask autoencoder is reported
     joint = again["arms"]["joint"]
     assert joint["own_mask_pass_rate"] is not None and 0.0 <= joint["own_mask_dice"] <= 1.0
@@ -174,7 +181,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert anatomy.main(["-o", out, "--report-only", "--note", "weights removed"]) == 0
     with open(os.path.join(out, "anatomy.json")) as f:
         rebuilt = json.load(f)
-    assert list(rebuilt["arms"]) == ["baseline", "anatomical", "anatomical_guided", "joint"]
+    assert list(rebuilt["arms"]) == ["baseline", "anatomical", "anatomical_guided", "anatomical_reencoded", "joint"]
     for arm in rebuilt["arms"]:
         assert rebuilt["arms"][arm]["pass_rate"] == again["arms"][arm]["pass_rate"]
     def by_pair(summary: dict) -> dict:

@@ -37,6 +37,7 @@ from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
 logger = logging.getLogger(__name__)
 
 ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
+MASK_SOURCES = ("latents", "reencoded")
 DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
 # batch key set by AnatomicalLatentDiffusion.on_before_batch_transfer: whether the host batch has a labelled pixel
 HOST_LABELLED_KEY = "_anatomy_any_labelled"
@@ -114,6 +115,12 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         mask_scale_factor: scale of the mask latents (joint mode). mask_scale_by_std: set it to ``1 / std`` of the
             first training batch's mask latents instead (kept in the checkpoint).
         joint_mask_loss_weight: weight of the mask channels' diffusion loss (joint mode; examples with a mask only).
+        mask_from: what the segmentation head reads when masks are predicted for final latents (inference only):
+            ``"latents"`` (default) the sampled latents themselves; ``"reencoded"`` the decoded image encoded
+            again (posterior mean times ``scale_factor``), i.e. encoder latents as in training. They differ when
+            sampled latents are off the encoder's manifold (a model early in training samples latents with
+            several times the real latents' spread that still decode to plausible images; see bench/ANATOMY.md).
+            Costs one encoder pass.
     """
 
     progress_bar_keys = ("loss", "diffusion_loss", "anatomical_loss", "anatomical_dice")
@@ -126,7 +133,8 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
                  label_set: Optional[str] = None, alignment_target: str = "majority", segmentation_loss: str = "ce",
                  anatomical_timestep_weighting: str = "none", anatomical_logit_adjustment: bool = False,
                  joint_mask_config: Optional[Mapping[str, Any]] = None, mask_scale_factor: float = 1.0,
-                 mask_scale_by_std: bool = False, joint_mask_loss_weight: float = 1.0, **kwargs: Any) -> None:
+                 mask_scale_by_std: bool = False, joint_mask_loss_weight: float = 1.0, mask_from: str = "latents",
+                 **kwargs: Any) -> None:
         ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", ())
         super().__init__(*args, **kwargs)
         unet = self.unet
@@ -171,6 +179,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         self.anatomical_timestep_weighting = check_choice("anatomical_timestep_weighting",
                                                           anatomical_timestep_weighting, TIMESTEP_WEIGHTINGS)
         self.anatomical_logit_adjustment = bool(anatomical_logit_adjustment)
+        self.mask_from = check_choice("mask_from", mask_from, MASK_SOURCES)
         if self.anatomical_logit_adjustment and (weights is None or (weights <= 0).any()):
             raise ValueError("anatomical_logit_adjustment needs anatomical_class_weights, all > 0 (it subtracts "
                              "their log from the logits); set the weights or anatomical_logit_adjustment: false")
@@ -407,7 +416,18 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         (the mask channels of ``z`` through the mask decoder, :meth:`joint_masks`)."""
         if self.is_joint:
             return self.joint_masks(z, image_size)
-        return self._argmax_at(self.predict_anatomy(z, cond=cond).seg_logits, image_size)
+        return self._argmax_at(self.predict_anatomy(self.head_latents(z), cond=cond).seg_logits, image_size)
+
+    @torch.no_grad()
+    def head_latents(self, z: torch.Tensor, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the segmentation head reads for final latents ``z`` (``mask_from``): ``z``, or the decoded image
+        (``images`` if already decoded) encoded again, posterior mean times ``scale_factor``."""
+        if self.mask_from == "latents":
+            return z
+        if images is None:
+            images = self.decode_first_stage(z)
+        posterior = self.encode_first_stage(images.clamp(-1, 1).to(z.dtype))
+        return self.scale_factor * (posterior.mode() if hasattr(posterior, "mode") else self._raw_latent(posterior))
 
     @torch.no_grad()
     def decode_with_anatomy(self, latents: torch.Tensor, cond: Any = None) -> dict:
@@ -416,8 +436,8 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         "class_attention": [B, C, h, w], "latents": [B, c, h, w]}``. A joint model: :meth:`decode_joint`."""
         if self.is_joint:
             return self.decode_joint(latents, cond)
-        anatomy = self.predict_anatomy(latents, cond=cond)
         images = self.decode_first_stage(latents)
+        anatomy = self.predict_anatomy(self.head_latents(latents, images), cond=cond)
         return {"images": images, "masks": self._argmax_at(anatomy.seg_logits, images.shape[-2:]),
                 "seg_logits": anatomy.seg_logits, "class_attention": anatomy.class_attention, "latents": latents}
 
