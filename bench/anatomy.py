@@ -243,7 +243,7 @@ def independent_segmenter(preset: am.Preset, train: dict, out: str, device: torc
 
 
 def calibrate(preset: am.Preset, train: dict, test: dict, ae_ckpt: str, seg: torch.nn.Module, seeds: int,
-              out: str, device: torch.device) -> dict[str, Any]:
+              out: str, device: torch.device, scale_factor: float) -> dict[str, Any]:
     """What real data scores: true masks, segmenter masks, autoencoder reconstructions (the ceiling of any LDM).
 
     ``train`` is what the diffusion models are trained on (the train-on-real reference and the train-vs-test
@@ -269,6 +269,11 @@ def calibrate(preset: am.Preset, train: dict, test: dict, ae_ckpt: str, seg: tor
                "reconstruction_l1": float((rec - test["image"]).abs().mean()),
                "reconstructed_image_stats": ev.image_statistics(rec, test["image"], seg),
                "train_vs_test_image_stats": ev.image_statistics(train["image"][:n], test["image"], seg)}
+    if "real_latent_rms" not in cal:  # the same measure as the samples' latent_rms, on the real test slices
+        ae = am.load_autoencoder(ae_ckpt, preset, device)
+        with torch.no_grad():
+            z = torch.cat([ae.encode(x.to(device)).mode().float().cpu() for x in test["image"].split(256)])
+        cal["real_latent_rms"] = float(scale_factor * z.pow(2).mean().sqrt())
     cal.setdefault("tstr_real_dice", {})
     for s in range(seeds):
         if str(s) not in cal["tstr_real_dice"]:
@@ -294,7 +299,8 @@ def evaluate_checkpoint(arm: str, config: dict, ckpt: str, n: int, final: bool, 
     bar.close()
     j = ev.judge(drawn["image"], seg, drawn.get("own_mask"))
     info: dict[str, Any] = {"n": n, "ckpt": os.path.basename(ckpt), "sampling_seconds": sample_s, "guidance": guidance,
-                            "own_dice": j.get("own_dice")}
+                            "own_dice": j.get("own_dice"),
+                            "latent_rms": float(drawn["latent_rms"].pow(2).mean().sqrt())}
     arrays = {f"seg_{k}": v for k, v in j["outcomes"].items()}
     arrays.update({f"own_{k}": v for k, v in j.get("own_outcomes", {}).items()})
     if final:
@@ -466,7 +472,7 @@ def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     with exclusive(os.path.join(args.out, "segmenter")):
         seg = independent_segmenter(preset, train, args.out, device, args.progress)
     with exclusive(os.path.join(args.out, "calibration")):
-        cal = calibrate(preset, ldm_train, test, ae_ckpt, seg, preset.seeds, args.out, device)
+        cal = calibrate(preset, ldm_train, test, ae_ckpt, seg, preset.seeds, args.out, device, scale)
     setup_s = time.perf_counter() - t0
     ctx = {"out": args.out, "device": device, "seg": seg, "train": ldm_train, "test": test, "ae_ckpt": ae_ckpt,
            "scale_factor": scale, "progress": args.progress, "guidance": args.guidance,

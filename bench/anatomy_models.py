@@ -415,13 +415,15 @@ def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed:
                  device: torch.device, own_masks: bool, progress: Optional[Callable[[int], None]] = None,
                  guidance: float = 0.0) -> dict[str, torch.Tensor]:
     """``n`` samples (EMA weights, DDIM eta 0) from the start noise of indices ``0..n-1`` of ``noise_seed``
-    (shared by every arm), decoded to images ``[n, 1, H, W]``; with ``own_masks`` the model's own masks;
+    (shared by every arm), decoded to images ``[n, 1, H, W]``, and each sample's image-latent RMS
+    (``latent_rms``, in the model's scaled latent space); with ``own_masks`` the model's own masks;
     ``guidance`` > 0 steers every step with the model's mask-free anatomy guidance."""
     from ldm.models.diffusion.guidance import AnatomyGuidance
     from ldm.sampling import initial_noise, latent_shape, predict_masks, sample_latents
 
     shape = latent_shape(model)
-    images, masks = [], []
+    images, masks, spreads = [], [], []
+    image_channels = int(getattr(model.first_stage_model, "embed_dim", shape[0]))
     with model.ema_scope():
         for first in range(0, n, batch):
             idx = list(range(first, min(n, first + batch)))
@@ -430,11 +432,12 @@ def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed:
             z = sample_latents(model, x_T, sampler_steps, 0.0, guidance=steer)
             img = model.decode_first_stage(z).clamp(-1, 1)
             images.append(img.float().cpu())
+            spreads.append(z[:, :image_channels].float().flatten(1).pow(2).mean(1).sqrt().cpu())
             if own_masks:
                 masks.append(predict_masks(model, z, img.shape[-2:]).cpu())
             if progress is not None:
                 progress(len(idx))
-    out = {"image": torch.cat(images)}
+    out = {"image": torch.cat(images), "latent_rms": torch.cat(spreads)}
     if own_masks:
         out["own_mask"] = torch.cat(masks)
     return out

@@ -63,6 +63,8 @@ def aggregate(cal: dict, results: Results, steps: int) -> dict[str, Any]:
         entry["image_stats"] = stats
         entry["memorisation"] = {k: mean_interval([f["memorisation"][k] for f in finals])
                                  for k in finals[0]["memorisation"]}
+        rms = [f.get("latent_rms") for f in finals]
+        entry["latent_rms"] = mean_interval(rms) if all(r is not None for r in rms) else None
         entry["train_seconds"] = float(np.mean([per_seed[s]["train"]["train_seconds"] for s in seeds]))
         entry["sampling_seconds_per_sample"] = float(np.mean([f["sampling_seconds"] / f["n"] for f in finals]))
         entry["curve"] = {}
@@ -179,6 +181,12 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                      f"{_ci(a['image_stats']['fid_segmenter'], 2)} | {_ci(a['image_stats']['fid_pixel8'], 3)} | "
                      f"{_ci(a['image_stats']['histogram_w1'], 4)} | {_ci(mem)} | "
                      f"{a['train_seconds']:.1f} ({a['train_time_ratio']:.2f}x) |")
+    if any(a.get("latent_rms") for a in arms.values()):
+        real = cal.get("real_latent_rms")
+        lines += ["", "Sampled latents' spread: RMS of the final image latents (scaled space) against the real test "
+                  f"slices' ({_num(real, 2)}): a model far from convergence samples latents well off the encoder's "
+                  "manifold that may still decode to plausible images. "
+                  + "; ".join(f"{n} {_ci(a['latent_rms'], 2)}" for n, a in arms.items() if a.get("latent_rms")) + "."]
     heads = {n: a for n, a in arms.items() if a.get("own_mask_dice_real_ci95")}
     if heads:
         lines += ["", "Own masks of **real** test slices (the segmentation head at t = 0 on their posterior means, "

@@ -122,6 +122,10 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert len(arms["anatomical"]["own_mask_dice_real_per_class"]) == am.NUM_CLASSES
     assert 0.0 <= arms["anatomical"]["own_mask_real_pass_rate"] <= 1.0
     assert arms["baseline"]["own_mask_dice_real_ci95"] is None
+    # the sampled latents' spread against the real latents' (about 1 in the scaled space)
+    assert 0.5 < cal["real_latent_rms"] < 2.0
+    assert all(a["latent_rms"]["mean"] > 0 and a["latent_rms"]["n"] == preset.seeds for a in arms.values())
+    assert "Sampled latents' spread" in open(os.path.join(out, "report.md")).read()
     kinds = {(c["a"], c["b"], c["kind"]) for c in result["comparisons"]}
     assert kinds == {("anatomical", "baseline", "equal_steps"), ("anatomical", "baseline", "equal_wall_clock")}
     for c in result["comparisons"]:
