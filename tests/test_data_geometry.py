@@ -197,3 +197,38 @@ def test_channel_first_batches_train_a_tiny_ldm(tmp_path):
     trainer.fit(model, DataLoader(_ChannelFirst(), batch_size=2))
     assert trainer.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.model.parameters()))
+
+
+class _Layout(torch.utils.data.Dataset):
+    """Labelled squares, as channel-last (the project's datasets) or channel-first (a MONAI pipeline) items."""
+
+    def __init__(self, channel_first: bool) -> None:
+        self.channel_first = channel_first
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict:
+        mask = torch.zeros(16, 16, dtype=torch.long)
+        mask[2 + i:8 + i, 3:9] = 1
+        image = (mask.float() * 1.6 - 0.8)[None]  # 1 x H x W
+        return {"image": image if self.channel_first else image.permute(1, 2, 0), "segmentation": mask,
+                "has_segmentation": True}
+
+
+def test_evaluation_reads_channel_first_items_like_channel_last():
+    from ldm.data.batch import item_channels_first
+    from ldm.evaluation.compare import load_dataset_arrays
+    from ldm.evaluation.segmenter import train_segmenter
+
+    last, first = load_dataset_arrays(_Layout(False)), load_dataset_arrays(_Layout(True))
+    assert last[0].shape == (6, 1, 16, 16) and torch.equal(last[0], first[0]) and torch.equal(last[1], first[1])
+    seg_last = train_segmenter(_Layout(False), 2, steps=3, batch_size=3, seed=0)
+    seg_first = train_segmenter(_Layout(True), 2, steps=3, batch_size=3, seed=0)
+    for a, b in zip(seg_last.parameters(), seg_first.parameters()):
+        assert torch.equal(a, b)  # the same training, either layout
+    assert item_channels_first(np.zeros((16, 12, 3))).shape == (3, 16, 12)
+    assert item_channels_first(np.zeros((3, 16, 12))).shape == (3, 16, 12)
+    assert item_channels_first(np.zeros((16, 12))).shape == (1, 16, 12)
+    with pytest.raises(ValueError, match="ambiguous|equal"):
+        item_channels_first(np.zeros((3, 16, 3)))

@@ -2,7 +2,9 @@
 
 Example dict of every dataset (default collate batches it):
 
-- ``image`` float32 ``H x W x 1`` in [-1, 1]; ``segmentation`` int64 ``H x W``; ``has_segmentation`` bool;
+- ``image`` float32 ``H x W x 1`` in [-1, 1] (``1 x H x W``, channel first, from
+  ``ldm.data.monai_data.MonaiSliceDataset``, the MONAI pipeline; models, the segmenter and the evaluation
+  take either layout); ``segmentation`` int64 ``H x W``; ``has_segmentation`` bool;
   ``file_path_``, ``relative_file_path_``; ``slice_index`` (-1 for a 2D file);
 - geometry (``MedicalImagesBase``): ``spacing`` float32 ``[row, column]`` mm of the returned pixels and
   ``affine`` float32 ``4 x 4``, the voxel-to-world (RAS+ mm) affine of the returned slice stored as a

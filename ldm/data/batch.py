@@ -38,3 +38,22 @@ def to_channels_first(x: Any, channels: Optional[int], key: str) -> torch.Tensor
         raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}, but the model takes {channels} channel(s): "
                          f"expected B,H,W,{channels} (channel-last) or B,{channels},H,W (channel-first)")
     return x.to(memory_format=torch.contiguous_format).float()
+
+
+def item_channels_first(x: Any) -> torch.Tensor:
+    """One dataset item's image (no batch axis: ``H,W``, ``H,W,C`` or ``C,H,W``) as a float ``C,H,W`` tensor.
+
+    Without a model to name the channel count, the shorter of the two end axes is the channel axis (images are
+    wider than they have channels); a shape whose end axes are equal (``C,H,C``) is refused as ambiguous.
+    """
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim == 2:
+        return x[None].float()
+    if x.ndim != 3:
+        raise ValueError(f"an item's image has shape {tuple(x.shape)}; expected H,W,C (channel-last), C,H,W "
+                         "(channel-first) or H,W")
+    if x.shape[0] == x.shape[2]:
+        raise ValueError(f"an item's image has shape {tuple(x.shape)}: its first and last axes are equal, so it reads "
+                         "as C,H,W and as H,W,C; give images whose width differs from the channel count")
+    return (x.permute(2, 0, 1) if x.shape[2] < x.shape[0] else x).contiguous().float()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from ldm.data.batch import item_channels_first
 from ldm.evaluation import anatomy, diversity, features, metrics
 
 logger = logging.getLogger(__name__)
@@ -92,13 +93,12 @@ def load_dataset_arrays(dataset: Any, max_items: Optional[int] = None) -> tuple[
     images, masks, all_masks = [], [], True
     for i in range(n):
         item = dataset[i]
-        img = np.asarray(item["image"], dtype=np.float32)
-        images.append(img[..., None] if img.ndim == 2 else img)
+        images.append(item_channels_first(item["image"]))  # channel-last or channel-first items alike
         if item.get("has_segmentation", "segmentation" in item) and "segmentation" in item:
             masks.append(np.asarray(item["segmentation"], dtype=np.int64))
         else:
             all_masks = False
-    imgs = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    imgs = torch.stack(images).contiguous()
     return imgs, (torch.from_numpy(np.stack(masks)) if all_masks and masks else None)
 
 

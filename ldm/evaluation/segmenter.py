@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.data.batch import item_channels_first, to_channels_first
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,12 +80,12 @@ class SegmenterUNet(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
-def batch_to_tensors(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images ``[B, C, H, W]`` from the data contract's channels-last ``image``, masks, has-mask flags."""
-    image = torch.as_tensor(batch["image"]).float()
-    if image.ndim == 3:
-        image = image[..., None]
-    image = image.permute(0, 3, 1, 2).contiguous()
+def batch_to_tensors(batch: dict[str, Any], channels: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """Images ``[B, C, H, W]`` from the data contract's ``image`` (channel-last, or channel-first as a MONAI
+    pipeline gives it, told apart by ``channels``: :func:`ldm.data.batch.to_channels_first`), masks, has-mask
+    flags."""
+    image = to_channels_first(batch["image"], channels, "image")
     mask = torch.as_tensor(batch["segmentation"]).long()
     has = torch.as_tensor(batch.get("has_segmentation", torch.ones(mask.shape[0], dtype=torch.bool))).bool()
     return image, mask, has
@@ -100,7 +102,7 @@ def train_segmenter(dataset: Any, num_classes: int, steps: int = 500, batch_size
         raise ValueError("the segmenter's training dataset is empty")
     torch.manual_seed(seed)
     first = dataset[0]
-    in_ch = int(np.asarray(first["image"]).shape[-1]) if np.asarray(first["image"]).ndim == 3 else 1
+    in_ch = int(item_channels_first(first["image"]).shape[0])
     model = SegmenterUNet(in_ch, num_classes, base_channels, depth).to(device or "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -110,7 +112,7 @@ def train_segmenter(dataset: Any, num_classes: int, steps: int = 500, batch_size
     step, bar = 0, tqdm(total=steps, desc="segmenter", disable=not progress)
     while step < steps:
         for batch in loader:
-            image, mask, has = batch_to_tensors(batch)
+            image, mask, has = batch_to_tensors(batch, in_ch)
             if not has.any():
                 continue
             image, mask = image[has].to(next(model.parameters()).device), mask[has].to(next(model.parameters()).device)
