@@ -290,7 +290,8 @@ def begin_session(out_dir: str, info: Mapping[str, Any], run: dict[str, Any]) ->
     if manifest.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
         logger.warning("%s already holds samples of another checkpoint (sha256 %s...); the folder now mixes "
                        "two models.", out_dir, str(manifest.get("checkpoint_sha256"))[:12])
-    changed = [k for k in _SETTINGS + ("mask_source",) if k in manifest and k in run and manifest[k] != run[k]]
+    changed = [k for k in _SETTINGS + ("mask_source", "mask_from")
+               if k in manifest and k in run and manifest[k] != run[k]]
     if changed:
         logger.warning("%s: this session's %s differ from the earlier sessions' (%s); see 'sessions' in "
                        "samples.json for which samples used which settings.", out_dir, changed,
@@ -302,6 +303,8 @@ def begin_session(out_dir: str, info: Mapping[str, Any], run: dict[str, Any]) ->
     manifest.update({k: run[k] for k in _SETTINGS if k in run})
     if run.get("mask_source") is not None:  # "joint": generated with the image; "segmentation_head": predicted after
         manifest.update(mask_source=run["mask_source"], masks_generated_jointly=run["mask_source"] == "joint")
+    if run.get("mask_from") is not None:
+        manifest["mask_from"] = run["mask_from"]
     if run.get("geometry") is not None:
         manifest["geometry"] = run["geometry"]
     run["status"] = "started"

@@ -429,6 +429,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
         "masks": bool(save_masks),
         "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
+        # what the segmentation head read: the sampled latents or the decoded samples encoded again
+        "mask_from": getattr(model, "mask_from", None) if save_masks and not is_joint(model) else None,
         "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
         "device": str(next(model.parameters()).device), "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

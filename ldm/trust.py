@@ -165,7 +165,7 @@ def check_run(resume: str, base: Sequence[str] = (), trust_all: bool = False) ->
 
     checkpoint, run_dir = locate_run(resume)
     check_run_configs(run_config_files(run_dir, checkpoint), trust_all)
-    for path in base:
+    for path in base or ():  # None: no -b files
         load_yaml(path)
 
 

@@ -53,6 +53,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "gradient of an anatomical energy (co-occurrence, laterality, position, border; "
                         "README_anatomical.md); 0 (default): off, bit-identical to plain sampling; each guided "
                         "step costs a forward pass with gradients and a backward pass")
+    p.add_argument("--mask_from", "--mask-from", dest="mask_from", choices=["latents", "reencoded"], default=None,
+                   help="anatomical models: what the segmentation head reads for a sample's mask: the sampled "
+                        "latents, or the decoded sample encoded again (encoder latents, as in training; one encoder "
+                        "pass more) (default: the run's config, mask_from, itself latents by default)")
     p.add_argument("--format", nargs="+", choices=["png", "nii", "npz"], default=["png"],
                    help="extra formats beside the 8-bit PNGs (always written); nii: NIfTI samples and integer "
                         "masks in the training data's canonical (RAS+) orientation, spacing and position")
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
         compile_unet(model, backend=args.compile_backend)
     info["load_s"] = time.perf_counter() - t0
+    if args.mask_from is not None:
+        if not hasattr(model, "mask_from") or getattr(model, "is_joint", False):
+            print(f"sample.py: error: --mask_from needs an anatomical model with a segmentation head; "
+                  f"{args.resume} holds a {type(model).__name__}{' in joint mode' if hasattr(model, 'mask_from') else ''}",
+                  file=sys.stderr)
+            return 2
+        model.mask_from = args.mask_from
     run = sampling.generate(model, out_dir, args.n_samples, args.batch_size, args.custom_steps, args.eta, args.seed,
                             vanilla=args.vanilla_sample, use_ema=args.ema and info["has_ema"],
                             save_masks=args.save_masks, formats=args.format,

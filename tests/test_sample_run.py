@@ -208,3 +208,33 @@ def test_dpm_solver_sampler_through_script(runs, tmp_path):
     assert _digest(tmp_path / "ddim" / "images") != _digest(tmp_path / "a" / "images")
     with pytest.raises(ValueError, match="eta applies to DDIM only"):
         _sample([*common, "-e", "0.5", "-n", "1", "-l", str(tmp_path / "c")])
+
+
+def test_mask_from_reencoded_through_script(runs, tmp_path, capsys):
+    """``--mask_from reencoded``: the same images, masks from the decoded samples encoded again (as
+    ``mask_from: reencoded`` in the config would give), recorded in samples.json; refused for a plain LDM."""
+    run = runs["anatomical"]
+    common = ["-r", run, "-c", "3", "--seed", "3", "-n", "3", "--batch_size", "3", "--save_masks", "--format", "npz"]
+    assert _sample([*common, "-l", str(tmp_path / "lat")]) == 0
+    assert _sample([*common, "-l", str(tmp_path / "re"), "--mask_from", "reencoded"]) == 0
+    pngs = lambda d: {k: v for k, v in _digest(d).items() if k.endswith(".png")}  # noqa: E731
+    assert pngs(tmp_path / "lat" / "images") == pngs(tmp_path / "re" / "images")
+    assert any(not np.array_equal(np.load(tmp_path / "lat" / "images" / f"{i:06d}.npz")["mask"],
+                                  np.load(tmp_path / "re" / "images" / f"{i:06d}.npz")["mask"]) for i in range(3))
+    from ldm.sampling import load_model_for_sampling
+
+    model, _ = load_model_for_sampling(run, device=torch.device("cpu"))
+    assert model.mask_from == "latents"  # the run's config: the head reads what it is given
+    saved = [np.load(tmp_path / "re" / "images" / f"{i:06d}.npz") for i in range(3)]
+    images = torch.stack([torch.from_numpy(z["image"]).float() for z in saved])[:, None]
+    with torch.no_grad(), model.ema_scope():
+        latent = model.scale_factor * model.encode_first_stage(images).mode()
+        expected = model.predict_masks(latent, images.shape[-2:]).numpy()
+    # the saved image is the decoded sample (float32 in the npz): the mask is the head on its encoding
+    assert np.array_equal(np.stack([z["mask"] for z in saved]), expected)
+    manifest = json.load(open(tmp_path / "re" / "samples.json"))
+    assert manifest["mask_from"] == "reencoded" and manifest["sessions"][0]["mask_from"] == "reencoded"
+    assert json.load(open(tmp_path / "lat" / "samples.json"))["mask_from"] == "latents"
+    assert _sample(["-r", runs["baseline"], "-n", "1", "-c", "2", "-l", str(tmp_path / "x"),
+                    "--mask_from", "reencoded"]) == 2
+    assert "--mask_from needs an anatomical model" in capsys.readouterr().err
