@@ -424,6 +424,14 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    with quiet_training_logs():
+        return _main(args, argv)
+
+
+@contextlib.contextmanager
+def quiet_training_logs() -> Iterator[None]:
+    """INFO logging with timestamps; Lightning's and ldm's loggers at WARNING and the many-training-runs warnings
+    silenced for the duration (called in-process by the tests: the caller's logging is restored after)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     noisy = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "ldm")]
     levels = [log.level for log in noisy]
@@ -434,8 +442,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             for pattern in (".*no logger configured.*", ".*no `val_dataloader`.*", ".*module\\(s\\) in eval mode.*",
                             ".*LeafSpec.*", ".*does not have many workers.*"):
                 warnings.filterwarnings("ignore", message=pattern)
-            return _main(args, argv)
-    finally:  # called in-process (the tests): leave the caller's logging as it was
+            yield
+    finally:
         for log, level in zip(noisy, levels):
             log.setLevel(level)
 

@@ -45,6 +45,7 @@ from tqdm import tqdm  # noqa: E402
 import anatomy as bench  # noqa: E402
 import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
+from anatomy_report import sample_grid  # noqa: E402
 from anatomy_stats import mean_interval  # noqa: E402
 from ldm.evaluation.anatomy import dice_per_class  # noqa: E402
 from ldm.evaluation.metrics import PixelFeatureExtractor, extract_features, fid_from_features, histogram_distance  # noqa: E402,E501
@@ -335,17 +336,7 @@ def figures(out_dir: str, results: dict[str, dict[int, dict]], real: dict[str, t
         rows.append((f"{arm}: segmenter masks", COLOURS[arr["grid_seg_masks"][:8]], False))
         if "grid_own_masks" in arr:
             rows.append((f"{arm}: own masks", COLOURS[np.clip(arr["grid_own_masks"][:8], 0, 2)], False))
-    fig, axes = plt.subplots(len(rows), 8, figsize=(12, 1.6 * len(rows)), squeeze=False)
-    for r, (label, imgs, grey) in enumerate(rows):
-        for c in range(8):
-            axes[r, c].axis("off")
-            if c < len(imgs):
-                axes[r, c].imshow(imgs[c], cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest")
-        axes[r, 0].set_title(label, fontsize=8, loc="left")
-    fig.tight_layout()
-    paths = [os.path.join(out_dir, "samples.png")]
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths = [sample_grid(rows, os.path.join(out_dir, "samples.png"))]
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for arm, per_seed in results.items():
@@ -382,20 +373,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    noisy = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning", "lightning.pytorch", "ldm")]
-    levels = [log.level for log in noisy]
-    for log in noisy:
-        log.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            for pattern in (".*no logger configured.*", ".*no `val_dataloader`.*", ".*module\\(s\\) in eval mode.*",
-                            ".*LeafSpec.*", ".*does not have many workers.*"):
-                warnings.filterwarnings("ignore", message=pattern)
-            return _main(args, argv)
-    finally:
-        for log, level in zip(noisy, levels):
-            log.setLevel(level)
+    with bench.quiet_training_logs():
+        return _main(args, argv)
 
 
 def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:

@@ -302,18 +302,28 @@ def figures(out_dir: str, summary: dict[str, Any], results: Results, steps: int)
         rows.append((f"{n}: segmenter masks", _colour(arr["grid_seg_masks"][:8]), False))
         if "grid_own_masks" in arr:
             rows.append((f"{n}: own masks", _colour(arr["grid_own_masks"][:8]), False))
-    fig, axes = plt.subplots(len(rows), 8, figsize=(12, 1.6 * len(rows)), squeeze=False)
+    paths.append(sample_grid(rows, os.path.join(out_dir, "samples.png")))
+    return paths
+
+
+def sample_grid(rows: list[tuple[str, np.ndarray, bool]], path: str, columns: int = 8) -> str:
+    """A figure of labelled rows of images (``(label, images in [0, 1] or RGB, greyscale?)``) saved at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.5 * columns, 1.6 * len(rows)), squeeze=False)
     for r, (label, imgs, grey) in enumerate(rows):
-        for c in range(8):
+        for c in range(columns):
             axes[r, c].axis("off")
             if c < len(imgs):
                 axes[r, c].imshow(imgs[c], cmap="gray" if grey else None, vmin=0, vmax=1, interpolation="nearest")
         axes[r, 0].set_title(label, fontsize=8, loc="left")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "samples.png"))
-    fig.savefig(paths[-1], dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
-    return paths
+    return path
 
 
 def write_outputs(out: str, cal: dict, results: Results, preset: Any, meta: dict[str, Any]) -> dict[str, Any]:
