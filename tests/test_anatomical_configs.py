@@ -20,7 +20,7 @@ ANATOMICAL_LDM = {"anatomical_mask_key", "anatomical_loss_weight", "progressive_
                   "anatomical_schedule", "anatomical_warmup_steps", "attention_alignment_weight",
                   "anatomical_ignore_index", "anatomical_class_weights", "use_anatomical_inference",
                   "label_set", "alignment_target", "segmentation_loss", "anatomical_timestep_weighting",
-                  "anatomical_logit_adjustment"}
+                  "anatomical_logit_adjustment", "mask_from"}
 ANATOMICAL_UNET = {"use_anatomical_registers", "num_anatomical_classes", "anatomical_register_dim",
                    "num_registers_per_class", "anatomical_attention_heads", "anatomical_attention_dim",
                    "use_timestep_aware_registers", "anatomical_attention_resolutions", "use_spatial_encoding",
