@@ -394,7 +394,8 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
         config = am.arm_config(arm, preset, ctx["ae_ckpt"], ctx["scale_factor"])
         ckpt = trained["train"]["checkpoints"][str(preset.steps)]
         scale = ctx["guidance"] if arm == "anatomical_guided" else 0.0
-        path = os.path.join(out, f"eval_step{preset.steps:06d}" + (f"_g{scale:g}" if arm == "anatomical_guided" else ""))
+        suffix = f"_g{scale:g}" if arm == "anatomical_guided" else ""
+        path = os.path.join(out, f"eval_step{preset.steps:06d}{suffix}")
         _backfill_own_on_real(arm, config, ckpt, path, ctx)
         ev_final = evaluate_checkpoint(arm, config, ckpt, preset.samples, True, preset, seed, ctx, path, scale)
         return {"train": trained["train"], "evals": {f"step{preset.steps}": ev_final}}

@@ -48,7 +48,8 @@ import anatomy_models as am  # noqa: E402
 from anatomy_report import sample_grid  # noqa: E402
 from anatomy_stats import mean_interval  # noqa: E402
 from ldm.evaluation.anatomy import dice_per_class  # noqa: E402
-from ldm.evaluation.metrics import PixelFeatureExtractor, extract_features, fid_from_features, histogram_distance  # noqa: E402,E501
+from ldm.evaluation.metrics import (PixelFeatureExtractor, extract_features, fid_from_features,  # noqa: E402
+                                   histogram_distance)
 from ldm.evaluation.segmenter import load_segmenter, save_segmenter, segment, train_segmenter  # noqa: E402
 
 logger = logging.getLogger("anatomy_mni")
@@ -83,7 +84,7 @@ def write_template(root: str) -> tuple[str, str]:
     import nibabel as nib
 
     images, masks = os.path.join(root, "images"), os.path.join(root, "masks")
-    if not (os.path.isfile(os.path.join(images, "mni152.nii.gz")) and os.path.isfile(os.path.join(masks, "mni152.nii.gz"))):
+    if not all(os.path.isfile(os.path.join(folder, "mni152.nii.gz")) for folder in (images, masks)):
         t1, labels = template_volumes()
         os.makedirs(images, exist_ok=True)
         os.makedirs(masks, exist_ok=True)
