@@ -89,8 +89,9 @@ def image_statistics(samples: torch.Tensor, real: torch.Tensor, seg: torch.nn.Mo
 @torch.no_grad()
 def head_masks_on_real(model: torch.nn.Module, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """The model's own masks of real images: its segmentation head (EMA weights) at ``t = 0`` on the scaled
-    posterior means of ``images``. Against the true masks this measures the head alone, apart from how
-    plausible the model's samples are."""
+    posterior means of ``images`` (a ``mask_from: reencoded`` model labels their reconstruction encoded again,
+    as it does its samples). Against the true masks this measures the head alone, apart from how plausible
+    the model's samples are."""
     device = next(model.parameters()).device
     masks = []
     with model.ema_scope():

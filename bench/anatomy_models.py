@@ -292,7 +292,8 @@ ARMS: dict[str, str] = {
 }
 # arms that reuse another arm's trained models (trained once, under that arm's directory)
 SAME_MODELS: dict[str, str] = {"anatomical_guided": "anatomical", "anatomical_reencoded": "anatomical"}
-MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_reencoded", "anatomical_v1", "joint", "registers_no_loss", "shuffled_masks",
+MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_reencoded", "anatomical_v1", "joint", "registers_no_loss",
+             "shuffled_masks",
              "anatomical_stopgrad")
 
 
