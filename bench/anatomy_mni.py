@@ -151,19 +151,6 @@ def pixel_fid(samples: torch.Tensor, real: torch.Tensor) -> float:
     return fid_from_features(extract_features(pixel, samples), extract_features(pixel, real))
 
 
-@torch.no_grad()
-def own_mask_dice_on_reconstructions(model: torch.nn.Module, held: dict[str, torch.Tensor],
-                                     device: torch.device) -> dict[str, Any]:
-    """The model's segmentation head on the (scaled) posterior means of held-out real slices, against the true
-    tissue masks: how well it labels real anatomy."""
-    masks = []
-    with model.ema_scope():
-        for x in held["image"].split(128):
-            z = model.scale_factor * model.encode_first_stage(x.to(device)).mode()
-            masks.append(model.predict_masks(z, x.shape[-2:]).cpu())
-    return dice(torch.cat(masks), held["segmentation"])
-
-
 # ------------------------------------------------------------------------------------------------ arms
 def arm_config(arm: str, preset: am.Preset, ae_ckpt: str, scale: float) -> dict[str, Any]:
     """The phantom benchmark's arm config with the brain's three classes (no label set, no anatomy rules)."""
@@ -196,7 +183,9 @@ def evaluate(arm: str, config: dict, ckpt: str, seed: int, preset: am.Preset, ct
               **{f"tissue_{k}": v for k, v in tissue_fractions(seg_masks).items()}}
     if own:
         info["own_dice_vs_segmenter"] = dice(drawn["own_mask"], seg_masks)
-        info["own_dice_on_reconstructions"] = own_mask_dice_on_reconstructions(model, ctx["held"], device)
+        # the head on the posterior means of held-out real slices, against their true tissue masks
+        info["own_dice_on_reconstructions"] = dice(ev.head_masks_on_real(model, ctx["held"]["image"]),
+                                                   ctx["held"]["segmentation"])
         arrays["grid_own_masks"] = drawn["own_mask"][:16].numpy()
     np.savez_compressed(path + ".npz", **arrays)
     bench._jdump(info, path + ".json")
@@ -403,10 +392,10 @@ def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     with bench.exclusive(os.path.join(args.out, "segmenter")):
         seg = tissue_segmenter(preset, train, args.out, device, args.progress)
     with bench.exclusive(os.path.join(args.out, "calibration")):
-        cal = calibrate(preset, data, train, held, ae_ckpt, seg, args.out, device)
-    real_pairs = tissue_fractions(segment(seg, data["image"], batch_size=128))  # per slice, for the figure
-    real_fractions = {"tissue": real_pairs["tissue"],
-                      "grey_share": real_pairs["grey_share"][np.isfinite(real_pairs["grey_share"])]}
+        real_pairs = tissue_fractions(segment(seg, data["image"], batch_size=128))  # per slice, for the figure
+        real_fractions = {"tissue": real_pairs["tissue"],
+                          "grey_share": real_pairs["grey_share"][np.isfinite(real_pairs["grey_share"])]}
+        cal = calibrate(preset, data, train, held, ae_ckpt, seg, args.out, device, real_fractions)
     ctx = {"out": args.out, "device": device, "seg": seg, "train": train, "held": held, "all": data,
            "ae_ckpt": ae_ckpt, "scale": scale, "progress": args.progress, "real_fractions": real_fractions,
            "heldout_nn": ev.pixel_nn_distances(held["image"], train["image"])}
@@ -456,7 +445,7 @@ def tissue_segmenter(preset: am.Preset, train: dict, out: str, device: torch.dev
 
 
 def calibrate(preset: am.Preset, data: dict, train: dict, held: dict, ae_ckpt: str, seg: torch.nn.Module,
-              out: str, device: torch.device) -> dict[str, Any]:
+              out: str, device: torch.device, real_fractions: dict[str, np.ndarray]) -> dict[str, Any]:
     """What real slices score: the segmenter on held-out slices and their reconstructions, the autoencoder's
     floor for the image and tissue statistics."""
     path = os.path.join(out, "calibration.json")
@@ -466,8 +455,6 @@ def calibrate(preset: am.Preset, data: dict, train: dict, held: dict, ae_ckpt: s
     with torch.no_grad():
         rec = torch.cat([ae.decode(ae.encode(x.to(device)).mode()).clamp(-1, 1).float().cpu()
                          for x in data["image"].split(128)])
-    real_fractions = tissue_fractions(segment(seg, data["image"], batch_size=128))
-    real_fractions["grey_share"] = real_fractions["grey_share"][np.isfinite(real_fractions["grey_share"])]
     is_held = torch.isin(data["level"], held["level"])
     cal = {"n_slices": len(data["image"]), "n_train": len(train["image"]), "n_held_out": len(held["image"]),
            "segmenter_dice": dice(segment(seg, held["image"], batch_size=128), held["segmentation"]),
