@@ -235,7 +235,7 @@ def arm_config(arm: str, preset: Preset, ae_ckpt: str, scale_factor: float,
     """The ``model:`` config of one arm (see ``ARMS``); ``joint`` needs ``mask_ae = (checkpoint, latent scale)``."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
-    mask_from = "reencoded" if arm == "anatomical_reencoded" else None
+    mask_from = "reencoded" if arm in REENCODED else None
     if arm in SAME_MODELS:
         arm = SAME_MODELS[arm]  # the same trained models, sampled or labelled differently
     cfg = baseline_config(preset, ae_ckpt, scale_factor)
@@ -289,12 +289,16 @@ ARMS: dict[str, str] = {
     "shuffled_masks": "anatomical, but every image is trained with another image's mask",
     "anatomical_stopgrad": "anatomical, but the mask head reads the UNet's features through a stop-gradient and the "
                            "alignment loss is off: the masks cannot pull on the denoiser",
+    "anatomical_stopgrad_reencoded": "the anatomical_stopgrad arm's models and samples; own masks from the decoded "
+                                     "samples encoded again (mask_from: reencoded)",
 }
 # arms that reuse another arm's trained models (trained once, under that arm's directory)
-SAME_MODELS: dict[str, str] = {"anatomical_guided": "anatomical", "anatomical_reencoded": "anatomical"}
+SAME_MODELS: dict[str, str] = {"anatomical_guided": "anatomical", "anatomical_reencoded": "anatomical",
+                               "anatomical_stopgrad_reencoded": "anatomical_stopgrad"}
+# arms whose own masks come from the decoded samples encoded again: arm -> the arm with the same images
+REENCODED: dict[str, str] = {"anatomical_reencoded": "anatomical", "anatomical_stopgrad_reencoded": "anatomical_stopgrad"}
 MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_reencoded", "anatomical_v1", "joint", "registers_no_loss",
-             "shuffled_masks",
-             "anatomical_stopgrad")
+             "shuffled_masks", "anatomical_stopgrad", "anatomical_stopgrad_reencoded")
 
 
 # ------------------------------------------------------------------------------------------------ training

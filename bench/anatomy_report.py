@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from anatomy_models import REENCODED
 from anatomy_stats import mcnemar, mean_interval, paired_bootstrap, wilson
 from ldm.data.anatomy_check import RULES
 from ldm.data.labels import CTORGAN_CLASSES as CLASS_NAMES, CTORGAN_COLOURS
@@ -82,8 +83,8 @@ def aggregate(cal: dict, results: Results, steps: int) -> dict[str, Any]:
              if tag in results[arm][min(results[arm])]["evals"]]
     if "anatomical_guided" in results and "anatomical" in results:
         pairs.append(("anatomical_guided", "anatomical", "guidance_effect", final))
-    if "anatomical_reencoded" in results and "anatomical" in results:  # same images; own masks differ
-        pairs.append(("anatomical_reencoded", "anatomical", "own_masks_reencoded", final))
+    pairs += [(arm, same, "own_masks_reencoded", final)  # same images; own masks differ
+              for arm, same in REENCODED.items() if arm in results and same in results]
     # an ablation against the shipped method: which part of it does the work
     pairs += [(arm, "anatomical", "ablation", final) for arm in ABLATIONS if arm in results and "anatomical" in results]
     comparisons = [compare(results, a, b, kind, tag, final,

@@ -69,3 +69,23 @@ def test_benchmark_arm_uses_the_stop_gradient_without_alignment(arm):
         cfg["params"]["unet_config"]["params"].pop(key)
     cfg["params"]["attention_alignment_weight"] = shipped["params"]["attention_alignment_weight"]
     assert cfg == shipped
+
+
+def test_benchmark_arm_stopgrad_reencoded_is_the_stopgrad_models_with_reencoded_masks():
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import anatomy_models as am
+
+    stopgrad = am.arm_config("anatomical_stopgrad", am.PRESETS["quick"], "ae.ckpt", 1.0)
+    cfg = am.arm_config("anatomical_stopgrad_reencoded", am.PRESETS["quick"], "ae.ckpt", 1.0)
+    assert cfg["params"]["mask_from"] == "reencoded"
+    # the same models, trained once under the stop-gradient arm (which the shipped config, mask_from: reencoded,
+    # already makes reencode: the separate arm scores runs whose stop-gradient rows took masks from the latents)
+    assert cfg == stopgrad
+    assert am.SAME_MODELS["anatomical_stopgrad_reencoded"] == "anatomical_stopgrad"
+    assert am.REENCODED["anatomical_stopgrad_reencoded"] == "anatomical_stopgrad"
+    assert "anatomical_stopgrad_reencoded" in am.MASK_ARMS
