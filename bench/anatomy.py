@@ -489,6 +489,7 @@ def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
            "heldout_nn": ev.pixel_nn_distances(test["image"], ldm_train["image"])}
     results = run_all(arms, preset, ctx)
     results.update(_other_finished_arms(args.out, arms, preset, ctx, results))
+    results = {arm: results[arm] for arm in ["baseline"] + list(am.ARMS) if arm in results}  # the report's order
     meta = {"command": "python bench/anatomy.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "preset": name, "settings": settings, "seeds": list(range(preset.seeds)), "noise_seed": NOISE_SEED,
             "device": _device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
