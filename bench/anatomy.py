@@ -340,6 +340,26 @@ def _backfill_own_on_real(arm: str, config: dict, ckpt: str, path: str, ctx: dic
     _jdump(info, path + ".json")
 
 
+def _backfill_latent_rms(arm: str, config: dict, ckpt: str, path: str, preset: am.Preset, ctx: dict) -> None:
+    """Add the samples' latent spread to a final evaluation made before it was measured: the same samples drawn
+    again from the checkpoint (same start noise, same sampler), checked against the stored evaluation (the share
+    of samples whose rule outcome is reproduced is kept as ``latent_rms_resampled_agreement``)."""
+    if arm not in ctx.get("requested_arms", ()) or not os.path.isfile(path + ".json") or not os.path.isfile(ckpt):
+        return
+    info = _jload(path + ".json")
+    if "latent_rms" in info:
+        return
+    model = am.load_trained(config, ckpt, ctx["device"])
+    drawn = am.draw_samples(model, info["n"], preset.sampler_steps, NOISE_SEED, 250, ctx["device"], False,
+                            guidance=float(info.get("guidance") or 0.0))
+    with np.load(path + ".npz") as z:
+        stored = z["seg_plausible"]
+    again = ev.judge(drawn["image"], ctx["seg"])["outcomes"]["plausible"]
+    info["latent_rms"] = float(drawn["latent_rms"].pow(2).mean().sqrt())
+    info["latent_rms_resampled_agreement"] = float((np.asarray(again) == stored).mean())
+    _jdump(info, path + ".json")
+
+
 def _load_eval(path: str) -> dict[str, Any]:
     info = _jload(path + ".json")
     with np.load(path + ".npz") as z:
@@ -410,6 +430,7 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
         final = int(step) == preset.steps
         if final:
             _backfill_own_on_real(arm, config, ckpt, os.path.join(out, f"eval_step{int(step):06d}"), ctx)
+            _backfill_latent_rms(arm, config, ckpt, os.path.join(out, f"eval_step{int(step):06d}"), preset, ctx)
         evals[f"step{int(step)}"] = evaluate_checkpoint(arm, config, ckpt, preset.samples if final else
                                                         preset.curve_samples, final, preset, seed, ctx,
                                                         os.path.join(out, f"eval_step{int(step):06d}"))
@@ -486,7 +507,7 @@ def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     ctx = {"out": args.out, "device": device, "seg": seg, "train": ldm_train, "test": test, "ae_ckpt": ae_ckpt,
            "scale_factor": scale, "progress": args.progress, "guidance": args.guidance,
            "real_features": ev.segmenter_features(seg, test["image"]),
-           "heldout_nn": ev.pixel_nn_distances(test["image"], ldm_train["image"])}
+           "heldout_nn": ev.pixel_nn_distances(test["image"], ldm_train["image"]), "requested_arms": arms}
     results = run_all(arms, preset, ctx)
     results.update(_other_finished_arms(args.out, arms, preset, ctx, results))
     results = {arm: results[arm] for arm in ["baseline"] + list(am.ARMS) if arm in results}  # the report's order

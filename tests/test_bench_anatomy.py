@@ -144,6 +144,13 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     info.pop("own_real_pass_rate")
     with open(final_eval, "w") as f:
         json.dump(info, f)
+    # ... and one made before the samples' latent spread was measured gets it by drawing the samples again
+    base_eval = os.path.join(out, "arms", "baseline", "seed1", f"eval_step{preset.steps:06d}.json")
+    with open(base_eval) as f:
+        info = json.load(f)
+    base_rms = info.pop("latent_rms")
+    with open(base_eval, "w") as f:
+        json.dump(info, f)
 
     # a second call on the same run directory reuses every checkpoint and evaluation (nothing is retrained) and
     # adds an arm: the anatomical models sampled with anatomy guidance, compared with the same models unguided
@@ -157,6 +164,10 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     with open(final_eval) as f:
         assert json.load(f)["own_dice_real"] == first
     assert again["arms"]["anatomical"]["own_mask_dice_real_ci95"] == real
+    with open(base_eval) as f:
+        info = json.load(f)
+    assert info["latent_rms"] == pytest.approx(base_rms, rel=1e-5)
+    assert info["latent_rms_resampled_agreement"] == 1.0  # the same samples, judged the same
     assert again["arms"]["anatomical_guided"]["n_samples"] == preset.samples
     assert again["meta"]["guidance_scale"] == 2.0
     assert ("anatomical_guided", "anatomical", "guidance_effect") in {(c["a"], c["b"], c["kind"])
