@@ -66,6 +66,8 @@ def aggregate(cal: dict, results: Results, steps: int) -> dict[str, Any]:
                                  for k in finals[0]["memorisation"]}
         rms = [f.get("latent_rms") for f in finals]
         entry["latent_rms"] = mean_interval(rms) if all(r is not None for r in rms) else None
+        agree = [f["latent_rms_resampled_agreement"] for f in finals if "latent_rms_resampled_agreement" in f]
+        entry["latent_rms_resampled_agreement"] = min(agree) if agree else None
         entry["train_seconds"] = float(np.mean([per_seed[s]["train"]["train_seconds"] for s in seeds]))
         entry["sampling_seconds_per_sample"] = float(np.mean([f["sampling_seconds"] / f["n"] for f in finals]))
         entry["curve"] = {}
@@ -188,6 +190,12 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
                   f"slices' ({_num(real, 2)}): a model far from convergence samples latents well off the encoder's "
                   "manifold that may still decode to plausible images. "
                   + "; ".join(f"{n} {_ci(a['latent_rms'], 2)}" for n, a in arms.items() if a.get("latent_rms")) + "."]
+        again = {n: a["latent_rms_resampled_agreement"] for n, a in arms.items()
+                 if a.get("latent_rms_resampled_agreement") is not None}
+        if again:
+            lines[-1] += (" Measured after the run by drawing the same samples again for "
+                          + ", ".join(f"{n} (rule outcomes reproduced for {_pct(v)} of the samples)"
+                                      for n, v in again.items()) + ".")
     heads = {n: a for n, a in arms.items() if a.get("own_mask_dice_real_ci95")}
     if heads:
         lines += ["", "Own masks of **real** test slices (the segmentation head at t = 0 on their posterior means, "

@@ -168,6 +168,9 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
         info = json.load(f)
     assert info["latent_rms"] == pytest.approx(base_rms, rel=1e-5)
     assert info["latent_rms_resampled_agreement"] == 1.0  # the same samples, judged the same
+    assert again["arms"]["baseline"]["latent_rms_resampled_agreement"] == 1.0
+    assert "baseline (rule outcomes reproduced for 100.0% of the samples)" in open(
+        os.path.join(out, "report.md")).read()
     assert again["arms"]["anatomical_guided"]["n_samples"] == preset.samples
     assert again["meta"]["guidance_scale"] == 2.0
     assert ("anatomical_guided", "anatomical", "guidance_effect") in {(c["a"], c["b"], c["kind"])
