@@ -296,7 +296,8 @@ ARMS: dict[str, str] = {
 SAME_MODELS: dict[str, str] = {"anatomical_guided": "anatomical", "anatomical_reencoded": "anatomical",
                                "anatomical_stopgrad_reencoded": "anatomical_stopgrad"}
 # arms whose own masks come from the decoded samples encoded again: arm -> the arm with the same images
-REENCODED: dict[str, str] = {"anatomical_reencoded": "anatomical", "anatomical_stopgrad_reencoded": "anatomical_stopgrad"}
+REENCODED: dict[str, str] = {"anatomical_reencoded": "anatomical",
+                             "anatomical_stopgrad_reencoded": "anatomical_stopgrad"}
 MASK_ARMS = ("anatomical", "anatomical_guided", "anatomical_reencoded", "anatomical_v1", "joint", "registers_no_loss",
              "shuffled_masks", "anatomical_stopgrad", "anatomical_stopgrad_reencoded")
 
