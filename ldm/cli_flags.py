@@ -13,13 +13,15 @@ SPELLING_NOTE = "Long options may be written with '_' or '-' (e.g. --max_steps o
 
 
 def _show_default(action: argparse.Action) -> None:
-    """Append ``(default: ...)`` to an option's help unless the default is None/False or already shown."""
+    """Append ``(default: ...)`` to an option's help unless the default is None/False or already shown; an on/off
+    flag (``store_true``/``store_false``) says what it does when given, so its default is not shown (``--no-ema
+    ... (default: True)`` would read as "no EMA by default")."""
     if not action.option_strings or action.help == argparse.SUPPRESS:
         return
     default = action.default
     if default is None or default is False or default is argparse.SUPPRESS or default in ([], (), ""):
         return
-    if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+    if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return
     if action.help and "%(default)" in action.help:
         return

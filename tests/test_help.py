@@ -76,7 +76,7 @@ def test_script_help_shows_every_default(name, monkeypatch, capsys):
     for action in parser._actions:
         default = action.default
         if not action.option_strings or default is None or default is False or default in ("", [], ()) \
-                or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+                or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
             continue
         assert "%(default)" in (action.help or ""), f"{name}: {action.option_strings} hides its default"
         assert f"(default: {default})" in flat, f"{name}: {action.option_strings}"
@@ -102,3 +102,13 @@ def test_main_accepts_both_spellings():
     assert opt.resume_from_checkpoint == "x.ckpt" and overrides == ["model.p=1"]
     opt, overrides = parse_args(["--scale-lr", "a.b=2"])  # a bare boolean flag before an override
     assert opt.scale_lr is True and overrides == ["a.b=2"]
+
+
+def test_an_off_switch_does_not_show_its_default():
+    parser = cli_flags.ArgumentParser()
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="sample with the live weights")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    text = " ".join(parser.format_help().split())
+    assert "--no-ema sample with the live weights" in text and "(default: True)" not in text
+    assert "sampler steps (default: 50)" in text
+    assert parser.parse_args(["--no-ema"]).ema is False and parser.parse_args([]).ema is True
