@@ -62,6 +62,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="training slices the diffusion models see (default: the whole training split, 2048 in the cpu "
                         "preset; e.g. 64 for a data-scarce run). The autoencoder and the independent segmenter are "
                         "trained on the whole split either way")
+    p.add_argument("--mask-ae-steps", "--mask_ae_steps", dest="mask_ae_steps", type=int, default=None,
+                   help="training batches of the joint arm's mask autoencoder (default: the preset's autoencoder "
+                        "steps, 1000 in the cpu preset)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="anatomy-guidance scale of the anatomical_guided arm")
     p.add_argument("--preset", choices=sorted(am.PRESETS), default=None,
@@ -151,7 +154,8 @@ def resolve_preset(args: argparse.Namespace, device: torch.device) -> am.Preset:
     name = args.preset or ("quick" if args.quick else "gpu" if device.type == "cuda" else "cpu")
     preset = am.PRESETS[name]
     overrides = {k: v for k, v in (("seeds", args.seeds), ("steps", args.steps), ("samples", args.samples),
-                                    ("ldm_train_slices", args.train_slices)) if v is not None}
+                                    ("ldm_train_slices", args.train_slices),
+                                    ("mask_ae_steps", getattr(args, "mask_ae_steps", None))) if v is not None}
     for key, value in overrides.items():
         if value < 1:
             raise ValueError(f"--{key.replace('ldm_', '').replace('_', '-')} must be >= 1, got {value}")
@@ -220,16 +224,35 @@ def train_mask_autoencoder(preset: am.Preset, train: dict, out: str, device: tor
     scale ``1 / std`` over the training masks (the same for every seed)."""
     ckpt, scale_path = os.path.join(out, "mask_autoencoder.ckpt"), os.path.join(out, "mask_autoencoder.json")
     if os.path.isfile(ckpt) and os.path.isfile(scale_path):
-        return ckpt, float(_jload(scale_path)["scale_factor"])
-    model = _fit_first_stage(am.mask_autoencoder_config(preset), 1e-3, 1, preset, train, ckpt, device, progress)
+        info = _jload(scale_path)
+        if "validation_reconstruction_dice" not in info:  # a run made before it was measured
+            model = instantiate_from_config(am.mask_autoencoder_config(preset))
+            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+            info["validation_reconstruction_dice"] = _mask_reconstruction_dice(model.eval().to(device), preset,
+                                                                               device)
+            _jdump(info, scale_path)
+        return ckpt, float(info["scale_factor"])
+    steps = preset.mask_ae_steps or preset.ae_steps
+    model = _fit_first_stage(am.mask_autoencoder_config(preset), 1e-3, 1, dataclasses.replace(preset, ae_steps=steps),
+                             train, ckpt, device, progress)
     with torch.no_grad():
         z = torch.cat([model.encode_mask(m.to(device)).float().cpu() for m in train["segmentation"].split(256)])
         rec = torch.cat([model.decode(model.encode_mask(m.to(device))).argmax(1).cpu()
                          for m in train["segmentation"].split(256)])
     scale = float(1.0 / z.flatten().std())
-    _jdump({"scale_factor": scale, "train_reconstruction_dice": ev.foreground_dice(rec, train["segmentation"])},
-           scale_path)
+    _jdump({"scale_factor": scale, "steps": steps,
+            "train_reconstruction_dice": ev.foreground_dice(rec, train["segmentation"]),
+            "validation_reconstruction_dice": _mask_reconstruction_dice(model, preset, device)}, scale_path)
     return ckpt, scale
+
+
+@torch.no_grad()
+def _mask_reconstruction_dice(model: torch.nn.Module, preset: am.Preset, device: torch.device) -> dict[str, Any]:
+    """The mask autoencoder's reconstruction Dice on the phantom's validation split (patients of neither the
+    training nor the test split; as many slices as the test split)."""
+    masks = am.phantom_split(preset, "validation", preset.test_slices)["segmentation"]
+    rec = torch.cat([model.decode(model.encode_mask(m.to(device))).argmax(1).cpu() for m in masks.split(256)])
+    return ev.foreground_dice(rec, masks)
 
 
 def independent_segmenter(preset: am.Preset, train: dict, out: str, device: torch.device,

@@ -46,6 +46,7 @@ class Preset:
             training split (a data-scarce run); the autoencoder and the independent segmenter, the measuring
             instrument, are still trained on all ``train_slices``.
         ae_steps, ae_batch, ae_ch: autoencoder training batches, batch size and base width.
+        mask_ae_steps: training batches of the joint arm's mask autoencoder (default: ``ae_steps``).
         seg_steps: steps of the independent segmenter (real training split).
         unet: UNet size (model_channels, channel_mult, num_res_blocks, ...).
         steps, batch, lr: LDM optimiser steps, batch size and AdamW learning rate.
@@ -78,6 +79,7 @@ class Preset:
     tstr_steps: int = 600
     bootstrap: int = 2000
     ldm_train_slices: Optional[int] = None
+    mask_ae_steps: Optional[int] = None
 
 
 PRESETS: dict[str, Preset] = {

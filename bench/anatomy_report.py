@@ -168,8 +168,13 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
              f"{_ci(mean_interval(list(cal['tstr_real_dice'].values())))} |"]
     if meta.get("mask_autoencoder"):
         d = meta["mask_autoencoder"]["train_reconstruction_dice"]
-        lines.append(f"| joint arm's mask autoencoder: reconstruction Dice on the training masks (per class "
-                     f"{_fmt_list(d['per_class'])}) | {_num(d['foreground_mean'])} |")
+        steps = meta["mask_autoencoder"].get("steps")
+        lines.append(f"| joint arm's mask autoencoder{f' ({steps} steps)' if steps else ''}: reconstruction Dice on "
+                     f"the training masks (per class {_fmt_list(d['per_class'])}) | {_num(d['foreground_mean'])} |")
+        d = meta["mask_autoencoder"].get("validation_reconstruction_dice")
+        if d:
+            lines.append(f"| joint arm's mask autoencoder: reconstruction Dice on the validation split's masks (per "
+                         f"class {_fmt_list(d['per_class'])}) | {_num(d['foreground_mean'])} |")
     lines += ["",
              "## Arms (final checkpoint, equal optimiser steps)", "",
              "| arm | n | pass rate [95% Wilson] | own-mask pass | own vs segmenter Dice | TSTR Dice | FID seg | "

@@ -186,6 +186,11 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     joint = again["arms"]["joint"]
     assert joint["own_mask_pass_rate"] is not None and 0.0 <= joint["own_mask_dice"] <= 1.0
     assert again["meta"]["mask_autoencoder"]["scale_factor"] > 0
+    mask_ae = again["meta"]["mask_autoencoder"]
+    assert mask_ae["steps"] == preset.ae_steps  # the default: as many steps as the image autoencoder
+    val = mask_ae["validation_reconstruction_dice"]  # issue 13's measure: masks of patients it never saw
+    assert len(val["per_class"]) == am.NUM_CLASSES and 0.0 <= val["foreground_mean"] <= 1.0
+    assert "reconstruction Dice on the validation split's masks" in open(os.path.join(out, "report.md")).read()
     assert "mask autoencoder" in open(os.path.join(out, "report.md")).read()
     # the joint arm is an ablation of the shipped method: compared with it as well as with the baseline
     assert ("joint", "anatomical", "ablation") in {(c["a"], c["b"], c["kind"]) for c in again["comparisons"]}
@@ -288,3 +293,42 @@ def test_data_scarce_run_limits_only_the_diffusion_models(tmp_path, monkeypatch)
     assert "data-scarce run" in open(os.path.join(out, "report.md")).read()
     # more slices than the split holds is refused before any work
     assert _run(str(tmp_path / "too_many"), "--train-slices", str(preset.train_slices + 1)) == 2
+    assert _run(str(tmp_path / "no_steps"), "--mask-ae-steps", "0") == 2
+
+
+def test_mask_autoencoder_steps_and_validation_dice(tmp_path, monkeypatch):
+    """``--mask-ae-steps``: the joint arm's mask autoencoder trains that many batches (default: the image
+    autoencoder's); its reconstruction Dice on the validation split is measured, and added to a run made before."""
+    import dataclasses
+
+    import anatomy
+
+    steps_seen = []
+    real_kwargs = am.trainer_kwargs
+
+    def trainer_kwargs(device, steps, progress):
+        steps_seen.append(steps)
+        return real_kwargs(device, steps, progress)
+
+    monkeypatch.setattr(am, "trainer_kwargs", trainer_kwargs)
+    preset = dataclasses.replace(am.PRESETS["quick"], mask_ae_steps=5)
+    train = am.phantom_split(preset, "train")
+    ckpt, scale = anatomy.train_mask_autoencoder(preset, train, str(tmp_path), torch.device("cpu"), False)
+    assert steps_seen == [5] and scale > 0
+    path = os.path.join(str(tmp_path), "mask_autoencoder.json")
+    with open(path) as f:
+        info = json.load(f)
+    assert info["steps"] == 5
+    val = info.pop("validation_reconstruction_dice")
+    assert len(val["per_class"]) == am.NUM_CLASSES and 0.0 <= val["foreground_mean"] <= 1.0
+    with open(path, "w") as f:
+        json.dump(info, f)
+    # a run directory made before the measure existed: the checkpoint is reused (no training) and measured
+    assert anatomy.train_mask_autoencoder(preset, train, str(tmp_path), torch.device("cpu"), False) == (ckpt, scale)
+    assert steps_seen == [5]
+    with open(path) as f:
+        again = json.load(f)["validation_reconstruction_dice"]
+    assert again["per_class"] == pytest.approx(val["per_class"], abs=1e-6)
+    args = anatomy.parse_args(["-o", "x", "--quick", "--mask-ae-steps", "7"])
+    assert anatomy.resolve_preset(args, torch.device("cpu")).mask_ae_steps == 7
+    assert anatomy.resolve_preset(anatomy.parse_args(["-o", "x", "--quick"]), torch.device("cpu")).mask_ae_steps is None
