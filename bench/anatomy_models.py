@@ -174,9 +174,14 @@ JOINT_CONFIG = os.path.join(ROOT, "configs", "latent-diffusion", "anatomical_joi
 
 
 def mask_autoencoder_config(preset: Preset) -> dict[str, Any]:
-    """The joint arm's mask first stage: the shipped phantom mask autoencoder at the benchmark's image size."""
+    """The joint arm's mask first stage: the shipped phantom mask autoencoder at the benchmark's image size; its
+    learning-rate schedule, if it has one, is stretched to the benchmark's mask-autoencoder steps."""
     params = _yaml_model_params(MASK_AE_CONFIG)
     params["ddconfig"]["resolution"] = preset.size
+    schedule = (params.get("scheduler_config") or {}).get("params")
+    if schedule is not None and "max_decay_steps" in schedule:
+        schedule["max_decay_steps"] = max(int(schedule.get("warm_up_steps", 0)) + 1,
+                                          preset.mask_ae_steps or preset.ae_steps)
     params.pop("monitor", None)
     return {"target": OmegaConf.load(MASK_AE_CONFIG).model.target, "params": params}
 

@@ -332,3 +332,8 @@ def test_mask_autoencoder_steps_and_validation_dice(tmp_path, monkeypatch):
     args = anatomy.parse_args(["-o", "x", "--quick", "--mask-ae-steps", "7"])
     assert anatomy.resolve_preset(args, torch.device("cpu")).mask_ae_steps == 7
     assert anatomy.resolve_preset(anatomy.parse_args(["-o", "x", "--quick"]), torch.device("cpu")).mask_ae_steps is None
+    # the shipped config's learning-rate schedule decays over the benchmark's mask-autoencoder steps
+    decay = am.mask_autoencoder_config(preset)["params"]["scheduler_config"]["params"]["max_decay_steps"]
+    assert decay == 5
+    assert am.mask_autoencoder_config(dataclasses.replace(preset, mask_ae_steps=None, ae_steps=40)
+                                      )["params"]["scheduler_config"]["params"]["max_decay_steps"] == 40

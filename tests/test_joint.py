@@ -100,6 +100,27 @@ def test_mask_autoencoder_training_reduces_the_loss_and_unlabelled_examples_are_
     assert images["reconstructions"].shape == (2, 3, 16, 16) and images["inputs"].min() >= -1
 
 
+def test_mask_autoencoder_learning_rate_schedule_in_a_lightning_run(tmp_path):
+    """``scheduler_config``: the learning rate follows ``base * schedule(step)`` per optimiser step."""
+    import pytorch_lightning as pl
+
+    sched = {"target": "ldm.lr_scheduler.LambdaWarmUpCosineScheduler",
+             "params": {"warm_up_steps": 1, "lr_min": 0.1, "lr_max": 1.0, "lr_start": 0.5, "max_decay_steps": 5}}
+    ae = MaskAutoencoderKL(**mask_ae_params(), scheduler_config=sched)
+    ae.learning_rate = 1e-3
+    loader = torch.utils.data.DataLoader(PhantomDataset(size=16, num_samples=8, seed=0), batch_size=2)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(ae, loader)
+    # warm-up 0.5 -> 1.0 over one step, then cosine from 1.0 (step 1) to 0.1 (step 5): at step 3 halfway
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.55)
+    constant = MaskAutoencoderKL(**mask_ae_params())
+    constant.learning_rate = 1e-3
+    assert isinstance(constant.configure_optimizers(), torch.optim.Adam)
+    with pytest.raises(ValueError, match="has no schedule"):
+        MaskAutoencoderKL(**mask_ae_params(), scheduler_config={"target": "torch.nn.Identity"})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_classes": 1}, "num_classes must be >= 2"),
     ({"embed_dim": 0}, "embed_dim must be >= 1"),

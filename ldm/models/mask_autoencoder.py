@@ -21,6 +21,7 @@ from ldm.models.optim import make_adam
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, colourise, generic_label_set, get_label_set
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class MaskAutoencoderKL(pl.LightningModule):
         label_set: name in :mod:`ldm.data.labels` (preview colours); ``None``: generic colours.
         sample_posterior: train on posterior samples (``True``, as the image autoencoder) or on the posterior mode
             (``False``: a plain autoencoder whose latent means carry the KL term; converges faster).
+        scheduler_config: ``{target, params}`` of an :mod:`ldm.lr_scheduler` multiplier, applied per optimiser
+            step (``LambdaLR``); ``None``: a constant learning rate.
         ckpt_path, ignore_keys: weights to load after construction.
         monitor: metric name for checkpointing.
     """
@@ -104,7 +107,8 @@ class MaskAutoencoderKL(pl.LightningModule):
     def __init__(self, ddconfig: Mapping[str, Any], num_classes: int, embed_dim: int,
                  mask_key: str = "segmentation", ignore_index: int = DEFAULT_IGNORE_INDEX, kl_weight: float = 1e-6,
                  dice_weight: float = 1.0, class_weights: Optional[Sequence[float]] = None,
-                 label_set: Optional[str] = None, sample_posterior: bool = True, ckpt_path: Optional[str] = None,
+                 label_set: Optional[str] = None, sample_posterior: bool = True,
+                 scheduler_config: Optional[Mapping[str, Any]] = None, ckpt_path: Optional[str] = None,
                  ignore_keys: Sequence[str] = (), monitor: Optional[str] = "val/rec_loss") -> None:
         super().__init__()
         if int(num_classes) < 2:
@@ -130,6 +134,13 @@ class MaskAutoencoderKL(pl.LightningModule):
         self.kl_weight = float(kl_weight)
         self.dice_weight = float(dice_weight)
         self.sample_posterior = bool(sample_posterior)
+        self.lr_multiplier = None
+        if scheduler_config is not None:
+            multiplier = instantiate_from_config(scheduler_config)
+            if not callable(getattr(multiplier, "schedule", None)):
+                raise ValueError(f"scheduler_config target {scheduler_config.get('target')!r} has no schedule(step) "
+                                 "method (use one of ldm.lr_scheduler's classes)")
+            self.lr_multiplier = multiplier
         self.label_set = get_label_set(label_set) if label_set is not None else generic_label_set(self.num_classes)
         if label_set is not None:
             self.label_set.check_num_classes(self.num_classes, "the mask autoencoder (num_classes)")
@@ -226,12 +237,16 @@ class MaskAutoencoderKL(pl.LightningModule):
         self.log_dict(log, sync_dist=True, batch_size=len(mask))
         return log
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         lr = getattr(self, "learning_rate", None)
         if lr is None:
             raise ValueError("MaskAutoencoderKL.learning_rate is not set; main.py sets it from "
                              "model.base_learning_rate, set it yourself when training without main.py")
-        return make_adam(torch.optim.Adam, self.parameters(), lr=float(lr))
+        opt = make_adam(torch.optim.Adam, self.parameters(), lr=float(lr))
+        if self.lr_multiplier is None:
+            return opt
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_multiplier.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], only_inputs: bool = False, **kwargs: Any) -> dict[str, torch.Tensor]:
