@@ -235,10 +235,7 @@ def train_mask_autoencoder(preset: am.Preset, train: dict, out: str, device: tor
     steps = preset.mask_ae_steps or preset.ae_steps
     model = _fit_first_stage(am.mask_autoencoder_config(preset), 1e-3, 1, dataclasses.replace(preset, ae_steps=steps),
                              train, ckpt, device, progress)
-    with torch.no_grad():
-        z = torch.cat([model.encode_mask(m.to(device)).float().cpu() for m in train["segmentation"].split(256)])
-        rec = torch.cat([model.decode(model.encode_mask(m.to(device))).argmax(1).cpu()
-                         for m in train["segmentation"].split(256)])
+    z, rec = _encode_and_reconstruct(model, train["segmentation"], device)
     scale = float(1.0 / z.flatten().std())
     _jdump({"scale_factor": scale, "steps": steps,
             "train_reconstruction_dice": ev.foreground_dice(rec, train["segmentation"]),
@@ -247,12 +244,22 @@ def train_mask_autoencoder(preset: am.Preset, train: dict, out: str, device: tor
 
 
 @torch.no_grad()
+def _encode_and_reconstruct(model: torch.nn.Module, masks: torch.Tensor, device: torch.device
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask autoencoder's latents (posterior mode, float32) and reconstructed masks of ``masks``, on the CPU."""
+    latents, rec = [], []
+    for m in masks.split(256):
+        z = model.encode_mask(m.to(device))
+        latents.append(z.float().cpu())
+        rec.append(model.decode_mask(z).cpu())
+    return torch.cat(latents), torch.cat(rec)
+
+
 def _mask_reconstruction_dice(model: torch.nn.Module, preset: am.Preset, device: torch.device) -> dict[str, Any]:
     """The mask autoencoder's reconstruction Dice on the phantom's validation split (patients of neither the
     training nor the test split; as many slices as the test split)."""
     masks = am.phantom_split(preset, "validation", preset.test_slices)["segmentation"]
-    rec = torch.cat([model.decode(model.encode_mask(m.to(device))).argmax(1).cpu() for m in masks.split(256)])
-    return ev.foreground_dice(rec, masks)
+    return ev.foreground_dice(_encode_and_reconstruct(model, masks, device)[1], masks)
 
 
 def independent_segmenter(preset: am.Preset, train: dict, out: str, device: torch.device,
