@@ -103,11 +103,15 @@ class FaultyToy(ToyModel):
 
 @pytest.fixture(autouse=True)
 def _restore_process_state(monkeypatch):
-    """main and Lightning install signal handlers, the disk-full fault lowers a limit: put them back."""
+    """main and Lightning install signal handlers, the disk-full fault lowers a limit: put them back. Each test
+    starts with Python's Ctrl-C handler, whatever the shell that started pytest left."""
     monkeypatch.setenv("LDM_TRUSTED_TARGETS", "test_main_toy,test_training_faults")  # resumed toy configs
     signals = [s for s in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGXFSZ") if hasattr(signal, s)]
     handlers = {s: signal.getsignal(getattr(signal, s)) for s in signals}
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Ctrl-C as in an interactive shell: a shell without job control starts background jobs with SIGINT
+    # ignored (`make test &` in a script), and the Ctrl-C test would then train to the end
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     for name, handler in handlers.items():
