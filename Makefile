@@ -16,8 +16,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	PYTHON=$(abspath $(PY)) bash scripts/demo.sh
 
+# one pytest worker per core (at most 8; e.g. `make test TEST_WORKERS=1` for one process), longest tests first
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))")
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py --quick

@@ -33,9 +33,10 @@ setup(
         # Inception network that tests/test_metrics_medical.py loads from a local file
         # nilearn ships the MNI ICBM152 template that bench/anatomy_mni.py (the benchmark's real-data arm) and
         # tests/test_bench_anatomy_mni.py read
-        # highdicom writes the DICOM-SEG of tests/test_dicom.py; monai runs tests/test_monai_data.py
-        "test": ["pytest>=7.4", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3", "nilearn>=0.10",
-                 "highdicom>=0.28", "monai>=1.6"],
+        # highdicom writes the DICOM-SEG of tests/test_dicom.py; monai runs tests/test_monai_data.py;
+        # pytest-xdist runs the suite on every core (`make test`)
+        "test": ["pytest>=7.4", "pytest-xdist>=3", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3",
+                 "nilearn>=0.10", "highdicom>=0.28", "monai>=1.6"],
         "bench": ["nilearn>=0.10"],
         # FID with the standard Inception weights (torch-fidelity's network, through torchmetrics)
         "metrics": ["torch-fidelity>=0.3"],

@@ -15,13 +15,22 @@ COMPAT_DIR = ROOT.parent / "shared" / "compat"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (still run in CI)")
+    config.addinivalue_line("markers", "slow(seconds): takes more than ~20 s on 2 CPU cores, about `seconds` on an "
+                            "idle core (still run in CI; the longest start first)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped elsewhere")
+
+
+def _expected_seconds(item: pytest.Item) -> float:
+    mark = item.get_closest_marker("slow")
+    return float(mark.args[0]) if mark is not None and mark.args else 0.0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    # the slow tests first, the longest first, the rest in file order: with pytest-xdist (`make test`) the
+    # workers then finish together instead of one of them starting the longest test last
+    items.sort(key=lambda item: -_expected_seconds(item))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

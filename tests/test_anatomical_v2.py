@@ -278,6 +278,7 @@ def _train_v2(shuffle_masks: bool, steps: int = 100) -> tuple[float, float, dict
     return sum(own.values()) / len(own), sum(other.values()) / len(other), corr
 
 
+@pytest.mark.slow(30)
 def test_short_training_v2_head_learns_the_masks_beyond_a_shuffled_mask_control():
     """100 steps each, on the true masks and on masks shuffled across slices (CPU, ~35 s together).
 

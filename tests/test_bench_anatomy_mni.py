@@ -57,6 +57,7 @@ def test_template_through_the_nifti_dataset(tmp_path):
     assert (rim == 2).sum() <= (rim == 1).sum()
 
 
+@pytest.mark.slow(28)
 def test_quick_run_end_to_end_and_resume(tmp_path, capsys):
     out = str(tmp_path / "mni")
     assert mni.main(["-o", out, "--quick", "--no-progress"]) == 0

@@ -120,6 +120,7 @@ def _pngs(folder: Path) -> dict[str, np.ndarray]:
             for p in sorted(glob.glob(str(folder / "**" / "*.png"), recursive=True))}
 
 
+@pytest.mark.slow(20)
 def test_compiled_training_run_checkpoint_loads_into_an_eager_model_and_samples_compiled(tmp_path, caplog):
     caplog.set_level("INFO")
     caplog.set_level("INFO", logger="ldm")  # whatever level an earlier in-process tool left on the package logger

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import main
@@ -35,6 +36,7 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+@pytest.mark.slow(35)
 def test_ldm_trains_then_resumes_with_step_and_ema(tmp_path):
     _main(tmp_path, "--base", TINY_LDM, "-t", "--accelerator", "cpu")
     run = _only_run(tmp_path / "logs")
@@ -55,6 +57,7 @@ def test_ldm_trains_then_resumes_with_step_and_ema(tmp_path):
     assert len(second["optimizer_states"]) == 1 and second["optimizer_states"][0]["state"]
 
 
+@pytest.mark.slow(20)
 def test_ldm_ddp_two_cpu_processes(tmp_path):
     proc = _main(tmp_path, "--base", TINY_LDM, "-t", "lightning.trainer.accelerator=cpu",
                  "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp",

@@ -41,7 +41,7 @@ def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_two_nodes_one_run_rank_zero_writes_lr_counts_nodes_and_resume_on_one_node(tmp_path):
     port = _free_port()
     node_dirs = [tmp_path / "node0", tmp_path / "node1"]
