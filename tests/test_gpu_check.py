@@ -19,12 +19,14 @@ if BENCH not in sys.path:
 import gpu_check  # noqa: E402
 
 
-@pytest.mark.slow
+@pytest.mark.slow(150)
 def test_cpu_dry_run_runs_every_section(tmp_path):
     out = tmp_path / "gpu.json"
+    # a budget far above the ~150 s the dry run takes alone: on a loaded machine (pytest-xdist workers, other
+    # jobs) every section still gets its time, so the test checks the code paths, not the machine's speed
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu-dry-run", "--out", str(out),
-                           "--work", str(tmp_path / "work"), "--budget-s", "400"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--work", str(tmp_path / "work"), "--budget-s", "1500"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["dry_run"] is True
@@ -42,6 +44,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     # the anatomical model does strictly more work per sample than the plain one (registers, mask decoder)
     assert train["anatomical_model"]["train_gflop_per_sample"] > train["plain_model"]["train_gflop_per_sample"] > 0
 
+    assert res["sections"]["sampling"]["result"]["precision"] == "fp32"  # the dry run's; bf16 autocast on a GPU
     rows = res["sections"]["sampling"]["result"]["rows"]
     assert {(r["sampler"], r["batch"]) for r in rows} == {(s, b) for s in ("ddim", "dpmpp2m") for b in (2, 4)}
     assert all(r["finite"] and r["images_per_s"] > 0 and r["steps_taken"] >= r["steps"] for r in rows)
