@@ -426,13 +426,15 @@ def load_trained(config: dict[str, Any], ckpt: str, device: torch.device) -> tor
 @torch.no_grad()
 def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed: int, batch: int,
                  device: torch.device, own_masks: bool, progress: Optional[Callable[[int], None]] = None,
-                 guidance: float = 0.0) -> dict[str, torch.Tensor]:
-    """``n`` samples (EMA weights, DDIM eta 0) from the start noise of indices ``0..n-1`` of ``noise_seed``
-    (shared by every arm), decoded to images ``[n, 1, H, W]``, and each sample's image-latent RMS
-    (``latent_rms``, in the model's scaled latent space); with ``own_masks`` the model's own masks;
-    ``guidance`` > 0 steers every step with the model's mask-free anatomy guidance."""
+                 guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0) -> dict[str, torch.Tensor]:
+    """``n`` samples (EMA weights; the benchmark's DDIM eta 0 unless ``sampler``/``eta`` say otherwise) from the
+    start noise of indices ``0..n-1`` of ``noise_seed`` (shared by every arm), decoded to images ``[n, 1, H, W]``,
+    and each sample's image-latent RMS (``latent_rms``, in the model's scaled latent space); with ``own_masks``
+    the model's own masks; ``guidance`` > 0 steers every step with the model's mask-free anatomy guidance.
+    A stochastic sampler (DDIM eta > 0, ``ancestral``) draws its step noise per sample from ``noise_seed``, so a
+    sample does not depend on the batch it is in."""
     from ldm.models.diffusion.guidance import AnatomyGuidance
-    from ldm.sampling import initial_noise, latent_shape, predict_masks, sample_latents
+    from ldm.sampling import SampleNoise, initial_noise, latent_shape, predict_masks, sample_latents
 
     shape = latent_shape(model)
     images, masks, spreads = [], [], []
@@ -442,7 +444,8 @@ def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed:
             idx = list(range(first, min(n, first + batch)))
             x_T = initial_noise(shape, noise_seed, idx, device=device)
             steer = AnatomyGuidance(model, guidance) if guidance > 0 else None
-            z = sample_latents(model, x_T, sampler_steps, 0.0, guidance=steer)
+            z = sample_latents(model, x_T, sampler_steps, eta, SampleNoise(noise_seed, idx), sampler=sampler,
+                               guidance=steer)
             img = model.decode_first_stage(z).clamp(-1, 1)
             images.append(img.float().cpu())
             spreads.append(z[:, :image_channels].float().flatten(1).pow(2).mean(1).sqrt().cpu())

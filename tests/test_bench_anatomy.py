@@ -17,6 +17,7 @@ if BENCH not in sys.path:
 
 import anatomy_models as am  # noqa: E402
 from anatomy_stats import mcnemar, mean_interval, paired_bootstrap, wilson  # noqa: E402
+from ldm.evaluation.segmenter import load_segmenter  # noqa: E402
 
 
 def test_wilson_known_values():
@@ -97,6 +98,7 @@ def _run(out: str, *extra: str) -> int:
     return anatomy.main(["-o", out, "--quick", "--no-progress", *extra])
 
 
+@pytest.mark.slow(70)
 def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert _run(out) == 0
@@ -195,6 +197,52 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     # the joint arm is an ablation of the shipped method: compared with it as well as with the baseline
     assert ("joint", "anatomical", "ablation") in {(c["a"], c["b"], c["kind"]) for c in again["comparisons"]}
 
+    # bench/anatomy_samplers.py re-samples a trained model with other samplers from the same start noise: its
+    # DDIM eta-0 row at the preset's steps reproduces the benchmark's own outcomes sample by sample
+    import anatomy_samplers
+
+    n = preset.samples
+    samplers = f"ddim:{preset.sampler_steps}:0,ddim:4:1,dpmpp2m:4"
+    assert anatomy_samplers.main(["-o", out, "--seed", "1", "-n", str(n), "--samplers", samplers,
+                                  "--batch", "7", "--no-progress"]) == 0
+    table = os.path.join(out, "samplers", f"baseline_seed1_step{preset.steps:06d}")
+    with open(table + ".json") as f:
+        measured = json.load(f)
+    stored = np.load(os.path.join(out, "arms", "baseline", "seed1", f"eval_step{preset.steps:06d}.npz"))
+    rows = {r["sampler"]: r for r in measured["results"]}
+    assert rows[f"ddim:{preset.sampler_steps}:0"]["outcomes"]["plausible"] == stored["seg_plausible"].tolist()
+    assert np.sqrt(np.mean(np.square(rows[f"ddim:{preset.sampler_steps}:0"]["latent_rms"]))) == pytest.approx(
+        info["latent_rms"], rel=1e-4)
+    summary = measured["summary"]
+    assert [r["sampler"] for r in summary] == samplers.split(",") and "vs_first" not in summary[0]
+    for r in summary[1:]:
+        v = r["vs_first"]
+        assert v["interval"][0] <= v["difference"] <= v["interval"][1] and 0.0 <= v["mcnemar"]["p_value"] <= 1.0
+        assert r["n"] == n and r["pass_interval"][0] <= r["pass_rate"] <= r["pass_interval"][1]
+    # the stochastic sampler's samples do not depend on the batch they are in; a measured sampler is reused
+    seconds = rows["ddim:4:1"]["sampling_seconds"]
+    assert anatomy_samplers.main(["-o", out, "--seed", "1", "-n", str(n), "--samplers", "ddim:4:1,dpmpp2m:4",
+                                  "--batch", str(n), "--no-progress"]) == 0
+    with open(table + ".json") as f:
+        again_rows = {r["sampler"]: r for r in json.load(f)["results"]}
+    assert again_rows["ddim:4:1"]["sampling_seconds"] == seconds  # not drawn again
+    assert "| ddim:4:1 |" in open(table + ".md").read()
+    stochastic = anatomy_samplers.measure(anatomy_samplers.am.load_trained(
+        anatomy_samplers.am.arm_config("baseline", preset, os.path.join(out, "autoencoder.ckpt"),
+                                       result["meta"]["scale_factor"]),
+        os.path.join(out, "arms", "baseline", "seed1", f"step{preset.steps:06d}.ckpt"), torch.device("cpu")),
+        anatomy_samplers.parse_sampler("ddim:4:1"), n, n, load_segmenter(os.path.join(out, "segmenter.pt"), torch.device("cpu"))[0],
+        torch.device("cpu"), False)
+    assert stochastic["latent_rms"] == pytest.approx(rows["ddim:4:1"]["latent_rms"], rel=1e-5)
+    capsys.readouterr()
+    for bad, says in ((["--samplers", "ancestral:10"], "takes no steps"), (["--samplers", "ddim:25"], "ddim:STEPS:ETA"),
+                      (["--samplers", "euler:10"], "unknown sampler"), (["--step", "3"], "no checkpoint at step 3"),
+                      (["--arm", "joint", "--seed", "5"], "has not finished training")):
+        assert anatomy_samplers.main(["-o", out, "--no-progress", *bad]) == 2
+        assert says in capsys.readouterr().err
+    assert anatomy_samplers.main(["-o", str(tmp_path / "nothing")]) == 2
+    assert "run.json is missing" in capsys.readouterr().err
+
     # --report-only rebuilds the same report from the evaluations alone (a run copied without its weights)
     import anatomy
 
@@ -258,6 +306,7 @@ def test_exclusive_waits_for_a_live_holder_and_clears_a_stale_lock(tmp_path):
     assert order == ["holder in", "holder out", "second in"]
 
 
+@pytest.mark.slow(20)
 def test_data_scarce_run_limits_only_the_diffusion_models(tmp_path, monkeypatch):
     """``--train-slices N``: the diffusion models (and the train-on-real reference and the memorisation check)
     see N slices; the autoencoder and the independent segmenter, the instrument, still see the whole split."""
