@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -41,12 +40,12 @@ from tqdm import tqdm  # noqa: E402
 
 import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
+from anatomy import NOISE_SEED, _device, _device_name, _jdump, _jload  # noqa: E402
 from anatomy_stats import mcnemar, paired_bootstrap, wilson  # noqa: E402
 from ldm.evaluation.segmenter import load_segmenter  # noqa: E402
 from ldm.models.diffusion.samplers import check_sampler  # noqa: E402
 
 logger = logging.getLogger("anatomy_samplers")
-NOISE_SEED = 1234  # bench/anatomy.py's start noise: the benchmark's own samples are the first n of these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +102,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false")
     return p.parse_args(argv)
-
-
-def _jload(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 def load_run(out: str) -> tuple[am.Preset, dict[str, Any]]:
@@ -222,11 +216,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"-n and --batch must be >= 1, got {args.samples} and {args.batch}")
         preset, cal = load_run(args.out)
         ckpt, step = checkpoint(args.out, args.arm, args.seed, args.step, preset)
+        device = _device(args.device)
     except ValueError as err:
         print(f"anatomy_samplers.py: error: {err}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     trained = am.SAME_MODELS.get(args.arm, args.arm)
@@ -250,18 +243,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             logger.info("sampling %d with %s", args.samples, spec.label)
             r = measure(model, spec, args.samples, args.batch, seg, device, args.progress)
             known[(spec.label, args.samples)] = r
-            with open(base + ".json.tmp", "w") as f:  # every finished sampler is kept, even if a later one fails
-                json.dump({"results": list(known.values())}, f)
-            os.replace(base + ".json.tmp", base + ".json")
+            _jdump({"results": list(known.values())}, base + ".json")  # kept even if a later sampler fails
         results.append(r)
     rows = summarise(results, cal.get("real_latent_rms"))
     meta = {"command": "python bench/anatomy_samplers.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "run": args.out, "preset": _jload(os.path.join(args.out, "run.json"))["preset"], "arm": trained,
-            "seed": args.seed, "step": step, "n": args.samples, "device": str(device),
+            "seed": args.seed, "step": step, "n": args.samples, "device": _device_name(device),
             "real_latent_rms": float(cal.get("real_latent_rms", float("nan")))}
-    with open(base + ".json.tmp", "w") as f:
-        json.dump({"meta": meta, "summary": rows, "results": list(known.values())}, f)
-    os.replace(base + ".json.tmp", base + ".json")
+    _jdump({"meta": meta, "summary": rows, "results": list(known.values())}, base + ".json")
     with open(base + ".md", "w") as f:
         f.write(markdown(rows, meta))
     print(markdown(rows, meta))
