@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-COMPAT_DIR = ROOT.parent / "shared" / "compat"
+COMPAT_DIR = ROOT / "tests" / "data" / "compat"  # recorded CompVis reference data (numbers and key lists)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,9 +50,10 @@ def _deterministic_torch():
 
 @pytest.fixture(scope="session")
 def compat_dir() -> Path:
-    """The shared CompVis reference data (../shared/compat beside the checkout)."""
+    """The CompVis reference data the repository carries (tests/data/compat; ``$LDM_COMPAT_DIR`` overrides it)."""
     env = os.environ.get("LDM_COMPAT_DIR")
     path = Path(env) if env else COMPAT_DIR
     if not path.is_dir():
-        pytest.fail(f"compat reference data not found at {path}; set LDM_COMPAT_DIR")
+        pytest.fail(f"compat reference data not found at {path} (it is part of the repository: tests/data/compat); "
+                    "check out the whole repository or point LDM_COMPAT_DIR at a copy")
     return path
