@@ -133,3 +133,27 @@ def test_diagnostics_value_errors(tmp_path):
     with pytest.raises(ValueError, match="no anatomical registers"):
         with zero_register_outputs(plain):
             pass
+
+
+@pytest.mark.parametrize("mask_upsample_factor", [1, 2])
+def test_attention_trajectory_at_every_mask_resolution(mask_upsample_factor):
+    """The class-attention maps live on the latent grid; the mask head predicts on it (factor 1) or at image size
+    (factor 2 = the tiny first stage's downsampling): the agreement is counted on the latent grid either way."""
+    from ldm.evaluation.registers import attention_trajectory
+    from ldm.modules.anatomical_losses import mode_downsample
+
+    torch.manual_seed(0)
+    unet = unet_config(anatomy=anatomical_params(mask_upsample_factor=mask_upsample_factor))
+    model = instantiate_from_config(ldm_config(True, unet=unet, timesteps=20)).eval()
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.normal_(0.0, 0.2)  # trained-like weights: attention and masks that are not uniform
+    traj = attention_trajectory(model, num_samples=2, ddim_steps=3, seed=0)
+    assert traj["masks"].shape == (2, 8 * mask_upsample_factor, 8 * mask_upsample_factor)
+    assert traj["latent_masks"].shape == (2, 8, 8)
+    expected_latent = mode_downsample(torch.from_numpy(traj["masks"]), (8, 8), 6, ignore_index=-1).numpy()
+    np.testing.assert_array_equal(traj["latent_masks"], expected_latent)
+    maps = traj["maps"]  # [S, L, N, C, 8, 8]
+    expected = (maps.argmax(3) == traj["latent_masks"][None, None]).mean(axis=(2, 3, 4))
+    np.testing.assert_allclose(traj["accuracy"], expected)
+    assert traj["accuracy"].shape == (len(traj["timesteps"]), len(traj["levels"]))

@@ -24,6 +24,7 @@ import torch
 
 from ldm import sampling
 from ldm.data.labels import label_set_of
+from ldm.modules.anatomical_losses import mode_downsample
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +239,9 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
     ``accuracy`` [S, L] (fraction of latent pixels whose arg-max class attention equals the final predicted mask),
     ``own_class_mass`` [S, C] (mean attention mass of class c on pixels the final mask labels c, levels averaged),
     ``token_similarity`` [S, 2] (within/across-class cosine of the register tokens the UNet used at each step,
-    which move with t for a timestep-aware bank), plus the decoded ``images`` [N, 1|3, H, W] and final ``masks``
-    at latent size [N, h, w].
+    which move with t for a timestep-aware bank), plus the decoded ``images`` [N, 1|3, H, W], the final ``masks``
+    at the mask head's resolution and ``latent_masks`` [N, h, w] (majority vote onto the latent grid, which
+    ``accuracy`` and ``own_class_mass`` use).
     """
     unet = anatomical_unet(model)
     device = next(model.parameters()).device
@@ -265,22 +267,25 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
     z = sampling.ddim_trajectory(model, x_T, ddim_steps, eta, sampling.SampleNoise(seed, indices), callback=record)
     final = (model.predict_anatomy(z) if hasattr(model, "predict_anatomy")
              else unet.forward_with_anatomy(z, torch.zeros(z.shape[0], dtype=torch.long, device=device)))
-    masks = final.seg_logits.float().argmax(1).cpu()
+    masks = final.seg_logits.float().argmax(1).cpu()  # at the mask head's resolution (latent grid or image size)
     images = model.decode_first_stage(z).float().cpu()
     maps = torch.stack(per_step)  # [S, L, N, C, h, w]
     num_classes = maps.shape[3]
-    accuracy = (maps.argmax(3) == masks[None, None]).float().mean(dim=(2, 3, 4))
+    # the maps live on the latent grid: compare them with the mask voted down to that grid (identity when the
+    # mask head predicts there), so "accuracy" counts latent pixels whatever the mask head's resolution
+    latent_masks = mode_downsample(masks, shape[1:], num_classes, ignore_index=-1)
+    accuracy = (maps.argmax(3) == latent_masks[None, None]).float().mean(dim=(2, 3, 4))
     mean_maps = maps.mean(1)  # [S, N, C, h, w]
     own = torch.full((maps.shape[0], num_classes), float("nan"))
     for c in range(num_classes):
-        sel = masks == c
+        sel = latent_masks == c
         if sel.any():
             own[:, c] = mean_maps[:, :, c][:, sel].mean(1)
     levels = [{"key": info.key, "ds": info.ds} for info in unet.anatomical_attention_blocks]
     return {"timesteps": timesteps, "levels": levels,
             "maps": maps.numpy(), "mean_mass": maps.mean(dim=(2, 4, 5)).numpy(), "accuracy": accuracy.numpy(),
             "own_class_mass": own.numpy(), "token_similarity": np.asarray(token_sim),
-            "images": images.numpy(), "masks": masks.numpy()}
+            "images": images.numpy(), "masks": masks.numpy(), "latent_masks": latent_masks.numpy()}
 
 
 def _mix(probs: np.ndarray, colours: np.ndarray) -> np.ndarray:

@@ -75,6 +75,23 @@ def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int
     return torch.where(labelled.unsqueeze(1) > 0, fractions, torch.zeros_like(fractions)), labelled
 
 
+def mode_downsample(mask: torch.Tensor, size: Sequence[int], num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Downsample an integer mask [B, H, W] to ``size`` by majority vote over each pooling window.
+
+    ``ignore_index`` pixels vote for "ignore"; a window whose majority is "ignore" stays ignored. Exact
+    mode for integer factors (adaptive average pooling of one-hot maps otherwise).
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(mask.shape[-2:]) == size:
+        return mask
+    valid = mask != ignore_index
+    safe = torch.where(valid, mask, torch.full_like(mask, num_classes))
+    onehot = class_onehot(safe, num_classes + 1, ignore_index=-1).float()  # channel C: the "ignore" votes
+    votes = F.adaptive_avg_pool2d(onehot, size)
+    winner = votes.argmax(dim=1)
+    return torch.where(winner == num_classes, torch.full_like(winner, ignore_index), winner)
+
+
 def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor,
                         sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Soft cross-entropy ``-sum_c target_c log attention_c`` between a layer's class attention ``[B, C, h, w]``

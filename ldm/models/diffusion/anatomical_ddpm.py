@@ -31,7 +31,8 @@ from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_l
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.joint import JointMaskMixin
 from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
-                                           class_onehot, mean_soft_alignment_loss, soft_dice_loss, timestep_weights)
+                                           class_onehot, mean_soft_alignment_loss, mode_downsample, soft_dice_loss,
+                                           timestep_weights)
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
 
 logger = logging.getLogger(__name__)
@@ -57,23 +58,6 @@ def colourise_probabilities(probs: torch.Tensor, label_set: LabelSet) -> torch.T
     palette = torch.from_numpy(label_set.palette(probs.shape[1])[: probs.shape[1]]).to(probs.device, probs.dtype)
     rgb = torch.einsum("bchw,cd->bdhw", probs, palette / 255.0)
     return rgb.clamp(0, 1) * 2.0 - 1.0
-
-
-def mode_downsample(mask: torch.Tensor, size: Sequence[int], num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Downsample an integer mask [B, H, W] to ``size`` by majority vote over each pooling window.
-
-    ``ignore_index`` pixels vote for "ignore"; a window whose majority is "ignore" stays ignored. Exact
-    mode for integer factors (adaptive average pooling of one-hot maps otherwise).
-    """
-    size = tuple(int(s) for s in size)
-    if tuple(mask.shape[-2:]) == size:
-        return mask
-    valid = mask != ignore_index
-    safe = torch.where(valid, mask, torch.full_like(mask, num_classes))
-    onehot = class_onehot(safe, num_classes + 1, ignore_index=-1).float()  # channel C: the "ignore" votes
-    votes = F.adaptive_avg_pool2d(onehot, size)
-    winner = votes.argmax(dim=1)
-    return torch.where(winner == num_classes, torch.full_like(winner, ignore_index), winner)
 
 
 class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
