@@ -16,13 +16,13 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ldm.cli_flags import ArgumentParser  # noqa: E402
+from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.data.labels import LABEL_SETS, get_label_set, get_rule_checker  # noqa: E402
-from ldm.util import resolve_device  # noqa: E402
+from ldm.util import configure_threads, resolve_device  # noqa: E402
 
 from ldm.evaluation import compare, features, metrics, report  # noqa: E402
 
@@ -67,8 +67,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid_subset_size", type=int, default=1000, help="images per KID subset")
     p.add_argument("--ms_ssim_pairs", type=int, default=1000,
                    help="image pairs per set for MS-SSIM diversity (0: skip)")
-    p.add_argument("--grid", type=int, default=16, help="samples per set shown in the figure")
+    p.add_argument("--grid", type=int, default=8, help="images per set shown in the figure (each with its mask)")
     p.add_argument("-o", "--outdir", required=True, help="report folder")
+    add_threads_argument(p)
     p.add_argument("--device", default=None,
                    help="torch device for feature networks (default: the first accelerator, else the CPU)")
     return p
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
+    configure_threads(args.threads, device.type == "cpu")
     label_set = get_label_set(args.label_set)
     num_classes = args.num_classes or (len(args.class_names) if args.class_names else label_set.num_classes)
     names = args.class_names or (list(label_set.classes) if num_classes == label_set.num_classes else None)
@@ -144,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
 
         segmenter, _ = load_segmenter(args.segmenter, device)
     checker = label_set.load_rule_checker() if args.rules == "label_set" else get_rule_checker(args.rules)
-    results, fractions = compare.evaluate_sets(sets, real, num_classes, extractors, checker, segmenter, names,
-                                               kid_subset_size=args.kid_subset_size,
-                                               ms_ssim_pairs=args.ms_ssim_pairs)
-    grids = {"real": real["images"][:args.grid, 0].numpy()}
-    grids.update({name: data["images"][:args.grid, 0].numpy() for name, data in sets.items()})
+    evaluation = compare.evaluate_sets(sets, real, num_classes, extractors, checker, segmenter, names,
+                                       kid_subset_size=args.kid_subset_size, ms_ssim_pairs=args.ms_ssim_pairs)
+    results = evaluation.results
+    panels = {}
+    for name, images in [("real", real["images"]), *((n, d["images"]) for n, d in sets.items())]:
+        masks, source = evaluation.masks.get(name, (None, ""))
+        rate_key = "seg_rule_pass_rate" if source == "segmenter masks" else "model_rule_pass_rate"
+        panels[name] = report.SetPanel(images[:args.grid, 0].numpy(), None if masks is None else masks[:args.grid],
+                                       source, results.get(name, {}).get(rate_key))
     meta = {"real": args.real, "real_split": args.real_split, "num_real": len(real["images"]),
             "samples": {n: {"dir": p, "checkpoint_sha256": sets[n]["manifest"].get("checkpoint_sha256"),
                             "ddim_steps": sets[n]["manifest"].get("ddim_steps"), "eta": sets[n]["manifest"].get("eta"),
@@ -156,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                         for n, p in _named(args.samples).items()},
             "rules": args.rules, "segmenter": args.segmenter, "features": list(extractors),
             "num_classes": num_classes, "class_names": names}
-    paths = report.write_report(args.outdir, results, meta, grids, {k: np.asarray(v) for k, v in fractions.items()},
-                                names)
+    area_source = "the segmenter's masks (real: the true masks)" if segmenter is not None else "the masks shown"
+    paths = report.write_report(args.outdir, results, meta, panels,
+                                {k: np.asarray(v) for k, v in evaluation.area_fractions.items()}, names,
+                                label_set.palette(num_classes), area_source)
     print(report.format_table(results))
     print("report:", ", ".join(paths.values()))
     return 0

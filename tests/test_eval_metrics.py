@@ -116,9 +116,10 @@ def test_mask_metrics_and_report_files(tmp_path):
     assert res_a["dice_mean"] == pytest.approx(1.0) and res_a["area_w1_mean"] == 0.0
     assert res_b["dice_mean"] < 0.9 and res_b["area_w1_mean"] > 0.05
     results = {"anatomical": res_a, "baseline": res_b}
-    grids = {"anatomical": rng.uniform(-1, 1, (4, 8, 8)), "baseline": rng.uniform(-1, 1, (4, 8, 8))}
+    panels = {"anatomical": report.SetPanel(rng.uniform(-1, 1, (4, 8, 8)), real[:4], "predicted masks", 0.5),
+              "baseline": report.SetPanel(rng.uniform(-1, 1, (4, 8, 8)))}
     fractions = {"real": anatomy.class_area_fractions(real, 3), "baseline": anatomy.class_area_fractions(fake, 3)}
-    paths = report.write_report(str(tmp_path), results, meta={"seed": 1}, grids=grids, area_fractions=fractions,
+    paths = report.write_report(str(tmp_path), results, meta={"seed": 1}, panels=panels, area_fractions=fractions,
                                 class_names=["bg", "liver", "kidney"])
     for p in paths.values():
         assert os.path.getsize(p) > 0
@@ -157,3 +158,37 @@ def test_kid_std_is_nan_when_subsets_are_the_whole_sets():
     assert kid > 0 and math.isnan(std)
     kid_sub, std_sub = metrics.kid_from_features(a, b, subset_size=10, num_subsets=50)
     assert std_sub > 0 and abs(kid_sub - kid) < 0.5
+
+
+def test_overlay_masks_blends_class_colours_and_keeps_background():
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 0, 255]], dtype=np.uint8)
+    images = np.zeros((1, 4, 4))  # mid grey: 0.5 in [0, 1]
+    masks = np.zeros((1, 2, 2), dtype=np.int64)
+    masks[0, 0, 1], masks[0, 1, 0] = 1, 2  # a 2x2 mask on a 4x4 image: resized, nearest
+    out = report.overlay_masks(images, masks, palette, alpha=0.5)
+    assert out.shape == (1, 4, 4, 3)
+    np.testing.assert_allclose(out[0, 0, 0], [0.5, 0.5, 0.5])       # background: the grey image
+    np.testing.assert_allclose(out[0, 1, 3], [0.75, 0.25, 0.25])    # class 1: half red
+    np.testing.assert_allclose(out[0, 3, 0], [0.25, 0.25, 0.75])    # class 2: half blue
+    np.testing.assert_allclose(out[0, 3, 3], [0.5, 0.5, 0.5])
+
+
+def test_comparison_figure_shows_masks_in_their_colours(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 16, 16), dtype=np.int64)
+    masks[:, 4:12, 4:12] = 1
+    masks[:3, 2:4, 2:4] = 2
+    palette = np.array([[0, 0, 0], [0, 200, 0], [200, 0, 200]], dtype=np.uint8)
+    panels = {"real": report.SetPanel(rng.uniform(-1, 1, (6, 16, 16)), masks, "true masks", 1.0),
+              "model": report.SetPanel(rng.uniform(-1, 1, (2, 16, 16)), masks[:2], "predicted masks", 0.5)}
+    fractions = {"real": anatomy.class_area_fractions(masks, 3), "model": anatomy.class_area_fractions(masks[:2], 3)}
+    path = report.comparison_figure(str(tmp_path / "c.png"), panels, fractions, ["bg", "organ", "spot"], palette,
+                                    "the masks shown")
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    # green-tinted overlay pixels (class 1 blended over grey) are in the picture; the grey strips alone have none
+    greenish = (rgb[..., 1] - np.maximum(rgb[..., 0], rgb[..., 2])) > 40
+    assert greenish.sum() > 500
+    with pytest.raises(ValueError, match="at least one set"):
+        report.comparison_figure(str(tmp_path / "d.png"), {})

@@ -312,7 +312,7 @@ def test_evaluate_script_reports_diversity_and_medical_fid(tmp_path, monkeypatch
 def test_evaluate_sets_quantises_real_images():
     real = {"images": torch.rand(4, 1, 16, 16) * 2 - 1, "masks": None}
     png_like = {"s": {"images": features.quantize_8bit(real["images"]), "masks": None}}
-    results, _ = compare.evaluate_sets(png_like, real, 2, {"tiny": TinyLinearFeatures()}, ms_ssim_pairs=3)
+    results = compare.evaluate_sets(png_like, real, 2, {"tiny": TinyLinearFeatures()}, ms_ssim_pairs=3).results
     assert results["s"]["fid_tiny"] == pytest.approx(0.0, abs=1e-9)
     assert results["s"]["histogram_w1"] == pytest.approx(0.0, abs=1e-12)
     assert results["real"]["ms_ssim_pairs"] == 3

@@ -10,7 +10,7 @@ import glob
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,28 +118,44 @@ def _diversity(images: torch.Tensor, pairs: int, name: str) -> dict[str, float]:
     return diversity.ms_ssim_diversity(images, pairs)
 
 
+class Evaluation(NamedTuple):
+    """What :func:`evaluate_sets` measured.
+
+    ``results``: the numbers per set (and ``real``); ``area_fractions``: ``[N, C]`` class-area fractions per set for
+    the report's distributions; ``masks``: per set, ``(masks [N, H, W], source)``, the masks that describe the
+    set's images (``"true masks"`` for real data, the model's ``"predicted masks"``, else the ``"segmenter masks"``),
+    which the report's figure overlays; sets with neither are absent.
+    """
+
+    results: dict[str, dict[str, float]]
+    area_fractions: dict[str, np.ndarray]
+    masks: dict[str, tuple[np.ndarray, str]]
+
+
 def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any], num_classes: int,
                   extractors: Optional[Mapping[str, metrics.FeatureExtractor]] = None,
                   checker: Optional[Callable[[np.ndarray], Any]] = None, segmenter: Optional[torch.nn.Module] = None,
                   class_names: Optional[Sequence[str]] = None, kid_subset_size: int = 1000,
-                  ms_ssim_pairs: int = 1000) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+                  ms_ssim_pairs: int = 1000) -> Evaluation:
     """All numbers per sample set (plus ``real`` as a reference row).
 
     Keys: image quality (``histogram_w1``, ``fid_*``, ``kid_*``; real images are first quantised to 8 bits like
     the PNG samples, as clean-fid recommends); diversity (``ms_ssim``: mean MS-SSIM over ``ms_ssim_pairs`` pairs,
     0 to skip; compare with the real row's); ``model_*`` from the model's own masks; ``seg_*`` from the
     independent segmenter's masks (``seg_dice_*`` compares them with the model's masks, pooled and per case).
-    Returns ``(results, area_fractions)`` where ``area_fractions`` feeds the report's histograms (from the
-    segmenter's masks when there is one, so every set is measured alike, else from the model's own masks).
+    Returns an :class:`Evaluation`; its ``area_fractions`` come from the segmenter's masks when there is one (so
+    every set is measured alike), else from the model's own masks.
     """
     from ldm.evaluation.segmenter import segment
 
     results: dict[str, dict[str, float]] = {}
     fractions: dict[str, np.ndarray] = {}
+    shown: dict[str, tuple[np.ndarray, str]] = {}
     real_masks = real.get("masks")
     real_images = features.quantize_8bit(real["images"])
     if real_masks is not None:
         fractions["real"] = anatomy.class_area_fractions(real_masks, num_classes)
+        shown["real"] = (np.asarray(real_masks), "true masks")
         row: dict[str, float] = {"num_images": float(len(real["images"]))}
         if checker is not None:
             row["model_rule_pass_rate"] = anatomy.rule_pass_rate(real_masks, checker)[0]
@@ -160,6 +176,7 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
         if own is not None:
             row.update(anatomy.mask_metrics(own, num_classes, real_masks=real_masks, checker=checker,
                                             class_names=class_names, prefix="model_"))
+            shown[name] = (np.asarray(own), "predicted masks")
             if segmenter is None:
                 fractions[name] = anatomy.class_area_fractions(own, num_classes)
         if segmenter is not None:
@@ -167,5 +184,6 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
             row.update(anatomy.mask_metrics(seg, num_classes, real_masks=real_masks, checker=checker,
                                             reference=own, class_names=class_names, prefix="seg_"))
             fractions[name] = anatomy.class_area_fractions(seg, num_classes)  # one yardstick for every set
+            shown.setdefault(name, (np.asarray(seg), "segmenter masks"))
         results[name] = row
-    return results, fractions
+    return Evaluation(results, fractions, shown)

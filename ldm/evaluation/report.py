@@ -5,9 +5,12 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+
+from ldm.data.labels import colourise, get_label_set
 
 logger = logging.getLogger(__name__)
 
@@ -98,57 +101,144 @@ def image_grid(images: np.ndarray, ncols: int = 4, pad: int = 1, fill: float = 0
     return grid
 
 
-def comparison_figure(path: str, grids: Mapping[str, np.ndarray],
-                      area_fractions: Optional[Mapping[str, np.ndarray]] = None,
-                      class_names: Optional[Sequence[str]] = None, ncols: int = 4) -> str:
-    """PNG figure: sample grids side by side (top row) and per-class area histograms (bottom row).
+@dataclass
+class SetPanel:
+    """One sample set (or the real data) as the comparison figure shows it.
 
-    ``grids`` maps a set name to ``[N, H, W]`` images in ``[-1, 1]``; ``area_fractions`` maps a set name to
-    ``[N, C]`` class-area fractions (``anatomy.class_area_fractions``); class 0 (background) is not plotted.
+    Args:
+        images: ``[N, H, W]`` grey images in ``[-1, 1]``.
+        masks: ``[N, H, W]`` integer masks of those images (``None``: images only).
+        mask_source: what the masks are (``"true masks"``, ``"predicted masks"``, ``"segmenter masks"``).
+        pass_rate: the rule pass rate of ``masks`` over the whole set (``None``: not measured).
+    """
+
+    images: np.ndarray
+    masks: Optional[np.ndarray] = None
+    mask_source: str = ""
+    pass_rate: Optional[float] = None
+
+
+def overlay_masks(images: np.ndarray, masks: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``[N, H, W]`` images in ``[-1, 1]`` with ``[N, h, w]`` masks blended in their class colours -> ``[N, H, W, 3]``
+    in ``[0, 1]``; background (class 0) stays grey, masks of another size are resized (nearest)."""
+    grey = np.clip((np.asarray(images, dtype=np.float64) + 1.0) / 2.0, 0.0, 1.0)[..., None].repeat(3, -1)
+    ids = np.asarray(masks)
+    if ids.shape[1:] != grey.shape[1:3]:
+        rows = (np.arange(grey.shape[1]) * ids.shape[1]) // grey.shape[1]
+        cols = (np.arange(grey.shape[2]) * ids.shape[2]) // grey.shape[2]
+        ids = ids[:, rows][:, :, cols]
+    colours = colourise(ids, palette).astype(np.float64) / 255.0
+    fg = (ids != 0)[..., None]
+    return np.where(fg, (1 - alpha) * grey + alpha * colours, grey)
+
+
+def _shared_bins(values: Sequence[np.ndarray], nbins: int = 12) -> np.ndarray:
+    present = np.concatenate([v[v > 0] for v in values]) if values else np.zeros(0)
+    upper = float(present.max()) if present.size else 1e-3
+    return np.linspace(0.0, upper * 1.02, nbins + 1)
+
+
+def comparison_figure(path: str, panels: Mapping[str, SetPanel],
+                      area_fractions: Optional[Mapping[str, np.ndarray]] = None,
+                      class_names: Optional[Sequence[str]] = None, palette: Optional[np.ndarray] = None,
+                      area_source: str = "", ncols: int = 8) -> str:
+    """PNG figure: per set a strip of images and, below it, the same images with their masks in colour (legend from
+    the class names and palette), then one panel per foreground class with the distribution of its area.
+
+    ``panels`` maps a set name to a :class:`SetPanel` (the first ``ncols`` images are shown); ``area_fractions`` maps
+    a set name to ``[N, C]`` class-area fractions (``anatomy.class_area_fractions``). The distributions share their
+    bins across sets and show the fraction of images per bin among the images where the class is present; the
+    share where it is absent is in the legend. The title carries each set's rule pass rate.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    n_top = max(1, len(grids))
-    n_cls = 0
-    if area_fractions:
-        n_cls = max(a.shape[1] for a in area_fractions.values()) - 1
-    ncols_fig = max(n_top, n_cls, 1)
-    nrows_fig = 2 if n_cls > 0 else 1
-    fig, axes = plt.subplots(nrows_fig, ncols_fig, figsize=(3.2 * ncols_fig, 3.2 * nrows_fig), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, (name, images) in enumerate(grids.items()):
-        ax = axes[0, i]
-        ax.imshow(image_grid(np.asarray(images), ncols=ncols, fill=1.0), cmap="gray", vmin=-1, vmax=1)
-        ax.set_title(name)
-    if n_cls > 0 and area_fractions:
-        names = list(class_names) if class_names else [f"class{c}" for c in range(n_cls + 1)]
-        for c in range(1, n_cls + 1):
-            ax = axes[1, c - 1]
-            ax.axis("on")
-            upper = max(float(a[:, c].max()) for a in area_fractions.values() if a.shape[1] > c) or 1e-3
-            bins = np.linspace(0.0, upper * 1.05, 21)
-            for name, fr in area_fractions.items():
-                if fr.shape[1] > c:
-                    ax.hist(fr[:, c], bins=bins, histtype="step", density=True, label=name, linewidth=1.5)
-            ax.set_title(f"area of {names[c] if c < len(names) else c}")
-            ax.set_xlabel("fraction of image")
-            if c == 1:
-                ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if not panels:
+        raise ValueError("comparison_figure needs at least one set of images")
+    n_cls = max((a.shape[1] for a in (area_fractions or {}).values()), default=0)
+    n_cls = max(n_cls, *(int(p.masks.max()) + 1 for p in panels.values() if p.masks is not None and p.masks.size),
+                len(class_names or []), 1)
+    names = list(class_names) if class_names else [f"class{c}" for c in range(n_cls)]
+    names += [f"class{c}" for c in range(len(names), n_cls)]
+    pal = np.asarray(palette if palette is not None else get_label_set("ctorgan").palette(n_cls), dtype=np.uint8)
+    if len(pal) < n_cls:
+        pal = np.concatenate([pal, np.full((n_cls - len(pal), 3), 255, dtype=np.uint8)])
+    ncols = max(1, min(ncols, max(len(p.images) for p in panels.values())))
+
+    strips: list[tuple[str, np.ndarray, bool]] = []  # (label, tiles [n, H, W(, 3)], is_colour)
+    for name, panel in panels.items():
+        imgs = np.asarray(panel.images)[:ncols]
+        rate = "" if panel.pass_rate is None else f"\nrules pass {100 * panel.pass_rate:.0f} %"
+        strips.append((f"{name}{rate}", imgs, False))
+        if panel.masks is not None:
+            strips.append((f"{name}\n{panel.mask_source}", overlay_masks(imgs, np.asarray(panel.masks)[:ncols], pal),
+                           True))
+    hist_classes = list(range(1, n_cls)) if area_fractions else []
+    label_w = 1.7  # inches left of the strips for their labels
+    width = max(ncols * 1.25, 2.5 * len(hist_classes)) + label_w
+    tile_h = (width - label_w) / ncols + 0.1
+    heights = [tile_h] * len(strips) + ([2.0] if hist_classes else [])
+    head = 0.9  # inches above the strips: title and class legend
+    total = sum(heights) + head + 0.2 * len(heights) + (0.2 + 0.16 * len(panels) if hist_classes else 0.1)
+    fig = plt.figure(figsize=(width, total))
+    grid = fig.add_gridspec(len(heights), 1, height_ratios=heights, hspace=0.12, top=1 - head / total,
+                            bottom=(0.2 + 0.16 * len(panels) if hist_classes else 0.1) / total,
+                            left=label_w / width, right=0.99)
+    for r, (label, tiles, colour) in enumerate(strips):
+        ax = fig.add_subplot(grid[r])
+        fill = 1.0
+        mosaic = image_grid(tiles, ncols=ncols, pad=1, fill=fill)
+        if colour:
+            ax.imshow(mosaic, interpolation="nearest")
+        else:
+            ax.imshow(mosaic, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    if hist_classes:
+        sub = grid[len(strips)].subgridspec(1, len(hist_classes), wspace=0.3)
+        for j, c in enumerate(hist_classes):
+            ax = fig.add_subplot(sub[j])
+            columns = {n: a[:, c] for n, a in area_fractions.items() if a.shape[1] > c}
+            bins = _shared_bins(list(columns.values()))
+            for set_name, values in columns.items():
+                present = values[values > 0]
+                absent = 1.0 - present.size / max(values.size, 1)
+                weights = np.full(present.size, 1.0 / max(present.size, 1))
+                ax.hist(present, bins=bins, weights=weights, histtype="step", linewidth=1.6,
+                        label=f"{set_name} (absent {100 * absent:.0f} %)")
+            ax.set_title(names[c], fontsize=10)
+            ax.set_xlabel("area (fraction of image)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("share of images\nwith the class", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    legend = [Patch(color=tuple(pal[c] / 255.0), label=names[c]) for c in range(1, n_cls)]
+    if legend and any(p.masks is not None for p in panels.values()):
+        fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 1 - head / total))
+    rates = [f"{n} {100 * p.pass_rate:.0f} %" + (f" ({p.mask_source})" if p.mask_source else "")
+             for n, p in panels.items() if p.pass_rate is not None]
+    title = "rule pass rate: " + ", ".join(rates) if rates else "samples beside real slices"
+    if area_source and hist_classes:
+        title += f"\nclass areas from {area_source}"
+    fig.suptitle(title, fontsize=10, y=1 - 0.05 / total, va="top")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def write_report(out_dir: str, results: Mapping[str, Mapping[str, Any]], meta: Optional[Mapping[str, Any]] = None,
-                 grids: Optional[Mapping[str, np.ndarray]] = None,
+                 panels: Optional[Mapping[str, SetPanel]] = None,
                  area_fractions: Optional[Mapping[str, np.ndarray]] = None,
-                 class_names: Optional[Sequence[str]] = None) -> dict[str, str]:
-    """Write ``report.md``, ``report.json`` and (with ``grids``) ``comparison.png`` into ``out_dir``.
+                 class_names: Optional[Sequence[str]] = None, palette: Optional[np.ndarray] = None,
+                 area_source: str = "") -> dict[str, str]:
+    """Write ``report.md``, ``report.json`` and (with ``panels``) ``comparison.png`` into ``out_dir``.
 
     Returns the written paths by kind (``markdown``, ``json``, ``figure``).
     """
@@ -161,9 +251,9 @@ def write_report(out_dir: str, results: Mapping[str, Mapping[str, Any]], meta: O
         settings = [f"- {k}: {json.dumps(_jsonable(v)) if isinstance(v, (dict, list)) else _fmt(v)}"
                     for k, v in meta.items()]
         lines += ["## Settings", "", *settings, ""]
-    if grids:
-        paths["figure"] = comparison_figure(os.path.join(out_dir, "comparison.png"), grids, area_fractions,
-                                            class_names)
+    if panels:
+        paths["figure"] = comparison_figure(os.path.join(out_dir, "comparison.png"), panels, area_fractions,
+                                            class_names, palette, area_source)
         lines += ["![comparison](comparison.png)", ""]
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines))
