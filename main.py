@@ -199,9 +199,12 @@ def _adapt_to_manual_optimisation(model: Any, trainer_kwargs: dict[str, Any]) ->
 def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     """Build everything from ``opt`` and the overrides, then train and/or test. Returns an exit code."""
     import pytorch_lightning as pl
+    import torch
     from omegaconf import OmegaConf
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
+    from ldm.threads import configure_threads
+    from ldm.threads import describe as describe_threads
     from ldm.training.callbacks import FaultCheckpoint
     from ldm.training.config_check import load_kwargs
     from ldm.training.data import DataModuleFromConfig
@@ -223,6 +226,12 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     if paths.ckpt:
         _info(f"resuming from {paths.ckpt} into {paths.logdir}")
 
+    on_cpu = spec.accelerator == "cpu" or (spec.accelerator == "auto" and not torch.cuda.is_available())
+    try:
+        governor = configure_threads(opt.threads, on_cpu)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    _info(describe_threads(governor))
     pl.seed_everything(opt.seed, workers=True)
     try:
         model = instantiate_from_config(config.model)
@@ -244,6 +253,10 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     _set_learning_rate(model, config, trainer_kwargs, spec.num_devices, opt.scale_lr)
 
     callbacks = build_callbacks(paths, opt, config, lightning_config, model, data, trainer_kwargs)
+    if governor is not None:
+        from ldm.training.callbacks import ThreadGovernorCallback
+
+        callbacks.append(ThreadGovernorCallback(governor))
     trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks, logger=build_loggers(paths, lightning_config),
                          default_root_dir=paths.logdir)
     _info(f"trainer: accelerator={spec.accelerator} devices={spec.devices} strategy={trainer_kwargs.get('strategy')}"

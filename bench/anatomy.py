@@ -42,7 +42,9 @@ from tqdm import tqdm  # noqa: E402
 import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
 from anatomy_report import write_outputs  # noqa: E402
+from ldm.cli_flags import THREADS_HELP  # noqa: E402
 from ldm.evaluation.segmenter import load_segmenter, save_segmenter, segment, train_segmenter  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger("anatomy")
@@ -71,7 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="scale (default: quick with --quick, gpu on CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="toy sizes: every stage in well under a minute")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP + " (decided once at the start here)")
     p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false",
                    help="no progress bars")
     p.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
@@ -503,8 +505,7 @@ def quiet_training_logs() -> Iterator[None]:
 def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     try:
         device = _device(args.device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        configure_threads(args.threads, device.type == "cpu")
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         unknown = [a for a in arms if a not in am.ARMS]
         if unknown:

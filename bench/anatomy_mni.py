@@ -47,6 +47,8 @@ import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
 from anatomy_report import sample_grid  # noqa: E402
 from anatomy_stats import mean_interval  # noqa: E402
+from ldm.cli_flags import THREADS_HELP  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.evaluation.anatomy import dice_per_class  # noqa: E402
 from ldm.evaluation.metrics import (PixelFeatureExtractor, extract_features, fid_from_features,  # noqa: E402
                                    histogram_distance)
@@ -356,7 +358,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="scale (default: quick with --quick, gpu on CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="toy sizes: every stage in well under a minute")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP + " (decided once at the start here)")
     p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false", help="no progress bars")
     return p.parse_args(argv)
 
@@ -370,8 +372,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     try:
         device = bench._device(args.device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        configure_threads(args.threads, device.type == "cpu")
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         unknown = [a for a in arms if a not in ARMS]
         if unknown:

@@ -42,6 +42,8 @@ import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
 from anatomy import NOISE_SEED, _device, _device_name, _jdump, _jload  # noqa: E402
 from anatomy_stats import mcnemar, paired_bootstrap, wilson  # noqa: E402
+from ldm.cli_flags import THREADS_HELP  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.evaluation.segmenter import load_segmenter  # noqa: E402
 from ldm.models.diffusion.samplers import check_sampler  # noqa: E402
 
@@ -99,7 +101,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="comma-separated sampler specs; the first is the reference of the paired comparisons")
     p.add_argument("--batch", type=int, default=250, help="samples per sampling batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP + " (decided once at the start here)")
     p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false")
     return p.parse_args(argv)
 
@@ -220,8 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"anatomy_samplers.py: error: {err}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads, device.type == "cpu")
     trained = am.SAME_MODELS.get(args.arm, args.arm)
     scale = float(_jload(os.path.join(args.out, "autoencoder.json"))["scale_factor"])
     mask_ae = None

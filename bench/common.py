@@ -24,11 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from ldm.threads import configure_threads  # noqa: E402
+
 OUT_DIR = os.path.join(ROOT, "bench", "out")
 PLAIN_CONFIG = os.path.join("configs", "latent-diffusion", "ctorgan_unconditional_kl.yaml")
 ANATOMICAL_CONFIG = os.path.join("configs", "latent-diffusion", "anatomical_ctorgan_kl.yaml")
 
-# CT-Organ size (ldm_ctorgan_uncond of shared/compat): 64x64x3 latents of 256x256 images (f4 KL autoencoder).
+# CT-Organ size (ldm_ctorgan_uncond of tests/data/compat): 64x64x3 latents of 256x256 images (f4 KL autoencoder).
 CTORGAN_UNET = {"image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 128,
                 "attention_resolutions": [32, 16, 8], "num_res_blocks": 2, "channel_mult": [1, 4, 8],
                 "num_heads": 8}
@@ -60,8 +62,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (after 1 warm-up)")
     parser.add_argument("--out", default=None, help="JSON output path (default bench/out/<name>[_quick].json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1, so that "
-                        "process CPU time is not inflated by busy-waiting worker threads)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS when "
+                        "set, else 1 on CPU, so that process CPU time is not inflated by busy-waiting worker threads)")
     parser.add_argument("--metric", default=None, choices=("wall", "cpu"),
                         help="time used for ratios (default: wall on CUDA, process CPU time on CPU)")
     return parser
@@ -79,9 +81,7 @@ def setup(args: argparse.Namespace) -> torch.device:
     """Device, seed and threads: on CPU one thread unless ``--threads`` says otherwise, so that the
     process CPU time the ratios use is not inflated by worker threads busy-waiting."""
     device = pick_device(args.device)
-    threads = args.threads or (1 if device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
+    configure_threads(args.threads or (1 if device.type == "cpu" else "auto"), device.type == "cpu")
     torch.manual_seed(0)
     return device
 

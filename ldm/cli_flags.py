@@ -69,3 +69,12 @@ class ArgumentParser(argparse.ArgumentParser):
         for action in self._actions:
             _show_default(action)
         return super().format_help()
+
+
+THREADS_HELP = ("torch CPU threads: 'auto' uses the cores other processes leave free, re-decided as load comes and "
+                "goes (OMP_NUM_THREADS, when set, wins); N fixes the count. See README, 'CPU threads'")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads auto|N`` (applied with ``ldm.threads.configure_threads``)."""
+    parser.add_argument("--threads", default="auto", metavar="auto|N", help=THREADS_HELP)

@@ -371,7 +371,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
              formats: Sequence[str] = ("png",), colours: Optional[Sequence[Sequence[int]]] = None,
              progress: bool = True, sampler: str = "ddim", anatomy_guidance: float = 0.0,
              geometry: Optional[SampleGeometry] = None, hu: bool = False, stack: bool = False,
-             manifest_info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+             manifest_info: Optional[dict[str, Any]] = None,
+             on_batch: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
     """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
 
     ``sampler`` is a registry name (``ddim``, ``dpmpp2m``, ``ancestral``; ``vanilla`` means ``ancestral``, with
@@ -388,6 +389,7 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     use ``geometry`` (:mod:`ldm.sample_geometry`; default 1 mm RAS+), ``hu`` writes CT samples in HU and
     ``stack`` also writes every complete sample of the folder as one volume. With ``manifest_info`` (the ``info``
     of :func:`load_model_for_sampling`) the session is recorded in ``samples.json`` as it starts and as it ends.
+    ``on_batch`` is called after every batch (``scripts/sample.py``: the CPU thread governor's step).
     """
     import uuid
     from contextlib import nullcontext
@@ -449,6 +451,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             if run["geometry"] is not None and "affine" not in run["geometry"]:
                 run["geometry"] = geometry.to_dict(_canonical_shape(images.shape[-2:], geometry.slice_axis))
             bar.update(len(indices))
+            if on_batch is not None:
+                on_batch()
     bar.close()
     if stack:
         complete, _, _ = scan_samples(out_dir, formats, save_masks, read_manifest(out_dir).get("sessions", []))

@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.data.labels import LABEL_SETS, get_label_set, get_rule_checker  # noqa: E402
-from ldm.util import configure_threads, resolve_device  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 from ldm.evaluation import compare, features, metrics, report  # noqa: E402
 

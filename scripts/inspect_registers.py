@@ -17,12 +17,13 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ldm.cli_flags import ArgumentParser  # noqa: E402
+from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
 import torch  # noqa: E402
 
 from ldm.data.labels import label_set_of  # noqa: E402
 from ldm.trust import add_trust_argument, check_run  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -45,6 +46,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", dest="ema", action="store_false")
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true")
     add_trust_argument(p)
+    add_threads_argument(p)
     p.add_argument("--device", default=None)
     return p
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
+    configure_threads(args.threads, device.type == "cpu")
     model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device,
                                                    trust_config=args.trust_config)
     label_set = label_set_of(model, getattr(model.unet, "num_anatomical_classes", None))

@@ -16,13 +16,14 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ldm.cli_flags import ArgumentParser  # noqa: E402
+from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
 import torch  # noqa: E402
 
 from ldm import sampling  # noqa: E402
 from ldm.models.mask_autoencoder import masks_from_batch  # noqa: E402
 from ldm.trust import add_trust_argument, check_run  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.util import instantiate_from_config, resolve_device  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("-o", "--out", default=None, help="write the Dice values to this JSON file")
     add_trust_argument(p)
+    add_threads_argument(p)
     p.add_argument("--device", default=None)
     return p
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
+    configure_threads(args.threads, device.type == "cpu")
     model, info = sampling.load_model_for_sampling(args.resume, args.base, device=device,
                                                    trust_config=args.trust_config)
     if not hasattr(model, "encode_mask"):

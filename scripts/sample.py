@@ -15,12 +15,13 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ldm.cli_flags import ArgumentParser  # noqa: E402
+from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
 import torch  # noqa: E402
 
 from ldm.models.diffusion.samplers import SAMPLERS  # noqa: E402
 from ldm.trust import add_trust_argument, check_run  # noqa: E402
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm import sampling  # noqa: E402
@@ -76,6 +77,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe-load", dest="unsafe_load", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")
     add_trust_argument(p)
+    add_threads_argument(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_run(args.resume, args.base, args.trust_config)  # a run's config names allow-listed targets only
     device = resolve_device(args.device)
+    governor = configure_threads(args.threads, device.type == "cpu")
     # Everything that can be checked without the model is checked before loading it.
     sampling.check_sampling_settings(args.n_samples, args.batch_size, args.custom_steps, args.eta, args.sampler,
                                      args.vanilla_sample, args.anatomy_guidance)
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                             save_masks=args.save_masks, formats=args.format,
                             colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler,
                             anatomy_guidance=args.anatomy_guidance, geometry=geometry, hu=args.hu,
-                            stack=args.stack, manifest_info=info)
+                            stack=args.stack, manifest_info=info,
+                            on_batch=None if governor is None else governor.step)
     redone = f"; redid incomplete samples {run['redone']}" if run["redone"] else ""
     print(f"wrote {run['count']} samples ({run['start_index']:06d}..{run['start_index'] + run['count'] - 1:06d}) "
           f"to {out_dir}{redone}; manifest {os.path.join(out_dir, 'samples.json')}")

@@ -14,10 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from ldm.cli_flags import ArgumentParser  # noqa: E402
+from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
 import torch  # noqa: E402
 
+from ldm.threads import configure_threads  # noqa: E402
 from ldm.util import resolve_device  # noqa: E402
 
 from ldm.evaluation import compare, segmenter  # noqa: E402
@@ -38,6 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val_split", default=None, help="split to report Dice on after training (e.g. validation)")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
+    add_threads_argument(p)
     p.add_argument("--device", default=None)
     return p
 
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
+    configure_threads(args.threads, device.type == "cpu")
     dataset = compare.dataset_from_config(args.data, args.split)
     model = segmenter.train_segmenter(dataset, args.num_classes, steps=args.steps, batch_size=args.batch_size,
                                       lr=args.lr, base_channels=args.base_channels, depth=args.depth,

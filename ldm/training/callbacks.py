@@ -270,3 +270,20 @@ class MonitoredCheckpoint(ModelCheckpoint):
                 self.missing_key_warned = True
             return
         super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+class ThreadGovernorCallback(Callback):
+    """Steps a :class:`ldm.threads.ThreadGovernor` after every training batch, so a CPU run uses the cores other
+    processes leave free as load comes and goes (``main.py --threads auto``, the default on the CPU). The number of
+    thread changes is logged at the end."""
+
+    def __init__(self, governor: Any) -> None:
+        self.governor = governor
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.governor.step()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(f"CPU threads: {self.governor.threads} at the end, changed {self.governor.changes} times with "
+                       "the machine's load")

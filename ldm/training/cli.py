@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli_flags import ArgumentParser
+from ldm.cli_flags import ArgumentParser, add_threads_argument
 from ldm.trust import add_trust_argument, check_run_configs, load_yaml
 from ldm.util import ConfigError, closest
 
@@ -156,6 +156,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=str, default=None,
                         help="CompVis/PL1 style: '0,1' = GPUs 0 and 1 (DDP), '0,' = GPU 0, '2' = two GPUs, "
                              "'-1' = all GPUs, '0' = no GPU")
+    add_threads_argument(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the diffusion UNet (in place: checkpoints keep their keys); the first "
                              "steps are slow while graphs are captured")
