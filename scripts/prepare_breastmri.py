@@ -120,6 +120,9 @@ def get_parser() -> ArgumentParser:
                    help="stored value of dense tissue when the file names no segments")
     p.add_argument("--vessel_label", type=int, default=2,
                    help="stored value of vessels when the file names no segments")
+    p.add_argument("--skip_bad", action="store_true",
+                   help="convert the good series and skip bad ones (named with their reasons under 'skipped' in "
+                        "split.json); default: a bad series stops the run before anything is written")
     add_split_arguments(p)
     return p
 
@@ -133,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
                    args.test_fraction, args.seed,
                    settings={"segmentations": str(args.segmentations) if args.segmentations else None,
                              "breast_pattern": args.breast_pattern, "dense_pattern": args.dense_pattern,
-                             "dense_label": args.dense_label, "vessel_label": args.vessel_label})
+                             "dense_label": args.dense_label, "vessel_label": args.vessel_label},
+                   skip_bad=args.skip_bad)
 
 
 if __name__ == "__main__":

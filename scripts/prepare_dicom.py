@@ -20,9 +20,18 @@ of a --masks file. Output::
     OUT/<split>/masks/<patient>/<series>.nii.gz      uint8 class ids on the image's grid (when a mask exists)
 
 Use OUT as CTORG_ROOT / BREASTMRI_ROOT (NIfTI volumes, see docs/data.md) or as data_root of MedicalImagesBase.
-A patient (DICOM PatientID) goes to one split with all its series. Reading uses SimpleITK (the 'dicom' extra):
-its GDCM reader sorts slices by position, applies rescale slope/intercept, decodes compressed transfer syntaxes
-and keeps the geometry, and the same library reads NRRD masks and writes NIfTI with a correct affine.
+A patient (DICOM PatientID) goes to one split with all its series. <series> is <SeriesNumber>_<Description>;
+series of one patient that share it (follow-up studies) get _<StudyDate> appended, and, when that is shared
+too, _<StudyDate>_<last 8 digits of the SeriesInstanceUID>; no two series are ever written to one file.
+
+Before anything is written every selected series is checked from its headers (pydicom): each file readable and
+complete, one orientation, distinct slice positions along the slice normal, even spacing, no missing slices
+(ldm/data/dicom_series.py, ldm/data/dicom_geometry.py). A bad series stops the run with one error naming the
+series, the file and the reason; --skip_bad converts the others and lists the bad ones under "skipped" in
+split.json. Volumes are written to OUT/.partial and moved into place when all are done. A series stored as one
+multi-frame file (enhanced CT/MR) is checked frame by frame and read as one image. Reading uses SimpleITK (the
+'dicom' extra): its GDCM reader applies rescale slope/intercept, decodes compressed transfer syntaxes and keeps
+the geometry, and the same library reads NRRD masks and writes NIfTI with a correct affine.
 
     python scripts/prepare_dicom.py /data/dicom /data/ct_nifti --modality CT --masks /data/masks \
         --mask_pattern "{patient}*.nii.gz"
@@ -34,117 +43,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.cli_flags import ArgumentParser  # noqa: E402
+from ldm.data.dicom_read import (Series, assign_output_names, check_selected, check_unique_outputs,  # noqa: E402,F401
+                                 describe_bad, find_series, import_sitk, is_dicom_file, read_volume, safe_name,
+                                 select_series, skipped_entry)
+
+if TYPE_CHECKING:
+    from ldm.data.dicom_series import SeriesGeometry
 
 logger = logging.getLogger("prepare_dicom")
 SPLITS = ("train", "validation", "test")
-TAGS = {"patient": "0010|0020", "modality": "0008|0060", "description": "0008|103e", "series_number": "0020|0011",
-        "series_uid": "0020|000e"}
+STAGING = ".partial"  # OUT/.partial: volumes written there, moved into OUT when every series is done
 # SOP classes of DICOM-SEG objects: Segmentation Storage and Label Map Segmentation Storage
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
-
-
-def import_sitk() -> Any:
-    """SimpleITK, or an ImportError saying how to install it."""
-    try:
-        import SimpleITK as sitk
-    except ImportError as err:
-        raise ImportError("reading DICOM needs SimpleITK: pip install -e '.[dicom]' (or pip install SimpleITK)") \
-            from err
-    return sitk
-
-
-@dataclass
-class Series:
-    """One DICOM series: its patient, tags and slice files (sorted by GDCM)."""
-
-    patient: str
-    uid: str
-    modality: str
-    description: str
-    number: str
-    files: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        """File-system-safe series name: ``<number>_<description>`` (or the UID's tail)."""
-        text = f"{self.number}_{self.description}" if self.number or self.description else self.uid[-12:]
-        return safe_name(text)
-
-
-def safe_name(text: str) -> str:
-    """``text`` with every run of characters other than letters, digits, ``.``, ``-`` and ``_`` made one ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("_") or "unnamed"
-
-
-def find_series(root: Path) -> list[Series]:
-    """Every DICOM series below ``root`` (searched recursively), sorted by patient and series number."""
-    sitk = import_sitk()
-    if not root.is_dir():
-        raise FileNotFoundError(f"DICOM folder {root} does not exist")
-    found: list[Series] = []
-    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns about every folder without DICOM files
-    try:
-        folders = [(folder, sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)) for folder, _, files in os.walk(root)
-                   if files]
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
-    for folder, uids in folders:
-        for uid in uids:
-            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(files[0])
-            reader.ReadImageInformation()
-
-            def tag(key: str) -> str:
-                return reader.GetMetaData(TAGS[key]).strip() if reader.HasMetaDataKey(TAGS[key]) else ""
-
-            if tag("modality").upper() == "SEG":
-                logger.info("%s: DICOM-SEG series %s is not an image series (read it with --dicom_seg)", folder, uid)
-                continue
-            patient = tag("patient")
-            if not patient:
-                raise ValueError(f"{files[0]} has no PatientID (0010,0020): patient-level splits need it")
-            found.append(Series(safe_name(patient), uid, tag("modality"), tag("description"), tag("series_number"),
-                                files))
-    if not found:
-        raise ValueError(f"no DICOM series found under {root}")
-    return sorted(found, key=lambda s: (s.patient, int(s.number) if s.number.isdigit() else 0, s.uid))
-
-
-def select_series(series: list[Series], modality: Optional[str] = None,
-                  description: Optional[str] = None) -> list[Series]:
-    """Series of ``modality`` (e.g. CT, MR) whose SeriesDescription matches the regex ``description``."""
-    pattern = re.compile(description, re.IGNORECASE) if description else None
-    chosen = [s for s in series if (not modality or s.modality.upper() == modality.upper())
-              and (pattern is None or pattern.search(s.description))]
-    if not chosen:
-        seen = sorted({f"{s.modality}: {s.description!r}" for s in series})
-        raise ValueError(f"no series match modality={modality!r} description={description!r}; the input holds "
-                         f"{seen[:20]}")
-    return chosen
-
-
-def read_series(series: Series) -> Any:
-    """The series as one SimpleITK volume (rescaled values, DICOM geometry)."""
-    sitk = import_sitk()
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series.files)
-    image = reader.Execute()
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"series {series.uid} of patient {series.patient} is not a single-channel 3D volume "
-                         f"(dimension {image.GetDimension()}, {image.GetNumberOfComponentsPerPixel()} components)")
-    return image
 
 
 def resample_mask(mask: Any, reference: Any, source: str) -> Any:
@@ -216,13 +135,6 @@ def import_highdicom() -> Any:
         raise ImportError("reading DICOM-SEG masks needs highdicom: pip install -e '.[dicom]' (or pip install "
                           "highdicom)") from err
     return highdicom
-
-
-def is_dicom_file(path: Path) -> bool:
-    """Whether ``path`` is a DICOM Part-10 file (the ``DICM`` marker after the 128-byte preamble)."""
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def find_dicom_segs(root: Path) -> dict[str, Path]:
@@ -347,7 +259,8 @@ def read_dicom_seg(path: Path, series: Series, image: Any, label_map: dict[str, 
     columns, rows, _ = image.GetSize()
     if not classes:
         mask = sitk.GetImageFromArray(np.zeros((len(sop_uids), rows, columns), np.uint8))
-    elif _frames_reference_sources(seg) and (int(seg.Rows), int(seg.Columns)) == (rows, columns):
+    elif _frames_reference_sources(seg) and (int(seg.Rows), int(seg.Columns)) == (rows, columns) \
+            and len(sop_uids) == image.GetSize()[2]:  # one file per slice (not a multi-frame source)
         pixels = seg.get_pixels_by_source_instance(sop_uids, segment_numbers=list(classes),
                                                    assert_missing_frames_are_empty=True, dtype=np.float32)
         mask = sitk.GetImageFromArray(_paint(pixels, classes))
@@ -389,39 +302,68 @@ class DicomSegMasks:
         return read_dicom_seg(path, series, image, self.label_map)
 
 
-def convert(series_list: list[Series], out: Path, splits: dict[str, list[str]], read_mask: MaskReader) -> dict:
-    """Write every series (and its mask) into ``out/<split>/{images,masks}/<patient>/<series>.nii.gz``."""
+def _write_series(series: Series, geometry: SeriesGeometry, staging: Path, split: str,
+                  read_mask: MaskReader) -> dict[str, Any]:
+    """Read one checked series (and its mask) and write them under ``staging``; returns its split.json record."""
     sitk = import_sitk()
+    rel = Path(series.patient) / f"{series.name}.nii.gz"
+    image = read_volume(series, geometry)
+    mask = read_mask(series, image)
+    outputs = [(image, staging / split / "images" / rel)] + ([] if mask is None else
+                                                              [(mask, staging / split / "masks" / rel)])
+    for volume, path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(volume, str(path), useCompression=True)
+    logger.info("%s -> %s/%s%s", series.uid, split, rel, "" if mask is not None else " (no mask)")
+    return {"patient": series.patient, "split": split, "file": str(rel), "uid": series.uid,
+            "modality": series.modality, "description": series.description, "study_date": series.study_date,
+            "spacing": list(image.GetSpacing()), "size": list(image.GetSize()), "mask": mask is not None}
+
+
+def convert(checked: list[tuple[Series, SeriesGeometry]], out: Path, splits: dict[str, list[str]],
+            read_mask: MaskReader, skip_bad: bool = False) -> dict[str, Any]:
+    """Write every checked series (and its mask) into ``out/<split>/{images,masks}/<patient>/<series>.nii.gz``.
+
+    Volumes go to ``out/.partial`` first and are moved into place only when every series is done, so a series that
+    fails while being read stops the run with nothing written (or, with ``skip_bad``, is left out and listed in the
+    returned ``skipped``)."""
     split_of = {p: s for s in SPLITS for p in splits[s]}
-    written, without_mask = [], []
-    for series in series_list:
-        split = split_of[series.patient]
-        rel = Path(series.patient) / f"{series.name}.nii.gz"
-        image = read_series(series)
-        mask = read_mask(series, image)
-        img_path = out / split / "images" / rel
-        img_path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(image, str(img_path), useCompression=True)
-        if mask is not None:
-            mask_path = out / split / "masks" / rel
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(mask, str(mask_path), useCompression=True)
-        else:
-            without_mask.append(str(rel))
-        written.append({"patient": series.patient, "split": split, "file": str(rel), "uid": series.uid,
-                        "modality": series.modality, "description": series.description,
-                        "spacing": list(image.GetSpacing()), "size": list(image.GetSize()), "mask": mask is not None})
-        logger.info("%s -> %s/%s%s", series.uid, split, rel, "" if mask is not None else " (no mask)")
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    written, skipped = [], []
+    try:
+        for series, geometry in checked:
+            try:
+                written.append(_write_series(series, geometry, staging, split_of[series.patient], read_mask))
+            except (ValueError, RuntimeError) as err:
+                if not skip_bad:
+                    raise ValueError(f"series {series.uid} (patient {series.patient}, {series.name}): {err}; "
+                                     "nothing was written (pass --skip_bad to convert the other series)") from err
+                skipped.append(skipped_entry(series, str(err)))
+                for part in ("images", "masks"):
+                    (staging / split_of[series.patient] / part / series.patient / f"{series.name}.nii.gz").unlink(
+                        missing_ok=True)
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    without_mask = [r["file"] for r in written if not r["mask"]]
     if without_mask:
         logger.warning("%d of %d series have no mask (first: %s); the datasets mark their slices "
                        "has_segmentation=False", len(without_mask), len(written), without_mask[0])
-    return {"series": written}
+    return {"series": written, "skipped": skipped}
 
 
 def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optional[str] = None,
             description: Optional[str] = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
-            seed: int = 0, settings: Optional[dict] = None) -> dict[str, list[str]]:
-    """Find, select, split (by patient) and convert; writes ``out/split.json``. Returns patients per split."""
+            seed: int = 0, settings: Optional[dict] = None, skip_bad: bool = False) -> dict[str, list[str]]:
+    """Find, select, check, split (by patient) and convert; writes ``out/split.json``. Returns patients per split.
+
+    Every selected series is checked before anything is written; a bad one raises ``ValueError`` naming the
+    series, the file and the reason, unless ``skip_bad``: then the others are converted and the bad ones listed
+    under ``skipped`` in split.json and in one warning."""
     from prepare_ctorg import split_patients
 
     if (out / "split.json").exists():
@@ -431,15 +373,36 @@ def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optiona
     if check_series is not None:
         check_series(found)
     series = select_series(found, modality, description)
-    patients = sorted({s.patient for s in series})
-    splits = split_patients(patients, {}, val_fraction, test_fraction, seed)
+    checked, skipped = check_selected(series)
+    if skipped and not skip_bad:
+        raise ValueError(f"{describe_bad(skipped, len(series))}. Nothing was written: fix or remove those files, or "
+                         "pass --skip_bad to convert the other series and list these in split.json")
+    if not checked:
+        raise ValueError(f"no series left to convert: {describe_bad(skipped, len(series))}")
+    check_unique_outputs([s for s, _ in checked])
+    splits = split_patients(sorted({s.patient for s, _ in checked}), {}, val_fraction, test_fraction, seed)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    record = convert(series, out, splits, read_mask)
-    record.update({"splits": splits, "settings": dict(settings or {}, modality=modality, description=description,
-                                                      val_fraction=val_fraction, test_fraction=test_fraction,
-                                                      seed=seed)})
+    try:
+        record = convert(checked, out, splits, read_mask, skip_bad)
+        if not record["series"]:
+            raise ValueError(f"no series could be converted: {describe_bad(record['skipped'], len(series))}")
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    skipped += record.pop("skipped")
+    converted = {r["patient"] for r in record["series"]}
+    splits = {s: [p for p in splits[s] if p in converted] for s in SPLITS}  # a patient whose series all failed
+    record.update({"splits": splits, "skipped": skipped,
+                   "settings": dict(settings or {}, modality=modality, description=description,
+                                    val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                    skip_bad=skip_bad)})
     (out / "split.json").write_text(json.dumps(record, indent=2))
-    logger.info("%d series of %d patients (%s) written to %s", len(series), len(patients),
+    if skipped:
+        logger.warning("--skip_bad: %s; they are listed under 'skipped' in %s",
+                       describe_bad(skipped, len(series)), out / "split.json")
+    logger.info("%d series of %d patients (%s) written to %s", len(record["series"]), len(converted),
                 ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS), out)
     return splits
 
@@ -463,6 +426,7 @@ def add_split_arguments(parser: ArgumentParser) -> None:
 
 
 def get_parser() -> ArgumentParser:
+    """The command line of this script."""
     p = ArgumentParser(description=__doc__)
     p.add_argument("input_dir", type=Path, help="folder searched recursively for DICOM series")
     p.add_argument("output_dir", type=Path, help="output root (a new folder)")
@@ -480,11 +444,16 @@ def get_parser() -> ArgumentParser:
     p.add_argument("--seg_label_map", nargs="+", default=[], metavar="SEGMENT:ID",
                    help="DICOM-SEG segment (label or number) to class id, e.g. Liver:1 Kidney:4; segments not "
                         "named stay background (default: class id = segment number)")
+    p.add_argument("--skip_bad", action="store_true",
+                   help="convert the good series and skip bad ones (unreadable or missing files, missing or duplicate "
+                        "slices, uneven spacing), listed under 'skipped' in split.json; default: a bad series stops "
+                        "the run before anything is written")
     add_split_arguments(p)
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
+    """Run the conversion for command-line ``argv``; returns the patients per split."""
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     read_mask = mask_reader_from_folder(args.masks, args.mask_pattern, parse_label_map(args.label_map))
@@ -498,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
                    settings={"masks": str(args.masks) if args.masks else None, "mask_pattern": args.mask_pattern,
                              "label_map": args.label_map,
                              "dicom_seg": str(args.dicom_seg) if args.dicom_seg else None,
-                             "seg_label_map": args.seg_label_map})
+                             "seg_label_map": args.seg_label_map}, skip_bad=args.skip_bad)
 
 
 if __name__ == "__main__":

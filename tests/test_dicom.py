@@ -1,7 +1,6 @@
 """scripts/prepare_dicom.py and scripts/prepare_breastmri.py on small synthetic DICOM series written with pydicom."""
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import sys
@@ -29,7 +28,7 @@ def _load_script(name: str):
 
 def write_series(folder: Path, patient: str, stored: np.ndarray, *, origin=(-10.0, 20.0, 30.0),
                  spacing=(0.8, 0.7), thickness=2.5, modality="CT", description="axial", number=1,
-                 intercept=-1024.0, shuffle=True) -> str:
+                 intercept=-1024.0, shuffle=True, study_date="20240101") -> str:
     """Slices ``stored[k]`` (rows x columns, uint16) as DICOM files at z = origin_z + k * thickness, written in a
     scrambled order under scrambled names so the reader must sort them by position. Returns the series UID."""
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -48,7 +47,7 @@ def write_series(folder: Path, patient: str, stored: np.ndarray, *, origin=(-10.
         ds.PatientID, ds.PatientName = patient, patient
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.Modality, ds.SeriesDescription, ds.SeriesNumber = modality, description, number
-        ds.StudyDate = datetime.date(2024, 1, 1).strftime("%Y%m%d")
+        ds.StudyDate = study_date
         ds.InstanceNumber = int(k) + 1
         ds.FrameOfReferenceUID = study_uid
         ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * thickness]
@@ -311,3 +310,22 @@ def test_dicom_seg_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "highdicom", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[dicom\]'"):
         mod.find_dicom_segs(tmp_path / "segs")
+
+
+def test_prepare_breastmri_skip_bad_converts_the_good_patients(tmp_path):
+    mod = _load_script("prepare_breastmri")
+    root = tmp_path / "Duke-Breast-Cancer-MRI"
+    for i, patient in enumerate(("Breast_MRI_001", "Breast_MRI_002")):
+        write_series(root / patient / "study" / "3.000000-ax dyn pre-1", patient, _volume(i), modality="MR",
+                     description="ax dyn pre", number=3, intercept=0.0)
+    bad = sorted((root / "Breast_MRI_002").rglob("*.dcm"))
+    bad[1].unlink()  # a missing slice inside the stack: the series' geometry is wrong
+    args = [str(root), str(tmp_path / "out"), "--val_fraction", "0", "--test_fraction", "0"]
+    with pytest.raises(ValueError, match="Breast_MRI_002.*missing"):
+        mod.main(args)
+    assert not (tmp_path / "out").exists()
+    splits = mod.main([*args, "--skip-bad"])
+    assert splits["train"] == ["Breast_MRI_001"]
+    record = json.loads((tmp_path / "out" / "split.json").read_text())
+    assert [s["patient"] for s in record["skipped"]] == ["Breast_MRI_002"]
+    assert "missing" in record["skipped"][0]["reason"]
