@@ -157,3 +157,14 @@ def test_attention_trajectory_at_every_mask_resolution(mask_upsample_factor):
     expected = (maps.argmax(3) == traj["latent_masks"][None, None]).mean(axis=(2, 3, 4))
     np.testing.assert_allclose(traj["accuracy"], expected)
     assert traj["accuracy"].shape == (len(traj["timesteps"]), len(traj["levels"]))
+    # own-class mass: latent cells weighted by each class's share of them in the final mask
+    masks = traj["masks"]
+    f = mask_upsample_factor
+    share = np.stack([(masks == c).reshape(2, 8, f, 8, f).mean(axis=(2, 4)) for c in range(6)], axis=1)
+    mean_maps = maps.mean(1)  # [S, N, C, 8, 8]
+    for c in range(6):
+        if share[:, c].sum() > 0:
+            want = (mean_maps[:, :, c] * share[None, :, c]).sum(axis=(1, 2, 3)) / share[:, c].sum()
+            np.testing.assert_allclose(traj["own_class_mass"][:, c], want, rtol=1e-5)
+        else:
+            assert np.isnan(traj["own_class_mass"][:, c]).all()

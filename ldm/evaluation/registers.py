@@ -24,7 +24,7 @@ import torch
 
 from ldm import sampling
 from ldm.data.labels import label_set_of
-from ldm.modules.anatomical_losses import mode_downsample
+from ldm.modules.anatomical_losses import mode_downsample, soft_class_targets
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +236,13 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
 
     Returns ``timesteps`` [S], ``levels`` (block keys and their downsampling factors), ``maps`` [S, L, N, C, h, w]
     (each level resized to the latent size), ``mean_mass`` [S, L, C] (mean over samples and pixels),
-    ``accuracy`` [S, L] (fraction of latent pixels whose arg-max class attention equals the final predicted mask),
-    ``own_class_mass`` [S, C] (mean attention mass of class c on pixels the final mask labels c, levels averaged),
+    ``accuracy`` [S, L] (fraction of latent pixels whose arg-max class attention equals the final predicted mask
+    voted onto the latent grid), ``own_class_mass`` [S, C] (mean attention mass of class c on the latent pixels the
+    final mask labels c, each weighted by the class's share of it, levels averaged),
     ``token_similarity`` [S, 2] (within/across-class cosine of the register tokens the UNet used at each step,
     which move with t for a timestep-aware bank), plus the decoded ``images`` [N, 1|3, H, W], the final ``masks``
     at the mask head's resolution and ``latent_masks`` [N, h, w] (majority vote onto the latent grid, which
-    ``accuracy`` and ``own_class_mass`` use).
+    ``accuracy`` uses).
     """
     unet = anatomical_unet(model)
     device = next(model.parameters()).device
@@ -275,12 +276,13 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
     # mask head predicts there), so "accuracy" counts latent pixels whatever the mask head's resolution
     latent_masks = mode_downsample(masks, shape[1:], num_classes, ignore_index=-1)
     accuracy = (maps.argmax(3) == latent_masks[None, None]).float().mean(dim=(2, 3, 4))
+    # own-class mass: each latent cell weighted by the class's share of it in the final mask, so a structure
+    # smaller than a cell still counts (at the latent grid the weights are the one-hot mask: a plain mean)
+    shares, _ = soft_class_targets(masks, shape[1:], num_classes, ignore_index=-1)  # [N, C, h, w]
     mean_maps = maps.mean(1)  # [S, N, C, h, w]
-    own = torch.full((maps.shape[0], num_classes), float("nan"))
-    for c in range(num_classes):
-        sel = latent_masks == c
-        if sel.any():
-            own[:, c] = mean_maps[:, :, c][:, sel].mean(1)
+    weight = shares.sum(dim=(0, 2, 3))  # [C]
+    mass = (mean_maps * shares[None]).sum(dim=(1, 3, 4)) / weight.clamp_min(1e-12)
+    own = torch.where(weight[None] > 0, mass, torch.full_like(mass, float("nan")))
     levels = [{"key": info.key, "ds": info.ds} for info in unet.anatomical_attention_blocks]
     return {"timesteps": timesteps, "levels": levels,
             "maps": maps.numpy(), "mean_mass": maps.mean(dim=(2, 4, 5)).numpy(), "accuracy": accuracy.numpy(),
