@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ldm.modules.dice import dice_scores
+
 logger = logging.getLogger(__name__)
 
 RuleChecker = Callable[[np.ndarray], Any]
@@ -59,18 +61,10 @@ def area_distribution_distance(masks_a: np.ndarray | torch.Tensor, masks_b: np.n
 
 def dice_per_class(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int,
                    ignore_index: Optional[int] = None) -> np.ndarray:
-    """Dice per class over a whole set (pixels pooled); NaN for a class absent from both sets."""
-    p, t = _masks(pred), _masks(target)
-    if p.shape != t.shape:
-        raise ValueError(f"mask sets differ in shape: {p.shape} vs {t.shape}")
-    valid = np.ones_like(t, dtype=bool) if ignore_index is None else t != ignore_index
-    out = np.full(num_classes, np.nan)
-    for c in range(num_classes):
-        pc, tc = (p == c) & valid, (t == c) & valid
-        denom = pc.sum() + tc.sum()
-        if denom:
-            out[c] = 2.0 * (pc & tc).sum() / denom
-    return out
+    """Dice per class over a whole set (pixels pooled); NaN for a class absent from both sets
+    (:func:`ldm.modules.dice.dice_scores`)."""
+    p, t = torch.from_numpy(_masks(pred)), torch.from_numpy(_masks(target))
+    return dice_scores(p, t, num_classes, ignore_index, per_case=False).numpy()
 
 
 def dice_per_case(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int,
@@ -80,18 +74,8 @@ def dice_per_case(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Te
     Papers report Dice as mean +- sd over cases (this), which weights small and large structures per case;
     :func:`dice_per_class` pools the pixels of the whole set instead.
     """
-    p, t = _masks(pred), _masks(target)
-    if p.shape != t.shape:
-        raise ValueError(f"mask sets differ in shape: {p.shape} vs {t.shape}")
-    valid = np.ones_like(t, dtype=bool) if ignore_index is None else t != ignore_index
-    out = np.full((p.shape[0], num_classes), np.nan)
-    for c in range(num_classes):
-        pc, tc = (p == c) & valid, (t == c) & valid
-        inter = (pc & tc).sum(axis=(1, 2))
-        denom = pc.sum(axis=(1, 2)) + tc.sum(axis=(1, 2))
-        present = denom > 0
-        out[present, c] = 2.0 * inter[present] / denom[present]
-    return out
+    p, t = torch.from_numpy(_masks(pred)), torch.from_numpy(_masks(target))
+    return dice_scores(p, t, num_classes, ignore_index, per_case=True).numpy()
 
 
 def case_dice_summary(per_case: np.ndarray) -> dict[str, float]:

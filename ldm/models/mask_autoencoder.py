@@ -19,6 +19,7 @@ from torch import nn
 from ldm.checkpoints import load_weights
 from ldm.models.optim import make_adam
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, colourise, generic_label_set, get_label_set
+from ldm.modules.dice import dice_counts, dice_from_counts
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -72,14 +73,11 @@ def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, ignore_index: int, 
 
 
 def hard_dice(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore_index: int) -> dict[int, torch.Tensor]:
-    """Dice per class (pooled over the batch, labelled pixels only) for the classes present in ``mask``."""
-    valid = mask != ignore_index
-    out = {}
-    for c in range(num_classes):
-        p, g = (pred == c) & valid, (mask == c) & valid
-        if g.any():
-            out[c] = 2.0 * (p & g).sum().float() / (p.sum() + g.sum()).float()
-    return out
+    """Dice per class (pooled over the batch, labelled pixels only) for the classes present in ``mask``
+    (:func:`ldm.modules.dice.dice_counts`)."""
+    inter, predicted, truth = dice_counts(pred, mask, num_classes, ignore_index)
+    scores = dice_from_counts(inter, predicted, truth, dtype=torch.float32)
+    return {c: scores[c] for c in range(num_classes) if bool(truth[c] > 0)}
 
 
 class MaskAutoencoderKL(pl.LightningModule):

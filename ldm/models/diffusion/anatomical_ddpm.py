@@ -31,9 +31,10 @@ from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_l
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.joint import JointMaskMixin
 from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
-                                           class_onehot, mean_soft_alignment_loss, mode_downsample, soft_dice_loss,
+                                           mean_soft_alignment_loss, mode_downsample, soft_dice_loss,
                                            timestep_weights)
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
+from ldm.modules.dice import dice_counts, dice_from_counts
 
 logger = logging.getLogger(__name__)
 
@@ -370,13 +371,9 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         classes present (see :meth:`anatomical_loss`), as tensors on the device: counts for every class at once,
         no Python loop over classes and nothing read back to the host."""
         num_classes = self.num_anatomical_classes
-        truth = class_onehot(mask, num_classes, self.anatomical_ignore_index)  # [B, C, H, W]
-        predicted = class_onehot(pred, num_classes, -1) & (mask != self.anatomical_ignore_index).unsqueeze(1)
-        dims = (0, 2, 3)
-        inter, p_count, g_count = (predicted & truth).sum(dims), predicted.sum(dims), truth.sum(dims)
+        inter, p_count, g_count = dice_counts(pred, mask, num_classes, self.anatomical_ignore_index)
         present = g_count > 0
-        dice = torch.where(present, 2.0 * inter.float() / (p_count + g_count).clamp_min(1).float(),
-                           (p_count == 0).float())  # [C]
+        dice = dice_from_counts(inter, p_count, g_count, empty=1.0, dtype=torch.float32)  # [C]
         fg, fg_present = dice[1:], present[1:].float()
         mean_present = (fg * fg_present).sum() / fg_present.sum().clamp_min(1.0)
         stats = {f"anatomical_dice_{c}": dice[c] for c in range(num_classes)}
