@@ -62,3 +62,23 @@ def test_callers_keep_their_conventions():
     hard = hard_dice(torch.from_numpy(pred), torch.from_numpy(target), 3, ignore_index=255)
     assert sorted(hard) == [0, 1]  # class 2 is absent from the target: left out
     assert float(hard[1]) == pytest.approx(2 / 3)
+
+
+def test_soft_dice_pooled_and_per_sample():
+    from ldm.modules.anatomical_losses import soft_dice_loss
+
+    torch.manual_seed(0)
+    probs = torch.rand(2, 3, 4, 4).softmax(1)
+    mask = torch.randint(0, 3, (2, 4, 4))
+    mask[1, 0] = 255
+    valid = (mask != 255)[:, None].float()
+    onehot = torch.stack([(mask == c) for c in range(3)], 1).float() * valid
+    p = probs * valid
+    inter, denom = (p * onehot).sum((0, 2, 3))[1:], p.sum((0, 2, 3))[1:] + onehot.sum((0, 2, 3))[1:]
+    pooled_ref = 1 - ((2 * inter + 0.5) / (denom + 0.5)).mean()
+    torch.testing.assert_close(soft_dice_loss(probs, mask, 255, pooled=True, smooth=0.5), pooled_ref)
+    per = [1 - ((2 * (p[b] * onehot[b]).sum((1, 2))[1:] + 1) / (p[b].sum((1, 2))[1:] + onehot[b].sum((1, 2))[1:] + 1)
+                ).mean() for b in range(2)]
+    torch.testing.assert_close(soft_dice_loss(probs, mask, 255), (per[0] + per[1]) / 2)
+    with pytest.raises(ValueError, match="no sample_weights"):
+        soft_dice_loss(probs, mask, 255, torch.ones(2), pooled=True)

@@ -19,6 +19,7 @@ from torch import nn
 from ldm.checkpoints import load_weights
 from ldm.models.optim import make_adam
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, colourise, generic_label_set, get_label_set
+from ldm.modules.anatomical_losses import class_onehot, soft_dice_loss
 from ldm.modules.dice import dice_counts, dice_from_counts
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -47,29 +48,15 @@ def masks_from_batch(batch: Mapping[str, Any], key: str, ignore_index: int) -> t
 
 
 def one_hot_mask(mask: torch.Tensor, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
-    """Integer mask ``[B, H, W]`` -> float one-hot ``[B, C, H, W]``; ``ignore_index`` pixels are all zeros."""
+    """Integer mask ``[B, H, W]`` -> float one-hot ``[B, C, H, W]`` (:func:`ldm.modules.anatomical_losses.
+    class_onehot`); ``ignore_index`` pixels are all zeros; a label outside ``0..C-1`` is a ``ValueError``."""
     valid = mask != ignore_index
     if valid.any():
         low, high = int(mask[valid].min()), int(mask[valid].max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"mask holds class ids {low}..{high} outside 0..{num_classes - 1} (ignore index "
                              f"{ignore_index}); set num_classes of the mask autoencoder to the label count")
-    safe = torch.where(valid, mask, torch.zeros_like(mask))
-    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float()
-    return onehot * valid[:, None].float()
-
-
-def soft_dice_loss(logits: torch.Tensor, mask: torch.Tensor, ignore_index: int, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - mean_c soft Dice`` over the foreground classes ``c >= 1``, on the labelled pixels, pooled over the
-    batch (Milletari et al. 2016, V-Net, eq. 1, with additive smoothing)."""
-    num_classes = logits.shape[1]
-    valid = (mask != ignore_index)[:, None].float()
-    probs = logits.float().softmax(1) * valid
-    target = one_hot_mask(mask, num_classes, ignore_index)
-    dims = (0, 2, 3)
-    inter = (probs * target).sum(dims)[1:]
-    denom = probs.sum(dims)[1:] + target.sum(dims)[1:]
-    return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
+    return class_onehot(mask, num_classes, ignore_index).float()
 
 
 def hard_dice(pred: torch.Tensor, mask: torch.Tensor, num_classes: int, ignore_index: int) -> dict[int, torch.Tensor]:
@@ -201,7 +188,7 @@ class MaskAutoencoderKL(pl.LightningModule):
             zero = (logits * 0.0).sum()
             return zero, {"ce": zero.detach(), "dice_loss": zero.detach()}
         ce = F.cross_entropy(logits.float(), mask, weight=self.class_weights, ignore_index=self.ignore_index)
-        dice = soft_dice_loss(logits, mask, self.ignore_index)
+        dice = soft_dice_loss(logits.float().softmax(1), mask, self.ignore_index, pooled=True)
         return ce + self.dice_weight * dice, {"ce": ce.detach(), "dice_loss": dice.detach()}
 
     def shared_step(self, batch: Mapping[str, Any], split: str = "train"

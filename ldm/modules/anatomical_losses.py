@@ -6,7 +6,8 @@
 - :func:`soft_alignment_loss`: soft cross-entropy between a layer's per-class attention mass and those
   fractions, at the layer's own resolution.
 - :func:`soft_dice_loss`: ``1 - mean foreground soft Dice`` per sample (Milletari et al. 2016, V-Net, eq. 1,
-  with +1 smoothing), added to an unweighted cross-entropy instead of class weights that skew the argmax.
+  with +1 smoothing), added to an unweighted cross-entropy instead of class weights that skew the argmax; pooled
+  over the batch for the mask autoencoder.
 - :func:`timestep_weights`: per-sample weight ``lambda(t)`` of the anatomical losses: ``alpha_bar_t``, or
   ``min(SNR_t, 1)`` (the Min-SNR clamp, Hang et al. 2023, eq. 6 with gamma = 1), so that samples whose
   mask is nearly unpredictable (SNR << 1) count little.
@@ -111,20 +112,31 @@ def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled:
 
 
 def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
-                   sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``1 - mean_{c >= 1} (2 sum p_c g_c + 1) / (sum p_c + sum g_c + 1)`` per sample over labelled pixels,
-    averaged over the samples with any labelled pixel (each scaled by ``sample_weights[b]`` when given).
+                   sample_weights: Optional[torch.Tensor] = None, pooled: bool = False,
+                   smooth: float = 1.0) -> torch.Tensor:
+    """``1 - mean_{c >= 1} (2 sum p_c g_c + s) / (sum p_c + sum g_c + s)`` over labelled pixels (Milletari et al.
+    2016, V-Net, eq. 1, with additive smoothing ``s``).
 
-    ``probs``: softmax probabilities ``[B, C, H, W]`` at the mask's size. A class absent from a sample and
-    not predicted scores ~1 (the +1 smoothing), so absent classes do not dominate. Exactly 0 (graph kept)
-    with nothing labelled. No value is read back to the host (no device synchronisation).
+    Per sample (default), averaged over the samples with any labelled pixel (each scaled by ``sample_weights[b]``
+    when given): a class absent from a sample and not predicted scores ~1, so absent classes do not dominate.
+    ``pooled``: the sums run over the whole batch at once (the mask autoencoder's loss; ``sample_weights`` must
+    be None). ``probs``: softmax probabilities ``[B, C, H, W]`` at the mask's size. Exactly 0 (graph kept) with
+    nothing labelled. No value is read back to the host (no device synchronisation).
     """
     valid = (mask != ignore_index)
-    has = valid.flatten(1).any(dim=1)
     onehot = class_onehot(mask, probs.shape[1], ignore_index).to(probs.dtype)
     v = valid.unsqueeze(1).to(probs.dtype)
+    if pooled:
+        if sample_weights is not None:
+            raise ValueError("soft_dice_loss(pooled=True) pools the batch: it takes no sample_weights")
+        p = probs * v
+        dims = (0, 2, 3)
+        inter = (p * onehot).sum(dims)[1:]
+        denom = p.sum(dims)[1:] + onehot.sum(dims)[1:]
+        return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
+    has = valid.flatten(1).any(dim=1)
     p, g = (probs * v)[:, 1:].flatten(2), (onehot * v)[:, 1:].flatten(2)
-    dice = (2.0 * (p * g).sum(-1) + 1.0) / (p.sum(-1) + g.sum(-1) + 1.0)  # [B, C-1]
+    dice = (2.0 * (p * g).sum(-1) + smooth) / (p.sum(-1) + g.sum(-1) + smooth)  # [B, C-1]
     loss = 1.0 - dice.mean(dim=1)
     if sample_weights is not None:
         loss = loss * sample_weights.to(loss.dtype)
