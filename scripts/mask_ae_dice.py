@@ -21,7 +21,7 @@ from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 import torch  # noqa: E402
 
 from ldm import sampling  # noqa: E402
-from ldm.models.mask_autoencoder import masks_from_batch  # noqa: E402
+from ldm.data.batch import masks_from_batch  # noqa: E402
 from ldm.trust import add_trust_argument, check_run  # noqa: E402
 from ldm.threads import configure_threads  # noqa: E402
 from ldm.util import instantiate_from_config, resolve_device  # noqa: E402

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoints import load_weights
+from ldm.data.batch import masks_from_batch  # noqa: F401  (importable from here as before)
 from ldm.models.optim import make_adam
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, colourise, generic_label_set, get_label_set
 from ldm.modules.anatomical_losses import class_onehot, soft_dice_loss
@@ -26,25 +27,6 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
-
-
-def masks_from_batch(batch: Mapping[str, Any], key: str, ignore_index: int) -> torch.Tensor:
-    """``batch[key]`` as int64 ``[B, H, W]``; examples whose ``has_segmentation`` is false become all ``ignore_index``."""
-    if key not in batch:
-        raise ValueError(f"batch has no key {key!r} (mask_key); it has {sorted(batch)}")
-    mask = torch.as_tensor(batch[key])
-    if mask.ndim == 4 and mask.shape[-1] == 1:
-        mask = mask[..., 0]
-    if mask.ndim != 3:
-        raise ValueError(f"batch[{key!r}] must be [B, H, W] integer masks, got shape {tuple(mask.shape)}")
-    if mask.is_floating_point():
-        raise ValueError(f"batch[{key!r}] must hold integer class ids, got dtype {mask.dtype}")
-    mask = mask.long()
-    has = batch.get("has_segmentation")
-    if has is not None:
-        has = torch.as_tensor(has, device=mask.device).bool().view(-1)
-        mask = torch.where(has[:, None, None], mask, torch.full_like(mask, ignore_index))
-    return mask
 
 
 def one_hot_mask(mask: torch.Tensor, num_classes: int, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ldm.data.batch import masks_from_batch
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_label_set, get_label_set
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.joint import JointMaskMixin
@@ -232,17 +233,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         """The batch's masks [B, H, W] as int64 on the device they came on, unlabelled examples ignored."""
         if self.anatomical_mask_key not in batch:
             return None
-        mask = torch.as_tensor(batch[self.anatomical_mask_key])
-        if mask.ndim == 4 and mask.shape[-1] == 1:
-            mask = mask[..., 0]
-        if mask.ndim != 3:
-            raise ValueError(f"batch['{self.anatomical_mask_key}'] must be [B, H, W] integer masks, "
-                             f"got shape {tuple(mask.shape)}")
-        mask = mask.long()
-        has = batch.get("has_segmentation")
-        if has is not None:
-            has = torch.as_tensor(has, device=mask.device).bool().view(-1)
-            mask = torch.where(has[:, None, None], mask, torch.full_like(mask, self.anatomical_ignore_index))
+        mask = masks_from_batch(batch, self.anatomical_mask_key, self.anatomical_ignore_index)
         return mask if bs is None else mask[:bs]
 
     def check_anatomy_labels(self, mask: torch.Tensor) -> bool:

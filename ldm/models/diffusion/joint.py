@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.data.batch import masks_from_batch
 from ldm.data.labels import generic_label_set
-from ldm.models.mask_autoencoder import masks_from_batch
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
