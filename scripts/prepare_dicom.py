@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldm.cli_flags import ArgumentParser  # noqa: E402
 from ldm.data.dicom_read import (Series, assign_output_names, check_selected, check_unique_outputs,  # noqa: E402,F401
-                                 describe_bad, find_series, import_sitk, is_dicom_file, read_volume, safe_name,
-                                 select_series, skipped_entry)
+                                 describe_bad, find_series, import_dicom_package, import_sitk, is_dicom_file,
+                                 read_volume, safe_name, select_series, skipped_entry)
 
 if TYPE_CHECKING:
     from ldm.data.dicom_series import SeriesGeometry
@@ -129,12 +129,7 @@ def remap_labels(mask: Any, label_map: dict[int, int]) -> Any:
 
 def import_highdicom() -> Any:
     """highdicom, or an ImportError saying how to install it."""
-    try:
-        import highdicom
-    except ImportError as err:
-        raise ImportError("reading DICOM-SEG masks needs highdicom: pip install -e '.[dicom]' (or pip install "
-                          "highdicom)") from err
-    return highdicom
+    return import_dicom_package("highdicom", "reading DICOM-SEG masks")
 
 
 def find_dicom_segs(root: Path) -> dict[str, Path]:

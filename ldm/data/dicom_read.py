@@ -24,14 +24,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def import_dicom_package(module: str, purpose: str) -> Any:
+    """The optional DICOM package ``module`` (SimpleITK, pydicom, highdicom: the ``dicom`` extra), or an ImportError
+    saying that ``purpose`` needs it and how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{purpose} needs {module}: pip install -e '.[dicom]' (or pip install {module})") from err
+
+
 def import_sitk() -> Any:
     """SimpleITK, or an ImportError saying how to install it."""
-    try:
-        import SimpleITK as sitk
-    except ImportError as err:
-        raise ImportError("reading DICOM needs SimpleITK: pip install -e '.[dicom]' (or pip install SimpleITK)") \
-            from err
-    return sitk
+    return import_dicom_package("SimpleITK", "reading DICOM")
 
 
 def is_dicom_file(path: Path) -> bool:

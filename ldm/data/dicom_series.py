@@ -31,12 +31,9 @@ TAG_KEYWORDS = {"patient": "PatientID", "modality": "Modality", "description": "
 
 def import_pydicom() -> Any:
     """pydicom, or an ImportError saying how to install it."""
-    try:
-        import pydicom
-    except ImportError as err:
-        raise ImportError("checking DICOM headers needs pydicom: pip install -e '.[dicom]' (or pip install "
-                          "pydicom)") from err
-    return pydicom
+    from ldm.data.dicom_read import import_dicom_package
+
+    return import_dicom_package("pydicom", "checking DICOM headers")
 
 
 @dataclass
