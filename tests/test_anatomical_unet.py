@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules import anatomical_openaimodel
+from ldm import deprecation
 from ldm.modules.diffusionmodules.anatomical_openaimodel import (ANATOMICAL_KEY_PREFIXES, AnatomicalCrossAttention,
                                                                  AnatomicalUNetModel, AnatomyOutput)
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -209,7 +209,7 @@ def test_forward_returns_a_tensor_and_forward_with_anatomy_equals_the_deprecated
     with torch.no_grad():
         plain = model(x, t)
         anatomy = model.forward_with_anatomy(x, t)
-        monkeypatch.setattr(anatomical_openaimodel, "_warned_return_anatomy", False)
+        monkeypatch.setattr(deprecation, "_warned", set())
         with pytest.warns(DeprecationWarning, match="forward_with_anatomy"):
             eps, legacy = model(x, t, return_anatomy=True)
         with warnings.catch_warnings():
@@ -232,3 +232,15 @@ def test_forward_returns_a_tensor_and_forward_with_anatomy_equals_the_deprecated
                for m in anatomy.layer_class_attention.values()]
     torch.testing.assert_close(torch.stack(resized).mean(0), anatomy.class_attention)
     assert anatomy.registers.shape == (2, 4 * 2, 16)
+
+
+
+def test_deprecate_warns_once_naming_the_removal_and_the_replacement(monkeypatch):
+    monkeypatch.setattr(deprecation, "_warned", set())
+    with pytest.warns(DeprecationWarning) as caught:
+        assert deprecation.deprecate("old_name", "0.3.0", "use new_name", stacklevel=2) is True
+    assert str(caught[0].message) == "old_name is deprecated and will be removed in version 0.3.0; use new_name"
+    assert caught[0].filename == __file__  # stacklevel points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert deprecation.deprecate("old_name", "0.3.0", "use new_name") is False

@@ -25,7 +25,6 @@ is a deprecated alias returning ``(prediction, {"seg_logits", "class_attention"}
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.deprecation import deprecate
 from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, RegisterReadAttention
 from ldm.modules.anatomical_blocks import num_groups as _num_groups
 from ldm.modules.anatomical_registers import AnatomicalRegisterBank, TimestepAwareRegisterBank
@@ -45,7 +45,6 @@ ANATOMICAL_KEY_PREFIXES = ("register_bank.", "anatomical_attention.", "segmentat
                            "mask_decoder.")
 REGISTER_UPDATES = ("none", "read")
 _ATTENDED_KINDS = (BlockKind.RES, BlockKind.MIDDLE, BlockKind.RES_UP)
-_warned_return_anatomy = False
 
 
 @dataclass
@@ -392,11 +391,7 @@ class AnatomicalUNetModel(UNetModel):
         """
         if not return_anatomy:
             return super().forward(x, timesteps, context, y, **kwargs)
-        global _warned_return_anatomy
-        if not _warned_return_anatomy:
-            _warned_return_anatomy = True
-            warnings.warn("AnatomicalUNetModel.forward(..., return_anatomy=True) is deprecated; call "
-                          "forward_with_anatomy(x, t), which returns an AnatomyOutput", DeprecationWarning,
-                          stacklevel=2)
+        deprecate("AnatomicalUNetModel.forward(..., return_anatomy=True)", "0.2.0",
+                  "call forward_with_anatomy(x, t), which returns an AnatomyOutput")
         anatomy = self.forward_with_anatomy(x, timesteps, context, y, **kwargs)
         return anatomy.prediction, {"seg_logits": anatomy.seg_logits, "class_attention": anatomy.class_attention}
