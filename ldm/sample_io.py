@@ -8,6 +8,7 @@ Layout (``{index:06d}`` names)::
     masks_colour/000000.png      colour preview of the mask
     stack.nii.gz, stack_masks.nii.gz   every complete sample as one volume (``stack``)
     samples.json                 checkpoint, config, geometry, one record per session
+    .lock                        while a session writes: its PID, host and start time (ldm.folder_lock)
 
 Every file is written under a hidden temporary name and renamed into place, so a file that exists is whole. A
 sample is complete when all the files its session asked for exist (non-empty); :func:`scan_samples` finds the

@@ -29,6 +29,7 @@ from ldm.models.diffusion.samplers import check_sampler, generator_noise, sample
 from ldm.modules.diffusionmodules.util import sampler_timesteps
 from ldm.checkpoints import load_weights, read_state_dict
 from ldm.checkpoints import locate_run as resolve_run
+from ldm.folder_lock import FolderLock, check_unlocked
 from ldm.sample_geometry import SampleGeometry
 from ldm.sample_io import (IMAGE_DIR, MASK_COLOUR_DIR, MASK_DIR, begin_session, end_session,  # noqa: F401
                            next_index, read_manifest, remove_temporary_files, save_samples, scan_samples, to_uint8,
@@ -38,6 +39,7 @@ from ldm.util import instantiate_from_config
 logger = logging.getLogger(__name__)
 
 COMPVIS_CONFIG = "config.yaml"
+LOCK_ADVICE = "sample into another folder (scripts/sample.py -l DIR)"  # said to a second session of a folder
 
 
 # ------------------------------------------------------------------------------------------- run loading
@@ -281,8 +283,8 @@ def check_sampling_settings(num_samples: int, batch_size: int, ddim_steps: int, 
 
 
 def check_output_dir(out_dir: str) -> None:
-    """Refuse an output folder that cannot be one (a file, below a file, not writable) or whose ``samples.json``
-    is damaged, before any model is loaded."""
+    """Refuse an output folder that cannot be one (a file, below a file, not writable), whose ``samples.json``
+    is damaged or that another live session holds (its lock), before any model is loaded."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"output folder {out_dir} is a file; pass a folder with -l (it is created if missing)")
     parent = os.path.abspath(out_dir)
@@ -293,6 +295,7 @@ def check_output_dir(out_dir: str) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"output folder {out_dir}: {parent} is not writable; pass another -l folder")
     if os.path.isdir(out_dir):
+        check_unlocked(out_dir, advice=LOCK_ADVICE)
         read_manifest(out_dir)
 
 
@@ -390,6 +393,10 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     ``stack`` also writes every complete sample of the folder as one volume. With ``manifest_info`` (the ``info``
     of :func:`load_model_for_sampling`) the session is recorded in ``samples.json`` as it starts and as it ends.
     ``on_batch`` is called after every batch (``scripts/sample.py``: the CPU thread governor's step).
+
+    One session writes into a folder at a time: the session holds ``out_dir/.lock`` (:mod:`ldm.folder_lock`) from
+    reading the folder to its last write, and a second one stops before reading it with
+    :class:`~ldm.folder_lock.FolderLockedError` naming the holder; the lock of a killed session is taken over.
     """
     import uuid
     from contextlib import nullcontext
@@ -408,67 +415,69 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     if hu:
         geometry.check_hu()
     check_output_dir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    if "nii" in formats:
-        _check_nifti_folder(manifest, geometry.to_dict(), hu, stack)
-    if remove_temporary_files(out_dir):
-        logger.info("%s: removed the temporary files of an interrupted session", out_dir)
-    complete, redo, start = scan_samples(out_dir, formats, save_masks, manifest.get("sessions", []))
-    flat = [i for i in complete if not os.path.isfile(os.path.join(out_dir, IMAGE_DIR, f"{i:06d}.nii.gz"))]
-    if stack and flat:
-        raise ValueError(f"--stack: {out_dir} holds {len(flat)} samples without NIfTI files (first: {flat[0]:06d}, "
-                         "written without --format nii); stack into a folder whose samples all have them")
-    if redo:
-        logger.warning("%s: samples %s are incomplete (an interrupted session); redoing them first", out_dir,
-                       redo if len(redo) <= 10 else f"{redo[:10]}... ({len(redo)})")
-    todo = redo + list(range(start, start + num_samples))
-    ancestral = sampler == "ancestral"
-    use_ema = bool(use_ema and getattr(model, "use_ema", False))
-    run: dict[str, Any] = {
-        "id": uuid.uuid4().hex[:12], "seed": seed, "sampler": sampler, "ddim_steps": None if ancestral else ddim_steps,
-        "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
-        "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
-        "masks": bool(save_masks),
-        "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
-        # what the segmentation head read: the sampled latents or the decoded samples encoded again
-        "mask_from": getattr(model, "mask_from", None) if save_masks and not is_joint(model) else None,
-        "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
-        "device": str(next(model.parameters()).device), "torch": torch.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if manifest_info is not None:
-        begin_session(out_dir, manifest_info, run)
-    timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
-    ema = model.ema_scope("sampling") if use_ema else nullcontext()
-    bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress)
-    with ema, torch.no_grad():
-        for k in range(0, len(todo), batch_size):
-            indices = todo[k:k + batch_size]
-            images, masks = _sample_batch(model, indices, seed, ddim_steps, 0.0 if ancestral else eta, sampler,
-                                          guidance, save_masks, (timer_sample, timer_decode))
-            with timer_write:
-                save_samples(out_dir, indices, images, masks, formats, colours, geometry, hu)
-            if run["geometry"] is not None and "affine" not in run["geometry"]:
-                run["geometry"] = geometry.to_dict(_canonical_shape(images.shape[-2:], geometry.slice_axis))
-            bar.update(len(indices))
-            if on_batch is not None:
-                on_batch()
-    bar.close()
-    if stack:
-        complete, _, _ = scan_samples(out_dir, formats, save_masks, read_manifest(out_dir).get("sessions", []))
-        run["stack"] = write_stack(out_dir, complete, geometry, save_masks)
-    total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
-    steps = len(sampler_timesteps(sampler, None if ancestral else ddim_steps, model.alphas_cumprod)) - 1
-    batches = -(-len(todo) // batch_size)
-    run.update({"timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
-                            "writing_s": timer_write.seconds, "per_sample_s": total / len(todo),
-                            "sampling_per_step_s": timer_sample.seconds / (batches * steps)},
-                "guidance": None if guidance is None else guidance.summary()})
-    if manifest_info is not None:
-        if "load_s" in manifest_info:
-            run["timings"]["load_s"] = manifest_info["load_s"]
-        end_session(out_dir, run)
-    return run
+    with FolderLock(out_dir, purpose="sampling", advice=LOCK_ADVICE):  # one session per folder at a time
+        os.makedirs(out_dir, exist_ok=True)
+        manifest = read_manifest(out_dir)
+        if "nii" in formats:
+            _check_nifti_folder(manifest, geometry.to_dict(), hu, stack)
+        if remove_temporary_files(out_dir):
+            logger.info("%s: removed the temporary files of an interrupted session", out_dir)
+        complete, redo, start = scan_samples(out_dir, formats, save_masks, manifest.get("sessions", []))
+        flat = [i for i in complete if not os.path.isfile(os.path.join(out_dir, IMAGE_DIR, f"{i:06d}.nii.gz"))]
+        if stack and flat:
+            raise ValueError(f"--stack: {out_dir} holds {len(flat)} samples without NIfTI files (first: {flat[0]:06d}, "
+                             "written without --format nii); stack into a folder whose samples all have them")
+        if redo:
+            logger.warning("%s: samples %s are incomplete (an interrupted session); redoing them first", out_dir,
+                           redo if len(redo) <= 10 else f"{redo[:10]}... ({len(redo)})")
+        todo = redo + list(range(start, start + num_samples))
+        ancestral = sampler == "ancestral"
+        use_ema = bool(use_ema and getattr(model, "use_ema", False))
+        run: dict[str, Any] = {
+            "id": uuid.uuid4().hex[:12], "seed": seed, "sampler": sampler,
+            "ddim_steps": None if ancestral else ddim_steps,
+            "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
+            "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
+            "masks": bool(save_masks),
+            "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
+            # what the segmentation head read: the sampled latents or the decoded samples encoded again
+            "mask_from": getattr(model, "mask_from", None) if save_masks and not is_joint(model) else None,
+            "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
+            "device": str(next(model.parameters()).device), "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if manifest_info is not None:
+            begin_session(out_dir, manifest_info, run)
+        timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
+        ema = model.ema_scope("sampling") if use_ema else nullcontext()
+        bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress)
+        with ema, torch.no_grad():
+            for k in range(0, len(todo), batch_size):
+                indices = todo[k:k + batch_size]
+                images, masks = _sample_batch(model, indices, seed, ddim_steps, 0.0 if ancestral else eta, sampler,
+                                              guidance, save_masks, (timer_sample, timer_decode))
+                with timer_write:
+                    save_samples(out_dir, indices, images, masks, formats, colours, geometry, hu)
+                if run["geometry"] is not None and "affine" not in run["geometry"]:
+                    run["geometry"] = geometry.to_dict(_canonical_shape(images.shape[-2:], geometry.slice_axis))
+                bar.update(len(indices))
+                if on_batch is not None:
+                    on_batch()
+        bar.close()
+        if stack:
+            complete, _, _ = scan_samples(out_dir, formats, save_masks, read_manifest(out_dir).get("sessions", []))
+            run["stack"] = write_stack(out_dir, complete, geometry, save_masks)
+        total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
+        steps = len(sampler_timesteps(sampler, None if ancestral else ddim_steps, model.alphas_cumprod)) - 1
+        batches = -(-len(todo) // batch_size)
+        run.update({"timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
+                                "writing_s": timer_write.seconds, "per_sample_s": total / len(todo),
+                                "sampling_per_step_s": timer_sample.seconds / (batches * steps)},
+                    "guidance": None if guidance is None else guidance.summary()})
+        if manifest_info is not None:
+            if "load_s" in manifest_info:
+                run["timings"]["load_s"] = manifest_info["load_s"]
+            end_session(out_dir, run)
+        return run
 
 
 def _canonical_shape(image_hw: Sequence[int], slice_axis: int) -> list[int]:
