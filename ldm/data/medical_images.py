@@ -13,7 +13,8 @@ padding, cropping and flips. 2D files record no geometry: both are NaN there.
 
 Bad data is refused with the file named: non-finite voxels or pixels (unless ``nonfinite: fill``), a
 float 2D file without an explicit ``intensity`` (its range is not fixed by its type), a damaged
-``.nii.gz`` (gzip CRC), slices of different sizes with ``size: null``. Symlinked folders under
+``.nii.gz`` (gzip CRC), slices of different sizes with ``size: null``, a ``segmentation_root`` that holds no
+mask for any image (while masks are loaded). Symlinked folders under
 ``data_root`` are followed (a folder reached twice, e.g. through a link loop, is read once).
 """
 from __future__ import annotations
@@ -70,7 +71,8 @@ class MedicalImagesBase(Dataset):
             volumes (``.nii .nii.gz``).
         segmentation_root: folder with masks at the same relative paths (any mask extension; for a
             volume ``volume-N`` also ``labels-N``). None: no masks. May equal ``data_root`` (files
-            that are another file's mask are then not used as images).
+            that are another file's mask are then not used as images). Images without a mask get
+            ``ignore_index`` (one warning with the count); a folder with no mask for any image is a ValueError.
         size: output side in pixels (images resized with ``interpolation``, masks nearest neighbour);
             None keeps the stored size (then every slice must have the same size, checked at start).
             With ``spacing``: the side of the centre crop/pad after resampling (no further resize).
@@ -195,6 +197,25 @@ class MedicalImagesBase(Dataset):
                 return path
         return None
 
+    def _no_masks_at_all(self, images: list[Path]) -> None:
+        """Masks are asked for but ``segmentation_root`` holds none for any image (an empty or wrong folder, another
+        layout): refuse, since a mask-supervised model would train on the images alone without a word."""
+        assert self.segmentation_root is not None
+        first = images[0].relative_to(self.data_root).as_posix()
+        tried = ", ".join(_mask_candidates(first, is_nifti(images[0]))[:3])
+        image_paths = {i.resolve() for i in images}
+        stored = find_files(self.segmentation_root)
+        held = [p for p in stored if p.resolve() not in image_paths]
+        if held:
+            first_held = held[0].relative_to(self.segmentation_root).as_posix()
+            there = f"its {len(held)} files match no image, first {first_held}"
+        else:
+            there = "it holds only the images" if stored else "it holds no files"
+        raise ValueError(f"segmentation_root {self.segmentation_root} holds no mask for any of the {len(images)} image "
+                         f"files under {self.data_root} ({there}; for {first} it looked for {tried}, ...). A mask "
+                         "must sit at its image's relative path (docs/data.md, Layouts): point segmentation_root at "
+                         "the mask folder, or set load_segmentations: false to use the images without masks")
+
     def _scan(self, skip_empty_slices: bool) -> list[_Example]:
         files = [p for p in find_files(self.data_root) if is_image_2d(p) or is_nifti(p)]
         masks: dict[Path, Path | None] = {}
@@ -207,6 +228,8 @@ class MedicalImagesBase(Dataset):
             raise ValueError(f"data_root {self.data_root} holds no images: expected files ending in "
                              f"{', '.join(IMAGE_EXTENSIONS + NIFTI_EXTENSIONS)} (searched recursively)")
         missing = [f for f in files if masks[f] is None]
+        if self.load_segmentations and len(missing) == len(files):
+            self._no_masks_at_all(files)
         if self.load_segmentations and missing:
             logger.warning("%d of %d image files under %s have no mask under %s (first: %s); their segmentation "
                            "is filled with ignore_index %d and has_segmentation is False", len(missing), len(files),
