@@ -1,4 +1,4 @@
-"""What a config read from a run directory may name as ``target``.
+"""What a config read from a run directory may name as ``target``, and where it may make ``main.py -r`` write.
 
 ``instantiate_from_config`` imports and calls any dotted ``target``, so a shared run directory whose
 ``configs/*.yaml`` names, say, ``os.system`` would run it. Configs read back from a run directory (``main.py -r``,
@@ -14,6 +14,13 @@
 Anything else is refused with one line naming the config key path, the target and both opt-ins. Prefixes match
 on module boundaries (``ldmx.evil`` is not under ``ldm``). The whole tree of every file is checked before anything
 is built. Configs the user passes with ``-b/--base`` are the user's own choice and are not checked here.
+
+The allow-list stops code, not writes: an allow-listed class takes any path (``CSVLogger(save_dir=...)``,
+``ModelCheckpoint(dirpath=...)``). So on ``main.py -r``, which builds the run's callbacks and loggers, every
+path-valued parameter of the saved ``lightning`` section (:data:`PATH_KEYS`, a ``filename`` with a directory part)
+must also resolve inside the run directory (:func:`check_run_paths`, symlinks followed); else one line names the
+key, the path and the ways out: give the path on the command line (``key=PATH`` overrides are the user's own and are
+not checked), or ``--trust-config``, which trusts the run's paths too.
 """
 from __future__ import annotations
 
@@ -43,8 +50,19 @@ KNOWN_CLASSES: tuple[str, ...] = tuple(f"{pkg}.loggers.{cls}" for pkg in ("pytor
                                        for cls in ("CSVLogger", "TensorBoardLogger", "TestTubeLogger"))
 
 
+# Parameters that name where a callback, logger or the trainer writes; ``filename`` only with a directory part.
+PATH_KEYS: frozenset[str] = frozenset({"save_dir", "dirpath", "log_dir", "logdir", "path", "filepath", "dir",
+                                       "root_dir", "default_root_dir", "output_dir", "out_dir", "weights_save_path"})
+FILENAME_KEYS: frozenset[str] = frozenset({"filename"})
+
+
 class UntrustedTargetError(ValueError):
     """A config read from a run directory names a target outside the allow-list; nothing was built."""
+
+
+class RunPathError(ValueError):
+    """A config read back from a run directory makes a callback or logger write outside that run; nothing was
+    built."""
 
 
 def under(name: str, prefix: str) -> bool:
@@ -145,26 +163,99 @@ def run_config_files(run_dir: Optional[str], checkpoint: Optional[str] = None) -
     return list(dict.fromkeys(os.path.normpath(p) for p in found))
 
 
-def check_run_configs(paths: Iterable[str], trust_all: bool = False) -> None:
-    """Load every config file a run saved and check its targets (:func:`check_trusted`) before anything is
-    built; with ``trust_all`` (``--trust-config``) only the YAML is checked."""
+# ------------------------------------------------------------------------------------------ paths
+def run_dir_of(config_path: str) -> str:
+    """The run directory of a saved config: ``RUN/configs/x.yaml`` -> ``RUN``; the folder of a CompVis model's or
+    an export's ``config.yaml``."""
+    folder = os.path.dirname(os.path.abspath(config_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "configs" else folder
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` (relative: to the working directory) resolves, symlinks followed, into ``folder``."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def iter_path_params(config: Any, key: str = "") -> Iterator[tuple[str, str, Any, dict]]:
+    """``(key path, name, value, the dict holding it)`` of every :data:`PATH_KEYS` or :data:`FILENAME_KEYS` entry
+    of a config tree (any depth, lists too)."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            path = f"{key}.{k}" if key else str(k)
+            if k in PATH_KEYS or k in FILENAME_KEYS:
+                yield path, str(k), v, config
+            yield from iter_path_params(v, path)
+    elif isinstance(config, list):
+        for i, v in enumerate(config):
+            yield from iter_path_params(v, f"{key}.{i}" if key else str(i))
+
+
+def _written_path(name: str, value: str, node: dict, run_dir: str) -> Optional[str]:
+    """Where the parameter ``name: value`` makes a callback or logger write; None for a file name without a directory
+    part. A ``filename`` is joined to its ``dirpath`` (default the run's ``checkpoints/``, as main.py does)."""
+    if name in FILENAME_KEYS:
+        if not os.path.isabs(value) and "/" not in value and os.sep not in value:
+            return None
+        base = node.get("dirpath") if isinstance(node.get("dirpath"), str) else os.path.join(run_dir, "checkpoints")
+        return os.path.join(base, value)
+    return value
+
+
+def check_run_paths(config: Any, run_dir: str, source: str) -> None:
+    """Refuse (:class:`RunPathError`) a path-valued parameter (:data:`PATH_KEYS`, a ``filename`` with a directory
+    part) anywhere in the ``lightning`` section of ``config`` (callbacks, loggers, checkpointing, trainer) that does not
+    resolve inside ``run_dir``: relative paths resolve against the working directory, as Lightning resolves them, and
+    symlinks are followed. ``source`` is the config file, named in the error."""
+    plain = plain_config(config)
+    lightning = plain.get("lightning") if isinstance(plain, dict) else None
+    for key, name, value, node in iter_path_params(lightning, "lightning"):
+        if value is None or isinstance(value, (bool, int, float, dict, list)):  # a subtree: walked into
+            continue
+        text = str(value)
+        if "${" in text:
+            why = "an interpolation that does not resolve here, so where it writes cannot be checked"
+        elif "://" in text:
+            why = "a URL, outside the run directory"
+        else:
+            target = _written_path(name, text, node, run_dir)
+            target = None if target is None else os.path.expanduser(target)  # Lightning expands ~
+            if target is None or is_inside(target, run_dir):
+                continue
+            why = f"which resolves to {os.path.realpath(target)}, outside the run directory {run_dir}"
+        raise RunPathError(
+            f"config key {key} in run config {source} is {text!r}, {why}: a config read back from a run may only "
+            f"write inside its run. To write there anyway, remove the key from {source} and give it on the command "
+            f"line ({key}=PATH; command-line overrides are your own and are not checked); if you trust this run, "
+            f"pass {TRUST_FLAG}")
+
+
+def check_run_configs(paths: Iterable[str], trust_all: bool = False, check_paths: bool = True) -> None:
+    """Load every config file a run saved and check its targets (:func:`check_trusted`) and, with ``check_paths``
+    (``main.py -r``, which builds the run's callbacks and loggers), that they write inside the run
+    (:func:`check_run_paths`), before anything is built; with ``trust_all`` (``--trust-config``) only the YAML is
+    checked."""
     paths = list(paths)
     loaded = [(p, load_yaml(p)) for p in paths]
     if trust_all:
         if paths:
-            logger.warning("%s: trusting every target in %s", TRUST_FLAG, os.path.dirname(os.path.dirname(paths[0])))
+            logger.warning("%s: trusting every target and path in %s", TRUST_FLAG, run_dir_of(paths[0]))
         return
     for path, config in loaded:
         check_trusted(config, f"run config {path}")
+    if check_paths:
+        for path, config in loaded:
+            check_run_paths(config, run_dir_of(path), path)
 
 
 def check_run(resume: str, base: Sequence[str] = (), trust_all: bool = False) -> None:
     """For the scripts' ``-r RUN_DIR_OR_CKPT [-b CONFIG ...]``: check the configs read back with the checkpoint
-    (:func:`run_config_files`) as :func:`check_run_configs` does, and that every ``-b`` file is valid YAML."""
+    (:func:`run_config_files`) as :func:`check_run_configs` does, and that every ``-b`` file is valid YAML. Paths
+    are not checked: the scripts build the run's model only, never its callbacks or loggers."""
     from ldm.checkpoints import locate_run
 
     checkpoint, run_dir = locate_run(resume)
-    check_run_configs(run_config_files(run_dir, checkpoint), trust_all)
+    check_run_configs(run_config_files(run_dir, checkpoint), trust_all, check_paths=False)
     for path in base or ():  # None: no -b files
         load_yaml(path)
 
@@ -172,6 +263,7 @@ def check_run(resume: str, base: Sequence[str] = (), trust_all: bool = False) ->
 def add_trust_argument(parser: Any) -> None:
     """The ``--trust-config`` flag of every entry point that reads a run directory."""
     parser.add_argument(TRUST_FLAG, dest="trust_config", action="store_true",
-                        help="trust every target named by the run directory's configs (only for runs you trust; by "
-                             f"default they may name classes of ldm, main, torch.nn and Lightning only; "
+                        help="trust every target named by the run directory's configs and every path they write to "
+                             "(only for runs you trust; by default they may name classes of ldm, main, torch.nn and "
+                             "Lightning only; "
                              f"{TRUSTED_TARGETS_ENV}=pkg1,pkg2.mod trusts more prefixes everywhere)")
