@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 import main
 from ldm.trust import RunPathError, check_run, check_run_configs, check_run_paths
+from test_trust import toy_run  # noqa: F401  (the module-scoped trained toy run, shared)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "tests" / "toy.yaml")
@@ -116,15 +117,6 @@ def test_the_scripts_build_no_callbacks_so_their_paths_are_not_checked(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------- main.py -r
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    """One trained toy run (6 steps); tests copy it."""
-    logs = tmp_path_factory.mktemp("toy") / "logs"
-    assert main.main(["--base", TOY, "-t", "-l", str(logs), "--no-test"]) == 0
-    (run,) = [p for p in logs.iterdir() if p.is_dir()]
-    return run
-
-
 def _edit_lightning(run: Path, edit) -> None:
     (path,) = glob.glob(str(run / "configs" / "*-lightning.yaml"))
     config = OmegaConf.to_container(OmegaConf.load(path))
