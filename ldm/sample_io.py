@@ -18,6 +18,7 @@ never ended is marked ``interrupted`` by the next one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,12 +42,23 @@ _SETTINGS = ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema", "a
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
+@functools.lru_cache(maxsize=1)
+def _default_file_mode() -> int:
+    """The mode a newly created file gets here (``0o666`` less the umask; read once: reading it sets it briefly)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a hidden temporary name beside ``path`` (same extension), then rename it to ``path``."""
+    """``write(tmp)`` to a hidden temporary name beside ``path`` (same extension), then rename it to ``path``, with
+    the mode a file created directly would have (a writer that stages through ``mkstemp``, as safetensors does,
+    would leave it ``0600``)."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
     try:
         write(tmp)
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -35,6 +35,8 @@ def test_export_round_trips_to_identical_samples(run, run_samples, tmp_path):
     out = tmp_path / "exported"
     assert export.main(["-r", run, "-o", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["config.yaml", "model.safetensors", "state_dict.pt"]
+    modes = {name: os.stat(out / name).st_mode & 0o777 for name in os.listdir(out)}
+    assert len(set(modes.values())) == 1, modes  # safetensors' own writer made model.safetensors 0600
     weights = load_file(str(out / "model.safetensors"))
     bare = torch.load(out / "state_dict.pt", weights_only=True)
     assert not [k for k in weights if k.startswith("model_ema.")] and weights.keys() == bare.keys()
