@@ -34,12 +34,13 @@ import time
 from typing import Any, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ldm.threads import num_cores as process_cores  # noqa: E402
+
 OUT_DIR = os.path.join(ROOT, "bench", "out")
 BUSY_LOOP = "while True: pass"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def fair_share_ratio(threads: int, competitors: int, num_cores: int) -> float:
@@ -197,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not loads or min(loads) < 0 or 0 not in loads:
         raise SystemExit("cpu_load.py: error: --loads must list competitor counts >= 0 and include 0 (the idle run)")
     variants = {v: parse_variant(v) for v in args.variants.split(",") if v.strip()}
-    num_cores = cores()
+    cores = process_cores()
     out = args.out or os.path.join(OUT_DIR, "cpu_load_quick.json" if args.quick else "cpu_load.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     work = tempfile.mkdtemp(prefix="cpu_load_")
@@ -211,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     os.makedirs(run_dir)
                     cmd, cmd_env = _command(args, run_dir)
                     res = run_once(cmd, {**cmd_env, **env}, k, os.path.join(run_dir, "stderr.log"))
-                    threads = variant_threads(env, num_cores)
+                    threads = variant_threads(env, cores)
                     rows.append({"variant": name, "threads": threads, "competitors": k, "rep": rep, **res})
                     print(f"{name:>24}  competitors {k}  rep {rep}: {res['wall_s']:.1f} s", flush=True)
                     if args.what != "train":
@@ -219,10 +220,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"what": args.what, "command_line": "python bench/cpu_load.py " + " ".join(argv or sys.argv[1:]),
-              "machine": platform.processor() or platform.machine(), "cores": num_cores,
+              "machine": platform.processor() or platform.machine(), "cores": cores,
               "date": time.strftime("%Y-%m-%d"), "loads": loads, "variants": list(variants),
               "demo_env": {k: v for k, v in os.environ.items() if k.startswith("DEMO_")},
-              "rows": rows, "summary": summarise(rows, num_cores)}
+              "rows": rows, "summary": summarise(rows, cores)}
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     md = markdown(result)

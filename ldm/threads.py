@@ -27,17 +27,14 @@ def num_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def parse_threads(value: Union[str, int, None]) -> Union[int, str, None]:
-    """``--threads`` value: ``None``/``"auto"`` -> ``"auto"``, a positive integer -> that integer."""
+def parse_threads(value: Union[str, int, None]) -> Union[int, str]:
+    """``--threads`` value: ``None``/``"auto"`` -> ``"auto"``, a positive integer (or its digits) -> that integer."""
     if value is None or value == AUTO:
         return AUTO
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or str(value).strip() not in (str(n), f"+{n}"):
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--threads must be 'auto' or an integer >= 1, got {value!r}")
-    return n
+    return int(text)
 
 
 def other_runnable_threads(proc: str = "/proc") -> Optional[int]:
@@ -88,6 +85,7 @@ class ThreadGovernor:
         self._set = set_threads
         self._samples: list[int] = []
         self._last = clock()
+        self._last_sample = self._last
         self.threads = 0
         self.changes = 0
         first = probe()
@@ -107,11 +105,14 @@ class ThreadGovernor:
             self.threads = threads
 
     def step(self) -> int:
-        """Take one run-queue sample; every ``interval_s`` decide and apply the thread count. Returns it."""
-        sample = self.probe()
-        if sample is not None:
-            self._samples.append(sample)
+        """Take a run-queue sample (at most six per interval, so a fast training loop reads ``/proc`` a few times a
+        second, not every step); every ``interval_s`` decide and apply the thread count. Returns it."""
         now = self.clock()
+        if now - self._last_sample >= self.interval_s / 6:
+            self._last_sample = now
+            sample = self.probe()
+            if sample is not None:
+                self._samples.append(sample)
         if now - self._last >= self.interval_s:
             self._apply(self._target(self._samples) if self._samples else 1)
             self._samples, self._last = [], now

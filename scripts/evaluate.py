@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluation.results
     panels = {}
     for name, images in [("real", real["images"]), *((n, d["images"]) for n, d in sets.items())]:
-        masks, source = evaluation.masks.get(name, (None, ""))
-        rate_key = "seg_rule_pass_rate" if source == "segmenter masks" else "model_rule_pass_rate"
+        masks, source, rate_key = evaluation.masks.get(name, (None, "", ""))
         panels[name] = report.SetPanel(images[:args.grid, 0].numpy(), None if masks is None else masks[:args.grid],
                                        source, results.get(name, {}).get(rate_key))
     meta = {"real": args.real, "real_split": args.real_split, "num_real": len(real["images"]),

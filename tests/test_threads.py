@@ -127,7 +127,8 @@ def _busy_loops() -> int:
 def test_cpu_load_quick_measures_and_cleans_up(tmp_path):
     before = _busy_loops()
     out = tmp_path / "load.json"
-    proc = subprocess.run([sys.executable, "bench/cpu_load.py", "--quick", "--out", str(out)], cwd=ROOT,
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the default variant: --threads auto
+    proc = subprocess.run([sys.executable, "bench/cpu_load.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())

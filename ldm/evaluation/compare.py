@@ -122,14 +122,15 @@ class Evaluation(NamedTuple):
     """What :func:`evaluate_sets` measured.
 
     ``results``: the numbers per set (and ``real``); ``area_fractions``: ``[N, C]`` class-area fractions per set for
-    the report's distributions; ``masks``: per set, ``(masks [N, H, W], source)``, the masks that describe the
-    set's images (``"true masks"`` for real data, the model's ``"predicted masks"``, else the ``"segmenter masks"``),
-    which the report's figure overlays; sets with neither are absent.
+    the report's distributions; ``masks``: per set, ``(masks [N, H, W], source, rate_key)``, the masks that describe
+    the set's images (``"true masks"`` for real data, the model's ``"predicted masks"``, else the ``"segmenter
+    masks"``), which the report's figure overlays, and the ``results`` key of their rule pass rate; sets with neither
+    are absent.
     """
 
     results: dict[str, dict[str, float]]
     area_fractions: dict[str, np.ndarray]
-    masks: dict[str, tuple[np.ndarray, str]]
+    masks: dict[str, tuple[np.ndarray, str, str]]
 
 
 def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any], num_classes: int,
@@ -150,12 +151,12 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
 
     results: dict[str, dict[str, float]] = {}
     fractions: dict[str, np.ndarray] = {}
-    shown: dict[str, tuple[np.ndarray, str]] = {}
+    shown: dict[str, tuple[np.ndarray, str, str]] = {}
     real_masks = real.get("masks")
     real_images = features.quantize_8bit(real["images"])
     if real_masks is not None:
         fractions["real"] = anatomy.class_area_fractions(real_masks, num_classes)
-        shown["real"] = (np.asarray(real_masks), "true masks")
+        shown["real"] = (np.asarray(real_masks), "true masks", "model_rule_pass_rate")
         row: dict[str, float] = {"num_images": float(len(real["images"]))}
         if checker is not None:
             row["model_rule_pass_rate"] = anatomy.rule_pass_rate(real_masks, checker)[0]
@@ -176,7 +177,7 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
         if own is not None:
             row.update(anatomy.mask_metrics(own, num_classes, real_masks=real_masks, checker=checker,
                                             class_names=class_names, prefix="model_"))
-            shown[name] = (np.asarray(own), "predicted masks")
+            shown[name] = (np.asarray(own), "predicted masks", "model_rule_pass_rate")
             if segmenter is None:
                 fractions[name] = anatomy.class_area_fractions(own, num_classes)
         if segmenter is not None:
@@ -184,6 +185,6 @@ def evaluate_sets(sets: Mapping[str, Mapping[str, Any]], real: Mapping[str, Any]
             row.update(anatomy.mask_metrics(seg, num_classes, real_masks=real_masks, checker=checker,
                                             reference=own, class_names=class_names, prefix="seg_"))
             fractions[name] = anatomy.class_area_fractions(seg, num_classes)  # one yardstick for every set
-            shown.setdefault(name, (np.asarray(seg), "segmenter masks"))
+            shown.setdefault(name, (np.asarray(seg), "segmenter masks", "seg_rule_pass_rate"))
         results[name] = row
     return Evaluation(results, fractions, shown)

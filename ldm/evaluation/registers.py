@@ -24,7 +24,7 @@ import torch
 
 from ldm import sampling
 from ldm.data.labels import label_set_of
-from ldm.modules.anatomical_losses import mode_downsample, soft_class_targets
+from ldm.modules.anatomical_losses import soft_class_targets
 
 logger = logging.getLogger(__name__)
 
@@ -272,13 +272,12 @@ def attention_trajectory(model: torch.nn.Module, num_samples: int = 4, ddim_step
     images = model.decode_first_stage(z).float().cpu()
     maps = torch.stack(per_step)  # [S, L, N, C, h, w]
     num_classes = maps.shape[3]
-    # the maps live on the latent grid: compare them with the mask voted down to that grid (identity when the
-    # mask head predicts there), so "accuracy" counts latent pixels whatever the mask head's resolution
-    latent_masks = mode_downsample(masks, shape[1:], num_classes, ignore_index=-1)
-    accuracy = (maps.argmax(3) == latent_masks[None, None]).float().mean(dim=(2, 3, 4))
-    # own-class mass: each latent cell weighted by the class's share of it in the final mask, so a structure
-    # smaller than a cell still counts (at the latent grid the weights are the one-hot mask: a plain mean)
+    # the maps live on the latent grid: each class's share of every latent cell in the final mask (the one-hot
+    # mask when the mask head predicts there); its arg-max is the majority vote that "accuracy" compares with, and
+    # the own-class mass weights each cell by the share, so a structure smaller than a cell still counts
     shares, _ = soft_class_targets(masks, shape[1:], num_classes, ignore_index=-1)  # [N, C, h, w]
+    latent_masks = shares.argmax(1)
+    accuracy = (maps.argmax(3) == latent_masks[None, None]).float().mean(dim=(2, 3, 4))
     mean_maps = maps.mean(1)  # [S, N, C, h, w]
     weight = shares.sum(dim=(0, 2, 3))  # [C]
     mass = (mean_maps * shares[None]).sum(dim=(1, 3, 4)) / weight.clamp_min(1e-12)

@@ -189,8 +189,7 @@ def comparison_figure(path: str, panels: Mapping[str, SetPanel],
                             left=label_w / width, right=0.99)
     for r, (label, tiles, colour) in enumerate(strips):
         ax = fig.add_subplot(grid[r])
-        fill = 1.0
-        mosaic = image_grid(tiles, ncols=ncols, pad=1, fill=fill)
+        mosaic = image_grid(tiles, ncols=ncols, pad=1, fill=1.0)
         if colour:
             ax.imshow(mosaic, interpolation="nearest")
         else:
