@@ -24,6 +24,7 @@ from ldm.training.cli import (
     lightning_trainer_kwargs,
     load_configs,
     parse_args,
+    resolve_run_id,
     resolve_run_paths,
     trainer_settings,
 )
@@ -206,8 +207,11 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     from ldm.threads import configure_threads
     from ldm.threads import describe as describe_threads
     from ldm.training.callbacks import FaultCheckpoint
+    from ldm.training.checkpoint_io import with_atomic_checkpoint_io
     from ldm.training.config_check import load_kwargs
     from ldm.training.data import DataModuleFromConfig
+    from ldm.training.fit_checks import check_data_for_model
+    from ldm.training.run_identity import RUN_ID_ENV, RunIdentity
     from ldm.util import instantiate_from_config
 
     paths = resolve_run_paths(opt)
@@ -240,8 +244,15 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
             data.setup()  # build the datasets now: a missing root or a bad file stops here, before any training
     except ValueError as err:
         raise UsageError(f"could not build the model or the data from the config: {err}") from err
+    try:  # data that the model would train on without a word, though wrongly (ldm.training.fit_checks)
+        check_data_for_model(model, data, training=bool(opt.train))
+    except ValueError as err:
+        raise UsageError(f"the data does not fit the model: {err}") from err
+    ckpt_run_id = None
     if paths.ckpt:  # weights_only, a Lightning checkpoint, weights that fit: one line instead of Lightning's traceback
-        check_resume(paths.ckpt, model, training=bool(opt.train))
+        ckpt_run_id = check_resume(paths.ckpt, model, training=bool(opt.train))
+    run_id = resolve_run_id(paths, opt, ckpt_run_id)  # -r: the checkpoint must be this run's (or --allow-other-run)
+    os.environ[RUN_ID_ENV] = run_id  # DDP processes launched by this one keep it
     if opt.compile:
         from ldm.modules.diffusionmodules.openaimodel import compile_unet
 
@@ -253,6 +264,9 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     _set_learning_rate(model, config, trainer_kwargs, spec.num_devices, opt.scale_lr)
 
     callbacks = build_callbacks(paths, opt, config, lightning_config, model, data, trainer_kwargs)
+    callbacks.append(RunIdentity(run_id, paths.logdir))
+    # every checkpoint staged beside its target, fsynced, renamed (not through $TMPDIR): ldm.training.checkpoint_io
+    trainer_kwargs["plugins"] = with_atomic_checkpoint_io(trainer_kwargs.get("plugins"))
     if governor is not None:
         from ldm.training.callbacks import ThreadGovernorCallback
 
@@ -299,16 +313,14 @@ def _remove_marker(logdir: str) -> None:
 
 def _write_marker(logdir: str, trainer: Any) -> None:
     """Mark the run complete: training reached its end (max_steps, max_epochs or a stopping callback)."""
-    import json
     import time
 
+    from ldm.atomic_io import write_json
+
     path = os.path.join(logdir, COMPLETE_MARKER)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                   "checkpoint": os.path.join("checkpoints", "last.ckpt"),
-                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, fh)
-    os.replace(tmp, path)
+    write_json(path, {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+                      "checkpoint": os.path.join("checkpoints", "last.ckpt"),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=None)
     _info(f"training complete at global step {trainer.global_step}: marked in {path}")
 
 
@@ -326,7 +338,11 @@ def _interrupted(fault: FaultCheckpoint, paths: RunPaths) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), train/test; user errors exit with code 2 and one message."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), train/test; user errors exit with code 2 and one message, a file
+    that could not be written (a full disk: :class:`ldm.atomic_io.WriteError`, naming it and what remains) with
+    code 1 and one message."""
+    from ldm.atomic_io import WriteError
+
     opt, overrides = parse_args(argv)
     _configure_logging(opt.debug)
     try:
@@ -334,6 +350,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (UsageError, FileNotFoundError) as err:
         sys.stderr.write(f"main.py: error: {err}\n")
         return 2
+    except WriteError as err:
+        if os.environ.get("LDM_TRACEBACK"):
+            raise
+        sys.stderr.write(f"main.py: error: {err}\n")
+        return 1
 
 
 if __name__ == "__main__":

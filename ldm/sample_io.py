@@ -10,7 +10,9 @@ Layout (``{index:06d}`` names)::
     samples.json                 checkpoint, config, geometry, one record per session
     .lock                        while a session writes: its PID, host and start time (ldm.folder_lock)
 
-Every file is written under a hidden temporary name and renamed into place, so a file that exists is whole. A
+Every file is written under a hidden temporary name beside it, fsynced, checked (NIfTI files read back) and renamed
+into place (:mod:`ldm.atomic_io`), so a file that exists is whole; a full disk raises
+:class:`~ldm.atomic_io.WriteError` naming the file. A
 sample is complete when all the files its session asked for exist (non-empty); :func:`scan_samples` finds the
 incomplete ones (an interrupted session) so the next session redoes them. Sessions are recorded in
 ``samples.json`` when they start (``status: started``) and updated when they end (``complete``); a session that
@@ -18,17 +20,17 @@ never ended is marked ``interrupted`` by the next one.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
-import uuid
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ldm.atomic_io import TMP_PREFIX, WriteError, atomic_write, atomic_write_stream, default_file_mode  # noqa: F401
+from ldm.atomic_io import remove_staging_files, save_nifti_file, verify_json
 from ldm.sample_geometry import SampleGeometry, display_to_canonical
 
 logger = logging.getLogger(__name__)
@@ -36,52 +38,25 @@ logger = logging.getLogger(__name__)
 IMAGE_DIR, MASK_DIR, MASK_COLOUR_DIR = "images", "masks", "masks_colour"
 MANIFEST = "samples.json"
 STACK, STACK_MASKS = "stack.nii.gz", "stack_masks.nii.gz"
-TMP_PREFIX = ".tmp-"
 _SAMPLE_FILE_RE = re.compile(r"^(\d{6,})\.(png|npz|nii\.gz)$")
 _SETTINGS = ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "ema", "anatomy_guidance")
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
-@functools.lru_cache(maxsize=1)
-def _default_file_mode() -> int:
-    """The mode a newly created file gets here (``0o666`` less the umask; read once: reading it sets it briefly)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a hidden temporary name beside ``path`` (same extension), then rename it to ``path``, with
-    the mode a file created directly would have (a writer that stages through ``mkstemp``, as safetensors does,
-    would leave it ``0600``)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# One helper writes every file (ldm.atomic_io): staged beside its target, fsynced, checked, renamed; a failure
+# (a full disk) raises WriteError naming the file and leaves no partial file. ``atomic_write`` stays importable here.
+_default_file_mode = default_file_mode
 
 
 def remove_temporary_files(out_dir: str) -> int:
     """Delete leftovers of interrupted writes (hidden temporary files); returns how many."""
-    removed = 0
-    for sub in ("", IMAGE_DIR, MASK_DIR, MASK_COLOUR_DIR):
-        folder = os.path.join(out_dir, sub)
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if name.startswith(TMP_PREFIX):
-                    os.remove(os.path.join(folder, name))
-                    removed += 1
-    return removed
+    return sum(remove_staging_files(os.path.join(out_dir, sub)) for sub in ("", IMAGE_DIR, MASK_DIR, MASK_COLOUR_DIR))
 
 
 def _save_png(path: str, array: np.ndarray) -> None:
     from PIL import Image
 
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    atomic_write_stream(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def _save_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
@@ -93,15 +68,11 @@ def _save_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
     img.header.set_xyzt_units("mm")
     if volume.dtype.kind in "iu":
         img.header.set_slope_inter(1.0, 0.0)
-    atomic_write(path, lambda tmp: nib.save(img, tmp))
+    save_nifti_file(path, lambda tmp: nib.save(img, tmp))  # header and voxels read back before the rename
 
 
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(path, write)
+    atomic_write_stream(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 # ----------------------------------------------------------------------------------------- sample files
@@ -287,12 +258,8 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
 
 def _write_manifest(out_dir: str, manifest: Mapping[str, Any]) -> str:
     path = os.path.join(out_dir, MANIFEST)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2, default=str)
-
-    atomic_write(path, write)
+    text = json.dumps(manifest, indent=2, default=str)
+    atomic_write_stream(path, lambda f: f.write(text.encode("utf-8")), verify=verify_json)
     return path
 
 

@@ -97,11 +97,60 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def strip_checkpoint_paths(model_config: Any) -> Any:
-    """Plain copy of a config (node) without ``ckpt_path`` entries: the checkpoint already holds every weight."""
+ENV_RESOLVER = "oc.env"
+_KEEP_ENV_RESOLVER = "ldm_keep_env"  # stands in for oc.env while a config is resolved for writing
+
+
+def _keep_env_text(*args: Any) -> str:
+    return "${" + ENV_RESOLVER + ":" + ",".join(str(a) for a in args) + "}"
+
+
+def shareable_config(config: Any) -> Any:
+    """A plain copy of a config (node) with every interpolation resolved except ``${oc.env:VAR}``, which stays as
+    that text (also inside values built from it, ``${oc.env:ROOT}/train`` stays so): what is written into shared
+    outputs (``samples.json``, an export's ``config.yaml``), so that no environment value (a path, a secret) leaks
+    into them. The ``${oc.env:...}`` text resolves again where the output is read."""
+    import warnings
+
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(model_config, resolve=True)
+    raw = OmegaConf.to_container(config, resolve=False) if OmegaConf.is_config(config) else config
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        if isinstance(node, str):
+            return node.replace("${" + ENV_RESOLVER + ":", "${" + _KEEP_ENV_RESOLVER + ":")
+        return node
+
+    if not OmegaConf.has_resolver(_KEEP_ENV_RESOLVER):
+        with warnings.catch_warnings():  # register_new_resolver is the portable name across omegaconf 2.x
+            warnings.simplefilter("ignore")
+            OmegaConf.register_new_resolver(_KEEP_ENV_RESOLVER, _keep_env_text)
+    return OmegaConf.to_container(OmegaConf.create(swap(raw)), resolve=True)
+
+
+def resolve_config(config: Any) -> Any:
+    """A plain, fully resolved copy of a config; where an interpolation cannot be resolved here (an export's
+    ``${oc.env:DATA_ROOT}`` on a machine without that variable) it stays as its text (:func:`shareable_config`), so
+    what does not need it (the model, a recorded geometry) still works."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+    except OmegaConfBaseException:
+        return shareable_config(config)
+
+
+def strip_checkpoint_paths(model_config: Any, keep_env: bool = False) -> Any:
+    """Plain copy of a config (node) without ``ckpt_path`` entries: the checkpoint already holds every weight.
+    Resolved; with ``keep_env`` ``${oc.env:VAR}`` stays unresolved (:func:`shareable_config`), for writing."""
+    from omegaconf import OmegaConf
+
+    cfg = shareable_config(model_config) if keep_env else OmegaConf.to_container(model_config, resolve=True)
 
     def strip(node: Any) -> None:
         if isinstance(node, dict):
@@ -118,24 +167,48 @@ def strip_checkpoint_paths(model_config: Any) -> Any:
     return cfg
 
 
+def sampling_extra_key(key: str) -> bool:
+    """Checkpoint keys a model built for sampling may lack without the checkpoint being another model's: the EMA
+    copy (``model_ema.*``, when the config samples without EMA, ``use_ema: false``) and the training losses of a
+    first or conditioning stage (``loss.*``, ``first_stage_model.loss.*``, ``cond_stage_model.loss.*``: the LPIPS
+    and discriminator weights of an autoencoder trained with them, which a sampling config replaces by
+    ``torch.nn.Identity``, as CompVis LDM configs do). Any other unknown key is an error."""
+    return key.startswith(("model_ema.", "loss.", "first_stage_model.loss.", "cond_stage_model.loss."))
+
+
 def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_load: bool = False,
                             device: Optional[torch.device] = None, trust_config: bool = False
                             ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the run's model from its config, load the checkpoint, move to ``device``, eval mode.
 
     The configs the run saved may only name allow-listed targets (``ldm.trust``), as on the command line;
-    ``trust_config=True`` is the ``--trust-config`` opt-in. Returns ``(model, info)`` with ``checkpoint``,
-    ``checkpoint_sha256``, ``config`` (a plain dict), ``config_files`` and ``has_ema``.
+    ``trust_config=True`` is the ``--trust-config`` opt-in. Keys of the checkpoint that the model does not have
+    are an error naming the file and the first keys (:class:`~ldm.checkpoints.CheckpointMismatchError`), except
+    the EMA copy and training-loss weights (:func:`sampling_extra_key`), which are dropped with one log line.
+    Returns ``(model, info)`` with ``checkpoint``, ``checkpoint_sha256``, ``config`` (a plain dict with
+    ``${oc.env:...}`` left unresolved: it is written into shared outputs), ``resolved_config`` (everything resolved,
+    for building things; never written), ``config_files`` and ``has_ema``.
     """
-    from omegaconf import OmegaConf
-
+    from ldm.checkpoints import CheckpointMismatchError
     from ldm.trust import check_run
 
     check_run(path, config_paths, trust_config)  # before anything named by the run is imported or built
     ckpt_path, _, files, config = read_run_config(path, config_paths)
     state_dict = read_state_dict(ckpt_path, weights_only=not unsafe_load)
     model = instantiate_from_config(strip_checkpoint_paths(config.model))
-    missing, _ = load_weights(model, state_dict, allow_unexpected=True, source=ckpt_path,
+    own = model.state_dict()
+    unknown = [k for k in state_dict if k not in own]
+    foreign = [k for k in unknown if not sampling_extra_key(k)]
+    if foreign:
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt_path} has {len(foreign)} keys this model does not have (e.g. {foreign[:5]}): it was "
+            f"trained with another config than {[os.path.basename(p) for p in files]}; sample it with its own config "
+            "(-b CONFIG.yaml)")
+    if unknown:
+        logger.info("%s: %d keys this sampling model does not use are not loaded (EMA copy or training losses, "
+                    "e.g. %s)", ckpt_path, len(unknown), unknown[:3])
+        state_dict = {k: v for k, v in state_dict.items() if k in own}
+    missing, _ = load_weights(model, state_dict, source=ckpt_path,
                               required=lambda key: not key.startswith("model_ema."))
     has_ema = bool(getattr(model, "use_ema", False)) and not any(k.startswith("model_ema.") for k in missing)
     if getattr(model, "use_ema", False) and not has_ema:
@@ -144,8 +217,8 @@ def load_model_for_sampling(path: str, config_paths: Sequence[str] = (), unsafe_
     if device is not None:
         model.to(device)
     info = {"checkpoint": os.path.abspath(ckpt_path), "checkpoint_sha256": sha256_file(ckpt_path),
-            "config": OmegaConf.to_container(config, resolve=True), "config_files": [os.path.abspath(p) for p in files],
-            "has_ema": has_ema}
+            "config": shareable_config(config), "resolved_config": resolve_config(config),
+            "config_files": [os.path.abspath(p) for p in files], "has_ema": has_ema}
     return model, info
 
 
@@ -388,8 +461,11 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     sampling time per step (``sampling_per_step_s``) and, when guided, ``guidance`` its calls and energies.
 
     Files are written atomically (:mod:`ldm.sample_io`); samples an interrupted session left incomplete are
-    redone first (``redone`` in the record). NIfTI files (``formats`` with ``nii``; ``hu`` and ``stack`` imply it)
-    use ``geometry`` (:mod:`ldm.sample_geometry`; default 1 mm RAS+), ``hu`` writes CT samples in HU and
+    redone first (``redone`` in the record). When the folder's last session was interrupted (Ctrl-C, a full disk,
+    a kill) and this one has the same ``num_samples`` and settings, it is the same command run again: it finishes
+    that session (``resumes``: its id; ``count``: the samples still missing) instead of adding ``num_samples`` more,
+    so the folder ends with the count that was asked for (:func:`resumable_session`). NIfTI files (``formats``
+    with ``nii``; ``hu`` and ``stack`` imply it) use ``geometry`` (:mod:`ldm.sample_geometry`; default 1 mm RAS+), ``hu`` writes CT samples in HU and
     ``stack`` also writes every complete sample of the folder as one volume. With ``manifest_info`` (the ``info``
     of :func:`load_model_for_sampling`) the session is recorded in ``samples.json`` as it starts and as it ends.
     ``on_batch`` is called after every batch (``scripts/sample.py``: the CPU thread governor's step).
@@ -430,7 +506,6 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         if redo:
             logger.warning("%s: samples %s are incomplete (an interrupted session); redoing them first", out_dir,
                            redo if len(redo) <= 10 else f"{redo[:10]}... ({len(redo)})")
-        todo = redo + list(range(start, start + num_samples))
         ancestral = sampler == "ancestral"
         use_ema = bool(use_ema and getattr(model, "use_ema", False))
         run: dict[str, Any] = {
@@ -438,6 +513,7 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             "ddim_steps": None if ancestral else ddim_steps,
             "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
             "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
+            "requested": num_samples, "ends_at": start + num_samples,
             "masks": bool(save_masks),
             "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
             # what the segmentation head read: the sampled latents or the decoded samples encoded again
@@ -445,6 +521,15 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
             "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
             "device": str(next(model.parameters()).device), "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        unfinished = resumable_session(manifest.get("sessions", []), run)
+        if unfinished is not None:  # the same command again after an interruption: finish that session
+            end = int(unfinished.get("ends_at", unfinished["start_index"] + unfinished["count"]))
+            run.update(count=max(0, end - start), ends_at=max(end, start), resumes=unfinished.get("id"))
+            logger.warning("%s: resuming the interrupted session %s (-n %d from sample %d): %d samples are complete, "
+                           "%d to write%s", out_dir, unfinished.get("id"), num_samples, unfinished["start_index"],
+                           len([i for i in complete if unfinished["start_index"] <= i < end]), run["count"],
+                           f", {len(redo)} to redo" if redo else "")
+        todo = redo + list(range(start, start + run["count"]))
         if manifest_info is not None:
             begin_session(out_dir, manifest_info, run)
         timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
@@ -470,14 +555,34 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
         steps = len(sampler_timesteps(sampler, None if ancestral else ddim_steps, model.alphas_cumprod)) - 1
         batches = -(-len(todo) // batch_size)
         run.update({"timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
-                                "writing_s": timer_write.seconds, "per_sample_s": total / len(todo),
-                                "sampling_per_step_s": timer_sample.seconds / (batches * steps)},
+                                "writing_s": timer_write.seconds, "per_sample_s": total / max(len(todo), 1),
+                                "sampling_per_step_s": timer_sample.seconds / max(batches * steps, 1)},
                     "guidance": None if guidance is None else guidance.summary()})
         if manifest_info is not None:
             if "load_s" in manifest_info:
                 run["timings"]["load_s"] = manifest_info["load_s"]
             end_session(out_dir, run)
         return run
+
+
+RESUME_SETTINGS = ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "anatomy_guidance", "ema", "masks",
+                   "mask_from", "hu")
+
+
+def resumable_session(sessions: Sequence[dict[str, Any]], run: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The folder's last session when ``run`` is the same command run again after it was interrupted (it never
+    ended: ``started``/``interrupted``; same ``-n`` and the same settings and formats), else None. Such a run
+    finishes that session instead of adding ``-n`` more, so an interrupted ``-n 40`` ends with 40 samples."""
+    if not sessions or sessions[-1].get("status") == "complete":
+        return None
+    last = sessions[-1]
+    if not isinstance(last.get("start_index"), int) or not isinstance(last.get("count"), int):
+        return None
+    if last.get("requested", last["count"]) != run["requested"]:
+        return None
+    if sorted(last.get("formats") or ("png",)) != sorted(run["formats"]):
+        return None
+    return last if all(last.get(k) == run.get(k) for k in RESUME_SETTINGS) else None
 
 
 def _canonical_shape(image_hw: Sequence[int], slice_axis: int) -> list[int]:

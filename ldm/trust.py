@@ -20,7 +20,9 @@ The allow-list stops code, not writes: an allow-listed class takes any path (``C
 path-valued parameter of the saved ``lightning`` section (:data:`PATH_KEYS`, a ``filename`` with a directory part)
 must also resolve inside the run directory (:func:`check_run_paths`, symlinks followed); else one line names the
 key, the path and the ways out: give the path on the command line (``key=PATH`` overrides are the user's own and are
-not checked), or ``--trust-config``, which trusts the run's paths too.
+not checked), or ``--trust-config``, which trusts the run's paths too. The same holds for the run's own folders: a
+``checkpoints/`` (or ``configs/``, ``csv/``, ...) that is a symbolic link out of the run is refused on ``main.py -r``
+(:func:`check_run_links`), and followed with a warning naming its target under ``--trust-config``.
 """
 from __future__ import annotations
 
@@ -246,6 +248,30 @@ def check_run_configs(paths: Iterable[str], trust_all: bool = False, check_paths
     if check_paths:
         for path, config in loaded:
             check_run_paths(config, run_dir_of(path), path)
+
+
+# Folders of a run directory that ``main.py -r`` writes into (checkpoints, saved configs, logger and image folders).
+RUN_WRITE_FOLDERS: tuple[str, ...] = ("checkpoints", "configs", "csv", "tensorboard", "images")
+
+
+def check_run_links(run_dir: str, trust_all: bool = False) -> None:
+    """Refuse (:class:`RunPathError`) a folder of :data:`RUN_WRITE_FOLDERS` in ``run_dir`` that is a symbolic link
+    resolving outside the run directory: ``main.py -r`` would follow it and write the run's checkpoints (or configs,
+    logs) there, the way a path in a shared config would. With ``trust_all`` (``--trust-config``, for a link you made
+    yourself, e.g. checkpoints on another disk) it is followed with one warning naming where it leads."""
+    for name in RUN_WRITE_FOLDERS:
+        path = os.path.join(run_dir, name)
+        if not os.path.islink(path) or is_inside(path, run_dir):
+            continue
+        target = os.path.realpath(path)
+        if trust_all:
+            logger.warning("%s: %s is a symbolic link to %s, outside the run directory; writing there", TRUST_FLAG,
+                           path, target)
+            continue
+        raise RunPathError(
+            f"{path} is a symbolic link to {target}, outside the run directory {run_dir}: resuming would write the "
+            f"run's {name} there. If you made the link (e.g. {name} on another disk), pass {TRUST_FLAG}; otherwise "
+            "replace the link by a folder")
 
 
 def check_run(resume: str, base: Sequence[str] = (), trust_all: bool = False) -> None:

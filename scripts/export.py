@@ -7,7 +7,8 @@ Example:
 Writes into the output folder:
     model.safetensors   every weight of the model, the EMA weights in place of the live ones (no model_ema.*)
     state_dict.pt       the same as a bare torch state dict (loads with torch.load(weights_only=True))
-    config.yaml         the resolved config (ckpt_path entries removed, use_ema: false since the EMA weights are
+    config.yaml         the resolved config (${oc.env:VAR} kept as written: no environment value is shared;
+                        ckpt_path entries removed, use_ema: false since the EMA weights are
                         baked in, the NIfTI geometry of the training data under geometry:, provenance under export:)
 The folder samples like a run: ``python scripts/sample.py -r exported/demo``, or in Python::
 
@@ -61,8 +62,8 @@ def export_run(path: str, out_dir: str, base: list[str] | tuple[str, ...] = (), 
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
+    from ldm.atomic_io import atomic_write, save_torch, write_text
     from ldm.sample_geometry import resolve_geometry
-    from ldm.sample_io import atomic_write
 
     paths = {name: os.path.join(out_dir, name) for name in (WEIGHTS, STATE_DICT, CONFIG)}
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -81,19 +82,29 @@ def export_run(path: str, out_dir: str, base: list[str] | tuple[str, ...] = (), 
     with model.ema_scope("export") if use_ema else nullcontext():
         state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
                  if not k.startswith("model_ema.")}
-    config = sampling.strip_checkpoint_paths(OmegaConf.create(info["config"]))
+    # written with ${oc.env:VAR} unresolved (no environment value in a shared file); resolved only to find the data
+    config = sampling.strip_checkpoint_paths(OmegaConf.create(info["config"]), keep_env=True)
     config["model"].setdefault("params", {})["use_ema"] = False
-    geometry = resolve_geometry(config, reference)
+    geometry = resolve_geometry(sampling.strip_checkpoint_paths(OmegaConf.create(info["resolved_config"])), reference)
     if geometry.note is None:
         config["geometry"] = geometry.to_dict()
     config["export"] = {"checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
                         "weights": "ema" if use_ema else "live", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "torch": str(torch.__version__)}
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(paths[WEIGHTS], lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(paths[STATE_DICT], lambda tmp: torch.save(state, tmp))
-    atomic_write(paths[CONFIG], lambda tmp: OmegaConf.save(OmegaConf.create(config), tmp))
+    atomic_write(paths[WEIGHTS], lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+                 verify=_verify_safetensors)
+    save_torch(state, paths[STATE_DICT])
+    write_text(paths[CONFIG], OmegaConf.to_yaml(OmegaConf.create(config)))
     return paths
+
+
+def _verify_safetensors(path: str) -> None:
+    """Raise unless ``path`` is a whole safetensors file (safetensors checks the data against its header)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        list(f.keys())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ldm.util import run_script
+    from ldm.atomic_io import run_script_reporting_writes
 
-    sys.exit(run_script(main))
+    sys.exit(run_script_reporting_writes(main))

@@ -9,7 +9,6 @@ with ``-o``. Extra ``--data`` configs replace the run's data section (e.g. a lar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    trust_config=args.trust_config)
     if not hasattr(model, "encode_mask"):
         raise ValueError(f"{args.resume} is a {type(model).__name__}, not a mask autoencoder (MaskAutoencoderKL)")
-    data = info["config"].get("data", {}).get("params", {})
+    data = info["resolved_config"].get("data", {}).get("params", {})
     if args.split not in data:
         raise ValueError(f"the run's config has no data.params.{args.split}; its splits are {sorted(data)}")
     split = dict(data[args.split])
@@ -84,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {c} {model.label_set.classes[c] if c < len(model.label_set.classes) else c}: {v:.4f}")
     print(f"  foreground min {min(foreground):.4f}, mean {sum(foreground) / len(foreground):.4f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"checkpoint": info["checkpoint"], "split": args.split, "num_masks": len(dataset),
-                       "dice": dice}, f, indent=2)
+        from ldm.atomic_io import write_json
+
+        write_json(args.out, {"checkpoint": info["checkpoint"], "split": args.split, "num_masks": len(dataset),
+                              "dice": dice})
     return 0
 
 

@@ -141,6 +141,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
 
 
 if __name__ == "__main__":
-    from ldm.util import run_script
+    from ldm.atomic_io import run_script_reporting_writes  # a full disk: one line naming the file
 
-    sys.exit(run_script(main))
+    sys.exit(run_script_reporting_writes(main))

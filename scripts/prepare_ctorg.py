@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.atomic_io import write_json, write_text  # noqa: E402
 from ldm.cli_flags import ArgumentParser  # noqa: E402
 
 from ldm.data.intensity import pad_to_square, resize_image, resize_mask, window_ct  # noqa: E402
@@ -131,8 +132,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
                 "test_fraction": args.test_fraction, "seed": args.seed, "slice_axis": args.slice_axis}
     out: Path = args.output_dir
     split_file = out / "split.json"
+    recorded = None
     if split_file.is_file():
-        recorded = json.loads(split_file.read_text())
+        try:
+            recorded = json.loads(split_file.read_text())
+        except (UnicodeDecodeError, ValueError):  # empty or cut off by a full disk (before writes were atomic)
+            logger.warning("%s is not readable JSON (a run that failed while writing it); writing it again",
+                           split_file)
+    if recorded is not None:
         if recorded.get("settings") != settings:
             raise ValueError(f"{split_file} was written with settings {recorded.get('settings')}, not {settings}; "
                              "use a new output folder (or delete it) to prepare with other settings")
@@ -144,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     else:
         splits = split_patients(list(pairs), patient_of, args.val_fraction, args.test_fraction, args.seed)
         out.mkdir(parents=True, exist_ok=True)
-        split_file.write_text(json.dumps({"settings": settings, "splits": splits,
-                                          "patients": {v: patient_of.get(v, v) for v in pairs}}, indent=2))
+        write_json(str(split_file), {"settings": settings, "splits": splits,
+                                     "patients": {v: patient_of.get(v, v) for v in pairs}})
     split_of = {v: s for s in SPLITS for v in splits[s]}
     done_dir = out / ".done"
     done_dir.mkdir(parents=True, exist_ok=True)
@@ -154,11 +161,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
                 ", ".join(f"{s}: {len(splits[s])}" for s in SPLITS), len(pairs) - len(todo))
     for vid in tqdm(todo, desc="CT-ORG volumes", unit="vol"):
         n = convert_volume(vid, *pairs[vid], out, split_of[vid], args.size, tuple(args.window), args.slice_axis)
-        (done_dir / vid).write_text(f"{n}\n")
+        write_text(str(done_dir / vid), f"{n}\n")
     return splits
 
 
 if __name__ == "__main__":
-    from ldm.util import run_script
+    from ldm.atomic_io import run_script_reporting_writes
 
-    sys.exit(run_script(main))
+    sys.exit(run_script_reporting_writes(main))

@@ -28,7 +28,10 @@ Before anything is written every selected series is checked from its headers (py
 complete, one orientation, distinct slice positions along the slice normal, even spacing, no missing slices
 (ldm/data/dicom_series.py, ldm/data/dicom_geometry.py). A bad series stops the run with one error naming the
 series, the file and the reason; --skip_bad converts the others and lists the bad ones under "skipped" in
-split.json. Volumes are written to OUT/.partial and moved into place when all are done. A series stored as one
+split.json. Volumes are written to OUT/.partial and moved into place when all are done; each is read back (header
+and every voxel) before it counts, and split.json is written last, whole or not at all, so a full disk stops the run
+with one error naming the file (SimpleITK itself only prints one) and a rerun after freeing space starts again (a
+split.json that is empty or cut off does not count as a finished conversion). A series stored as one
 multi-frame file (enhanced CT/MR) is checked frame by frame and read as one image. Reading uses SimpleITK (the
 'dicom' extra): its GDCM reader applies rescale slope/intercept, decodes compressed transfer syntaxes and keeps
 the geometry, and the same library reads NRRD masks and writes NIfTI with a correct affine.
@@ -51,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ldm.atomic_io import TMP_PREFIX, save_nifti_file, write_json  # noqa: E402
 from ldm.cli_flags import ArgumentParser  # noqa: E402
 from ldm.data.dicom_read import (Series, assign_output_names, check_selected, check_unique_outputs,  # noqa: E402,F401
                                  describe_bad, find_series, import_dicom_package, import_sitk, is_dicom_file,
@@ -308,7 +312,9 @@ def _write_series(series: Series, geometry: SeriesGeometry, staging: Path, split
                                                               [(mask, staging / split / "masks" / rel)])
     for volume, path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(volume, str(path), useCompression=True)
+        # SimpleITK only prints an error on a full disk and leaves a truncated file: each volume is written beside
+        # its name, read back (header and every voxel) and renamed; a failure is a WriteError naming the file
+        save_nifti_file(str(path), lambda tmp, volume=volume: sitk.WriteImage(volume, tmp, useCompression=True))
     logger.info("%s -> %s/%s%s", series.uid, split, rel, "" if mask is not None else " (no mask)")
     return {"patient": series.patient, "split": split, "file": str(rel), "uid": series.uid,
             "modality": series.modality, "description": series.description, "study_date": series.study_date,
@@ -338,7 +344,7 @@ def convert(checked: list[tuple[Series, SeriesGeometry]], out: Path, splits: dic
                 for part in ("images", "masks"):
                     (staging / split_of[series.patient] / part / series.patient / f"{series.name}.nii.gz").unlink(
                         missing_ok=True)
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX)):
             target = out / path.relative_to(staging)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
@@ -351,6 +357,17 @@ def convert(checked: list[tuple[Series, SeriesGeometry]], out: Path, splits: dic
     return {"series": written, "skipped": skipped}
 
 
+def complete_split_json(path: Path) -> bool:
+    """Whether ``path`` is the split.json of a finished conversion (parses, with its ``series`` and ``splits``); an
+    empty or cut-off file that a failed run left does not count."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("series"), list) and isinstance(record.get("splits"),
+                                                                                               dict)
+
+
 def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optional[str] = None,
             description: Optional[str] = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
             seed: int = 0, settings: Optional[dict] = None, skip_bad: bool = False) -> dict[str, list[str]]:
@@ -361,8 +378,11 @@ def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optiona
     under ``skipped`` in split.json and in one warning."""
     from prepare_ctorg import split_patients
 
-    if (out / "split.json").exists():
+    if complete_split_json(out / "split.json"):
         raise ValueError(f"{out / 'split.json'} exists: prepare into a new (or emptied) output folder")
+    if (out / "split.json").exists():  # an empty or cut-off file of a run that failed (a full disk): not a result
+        logger.warning("%s is incomplete (left by a conversion that failed); converting again and replacing it",
+                       out / "split.json")
     found = find_series(input_dir)
     check_series = getattr(read_mask, "check_series", None)  # DicomSegMasks: every SEG's series is in the input
     if check_series is not None:
@@ -393,7 +413,7 @@ def prepare(input_dir: Path, out: Path, read_mask: MaskReader, modality: Optiona
                    "settings": dict(settings or {}, modality=modality, description=description,
                                     val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                     skip_bad=skip_bad)})
-    (out / "split.json").write_text(json.dumps(record, indent=2))
+    write_json(str(out / "split.json"), record)  # written last, atomically: a split.json that exists is whole
     if skipped:
         logger.warning("--skip_bad: %s; they are listed under 'skipped' in %s",
                        describe_bad(skipped, len(series)), out / "split.json")
@@ -466,6 +486,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, list[str]]:
 
 
 if __name__ == "__main__":
-    from ldm.util import run_script
+    from ldm.atomic_io import run_script_reporting_writes
 
-    sys.exit(run_script(main))
+    sys.exit(run_script_reporting_writes(main))

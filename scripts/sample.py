@@ -33,7 +33,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="log directory of a run, or a checkpoint (.ckpt, bare state dict, .safetensors)")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="CONFIG.yaml",
                    help="model config(s), merged over the run's configs/*-project.yaml (needed for a bare checkpoint)")
-    p.add_argument("-n", "--n_samples", type=int, default=16, help="number of samples to add")
+    p.add_argument("-n", "--n_samples", type=int, default=16,
+                   help="number of samples to add; the same command run again after an interruption (Ctrl-C, a full "
+                        "disk) finishes that session instead, so the folder ends with the count asked for")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("-c", "--custom_steps", type=int, default=50, help="sampler steps (model calls)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim",
@@ -103,11 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     sampling.check_output_dir(out_dir)
     geometry = None
     if "nii" in args.format or args.hu or args.stack:
-        from omegaconf import OmegaConf
-
         from ldm.sample_geometry import resolve_geometry
 
-        geometry = resolve_geometry(OmegaConf.to_container(config, resolve=True), args.reference)
+        # resolve_config: an export's ${oc.env:DATA_ROOT} unset here stays text; its recorded geometry needs no data
+        geometry = resolve_geometry(sampling.resolve_config(config), args.reference)
         if args.hu:
             geometry.check_hu()  # a non-CT run is refused here, before loading
     t0 = time.perf_counter()
@@ -125,20 +126,73 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         model.mask_from = args.mask_from
-    run = sampling.generate(model, out_dir, args.n_samples, args.batch_size, args.custom_steps, args.eta, args.seed,
-                            vanilla=args.vanilla_sample, use_ema=args.ema and info["has_ema"],
-                            save_masks=args.save_masks, formats=args.format,
-                            colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler,
-                            anatomy_guidance=args.anatomy_guidance, geometry=geometry, hu=args.hu,
-                            stack=args.stack, manifest_info=info,
-                            on_batch=None if governor is None else governor.step)
+    try:
+        run = sampling.generate(model, out_dir, args.n_samples, args.batch_size, args.custom_steps, args.eta,
+                                args.seed, vanilla=args.vanilla_sample, use_ema=args.ema and info["has_ema"],
+                                save_masks=args.save_masks, formats=args.format,
+                                colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler,
+                                anatomy_guidance=args.anatomy_guidance, geometry=geometry, hu=args.hu,
+                                stack=args.stack, manifest_info=info,
+                                on_batch=None if governor is None else governor.step)
+    except KeyboardInterrupt as err:
+        raise SamplingInterrupted(out_dir) from err
+    except OSError as err:  # a write that failed (ldm.atomic_io.WriteError names the file): cli says what remains
+        err.out_dir = out_dir  # type: ignore[attr-defined]
+        raise
     redone = f"; redid incomplete samples {run['redone']}" if run["redone"] else ""
-    print(f"wrote {run['count']} samples ({run['start_index']:06d}..{run['start_index'] + run['count'] - 1:06d}) "
-          f"to {out_dir}{redone}; manifest {os.path.join(out_dir, 'samples.json')}")
+    resumed = f"finished the interrupted session {run['resumes']}: " if run.get("resumes") else ""
+    written = (f"wrote {run['count']} samples ({run['start_index']:06d}..{run['start_index'] + run['count'] - 1:06d})"
+               if run["count"] else "wrote no new samples")
+    print(f"{resumed}{written} to {out_dir}{redone}; manifest {os.path.join(out_dir, 'samples.json')}")
     return 0
+
+
+class SamplingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sampling session into ``out_dir``; what it wrote is kept (:func:`cli` says so in one line)."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(f"sampling into {out_dir} interrupted")
+        self.out_dir = out_dir
+
+
+def stopped_line(out_dir: str, what: str) -> str:
+    """One line for a session that stopped before its end: why, what is in the folder, how to finish."""
+    from ldm.sample_io import MANIFEST, read_manifest, scan_samples
+
+    try:
+        complete: int | None = len(scan_samples(out_dir, sessions=read_manifest(out_dir).get("sessions", []))[0])
+    except (OSError, ValueError):
+        complete = None
+    kept = f"{complete} complete samples are in {out_dir}" if complete is not None else \
+        f"the complete samples in {out_dir} are kept"
+    return (f"sample.py: {what}; {kept} ({os.path.join(out_dir, MANIFEST)} records the session). Run the same "
+            "command again to finish it: incomplete samples are redone and the folder ends with the count asked for")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` as a command: Ctrl-C ends with one line and exit status 130, a write that failed (a full disk)
+    with one line naming the file and exit status 1; no traceback (``LDM_TRACEBACK=1`` keeps it)."""
+    try:
+        return main(argv)
+    except SamplingInterrupted as stop:
+        if os.environ.get("LDM_TRACEBACK"):
+            raise
+        sys.stderr.write(stopped_line(stop.out_dir, "interrupted (Ctrl-C)") + "\n")
+        return 130
+    except KeyboardInterrupt:
+        if os.environ.get("LDM_TRACEBACK"):
+            raise
+        sys.stderr.write("sample.py: interrupted (Ctrl-C) before sampling started; no sample was written\n")
+        return 130
+    except OSError as err:
+        if isinstance(err, FileNotFoundError) or os.environ.get("LDM_TRACEBACK"):
+            raise  # run_script reports a missing file in one line
+        out_dir = getattr(err, "out_dir", None)
+        sys.stderr.write((stopped_line(out_dir, f"error: {err}") if out_dir else f"sample.py: error: {err}") + "\n")
+        return 1
 
 
 if __name__ == "__main__":
     from ldm.util import run_script
 
-    sys.exit(run_script(main))
+    sys.exit(run_script(cli))

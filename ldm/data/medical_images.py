@@ -76,7 +76,8 @@ class MedicalImagesBase(Dataset):
         size: output side in pixels (images resized with ``interpolation``, masks nearest neighbour);
             None keeps the stored size (then every slice must have the same size, checked at start).
             With ``spacing``: the side of the centre crop/pad after resampling (no further resize).
-        n_labels: number of classes; a mask value >= n_labels (other than ``ignore_index``) is an error.
+        n_labels: number of classes; a mask value >= n_labels (other than ``ignore_index``) is an error. None:
+            the model's class count when ``main.py`` trains one with masks (:meth:`expect_labels`), else unchecked.
         load_segmentations: False ignores masks (``has_segmentation`` False everywhere).
         interpolation: "bicubic", "bilinear", "lanczos", "area" or "nearest" for images.
         flip_p: probability of a horizontal flip of image and mask (default 0: flips swap left and right anatomy).
@@ -133,6 +134,7 @@ class MedicalImagesBase(Dataset):
         self.check_affine = bool(check_affine)
         self.cache_volumes = max(1, int(cache_volumes))
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
+        self._model_labels: tuple[str | None, tuple[str, ...]] | None = None  # set by expect_labels
         self._validate_params()
         self._volumes: OrderedDict[Path, tuple[np.ndarray, tuple[float, float] | None]] = OrderedDict()
         self._infos: dict[Path, NiftiInfo] = {}
@@ -335,10 +337,29 @@ class MedicalImagesBase(Dataset):
         if np.any(bad):
             where = f" slice {slice_index}" if slice_index >= 0 else ""
             values = sorted(int(x) for x in np.unique(labels[bad]))[:10]
+            if self._model_labels is not None:  # n_labels came from the model (expect_labels)
+                name, classes = self._model_labels
+                named = f"label set {name!r}" if name and name != "generic" else "the model's label set"
+                listed = f": {', '.join(f'{i} {c}' for i, c in enumerate(classes))}" if classes else ""
+                raise ValueError(f"mask {path}{where} holds label values {values} outside {named} "
+                                 f"(0..{self.n_labels - 1}{listed}; ignore_index={self.ignore_index}); fix the mask, map the ids with "
+                                 "label_map, or train a model with that many classes")
             raise ValueError(f"mask {path}{where} holds label values {values} outside 0..{(self.n_labels or 1) - 1} "
                              f"(n_labels={self.n_labels}, ignore_index={self.ignore_index}); fix the mask or map "
                              "the ids with label_map")
         return labels
+
+    def expect_labels(self, num_classes: int, label_set: str | None = None, classes: Sequence[str] = ()) -> None:
+        """The model's class count and label set (``main.py`` calls this before training): without ``n_labels``
+        a mask value outside ``0..num_classes - 1`` (other than ``ignore_index``) is then an error naming the file,
+        the value and the label set when it is read, not deep inside the model. An ``n_labels`` given is kept."""
+        if self.n_labels is not None or int(num_classes) < 1:
+            return
+        if 0 <= self.ignore_index < int(num_classes):
+            raise ValueError(f"ignore_index {self.ignore_index} of {type(self).__name__} ({self.data_root}) is a class "
+                             f"id of the model's {num_classes} classes; choose a value >= {num_classes} (default 255)")
+        self.n_labels = int(num_classes)
+        self._model_labels = (label_set, tuple(str(c) for c in classes))
 
     def _volume(self, path: Path, is_label: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
         """Decoded canonical volume (LRU-cached) and its intensity reference range for mr/minmax."""

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from ldm.atomic_io import write_text
 from ldm.training.faults import (  # noqa: F401  (main.py and configs import them from here)
     LAST_CKPT,
     ConfiguredLearningRate,
@@ -54,9 +55,10 @@ class SetupCallback(Callback):
         for path in (self.logdir, self.ckptdir, self.cfgdir):
             os.makedirs(path, exist_ok=True)
         project = os.path.join(self.cfgdir, f"{self.now}-project.yaml")
-        OmegaConf.save(self.config, project)
-        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
-                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+        # atomically (ldm.atomic_io): -r reads these back, so a full disk must not leave a cut-off config
+        write_text(project, OmegaConf.to_yaml(self.config))
+        write_text(os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"),
+                   OmegaConf.to_yaml(OmegaConf.create({"lightning": self.lightning_config})))
         rank_zero_info(f"run directory {self.logdir}; configs saved in {self.cfgdir}")
 
 

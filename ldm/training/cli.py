@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli_flags import ArgumentParser, add_threads_argument
-from ldm.trust import add_trust_argument, check_run_configs, load_yaml
+from ldm.trust import add_trust_argument, check_run_configs, check_run_links, load_yaml
 from ldm.util import ConfigError, closest
 
 DEVICE_KEYS = ("gpus", "accelerator", "devices")
@@ -153,6 +153,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="learning rate = accumulate_grad_batches * devices * num_nodes * batch_size "
                              "* base_learning_rate (CompVis default: true)")
     add_trust_argument(parser)
+    parser.add_argument("--allow-other-run", "--allow_other_run", dest="allow_other_run", action="store_true",
+                        help="with -r: resume even from a checkpoint written by another run (its run id differs from "
+                             "the run's run.json); by default that is refused")
     parser.add_argument("--gpus", type=str, default=None,
                         help="CompVis/PL1 style: '0,1' = GPUs 0 and 1 (DDP), '0,' = GPU 0, '2' = two GPUs, "
                              "'-1' = all GPUs, '0' = no GPU")
@@ -443,16 +446,34 @@ def load_configs(paths: Sequence[str], overrides: Sequence[str] = ()) -> DictCon
     return merged
 
 
-def check_resume(ckpt: str, model: Any, training: bool) -> None:
+def check_resume(ckpt: str, model: Any, training: bool) -> Optional[str]:
     """``main.py``'s check of the checkpoint it resumes from, before Lightning loads it: read with
     ``weights_only=True`` (``LDM_UNSAFE_LOAD=1`` opts out), a Lightning checkpoint, weights that fit ``model``.
-    Raises ``UsageError`` (one line) otherwise."""
+    Raises ``UsageError`` (one line) otherwise. Returns the run id the checkpoint carries (None: none)."""
     from ldm.training.config_check import check_resume_checkpoint
 
     try:
-        check_resume_checkpoint(ckpt, model, training)
+        return check_resume_checkpoint(ckpt, model, training)
     except ValueError as err:
         raise UsageError(f"cannot resume: {err}") from err
+
+
+def resolve_run_id(paths: "RunPaths", opt: argparse.Namespace, ckpt_run_id: Optional[str]) -> str:
+    """The id of this run (:mod:`ldm.training.run_identity`): a fresh run's new one (DDP processes take rank 0's);
+    on ``-r`` the run's ``run.json`` id, after checking that the checkpoint carries it (``UsageError`` otherwise,
+    unless ``--allow-other-run``)."""
+    from ldm.training.run_identity import RUN_ID_ENV, check_same_run, new_run_id, read_run_id
+
+    if opt.resume and paths.ckpt:
+        try:
+            return check_same_run(paths.ckpt, ckpt_run_id, paths.logdir, read_run_id(paths.logdir),
+                                  bool(getattr(opt, "allow_other_run", False)))
+        except ValueError as err:
+            raise UsageError(f"cannot resume: {err}") from err
+    inherited = os.environ.get(RUN_ID_ENV)
+    if inherited and _is_launched_child():
+        return inherited
+    return new_run_id()
 
 
 @dataclass
@@ -524,6 +545,7 @@ def resolve_run_paths(opt: argparse.Namespace, now: Optional[str] = None) -> Run
             raise FileNotFoundError(f"cannot resume {logdir}: no configs/*.yaml in it and no --base given")
         try:  # what the run saved may only name allow-listed targets (ldm.trust); -b configs are the user's own
             check_run_configs(configs, trust_all=bool(getattr(opt, "trust_config", False)))
+            check_run_links(logdir, trust_all=bool(getattr(opt, "trust_config", False)))
         except ValueError as err:
             raise UsageError(str(err)) from err
         return RunPaths(logdir, os.path.basename(os.path.normpath(logdir)), now, ckpt, configs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,11 +84,14 @@ def unsafe_load() -> bool:
     return os.environ.get(UNSAFE_LOAD_ENV, "") not in ("", "0")
 
 
-def check_resume_checkpoint(path: str, model: Any, training: bool) -> None:
+def check_resume_checkpoint(path: str, model: Any, training: bool) -> Optional[str]:
     """Read ``path`` as the project reads every checkpoint (``weights_only=True`` unless ``LDM_UNSAFE_LOAD=1``;
     a pickled object gives :class:`ldm.checkpoints.UnsafeCheckpointError`) and check that it is a Lightning
     checkpoint whose weights fit ``model`` (:class:`ldm.checkpoints.CheckpointMismatchError`), so that neither
-    Lightning's unpickling nor its shape errors are reached."""
+    Lightning's unpickling nor its shape errors are reached. Returns the run id the checkpoint carries
+    (:mod:`ldm.training.run_identity`), None when it has none."""
+    from ldm.training.run_identity import checkpoint_run_id
+
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointMismatchError(f"{path} is not a Lightning checkpoint (no state_dict), so it cannot be resumed; "
@@ -99,6 +102,7 @@ def check_resume_checkpoint(path: str, model: Any, training: bool) -> None:
     strict = bool(getattr(model, "strict_loading", True))
     check_fits(model, ckpt["state_dict"], source=path, allow_unexpected=not strict,
                required=(lambda key: True) if strict else None)
+    return checkpoint_run_id(ckpt)
 
 
 def load_kwargs(method: Callable[..., Any]) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from pytorch_lightning.callbacks import Callback, Checkpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from ldm.atomic_io import WriteError, remove_staging_files
+
 logger = logging.getLogger(__name__)
 
 LAST_CKPT = "last.ckpt"
@@ -87,7 +89,9 @@ class LastCheckpoint(Checkpoint):
     """Keep ``<dirpath>/last.ckpt`` current: at each training epoch end, every ``every_n_train_steps`` steps,
     and at the end of fit.
 
-    Guarantees: the file is written to a temporary name and renamed, so it is never half-written; a state whose
+    Guarantees: the file is written to a temporary name beside it and renamed (``main.py`` writes every checkpoint
+    through :class:`~ldm.training.checkpoint_io.AtomicCheckpointIO`: staged in the same folder, fsynced, read back),
+    so it is never half-written, and a failed write (a full disk) leaves the previous file; a state whose
     weights or buffers hold NaN/inf is never written; a step-N save is written once the whole step is done (the
     model's ``on_train_batch_end``, where the EMA is updated, included). Until the weights of the newest file have
     produced one finite training loss, the file it replaced is kept as ``last-previous.ckpt``; when they produce a
@@ -130,10 +134,19 @@ class LastCheckpoint(Checkpoint):
         tmp = self.path + ".tmp"
         try:
             trainer.save_checkpoint(tmp)
+        except OSError as err:  # a full disk: say which file, and that the previous one is unchanged
+            _remove(tmp)
+            raise self._write_error(err) from err
         except BaseException:
             _remove(tmp)
             raise
         self._install(tmp, trainer.global_step, keep_previous, trainer.is_global_zero)
+
+    def _write_error(self, err: OSError) -> WriteError:
+        reason = getattr(err, "reason", None) or err.strerror or str(err)
+        kept = f"{self.path} of global step {self.last_saved_step} is unchanged" if self.has_file else \
+            "no checkpoint of this run was written yet"
+        return WriteError(self.path, f"{reason}; {kept}", err.errno or None)
 
     def write(self, trainer: pl.Trainer, checkpoint: dict[str, Any]) -> bool:
         """Write a dumped checkpoint from this process alone (no barrier: emergency saves on rank zero; the run
@@ -145,6 +158,9 @@ class LastCheckpoint(Checkpoint):
         tmp = self.path + ".tmp"
         try:
             trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, tmp)
+        except OSError as err:
+            _remove(tmp)
+            raise self._write_error(err) from err
         except BaseException:
             _remove(tmp)
             raise
@@ -208,6 +224,7 @@ class LastCheckpoint(Checkpoint):
         self.unproven, self.previous_step, self.save_due = False, None, False
         if trainer.is_global_zero:
             _remove(self.path + ".tmp")  # left by a process killed while writing
+            remove_staging_files(self.dirpath)  # a checkpoint's .tmp-* staging file (ldm.atomic_io), likewise
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
