@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Anatomy benchmark: does a model draw better anatomy than the plain LDM?
+"""Anatomy benchmark v1 (``--phantom v1``): does a model draw better anatomy than the plain LDM?
 
-    python bench/anatomy.py -o bench/out/anatomy                        # baseline + anatomical, 3 seeds
-    python bench/anatomy.py -o bench/out/anatomy --arms shuffled_masks  # an ablation, same run directory
-    python bench/anatomy.py -o /tmp/anatomy_quick --quick               # every stage at toy size (the tests)
-    python bench/anatomy.py -o RUN --report-only                        # report what RUN holds, train nothing
+Without ``--phantom v1`` this command runs benchmark v2 (``bench/anatomy_v2.py``, ``bench/PROTOCOL.md``); v1 is
+kept so that its committed results (``bench/ANATOMY.md``, history) can be reproduced:
+
+    python bench/anatomy.py --phantom v1 -o bench/out/anatomy           # baseline + anatomical, 3 seeds
+    python bench/anatomy.py --phantom v1 -o bench/out/anatomy --arms shuffled_masks  # an ablation, same run directory
+    python bench/anatomy.py --phantom v1 -o /tmp/anatomy_quick --quick               # every stage at toy size (the tests)
+    python bench/anatomy.py --phantom v1 -o RUN --report-only                        # report what RUN holds, train nothing
 
 Every arm is trained from the same frozen autoencoder on the same phantom data (same latent scale, data order,
 optimiser and number of steps), sampled from start noise shared across arms, and judged by an independent
@@ -477,9 +480,33 @@ def _run_arm_seed(arm: str, seed: int, preset: am.Preset, ctx: dict, baseline_se
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+    """Benchmark v2 (``bench/anatomy_v2.py``) by default; ``--phantom v1`` runs the first benchmark (this file)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    phantom, rest = _phantom_flag(argv)
+    if phantom == "v2":
+        import anatomy_v2
+        return anatomy_v2.main(argv)
+    if phantom != "v1":
+        print(f"anatomy.py: error: --phantom takes v1 or v2, got {phantom!r}", file=sys.stderr)
+        return 2
+    args = parse_args(rest)
     with quiet_training_logs():
-        return _main(args, argv)
+        return _main(args, rest)
+
+
+def _phantom_flag(argv: list[str]) -> tuple[str, list[str]]:
+    """The ``--phantom`` value (default v2) and the arguments without it."""
+    phantom, rest, i = "v2", [], 0
+    while i < len(argv):
+        if argv[i] == "--phantom" and i + 1 < len(argv):
+            phantom, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--phantom="):
+            phantom = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return phantom, rest
 
 
 @contextlib.contextmanager
@@ -542,7 +569,7 @@ def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     results = run_all(arms, preset, ctx)
     results.update(_other_finished_arms(args.out, arms, preset, ctx, results))
     results = {arm: results[arm] for arm in ["baseline"] + list(am.ARMS) if arm in results}  # the report's order
-    meta = {"command": "python bench/anatomy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = {"command": "python bench/anatomy.py --phantom v1 " + " ".join(sys.argv[1:] if argv is None else argv),
             "preset": name, "settings": settings, "seeds": list(range(preset.seeds)), "noise_seed": NOISE_SEED,
             "device": _device_name(device), "torch": torch.__version__, "lightning": pl.__version__,
             "python": platform.python_version(), "wall_seconds_this_call": time.time() - started,

@@ -201,8 +201,23 @@ def paired_t_power(n: int, effect: float, sd_diff: float, alpha: float = 0.05) -
         return 1.0 if effect != 0 else alpha
     df = n - 1
     crit = float(stats.t.ppf(1.0 - alpha / 2.0, df))
-    nc = abs(effect) / sd_diff * math.sqrt(n)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    return _two_sided_power(crit, df, abs(effect) / sd_diff * math.sqrt(n))
+
+
+def _two_sided_power(crit: float, df: int, nc: float) -> float:
+    """``P(|T| > crit)`` for ``T ~ nct(df, nc)``. scipy's noncentral t returns NaN far in its tail (e.g. df 1,
+    nc >= 8); there the same probability is integrated over the chi-square of the denominator:
+    ``T = (Z + nc) / sqrt(V / df)``, so ``P = E_V[Phi(nc - c) + Phi(-c - nc)]`` with ``c = crit * sqrt(V / df)``."""
+    p = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    if math.isfinite(p):
+        return p
+    from scipy.integrate import quad
+
+    def integrand(v: float) -> float:
+        c = crit * math.sqrt(v / df)
+        return float((stats.norm.cdf(nc - c) + stats.norm.cdf(-c - nc)) * stats.chi2.pdf(v, df))
+
+    return float(min(1.0, quad(integrand, 0.0, math.inf, limit=200)[0]))
 
 
 def seeds_needed(sd_diff: float, effect: float, alpha: float = 0.05, power: float = 0.8,
@@ -239,7 +254,7 @@ def minimum_detectable_effect(sd_diff: float, n: int, alpha: float = 0.05, power
     crit = float(stats.t.ppf(1.0 - alpha / 2.0, df))
 
     def gap(nc: float) -> float:
-        return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)) - power
+        return _two_sided_power(crit, df, nc) - power
 
     hi = 1.0
     while gap(hi) < 0:

@@ -184,8 +184,9 @@ def training_flops_per_sample(model_config: dict, batch: int = 2, device: Any = 
         step, _ = count(lambda: model.apply_model(z, t, None))
         encode = None
         if include_encode:
-            x = torch.randn(batch, int(model.first_stage_model.encoder.in_channels), image, image,
-                            generator=gen).to(device)
+            first = model.first_stage_model
+            encoder = getattr(first, "encoder", None) or first.autoencoder.encoder  # or the latent-cache wrapper
+            x = torch.randn(batch, int(encoder.in_channels), image, image, generator=gen).to(device)
             encode, _ = count(lambda: model.encode_first_stage(x))
     out = {"train_flops_per_sample": train / batch, "sample_step_flops_per_sample": step / batch,
            "encode_flops_per_sample": None if encode is None else encode / batch,

@@ -440,8 +440,8 @@ def section_main(ck: Check) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- anatomy
 def _anatomy_cmd(ck: Check, run_dir: str, arms: list[str], threads: int) -> list[str]:
-    cmd = [sys.executable, os.path.join("bench", "anatomy.py"), "-o", run_dir, "--arms", ",".join(arms),
-           "--threads", str(threads), "--no-progress"]
+    cmd = [sys.executable, os.path.join("bench", "anatomy.py"), "--phantom", "v1", "-o", run_dir,
+           "--arms", ",".join(arms), "--threads", str(threads), "--no-progress"]
     if ck.dry:
         cmd += ["--quick", "--device", "cpu", "--seeds", str(DRY_ANATOMY_SEEDS)]
     else:

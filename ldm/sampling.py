@@ -465,8 +465,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     a kill) and this one has the same ``num_samples`` and settings, it is the same command run again: it finishes
     that session (``resumes``: its id; ``count``: the samples still missing) instead of adding ``num_samples`` more,
     so the folder ends with the count that was asked for (:func:`resumable_session`). NIfTI files (``formats``
-    with ``nii``; ``hu`` and ``stack`` imply it) use ``geometry`` (:mod:`ldm.sample_geometry`; default 1 mm RAS+), ``hu`` writes CT samples in HU and
-    ``stack`` also writes every complete sample of the folder as one volume. With ``manifest_info`` (the ``info``
+    with ``nii``; ``hu`` and ``stack`` imply it) use ``geometry`` (:mod:`ldm.sample_geometry`; default 1 mm RAS+),
+    ``hu`` writes CT samples in HU and ``stack`` also writes every complete sample of the folder as one volume. With ``manifest_info`` (the ``info``
     of :func:`load_model_for_sampling`) the session is recorded in ``samples.json`` as it starts and as it ends.
     ``on_batch`` is called after every batch (``scripts/sample.py``: the CPU thread governor's step).
 

@@ -137,3 +137,19 @@ def test_seed_t_interval_coverage_simulation():
     # the observed rejection rate agrees with the exact power of the test
     power = paired_t_power(n, true, 0.02)
     assert abs(rejected / reps - power) < 0.035
+
+
+def test_power_far_in_the_noncentral_tail_is_finite_and_matches_the_integral():
+    """With two seeds (df 1) scipy's noncentral t is NaN for large noncentrality; the chi-square integral takes
+    over, and it agrees with scipy where scipy is finite."""
+    import math
+
+    from scipy import stats
+
+    from anatomy_stats import _two_sided_power, minimum_detectable_effect
+
+    crit = float(stats.t.ppf(0.975, 1))
+    assert math.isfinite(_two_sided_power(crit, 1, 12.0)) and 0.5 < _two_sided_power(crit, 1, 12.0) < 1.0
+    mde2 = minimum_detectable_effect(0.05, 2)
+    assert mde2 is not None and mde2 > minimum_detectable_effect(0.05, 3) > minimum_detectable_effect(0.05, 10)
+    assert _two_sided_power(crit, 1, float(mde2 / 0.05 * math.sqrt(2))) == pytest.approx(0.8, abs=1e-6)

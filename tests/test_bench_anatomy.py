@@ -95,7 +95,7 @@ def _run(out: str, *extra: str) -> int:
     """``bench/anatomy.py -o OUT --quick ...`` in this process (saves the start-up of three interpreters)."""
     import anatomy
 
-    return anatomy.main(["-o", out, "--quick", "--no-progress", *extra])
+    return anatomy.main(["--phantom", "v1", "-o", out, "--quick", "--no-progress", *extra])
 
 
 @pytest.mark.slow(70)
@@ -249,7 +249,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
     for path in glob.glob(os.path.join(out, "**", "*.ckpt"), recursive=True) + [os.path.join(out, "segmenter.pt")]:
         os.remove(path)
     os.remove(os.path.join(out, "anatomy.json"))
-    assert anatomy.main(["-o", out, "--report-only", "--note", "weights removed"]) == 0
+    assert anatomy.main(["--phantom", "v1", "-o", out, "--report-only", "--note", "weights removed"]) == 0
     with open(os.path.join(out, "anatomy.json")) as f:
         rebuilt = json.load(f)
     assert list(rebuilt["arms"]) == ["baseline", "anatomical", "anatomical_guided", "anatomical_reencoded", "joint"]
@@ -260,7 +260,7 @@ def test_quick_benchmark_end_to_end_and_resume(tmp_path, capsys):
 
     assert by_pair(rebuilt) == by_pair(again)
     assert "**Note:** weights removed" in open(os.path.join(out, "report.md")).read()
-    assert anatomy.main(["-o", str(tmp_path / "nothing"), "--report-only"]) == 2
+    assert anatomy.main(["--phantom", "v1", "-o", str(tmp_path / "nothing"), "--report-only"]) == 2
     assert "no benchmark run" in capsys.readouterr().err
 
     # other settings in the same run directory are refused, naming what differs

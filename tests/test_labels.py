@@ -26,7 +26,12 @@ def test_unknown_name_lists_the_valid_ones():
 
 
 def test_label_sets_hold_names_ids_colours_and_checker():
-    assert set(LABEL_SETS) == {"ctorgan", "breastmri"}
+    assert set(LABEL_SETS) == {"ctorgan", "breastmri", "phantom2"}
+    from ldm.data.anatomy_check_v2 import check_anatomy_v2
+
+    phantom2 = get_label_set("phantom2")
+    assert phantom2.num_classes == 10 and phantom2.ids["spleen"] == 2 and phantom2.classes[9] == "pelvis"
+    assert phantom2.load_rule_checker() is check_anatomy_v2 and get_rule_checker("phantom2") is check_anatomy_v2
     assert CTORGAN.num_classes == 6 and CTORGAN.ids["kidneys"] == 4 and CTORGAN.classes[5] == "bone"
     assert BREASTMRI.num_classes == 4 and BREASTMRI.ids["vessels"] == 3
     assert CTORGAN.load_rule_checker() is check_phantom_anatomy and BREASTMRI.load_rule_checker() is None

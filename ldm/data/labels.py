@@ -38,6 +38,22 @@ BREASTMRI_COLOURS: tuple[RGB, ...] = (
     (220, 50, 60),
 )
 
+# Phantom v2 (``ldm.data.phantom_v2``, the anatomy benchmark v2): both kidneys share one label, the bones are split.
+PHANTOM_V2_CLASSES: tuple[str, ...] = ("background", "liver", "spleen", "kidney", "bladder", "lungs", "aorta",
+                                       "vertebra", "ribs", "pelvis")
+PHANTOM_V2_COLOURS: tuple[RGB, ...] = (
+    (0, 0, 0),  # background
+    (220, 120, 60),  # liver: brown-orange
+    (150, 60, 200),  # spleen: purple
+    (220, 50, 60),  # kidney: red
+    (240, 220, 60),  # bladder: yellow
+    (80, 160, 240),  # lungs: blue
+    (255, 80, 160),  # aorta: pink
+    (235, 235, 235),  # vertebra: near white
+    (170, 200, 150),  # ribs (with costal cartilage and sternum): pale green
+    (200, 180, 120),  # pelvis (pelvic bone): sand
+)
+
 # Colours for class ids past a label set's own (a model with more classes than its label set names), cycled.
 EXTRA_COLOURS: tuple[RGB, ...] = ((26, 217, 217), (217, 51, 217), (255, 140, 26), (140, 89, 38), (26, 191, 51))
 
@@ -46,7 +62,8 @@ IGNORE_COLOUR: RGB = (128, 128, 128)
 INVALID_COLOUR: RGB = (255, 0, 255)
 
 # Mask rule checkers by name (dotted paths, imported on use): ``get_rule_checker`` and ``LabelSet.rule_checker``.
-RULE_CHECKERS: dict[str, str] = {"phantom": "ldm.data.anatomy_check.check_phantom_anatomy"}
+RULE_CHECKERS: dict[str, str] = {"phantom": "ldm.data.anatomy_check.check_phantom_anatomy",
+                                 "phantom2": "ldm.data.anatomy_check_v2.check_anatomy_v2"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,10 @@ CTORGAN = LabelSet("ctorgan", CTORGAN_CLASSES, CTORGAN_COLOURS, rule_checker="ph
                                "bone")
 BREASTMRI = LabelSet("breastmri", BREASTMRI_CLASSES, BREASTMRI_COLOURS,
                      description="Duke breast MRI: background, breast, fibroglandular tissue, vessels")
-LABEL_SETS: dict[str, LabelSet] = {s.name: s for s in (CTORGAN, BREASTMRI)}
+PHANTOM2 = LabelSet("phantom2", PHANTOM_V2_CLASSES, PHANTOM_V2_COLOURS, rule_checker="phantom2",
+                    description="phantom v2 abdominal CT: background, liver, spleen, kidney, bladder, lungs, aorta, "
+                                "vertebra, ribs, pelvis")
+LABEL_SETS: dict[str, LabelSet] = {s.name: s for s in (CTORGAN, BREASTMRI, PHANTOM2)}
 
 
 def get_label_set(name: str) -> LabelSet:

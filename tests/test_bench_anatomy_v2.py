@@ -1,0 +1,156 @@
+"""The anatomy benchmark v2: ``bench/anatomy.py --quick`` end to end (records, report), the records' guarantees
+(hashes, duplicates, protocols) and the protocol's seed rules."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import records as rec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick v2 run (3 arms x 2 development seeds), shared by the tests below."""
+    import anatomy
+
+    out = str(tmp_path_factory.mktemp("anatomy_v2") / "run")
+    assert anatomy.main(["-o", out, "--quick", "--no-progress", "--threads", "1"]) == 0
+    return out
+
+
+@pytest.mark.slow(120)
+def test_quick_run_writes_records_and_a_report(quick_run):
+    protocol = rec.load_protocol()
+    records_dir = os.path.join(quick_run, "records")
+    names = sorted(os.listdir(records_dir))
+    for arm in protocol["arms"]:
+        for seed in protocol["dev_training_seeds"][:2]:
+            assert f"{arm}_seed{seed}.json" in names and f"{arm}_seed{seed}.npz" in names
+    assert sum(n.startswith("setup_") for n in names) == 1
+    collected = rec.collect([records_dir])
+    assert len(collected["records"]) == 2 * len(protocol["arms"])
+    record, arrays = collected["records"][0]
+    assert record["claim"] is False and record["noise_seed"] == protocol["dev_noise_seed"]
+    assert set(record["evals"]) >= {f"{b}/{s}" for b in ("steps", "flops") for s in protocol["samplers"]} | \
+        {"quarter/ddim"}
+    ev = record["evals"]["steps/ddim"]
+    n = ev["n"]
+    assert arrays["steps/ddim/A/primary/plausible"].shape == (n,)
+    assert ev["judges"]["A"]["primary"]["pass_rate"] == pytest.approx(
+        float(arrays["steps/ddim/A/primary/plausible"].mean()))
+    assert arrays["steps/ddim/A/variant"].shape == (n,)
+
+    with open(os.path.join(quick_run, "anatomy_v2.json")) as f:
+        summary = json.load(f)
+    # the primary family: 2 contrasts x 2 samplers, each over the 2 seeds, Holm-adjusted
+    assert len(summary["primary"]) == 4
+    for row in summary["primary"]:
+        assert row["n"] == 2
+        assert row["p_holm"] is None or row["p_holm"] >= row["p"]
+    costs = summary["cost"]
+    ratio_p = costs["matched"]["params"] / costs["anatomical"]["params"]
+    ratio_f = costs["matched"]["train_flops_per_sample"] / costs["anatomical"]["train_flops_per_sample"]
+    assert abs(ratio_p - 1) <= 0.05 and abs(ratio_f - 1) <= 0.05
+    assert costs["plain"]["train_flops_per_sample"] < 0.95 * costs["anatomical"]["train_flops_per_sample"]
+    # the anatomical arm stops at the plain arm's FLOPs for the equal-FLOPs budget
+    steps = costs["anatomical"]["budget_steps"]
+    assert steps["flops"] < steps["steps"] and costs["plain"]["budget_steps"]["flops"] == steps["steps"]
+    setup = next(iter(summary["setups"].values()))["calibration"]
+    from ldm.data.phantom_v2 import CORRUPTIONS
+    assert set(setup["sensitivity"]) == set(CORRUPTIONS)
+    report = open(os.path.join(quick_run, "report.md")).read()
+    for heading in ("development run, not a claim", "Primary analysis", "Power analysis", "Judge sensitivity",
+                    "Capacity, compute and convergence", "Secondary analyses"):
+        assert heading in report
+    assert os.path.isfile(os.path.join(quick_run, "figures", "samples_v2.png"))
+
+
+@pytest.mark.slow(60)
+def test_rerun_reuses_records_and_report_from_copied_records(quick_run, tmp_path):
+    import anatomy
+
+    record_path = os.path.join(quick_run, "records", "plain_seed0.json")
+    before = os.path.getmtime(record_path)
+    assert anatomy.main(["-o", quick_run, "--quick", "--no-progress", "--threads", "1", "--arms", "plain"]) == 0
+    assert os.path.getmtime(record_path) == before  # the task was not run again
+
+    # the records alone, copied elsewhere (as committed under bench/records/), give the same primary numbers
+    copied = tmp_path / "committed"
+    shutil.copytree(os.path.join(quick_run, "records"), copied)
+    assert anatomy.main(["--report", str(copied), "-o", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "anatomy_v2.json") as f:
+        again = json.load(f)
+    with open(os.path.join(quick_run, "anatomy_v2.json")) as f:
+        first = json.load(f)
+    assert [r["diff"] for r in again["primary"]] == [r["diff"] for r in first["primary"]]
+
+    # a changed per-sample file is refused, naming it
+    npz = copied / "plain_seed0.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="does not match the hash"):
+        rec.collect([str(copied)])
+    # the same task twice (e.g. copied from two machines) is refused
+    shutil.copy(os.path.join(quick_run, "records", "plain_seed0.npz"), npz)
+    os.makedirs(copied / "second")
+    for ext in ("json", "npz"):
+        shutil.copy(os.path.join(quick_run, "records", f"plain_seed0.{ext}"), copied / "second")
+    with pytest.raises(ValueError, match="one task counted twice"):
+        rec.collect([str(copied)])
+
+
+def test_records_of_two_protocols_need_a_choice(tmp_path):
+    for h in ("aaaa", "bbbb"):
+        d = tmp_path / h
+        rec.write_setup(str(d), {"setup_id": "s1", "calibration": {}})
+        rec.write_record(str(d), {"arm": "plain", "training_seed": 0, "protocol_hash": h, "setup_id": "s1"},
+                         {"x": np.arange(3)})
+    with pytest.raises(ValueError, match="several protocols"):
+        rec.collect([str(tmp_path)])
+    chosen = rec.collect([str(tmp_path)], "bbbb")
+    assert len(chosen["records"]) == 1 and chosen["other_hashes"] == {"aaaa": 1}
+    assert chosen["records"][0][1]["x"].tolist() == [0, 1, 2]
+    os.remove(tmp_path / "aaaa" / "setup_s1.json")
+    os.remove(tmp_path / "bbbb" / "setup_s1.json")
+    with pytest.raises(ValueError, match="setup record"):
+        rec.collect([str(tmp_path)], "aaaa")
+
+
+def test_claim_seeds_are_kept_out_of_development_runs(tmp_path, capsys):
+    import anatomy
+
+    protocol = rec.load_protocol()
+    claim_seed = protocol["claim_training_seeds"][0]
+    cases = [(["--seeds", str(claim_seed)], "claim seeds"),
+             (["--noise-seed", str(protocol["claim_noise_seed"])], "claim seeds"),
+             (["--claim", "--quick"], "protocol's scale"),
+             (["--claim", "--noise-seed", "5"], "drop --noise-seed"),
+             (["--claim", "--seeds", "3"], "not claim seeds"),
+             (["--arms", "nope"], "unknown arm"),
+             (["--seeds", "1,1"], "distinct seeds")]
+    for extra, says in cases:
+        assert anatomy.main(["-o", str(tmp_path / "x"), "--no-progress", *extra]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+    assert anatomy.main(["--phantom", "v3", "-o", str(tmp_path / "y")]) == 2
+
+
+def test_protocol_hash_covers_the_protocol_and_the_settings(tmp_path):
+    protocol = rec.load_protocol()
+    h = rec.protocol_hash(protocol, {"steps": 10})
+    assert h == rec.protocol_hash(json.loads(json.dumps(protocol)), {"steps": 10})
+    assert h != rec.protocol_hash(protocol, {"steps": 11})
+    assert h != rec.protocol_hash({**protocol, "version": protocol["version"] + 1}, {"steps": 10})
+    bad = tmp_path / "PROTOCOL.md"
+    bad.write_text("```json\n" + json.dumps({**protocol, "claim_training_seeds": protocol["dev_training_seeds"]})
+                   + "\n```\n")
+    with pytest.raises(ValueError, match="must differ"):
+        rec.load_protocol(str(bad))
