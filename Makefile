@@ -29,7 +29,9 @@ bench: $(STAMP)
 	$(PY) bench/flops.py --quick
 	$(PY) bench/anatomy.py --quick -o bench/out/anatomy_quick
 
-# the anatomy benchmark at its default scale (baseline + anatomical, 3 seeds; about 1.5 h on 2 CPU cores)
+# the anatomy benchmark v2 at the protocol's scale (bench/PROTOCOL.md): plain, capacity-matched and anatomical LDM
+# for each development seed, one record per task in bench/out/anatomy/records (commit them under bench/records/);
+# `python bench/anatomy.py -o DIR --claim` runs the claim seeds, `--phantom v1` the first benchmark
 bench-anatomy: $(STAMP)
 	$(PY) bench/anatomy.py -o bench/out/anatomy
 

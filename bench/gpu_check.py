@@ -13,9 +13,10 @@ quiet GPU:
             counter, against the measured bf16 peak); fused AdamW
   sampling  DDIM 50 steps vs DPM-Solver++(2M) 20 steps, bf16 autocast, batch 16 and 64, images/s with the
             first-stage decode
-  anatomy   the anatomy benchmark (bench/anatomy.py, ``--anatomy-preset``, default ``cpu`` = the default scale
-            of bench/ANATOMY.md) in parallel worker processes sharing one run directory, started here and
-            stopped at the deadline; then a report over the arms whose every seed finished, and a tarball of
+  anatomy   the anatomy benchmark v2 (bench/anatomy.py, ``--anatomy-preset``, default ``cpu`` = the scale of
+            bench/PROTOCOL.md): one worker process per (arm, development seed) sharing one run directory, started
+            here and stopped at the deadline; each finished task is a record (``records/``, to commit under
+            bench/records/); then a report over the records and a tarball of
             the run's results (no weights) beside the JSON. It runs in the background while:
   tests     the CUDA-marked tests (``pytest -m gpu``)
   main      main.py end to end with --precision bf16-mixed: the demo phantom autoencoder (50 batches), the
@@ -53,12 +54,6 @@ import common  # noqa: E402
 
 SECTIONS = ("env", "train", "sampling", "anatomy", "tests", "main")
 TRAIN_MODES = ("fp32", "bf16", "bf16+compile")
-# one anatomy worker per entry (an arm named twice gets two workers): the shipped method and the ablations that
-# show which part works first; a worker trains free baselines before its arm
-ANATOMY_WORKERS = ("anatomical", "anatomical", "registers_no_loss", "registers_no_loss", "anatomical_stopgrad",
-                   "anatomical_stopgrad", "joint", "joint")
-# the dry run's anatomy section: the quick preset with one training seed (the code path of every seed is the same)
-DRY_ANATOMY_SEEDS = 1
 
 
 class Incomplete(RuntimeError):
@@ -439,35 +434,42 @@ def section_main(ck: Check) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- anatomy
-def _anatomy_cmd(ck: Check, run_dir: str, arms: list[str], threads: int) -> list[str]:
-    cmd = [sys.executable, os.path.join("bench", "anatomy.py"), "--phantom", "v1", "-o", run_dir,
-           "--arms", ",".join(arms), "--threads", str(threads), "--no-progress"]
+def _anatomy_cmd(ck: Check, run_dir: str, arms: list[str], seeds: list[int], threads: int) -> list[str]:
+    """One benchmark-v2 worker (``bench/anatomy.py``): the given arms and development seeds, one record each."""
+    cmd = [sys.executable, os.path.join("bench", "anatomy.py"), "-o", run_dir, "--arms", ",".join(arms),
+           "--seeds", ",".join(str(s) for s in seeds), "--threads", str(threads), "--no-progress"]
     if ck.dry:
-        cmd += ["--quick", "--device", "cpu", "--seeds", str(DRY_ANATOMY_SEEDS)]
+        cmd += ["--quick", "--device", "cpu"]
     else:
         cmd += ["--preset", ck.args.anatomy_preset, "--device", "cuda"]
     return cmd
 
 
-def _finished_arms(run_dir: str, arms: list[str], seeds: int) -> list[str]:
-    """Arms whose every training seed (``seeds`` of the preset) has its final evaluation on disk."""
-    with open(os.path.join(run_dir, "run.json")) as f:
-        steps = int(json.load(f)["settings"]["steps"])
-    return [arm for arm in arms
-            if all(glob.glob(os.path.join(run_dir, "arms", arm, f"seed{s}", f"eval_step{steps:06d}*.json"))
-                   for s in range(seeds))]
+def _anatomy_tasks(ck: Check) -> list[tuple[str, int]]:
+    """``(arm, seed)`` per worker: ``--anatomy-arms`` (default: the protocol's arms) x ``--anatomy-seeds``
+    (default: the protocol's development seeds; the dry run: the first)."""
+    import records
+
+    protocol = records.load_protocol()
+    arms = ck.args.anatomy_arms.split(",") if ck.args.anatomy_arms else list(protocol["arms"])
+    seeds = ([int(s) for s in ck.args.anatomy_seeds.split(",")] if ck.args.anatomy_seeds else
+             list(protocol["dev_training_seeds"])[:1 if ck.dry else None])
+    return [(arm, seed) for seed in seeds for arm in arms]
+
+
+def _finished_tasks(run_dir: str, tasks: list[tuple[str, int]]) -> list[str]:
+    return [f"{arm}_seed{seed}" for arm, seed in tasks
+            if os.path.isfile(os.path.join(run_dir, "records", f"{arm}_seed{seed}.json"))]
 
 
 def section_anatomy(ck: Check) -> Callable[[], dict[str, Any]]:
-    """Start the workers and return the function that waits for them (until the deadline) and reports, so
-    that the sections that are not timed (tests, main.py) run meanwhile."""
+    """Start one worker per (arm, seed) task and return the function that waits for them (until the deadline) and
+    reports, so that the sections that are not timed (tests, main.py) run meanwhile. The workers share one run
+    directory: the first builds the instrument (autoencoder, judges), the others wait for it."""
     run_dir = os.path.join(ck.work, "anatomy")
     if ck.args.fresh_anatomy:
         shutil.rmtree(run_dir, ignore_errors=True)
-    workers = list(ck.args.anatomy_arms.split(",")) if ck.args.anatomy_arms else \
-        (["anatomical"] if ck.dry else list(ANATOMY_WORKERS))
-    arms = list(dict.fromkeys(workers))
-    groups = [["baseline", arm] for arm in workers]
+    tasks = _anatomy_tasks(ck)
     threads = 1
     budget = ck.left() - ck.args.reserve_s - (20 if ck.dry else 45)  # the report pass needs its own time
     if budget < (20 if ck.dry else 90):
@@ -475,20 +477,20 @@ def section_anatomy(ck: Check) -> Callable[[], dict[str, Any]]:
     logs = []
     procs = []
     t0 = time.perf_counter()
-    for i, group in enumerate(groups):
+    for i, (arm, seed) in enumerate(tasks):
         log = open(os.path.join(ck.work, f"anatomy_worker{i}.log"), "w")
         logs.append(log)
-        procs.append(subprocess.Popen(_anatomy_cmd(ck, run_dir, group, threads), cwd=common.ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(_anatomy_cmd(ck, run_dir, [arm], [seed], threads), cwd=common.ROOT,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         if i == 0:  # the first worker creates the run directory's settings file; the others then share it
             waited = time.perf_counter()
             while not os.path.isfile(os.path.join(run_dir, "run.json")) and procs[0].poll() is None \
                     and time.perf_counter() - waited < 120:
                 time.sleep(0.5)
-    return lambda: _finish_anatomy(ck, run_dir, arms, groups, procs, logs, t0, budget, threads)
+    return lambda: _finish_anatomy(ck, run_dir, tasks, procs, logs, t0, budget, threads)
 
 
-def _finish_anatomy(ck: Check, run_dir: str, arms: list[str], groups: list[list[str]], procs: list[subprocess.Popen],
+def _finish_anatomy(ck: Check, run_dir: str, tasks: list[tuple[str, int]], procs: list[subprocess.Popen],
                     logs: list[Any], t0: float, budget: float, threads: int) -> dict[str, Any]:
     stopped = False
     while any(p.poll() is None for p in procs):
@@ -511,41 +513,33 @@ def _finish_anatomy(ck: Check, run_dir: str, arms: list[str], groups: list[list[
         raise RuntimeError("the anatomy workers wrote no run.json: " + _tail(os.path.join(ck.work, "anatomy_worker0.log")))
     for lock in glob.glob(os.path.join(run_dir, "**", "*.lock"), recursive=True):
         os.remove(lock)  # left by killed workers
-    import anatomy_models
-
-    seeds = DRY_ANATOMY_SEEDS if ck.dry else anatomy_models.PRESETS[ck.args.anatomy_preset].seeds
-    done = _finished_arms(run_dir, ["baseline"] + arms, seeds)
-    result: dict[str, Any] = {"run_dir": os.path.relpath(run_dir, common.ROOT), "arms": arms, "workers": len(groups),
-                              "threads_per_worker": threads, "workers_s": workers_s, "stopped_at_budget": stopped,
-                              "worker_exit_codes": codes, "finished_arms": done}
-    if "baseline" in done and len(done) > 1:
-        report_arms = [a for a in done if a != "baseline"]
+    done = _finished_tasks(run_dir, tasks)
+    result: dict[str, Any] = {"run_dir": os.path.relpath(run_dir, common.ROOT),
+                              "tasks": [f"{a}_seed{s}" for a, s in tasks], "workers": len(tasks), "threads_per_worker": threads, "workers_s": workers_s,
+                              "stopped_at_budget": stopped, "worker_exit_codes": codes, "finished_tasks": done}
+    if done:
         t0 = time.perf_counter()
-        proc = subprocess.run(_anatomy_cmd(ck, run_dir, ["baseline"] + report_arms, threads * 4), cwd=common.ROOT,
+        proc = subprocess.run([sys.executable, os.path.join("bench", "anatomy.py"), "--report",
+                               os.path.join(run_dir, "records"), "-o", run_dir], cwd=common.ROOT,
                               capture_output=True, text=True, timeout=max(30.0, ck.left() - 5))
         result["report_s"] = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError("the anatomy report pass failed: " + " | ".join(
                 (proc.stdout + proc.stderr).strip().splitlines()[-5:]))
-        with open(os.path.join(run_dir, "anatomy.json")) as f:
-            summary = json.load(f)
-        result["summary"] = _anatomy_summary(summary)
+        with open(os.path.join(run_dir, "anatomy_v2.json")) as f:
+            result["summary"] = _anatomy_summary(json.load(f))
     result["tarball"] = _tar_results(ck, run_dir)
-    if len(done) < 2:
-        raise Incomplete(f"no arm beside the baseline finished every seed in {workers_s:.0f} s (finished: {done}); "
-                         f"the run continues with: python bench/gpu_check.py --sections anatomy --work {ck.work}")
+    if len(done) < len(tasks):
+        raise Incomplete(f"{len(done)} of {len(tasks)} benchmark tasks finished in {workers_s:.0f} s (finished: "
+                         f"{done}); the run continues with: python bench/gpu_check.py --sections anatomy "
+                         f"--work {ck.work}; commit {run_dir}/records under bench/records/")
     return result
 
 
 def _anatomy_summary(report: dict) -> dict[str, Any]:
-    """The headline numbers of anatomy.json (pass rate per arm, comparisons with the baseline)."""
-    out: dict[str, Any] = {}
-    for arm, info in (report.get("arms") or {}).items():
-        if isinstance(info, dict):
-            out[arm] = {k: info.get(k) for k in ("pass_rate", "ci95", "per_seed_pass_rate", "own_mask_pass_rate",
-                                                 "own_mask_dice", "fid")}
-    out["comparisons"] = report.get("comparisons")
-    return out
+    """The headline numbers of anatomy_v2.json: the primary tests and the pass rates per arm."""
+    return {"protocol_hash": report.get("protocol_hash"), "primary": report.get("primary"),
+            "pass_rates": report.get("pass_rates"), "cost": report.get("cost")}
 
 
 def _tar_results(ck: Check, run_dir: str) -> str:
@@ -609,8 +603,8 @@ def markdown(res: dict[str, Any]) -> str:
     anat = res["sections"].get("anatomy", {}).get("result")
     if anat:
         lines += ["", f"Anatomy benchmark: {anat['workers']} workers for {anat['workers_s']:.0f} s "
-                  f"(stopped at the budget: {anat['stopped_at_budget']}); arms with every seed finished: "
-                  f"{', '.join(anat['finished_arms']) or 'none'}; results in {anat.get('tarball')}."]
+                  f"(stopped at the budget: {anat['stopped_at_budget']}); records finished: "
+                  f"{', '.join(anat['finished_tasks']) or 'none'}; results in {anat.get('tarball')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -668,8 +662,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-kinds", "--compile_kinds", dest="compile_kinds", default="anatomical,plain",
                    help="models whose training step is also timed under torch.compile")
     p.add_argument("--anatomy-arms", "--anatomy_arms", dest="anatomy_arms", default=None,
-                   help="one anatomy worker per arm named (twice: two workers); default: " + ",".join(ANATOMY_WORKERS)
-                   + "; dry run: anatomical")
+                   help="benchmark-v2 arms, one worker per arm and seed (default: the arms of bench/PROTOCOL.md)")
+    p.add_argument("--anatomy-seeds", "--anatomy_seeds", dest="anatomy_seeds", default=None,
+                   help="training seeds of the anatomy workers (default: the protocol's development seeds; the dry "
+                        "run: the first of them)")
     p.add_argument("--anatomy-preset", "--anatomy_preset", dest="anatomy_preset", default="cpu",
                    help="bench/anatomy.py preset on the GPU (cpu = the default-scale benchmark of ANATOMY.md)")
     p.add_argument("--fresh-anatomy", "--fresh_anatomy", dest="fresh_anatomy", action="store_true",

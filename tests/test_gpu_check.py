@@ -57,12 +57,16 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     assert main["losses_finite"] and main["logged_loss_values"] > 0
 
     anatomy = res["sections"]["anatomy"]["result"]
-    assert anatomy["finished_arms"] == ["baseline", "anatomical"] and not anatomy["stopped_at_budget"]
-    assert set(anatomy["summary"]) >= {"baseline", "anatomical", "comparisons"}
-    assert 0.0 <= anatomy["summary"]["anatomical"]["pass_rate"] <= 1.0
+    # benchmark v2: one worker per (arm, development seed), one record each, a report over the records
+    assert anatomy["finished_tasks"] == ["plain_seed0", "matched_seed0", "anatomical_seed0"]
+    assert not anatomy["stopped_at_budget"] and anatomy["workers"] == 3
+    assert [r["contrast"] for r in anatomy["summary"]["primary"]] == ["anatomical - matched"] * 2 + \
+        ["anatomical - plain"] * 2
+    assert 0.0 <= anatomy["summary"]["pass_rates"]["steps/ddim"]["anatomical"]["mean"] <= 1.0
     with tarfile.open(tmp_path / anatomy["tarball"]) as tar:
         names = tar.getnames()
-    assert "anatomy/anatomy.json" in names and "anatomy/report.md" in names
+    assert "anatomy/anatomy_v2.json" in names and "anatomy/report.md" in names
+    assert "anatomy/records/anatomical_seed0.json" in names and "anatomy/records/anatomical_seed0.npz" in names
     assert not [n for n in names if n.endswith((".ckpt", ".pt"))]  # results only, no weights
     with tarfile.open(tmp_path / "gpu_logs.tar.gz") as tar:
         assert {"main_ae.log", "main_ldm.log", "main_resume.log"} <= set(tar.getnames())

@@ -7,11 +7,11 @@ anatomy outputs, and
     loss = diffusion loss + w(step) * lambda(t) * [seg_loss(seg_logits, mask) + attention_alignment_weight * align]
 
 over the labelled pixels of the examples with ``has_segmentation``; a batch without masks adds exactly 0.
-``seg_loss``: CE (``segmentation_loss: ce``, optionally class-weighted) or unweighted CE + soft Dice
-(``ce_dice``), on logits brought to the mask's size. ``align``: CE between the layer-averaged class attention
-and the majority-vote mask at latent size (``alignment_target: majority``, the first version), or the mean over
-register layers of the soft CE between each layer's class attention and the class area fractions at that
-layer's own resolution (``soft``, :mod:`ldm.modules.anatomical_losses`). ``lambda(t)``: 1, ``alpha_bar_t`` or
+``seg_loss``: CE (``segmentation_loss: ce``) or CE + soft Dice (``ce_dice``; the CE class-weighted in both
+when ``anatomical_class_weights`` is set), on logits brought to the mask's size. ``align``: CE between the
+layer-averaged class attention and the majority-vote mask at latent size (``alignment_target: majority``, the
+first version), or the mean over register layers of the soft CE between each layer's class attention and the
+class area fractions at that layer's own resolution (``soft``, :mod:`ldm.modules.anatomical_losses`). ``lambda(t)``: 1, ``alpha_bar_t`` or
 ``min(SNR_t, 1)`` per sample (``anatomical_timestep_weighting``).
 Sampling needs no mask: the UNet is called as a plain UNet; :meth:`sample_with_anatomy` adds one call
 at the end that predicts a mask for each sample.
