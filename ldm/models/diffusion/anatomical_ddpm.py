@@ -11,8 +11,8 @@ over the labelled pixels of the examples with ``has_segmentation``; a batch with
 when ``anatomical_class_weights`` is set), on logits brought to the mask's size. ``align``: CE between the
 layer-averaged class attention and the majority-vote mask at latent size (``alignment_target: majority``, the
 first version), or the mean over register layers of the soft CE between each layer's class attention and the
-class area fractions at that layer's own resolution (``soft``, :mod:`ldm.modules.anatomical_losses`). ``lambda(t)``: 1, ``alpha_bar_t`` or
-``min(SNR_t, 1)`` per sample (``anatomical_timestep_weighting``).
+class area fractions at that layer's own resolution (``soft``, :mod:`ldm.modules.anatomical_losses`).
+``lambda(t)``: 1, ``alpha_bar_t`` or ``min(SNR_t, 1)`` per sample (``anatomical_timestep_weighting``).
 Sampling needs no mask: the UNet is called as a plain UNet; :meth:`sample_with_anatomy` adds one call
 at the end that predicts a mask for each sample.
 """
