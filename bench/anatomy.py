@@ -2,7 +2,7 @@
 """Anatomy benchmark v1 (``--phantom v1``): does a model draw better anatomy than the plain LDM?
 
 Without ``--phantom v1`` this command runs benchmark v2 (``bench/anatomy_v2.py``, ``bench/PROTOCOL.md``); v1 is
-kept so that its committed results (``bench/ANATOMY.md``, history) can be reproduced:
+kept so that its committed results (``bench/ANATOMY_v1.md``, history) can be reproduced:
 
     python bench/anatomy.py --phantom v1 -o bench/out/anatomy           # baseline + anatomical, 3 seeds
     python bench/anatomy.py --phantom v1 -o bench/out/anatomy --arms shuffled_masks  # an ablation, same run directory
@@ -14,7 +14,7 @@ optimiser and number of steps), sampled from start noise shared across arms, and
 segmenter trained on the real training split, against the phantom's anatomy rules. Writes
 ``OUT/anatomy.json``, ``OUT/report.md`` and ``OUT/figures/*.png``. The run directory is resumable: run the same
 command again after an interruption and finished stages, checkpoints and evaluations are reused.
-Presets: ``cpu`` (default on CPU), ``gpu`` (automatic on CUDA), ``quick``; see ``bench/ANATOMY.md``.
+Presets: ``cpu`` (default on CPU), ``gpu`` (automatic on CUDA), ``quick``; see ``bench/ANATOMY_v1.md``.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ import anatomy as bench  # noqa: E402
 import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
 from anatomy_report import sample_grid  # noqa: E402
-from anatomy_stats import mean_interval  # noqa: E402
+from anatomy_stats import holm, mean_interval, seed_paired_test  # noqa: E402
 from ldm.cli_flags import THREADS_HELP  # noqa: E402
 from ldm.threads import configure_threads  # noqa: E402
 from ldm.evaluation.anatomy import dice_per_class  # noqa: E402
@@ -244,8 +244,15 @@ def summarise(cal: dict, results: dict[str, dict[int, dict]]) -> dict[str, Any]:
                 continue
             common = sorted(set(results[arm]) & set(results["baseline"]))
             for key, get, _ in METRICS:
-                diffs = [get(results[arm][s]["eval"]) - get(results["baseline"][s]["eval"]) for s in common]
-                comparisons.append({"a": arm, "b": "baseline", "metric": key, "diff": mean_interval(diffs)})
+                a = [get(results[arm][s]["eval"]) for s in common]
+                b = [get(results["baseline"][s]["eval"]) for s in common]
+                comparisons.append({"a": arm, "b": "baseline", "metric": key,
+                                    "diff": mean_interval([x - y for x, y in zip(a, b)]),
+                                    "seed_test": seed_paired_test(a, b)})
+    # seed-level paired t-tests (the training seed is the unit), Holm over every metric and arm
+    adjusted = holm({str(i): c["seed_test"].get("p") for i, c in enumerate(comparisons)})
+    for i, c in enumerate(comparisons):
+        c["p_holm"] = adjusted[str(i)]
     return {"calibration": cal, "arms": arms, "comparisons": comparisons}
 
 
@@ -255,6 +262,10 @@ def _ci(c: Optional[dict], digits: int = 3) -> str:
     if c.get("lo") is None:
         return f"{c['mean']:.{digits}f}"
     return f"{c['mean']:.{digits}f} [{c['lo']:.{digits}f}, {c['hi']:.{digits}f}]"
+
+
+def _p(p: Optional[float]) -> str:
+    return "–" if p is None else f"{p:.3g}"
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -300,8 +311,11 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     if summary["comparisons"]:
         lines += ["", "## Against the baseline", "",
                   "Difference arm − baseline per metric, paired by training seed (mean, 95 % t interval over seeds; "
-                  "an interval that holds 0 shows no difference).", "", "| arm | metric | diff |", "|---|---|---|"]
-        lines += [f"| {c['a']} | {c['metric']} | {_ci(c['diff'], 4)} |" for c in summary["comparisons"]]
+                  "an interval that holds 0 shows no difference), the paired t-test's p over seeds and its Holm "
+                  "adjustment over every row.", "", "| arm | metric | diff | seeds | p | p (Holm) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['a']} | {c['metric']} | {_ci(c['diff'], 4)} | {c['seed_test']['n']} | "
+                  f"{_p(c['seed_test'].get('p'))} | {_p(c.get('p_holm'))} |" for c in summary["comparisons"]]
     lines += ["", "Memorisation share: samples closer (pixel L2 at 32x32) to a training slice than 95 % of held-out "
               "slices are (0.05 without copying; held-out slices are neighbours of training levels here, so read it "
               "between arms). Figures: `figures/samples.png` (real slices, samples, masks), `figures/tissue.png` "

@@ -130,7 +130,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/anatomy.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-o", "--out", required=True, help="run directory (created; reused when it exists)")
-    p.add_argument("--phantom", choices=("v1", "v2"), default="v2", help="v1: the first benchmark (bench/ANATOMY.md)")
+    p.add_argument("--phantom", choices=("v1", "v2"), default="v2", help="v1: the first benchmark (bench/ANATOMY_v1.md)")
     p.add_argument("--arms", default=None, help=f"comma-separated, from {', '.join(ARMS_V2)} (default: the "
                                                 "protocol's arms)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (default: the protocol's "

@@ -667,7 +667,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="training seeds of the anatomy workers (default: the protocol's development seeds; the dry "
                         "run: the first of them)")
     p.add_argument("--anatomy-preset", "--anatomy_preset", dest="anatomy_preset", default="cpu",
-                   help="bench/anatomy.py preset on the GPU (cpu = the default-scale benchmark of ANATOMY.md)")
+                   help="bench/anatomy.py preset on the GPU (cpu = the scale of bench/PROTOCOL.md)")
     p.add_argument("--fresh-anatomy", "--fresh_anatomy", dest="fresh_anatomy", action="store_true",
                    help="start the anatomy run directory afresh (default: continue it)")
     args = p.parse_args(argv)

@@ -77,6 +77,11 @@ def test_quick_run_end_to_end_and_resume(tmp_path, capsys):
     assert 0.0 <= own["mean"] <= 1.0 and own["n"] == quick.seeds
     metrics = {c["metric"] for c in result["comparisons"]}
     assert {"fid_pixel8", "w1_tissue_fraction", "memorisation_share"} <= metrics
+    # seed-level paired tests, Holm-adjusted over the rows
+    for c in result["comparisons"]:
+        assert c["seed_test"]["n"] == quick.seeds
+        assert c["seed_test"]["diff"] == pytest.approx(c["diff"]["mean"])
+        assert c["p_holm"] is None or c["p_holm"] >= c["seed_test"]["p"]
     # the anatomical model has three classes (background, grey, white matter) and no label set
     unet = result["meta"]["configs"]["anatomical"]["params"]["unet_config"]["params"]
     assert unet["num_anatomical_classes"] == 3

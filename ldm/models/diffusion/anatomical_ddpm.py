@@ -105,7 +105,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
             ``"latents"`` (default) the sampled latents themselves; ``"reencoded"`` the decoded image encoded
             again (posterior mean times ``scale_factor``), i.e. encoder latents as in training. They differ when
             sampled latents are off the encoder's manifold (a model early in training samples latents with
-            several times the real latents' spread that still decode to plausible images; see bench/ANATOMY.md).
+            several times the real latents' spread that still decode to plausible images; see bench/ANATOMY_v1.md).
             Costs one encoder pass.
     """
 
