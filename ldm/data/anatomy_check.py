@@ -74,14 +74,16 @@ class AnatomyReport:
         return asdict(self)
 
 
-def _to_numpy(mask: Any) -> np.ndarray:
+def label_map(mask: Any, what: str = "check_phantom_anatomy") -> np.ndarray:
+    """One ``H x W`` int64 label map from a numpy array or tensor (a channel axis of size 1 is dropped, floats
+    are rounded); ``what`` names the caller in the error."""
     if hasattr(mask, "detach"):
         mask = mask.detach().cpu().numpy()
     arr = np.asarray(mask)
     if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
         arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
     if arr.ndim != 2:
-        raise ValueError(f"check_phantom_anatomy expects one H x W label map, got shape {tuple(arr.shape)}")
+        raise ValueError(f"{what} expects one H x W label map, got shape {tuple(arr.shape)}")
     if arr.dtype.kind == "f":
         arr = np.round(arr)
     return arr.astype(np.int64)
@@ -98,7 +100,7 @@ def _components(binary: np.ndarray, min_area: int) -> list[np.ndarray]:
 
 def check_phantom_anatomy(mask: Any, min_area_frac: float = 0.001, rel_area: float = 0.1) -> AnatomyReport:
     """Check one CT-Organ label map (numpy array or tensor, ``H x W``) against the phantom's anatomy rules."""
-    m = _to_numpy(mask)
+    m = label_map(mask)
     h, w = m.shape
     min_area = max(3, int(np.ceil(min_area_frac * h * w)))
     v, u = np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1, indexing="ij")

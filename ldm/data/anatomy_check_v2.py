@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldm.data.labels import PHANTOM_V2_CLASSES
+from ldm.data.anatomy_check import label_map
 
 # ----------------------------------------------------------------------------------------------------------
 # The anatomy definition shared by the renderer and the checker.
@@ -199,19 +200,6 @@ class AnatomyReportV2:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _to_numpy(mask: Any) -> np.ndarray:
-    if hasattr(mask, "detach"):
-        mask = mask.detach().cpu().numpy()
-    arr = np.asarray(mask)
-    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
-        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
-    if arr.ndim != 2:
-        raise ValueError(f"check_anatomy_v2 expects one H x W label map, got shape {tuple(arr.shape)}")
-    if arr.dtype.kind == "f":
-        arr = np.round(arr)
-    return arr.astype(np.int64)
 
 
 _GRIDS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -455,7 +443,7 @@ def check_anatomy_v2(mask: Any, min_area_frac: float = 0.001, rel_area: float = 
     Performance: about 1 ms per 64 x 64 mask on one core (see ``tests/test_phantom_v2.py``).
     """
     t = thresholds
-    m = _to_numpy(mask)
+    m = label_map(mask, "check_anatomy_v2")
     h, w = m.shape
     u, v, border = _grid(h, w)
     flat = m.ravel()

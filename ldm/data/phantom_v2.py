@@ -34,7 +34,7 @@ from ldm.data.anatomy_check_v2 import (LEVELS, NUM_CLASSES_V2, ORGANS, RULES_V2,
                                        AnatomyReportV2, RuleThresholds, anatomy_plausibility_v2, check_anatomy_v2)
 from ldm.data.intensity import window_ct
 from ldm.data.labels import PHANTOM_V2_CLASSES, PHANTOM_V2_COLOURS
-from ldm.data.phantom import PHANTOM_WINDOW, SPLITS
+from ldm.data.phantom import PHANTOM_WINDOW, SPLITS, _split_code
 from ldm.data.phantom_v2_render import (Edit, NO_EDIT, PatientV2, bump, add_noise, downsample, draw_variant,
                                         render_clean, render_factor, sample_patient_v2, slice_rng)
 
@@ -46,13 +46,6 @@ __all__ = ["PhantomV2Dataset", "PatientV2", "sample_patient_v2", "render_slice_v
            "draw_variant", "PHANTOM_WINDOW"]
 
 _PRECOMPUTE_PIXELS = 2 ** 24
-
-
-def _split_code(split: str) -> int:
-    split = {"val": "validation", "valid": "validation"}.get(split, split)
-    if split not in SPLITS:
-        raise ValueError(f"unknown phantom split {split!r}; use one of {SPLITS}")
-    return SPLITS.index(split)
 
 
 def patients_v2(seed: int, split: str, n: int) -> list[PatientV2]:

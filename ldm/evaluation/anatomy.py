@@ -20,14 +20,9 @@ RuleChecker = Callable[[np.ndarray], Any]
 
 
 def _masks(masks: np.ndarray | torch.Tensor | Sequence) -> np.ndarray:
-    if isinstance(masks, torch.Tensor):
-        masks = masks.detach().cpu().numpy()
-    arr = np.asarray(masks)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"masks must be [N, H, W] integer class maps, got shape {arr.shape}")
-    return arr.astype(np.int64)
+    from ldm.evaluation.descriptors import as_masks
+
+    return as_masks(masks)
 
 
 def class_area_fractions(masks: np.ndarray | torch.Tensor, num_classes: int,

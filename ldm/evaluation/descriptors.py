@@ -31,6 +31,7 @@ from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 from ldm.evaluation.intervals import wilson
+from ldm.evaluation.report import jsonable
 
 __all__ = [
     "DESCRIPTORS", "mask_descriptors", "presence_patterns", "presence_distance", "circular_w1",
@@ -45,7 +46,9 @@ UNKNOWN_LABELS = ("unknown", "inconsistent")
 
 # --------------------------------------------------------------------------------------------- descriptors
 
-def _as_masks(masks: Any) -> np.ndarray:
+def as_masks(masks: Any) -> np.ndarray:
+    """``[N, H, W]`` int64 class maps from a batch (numpy or tensor; one ``H x W`` map becomes ``N = 1``);
+    non-integer float values are an error."""
     if hasattr(masks, "detach"):  # a torch tensor, without importing torch here
         masks = masks.detach().cpu().numpy()
     arr = np.asarray(masks)
@@ -110,7 +113,7 @@ def mask_descriptors(masks: Any, num_classes: int, min_area: int = 3,
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if min_area < 1:
         raise ValueError(f"min_area must be >= 1, got {min_area}")
-    arr = _as_masks(masks)
+    arr = as_masks(masks)
     n, h, w = arr.shape
     if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
         bad = int(arr.max()) if arr.max() >= num_classes else int(arr.min())
@@ -507,22 +510,6 @@ def _attr(report: Any, name: str) -> Any:
     return getattr(report, name, None)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    return x
-
-
 def anatomy_measures(real_masks: Any, fake_masks: Any, num_classes: int,
                      real_reports: Optional[Sequence[Any]] = None, fake_reports: Optional[Sequence[Any]] = None,
                      k: int = 5, min_area: int = 3, min_count: int = 5) -> dict[str, Any]:
@@ -571,4 +558,4 @@ def anatomy_measures(real_masks: Any, fake_masks: Any, num_classes: int,
                                           [bool(_attr(r, "plausible")) for r in fake_reports])
         real_lev = None if real_reports is None else [_attr(r, "level") for r in real_reports]
         out["levels"] = level_consistency([_attr(r, "level") for r in fake_reports], real_lev)
-    return _jsonable(out)
+    return jsonable(out)

@@ -72,17 +72,21 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A JSON-serialisable copy of ``value``: mappings, sequences and arrays as dicts and lists, numpy scalars as
+    Python ones, and non-finite floats (NaN, inf) as ``None``, so the output is strict JSON."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(float(value)) else float(value)
-    if isinstance(value, (np.integer,)):
+        return jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
         return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
     return value
 
 
@@ -244,10 +248,10 @@ def write_report(out_dir: str, results: Mapping[str, Mapping[str, Any]], meta: O
     os.makedirs(out_dir, exist_ok=True)
     paths = {"markdown": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "report.json")}
     with open(paths["json"], "w") as f:
-        json.dump(_jsonable({"results": results, "meta": meta or {}}), f, indent=2)
+        json.dump(jsonable({"results": results, "meta": meta or {}}), f, indent=2)
     lines = ["# Sample comparison", "", markdown_table(results), ""]
     if meta:
-        settings = [f"- {k}: {json.dumps(_jsonable(v)) if isinstance(v, (dict, list)) else _fmt(v)}"
+        settings = [f"- {k}: {json.dumps(jsonable(v)) if isinstance(v, (dict, list)) else _fmt(v)}"
                     for k, v in meta.items()]
         lines += ["## Settings", "", *settings, ""]
     if panels:
