@@ -57,3 +57,17 @@ def compat_dir() -> Path:
         pytest.fail(f"compat reference data not found at {path} (it is part of the repository: tests/data/compat); "
                     "check out the whole repository or point LDM_COMPAT_DIR at a copy")
     return path
+
+
+@pytest.fixture
+def main_process_state(monkeypatch):
+    """For tests that run ``main.py`` in-process on the toy run: its configs' classes are trusted, and the signal
+    handlers main and Lightning install are put back afterwards."""
+    import signal
+
+    monkeypatch.setenv("LDM_TRUSTED_TARGETS", "test_main_toy")
+    handlers = {s: signal.getsignal(getattr(signal, s)) for s in ("SIGINT", "SIGTERM", "SIGUSR1")
+                if hasattr(signal, s)}
+    yield
+    for name, handler in handlers.items():
+        signal.signal(getattr(signal, name), handler)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -27,14 +26,7 @@ if str(TESTS) not in sys.path:
 from test_reliability_atomic import FullDisk  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _process_state(monkeypatch):
-    monkeypatch.setenv("LDM_TRUSTED_TARGETS", "test_main_toy")
-    handlers = {s: signal.getsignal(getattr(signal, s)) for s in ("SIGINT", "SIGTERM", "SIGUSR1")
-                if hasattr(signal, s)}
-    yield
-    for name, handler in handlers.items():
-        signal.signal(getattr(signal, name), handler)
+pytestmark = pytest.mark.usefixtures("main_process_state")  # tests/conftest.py
 
 
 def _run_dir(logs: Path) -> Path:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -32,14 +31,7 @@ from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_
 QUIET = ["lightning.logger.target=pytorch_lightning.loggers.CSVLogger"]
 
 
-@pytest.fixture(autouse=True)
-def _process_state(monkeypatch):
-    monkeypatch.setenv("LDM_TRUSTED_TARGETS", "test_main_toy")
-    handlers = {s: signal.getsignal(getattr(signal, s)) for s in ("SIGINT", "SIGTERM", "SIGUSR1")
-                if hasattr(signal, s)}
-    yield
-    for name, handler in handlers.items():
-        signal.signal(getattr(signal, name), handler)
+pytestmark = pytest.mark.usefixtures("main_process_state")  # tests/conftest.py
 
 
 def _toy_run(logs: Path, steps: int = 2) -> Path:

@@ -164,17 +164,24 @@ def check_phantom_anatomy(mask: Any, min_area_frac: float = 0.001, rel_area: flo
                          counts={CTORGAN_CLASSES[c]: len(counted[c]) for c in counted})
 
 
-def anatomy_plausibility(masks: Any, **kwargs: Any) -> dict[str, float]:
-    """Fraction of plausible masks in a batch (``B x H x W``) and the pass rate of every rule."""
+def plausibility_rates(masks: Any, checker: Any, rules: tuple[str, ...], what: str, **kwargs: Any
+                       ) -> dict[str, float]:
+    """Fraction of a batch's masks (``B x H x W``) that ``checker`` finds plausible and the pass rate of each of
+    its ``rules``; ``what`` names the caller in the error."""
     if hasattr(masks, "detach"):
         masks = masks.detach().cpu().numpy()
     arr = np.asarray(masks)
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 3 or arr.shape[0] == 0:
-        raise ValueError(f"anatomy_plausibility expects a non-empty B x H x W batch, got shape {arr.shape}")
-    reports = [check_phantom_anatomy(x, **kwargs) for x in arr]
+        raise ValueError(f"{what} expects a non-empty B x H x W batch, got shape {arr.shape}")
+    reports = [checker(x, **kwargs) for x in arr]
     out = {"plausible": float(np.mean([r.plausible for r in reports]))}
-    for name in RULES:
+    for name in rules:
         out[name] = float(np.mean([getattr(r, name) for r in reports]))
     return out
+
+
+def anatomy_plausibility(masks: Any, **kwargs: Any) -> dict[str, float]:
+    """Fraction of plausible masks in a batch (``B x H x W``) and the pass rate of every rule."""
+    return plausibility_rates(masks, check_phantom_anatomy, RULES, "anatomy_plausibility", **kwargs)

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldm.data.labels import PHANTOM_V2_CLASSES
-from ldm.data.anatomy_check import label_map
+from ldm.data.anatomy_check import label_map, plausibility_rates
 
 # ----------------------------------------------------------------------------------------------------------
 # The anatomy definition shared by the renderer and the checker.
@@ -478,15 +478,4 @@ def check_anatomy_v2(mask: Any, min_area_frac: float = 0.001, rel_area: float = 
 
 def anatomy_plausibility_v2(masks: Any, **kwargs: Any) -> dict[str, float]:
     """Fraction of plausible masks in a batch (``B x H x W``) and the pass rate of every v2 rule."""
-    if hasattr(masks, "detach"):
-        masks = masks.detach().cpu().numpy()
-    arr = np.asarray(masks)
-    if arr.ndim == 4 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 3 or arr.shape[0] == 0:
-        raise ValueError(f"anatomy_plausibility_v2 expects a non-empty B x H x W batch, got shape {arr.shape}")
-    reports = [check_anatomy_v2(x, **kwargs) for x in arr]
-    out = {"plausible": float(np.mean([r.plausible for r in reports]))}
-    for name in RULES_V2:
-        out[name] = float(np.mean([getattr(r, name) for r in reports]))
-    return out
+    return plausibility_rates(masks, check_anatomy_v2, RULES_V2, "anatomy_plausibility_v2", **kwargs)
