@@ -327,25 +327,43 @@ def sensitivity(preset: PresetV2, judges: dict[str, torch.nn.Module], protocol: 
     return table
 
 
+def _independent_stages(sdir: str, preset: PresetV2, train: dict, device: torch.device, progress: bool
+                        ) -> tuple[str, float]:
+    """The autoencoder and the two judges, which do not depend on each other: a process takes whichever stage no
+    other process is computing (so workers sharing a run directory build them in parallel), then waits for the
+    rest. Returns the autoencoder's checkpoint and latent scale."""
+    from anatomy import train_autoencoder
+
+    def judge(name: str) -> None:
+        path = os.path.join(sdir, f"judge_{name}.pt")
+        if not os.path.isfile(path):
+            spec = JUDGES[name]
+            model = train_segmenter(am.TensorSlices(train["image"], train["segmentation"]), NUM_CLASSES,
+                                    steps=preset.seg_steps, batch_size=16, base_channels=spec["base_channels"],
+                                    seed=spec["seed"], device=device, progress=progress)
+            save_segmenter(path, model, {"trained_on": "phantom v2 train split (real)", **spec})
+
+    stages = {os.path.join(sdir, "autoencoder"): lambda: train_autoencoder(preset, train, sdir, device, progress)}
+    stages.update({os.path.join(sdir, f"judge_{name}.pt"): (lambda n=name: judge(n)) for name in JUDGES})
+    for wait in (False, True):  # first every free stage, then wait for the others' stages
+        for lock, run in stages.items():
+            try:
+                with exclusive(lock, wait=wait):
+                    run()
+            except Busy:
+                continue
+    with exclusive(os.path.join(sdir, "autoencoder")):
+        return train_autoencoder(preset, train, sdir, device, progress)  # finished: reads the checkpoint and scale
+
+
 def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.device, progress: bool
           ) -> dict[str, Any]:
     """The shared instrument: data, autoencoder, moments, judges, calibration (cached in ``out/setup``)."""
     sdir = os.path.join(out, "setup")
     os.makedirs(sdir, exist_ok=True)
     train, test = split(preset, "train"), split(preset, "test")
-    with exclusive(os.path.join(sdir, "autoencoder")):
-        from anatomy import train_autoencoder
-        ae_ckpt, scale = train_autoencoder(preset, train, sdir, device, progress)
-    judges: dict[str, torch.nn.Module] = {}
-    for name, spec in JUDGES.items():
-        path = os.path.join(sdir, f"judge_{name}.pt")
-        with exclusive(path):
-            if not os.path.isfile(path):
-                model = train_segmenter(am.TensorSlices(train["image"], train["segmentation"]), NUM_CLASSES,
-                                        steps=preset.seg_steps, batch_size=16, base_channels=spec["base_channels"],
-                                        seed=spec["seed"], device=device, progress=progress)
-                save_segmenter(path, model, {"trained_on": "phantom v2 train split (real)", **spec})
-        judges[name] = load_segmenter(path, device)[0]
+    ae_ckpt, scale = _independent_stages(sdir, preset, train, device, progress)
+    judges = {name: load_segmenter(os.path.join(sdir, f"judge_{name}.pt"), device)[0] for name in JUDGES}
     moments_path = os.path.join(sdir, "moments.pt")
     with exclusive(moments_path):
         if not os.path.isfile(moments_path):

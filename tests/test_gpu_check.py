@@ -87,19 +87,23 @@ def test_arguments_are_checked(capsys):
         assert "--cpu-dry-run" in capsys.readouterr().err
 
 
-def test_finished_arms_needs_every_seed(tmp_path):
-    run = tmp_path / "run"
-    (run / "arms").mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"settings": {"steps": 40}}))
-    for arm, seeds in (("baseline", (0, 1, 2)), ("anatomical", (0, 1)), ("joint", (0, 1, 2))):
-        for s in seeds:
-            d = run / "arms" / arm / f"seed{s}"
-            d.mkdir(parents=True)
-            (d / "eval_step000040.json").write_text("{}")
-    (run / "arms" / "joint" / "seed2" / "eval_step000040.json").unlink()
-    (run / "arms" / "joint" / "seed2" / "eval_step000020.json").write_text("{}")  # a curve point, not final
-    assert gpu_check._finished_arms(str(run), ["baseline", "anatomical", "joint"], 3) == ["baseline"]
-    assert gpu_check._finished_arms(str(run), ["baseline", "anatomical"], 2) == ["baseline", "anatomical"]
+def test_anatomy_tasks_and_finished_records(tmp_path):
+    """One worker per (arm, seed): the protocol's arms and development seeds by default (the dry run: the first
+    seed); a task counts as finished when its record is on disk."""
+    import records
+
+    protocol = records.load_protocol()
+    args = gpu_check.parse_args(["--cpu-dry-run"])
+    ck = type("Ck", (), {"args": args, "dry": True})()
+    assert gpu_check._anatomy_tasks(ck) == [(arm, protocol["dev_training_seeds"][0]) for arm in protocol["arms"]]
+    ck.dry = False
+    args.anatomy_arms, args.anatomy_seeds = "plain,anatomical", "4,5"
+    tasks = gpu_check._anatomy_tasks(ck)
+    assert tasks == [("plain", 4), ("anatomical", 4), ("plain", 5), ("anatomical", 5)]
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "plain_seed4.json").write_text("{}")
+    (tmp_path / "records" / "anatomical_seed5.npz").write_text("")  # arrays without their record: not finished
+    assert gpu_check._finished_tasks(str(tmp_path), tasks) == ["plain_seed4"]
 
 
 def test_markdown_names_failures_and_units():
