@@ -154,3 +154,22 @@ def test_protocol_hash_covers_the_protocol_and_the_settings(tmp_path):
                    + "\n```\n")
     with pytest.raises(ValueError, match="must differ"):
         rec.load_protocol(str(bad))
+
+
+@pytest.mark.slow(60)
+def test_a_task_run_again_elsewhere_reproduces_its_record(quick_run, tmp_path):
+    """The same task with the same seeds on the same device class gives the same record (per-sample outcomes,
+    descriptors, metrics): what lets a claim run be split across machines."""
+    import anatomy
+
+    again = str(tmp_path / "again")
+    assert anatomy.main(["-o", again, "--quick", "--no-progress", "--threads", "1", "--arms", "plain",
+                         "--seeds", "0"]) == 0
+    first, first_arrays = rec.read_record(os.path.join(quick_run, "records", "plain_seed0.json"))
+    second, second_arrays = rec.read_record(os.path.join(again, "records", "plain_seed0.json"))
+    assert first["setup_id"] == second["setup_id"] and first["protocol_hash"] == second["protocol_hash"]
+    assert sorted(first_arrays) == sorted(second_arrays)
+    for key in first_arrays:
+        assert np.array_equal(first_arrays[key], second_arrays[key], equal_nan=first_arrays[key].dtype.kind == "f"), key
+    for key, ev in first["evals"].items():
+        assert ev["judges"] == second["evals"][key]["judges"] and ev["measures"] == second["evals"][key]["measures"]
