@@ -93,3 +93,30 @@ def test_evaluate_script_writes_report_with_numbers(tmp_path, monkeypatch, train
     assert anat["seg_dice_mean"] > 0.8  # segmenter agrees with the model's own masks
     md = open(out / "report.md").read()
     assert f"{base['fid_pixel']:.4g}" in md and f"{anat['seg_dice_mean']:.4g}" in md
+
+
+def test_copy_paste_moves_structures_with_their_labels():
+    """Copy-paste augmentation: pasted pixels take the source class and the source intensities together, the
+    inputs stay as they were, probability 0 changes nothing, and the same generator seed gives the same batch."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.zeros(4, 1, 16, 16)
+    mask = torch.zeros(4, 16, 16, dtype=torch.long)
+    for b in range(4):  # one square organ per example, class b % 2 + 1, intensity 0.5 or 0.9
+        c = b % 2 + 1
+        mask[b, 2 + b:6 + b, 3:7] = c
+        image[b, 0][mask[b] == c] = 0.5 if c == 1 else 0.9
+    before = (image.clone(), mask.clone())
+    same = segmenter.copy_paste(image, mask, torch.Generator().manual_seed(1), prob=0.0)
+    assert torch.equal(same[0], image) and torch.equal(same[1], mask)
+    out_image, out_mask = segmenter.copy_paste(image, mask, g, prob=1.0, max_pastes=3)
+    assert torch.equal(image, before[0]) and torch.equal(mask, before[1])
+    changed = out_mask != mask
+    assert changed.any()  # every example received at least one structure (it may land on its own organ)
+    for c, value in ((1, 0.5), (2, 0.9)):
+        assert torch.all(out_image[:, 0][out_mask == c] == value)  # labels and intensities moved together
+    assert set(out_mask.unique().tolist()) <= {0, 1, 2}
+    again = segmenter.copy_paste(image, mask, torch.Generator().manual_seed(0), prob=1.0, max_pastes=3)
+    assert torch.equal(again[0], out_image) and torch.equal(again[1], out_mask)
+    # an offset moves without wrapping around
+    shifted = segmenter._shifted(torch.arange(16.0).reshape(4, 4), 1, -2)
+    assert shifted[0].tolist() == [0, 0, 0, 0] and shifted[1].tolist() == [2, 3, 0, 0]

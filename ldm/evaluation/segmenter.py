@@ -91,10 +91,65 @@ def batch_to_tensors(batch: dict[str, Any], channels: Optional[int] = None) -> t
     return image, mask, has
 
 
+def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` (``[..., H, W]``) moved by ``(dy, dx)`` pixels, zero-filled where it moved away (no wrap-around)."""
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[..., yd, xd] = x[..., ys, xs]
+    return out
+
+
+def copy_paste(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, prob: float = 0.5,
+               max_pastes: int = 3, small_share: float = 0.3, ignore_index: int = 255
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy-paste augmentation (after Ghiasi et al., CVPR 2021) of a batch ``image [B, C, H, W]``, ``mask [B, H,
+    W]``: with probability ``prob`` an example receives 1..``max_pastes`` structures, each the pixels of one class
+    of a random example of the batch (intensities and labels together), mirrored left-right half of the time,
+    moved by a random offset of up to half the image, and, with probability ``small_share``, cut to a random box
+    of 2-6 pixels (a speck). The segmenter then learns to label what a region looks like, not where its class
+    usually lies, so that a judge built on it reports misplaced, mirrored, duplicated or scattered structures
+    instead of imposing the usual anatomy. Returns new tensors; the inputs are not changed."""
+    out_image, out_mask = image.clone(), mask.clone()
+    b, _, h, w = image.shape
+
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=generator))
+
+    for i in range(b):
+        if float(torch.rand((), generator=generator)) >= prob:
+            continue
+        for _ in range(1 + draw(max_pastes)):
+            src = draw(b)
+            classes = [int(c) for c in mask[src].unique() if 0 < int(c) != ignore_index]
+            if not classes:
+                continue
+            c = classes[draw(len(classes))]
+            region, pixels = mask[src] == c, image[src]
+            if draw(2):
+                region, pixels = region.flip(-1), pixels.flip(-1)
+            dy, dx = draw(h + 1) - h // 2, draw(w + 1) - w // 2
+            region, pixels = _shifted(region, dy, dx), _shifted(pixels, dy, dx)
+            if float(torch.rand((), generator=generator)) < small_share and region.any():
+                ys, xs = region.nonzero(as_tuple=True)
+                k = draw(len(ys))
+                side = 2 + draw(5)
+                box = torch.zeros_like(region)
+                box[max(0, int(ys[k]) - side // 2):int(ys[k]) + side - side // 2,
+                    max(0, int(xs[k]) - side // 2):int(xs[k]) + side - side // 2] = True
+                region = region & box
+            out_image[i][:, region] = pixels[:, region]
+            out_mask[i][region] = c
+    return out_image, out_mask
+
+
 def train_segmenter(dataset: Any, num_classes: int, steps: int = 500, batch_size: int = 16, lr: float = 2e-3,
                     base_channels: int = 16, depth: int = 3, ignore_index: int = 255, seed: int = 0,
-                    device: Optional[torch.device] = None, progress: bool = False) -> SegmenterUNet:
-    """Train a ``SegmenterUNet`` with cross-entropy on labelled examples of ``dataset`` for ``steps`` steps."""
+                    device: Optional[torch.device] = None, progress: bool = False,
+                    copy_paste_prob: float = 0.0) -> SegmenterUNet:
+    """Train a ``SegmenterUNet`` with cross-entropy on labelled examples of ``dataset`` for ``steps`` steps;
+    ``copy_paste_prob`` > 0 applies :func:`copy_paste` to every batch with that probability per example."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -108,6 +163,7 @@ def train_segmenter(dataset: Any, num_classes: int, steps: int = 500, batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
                         generator=torch.Generator().manual_seed(seed))
+    aug = torch.Generator().manual_seed(seed + 1)  # the augmentation's own stream: without it nothing changes
     model.train()
     step, bar = 0, tqdm(total=steps, desc="segmenter", disable=not progress)
     while step < steps:
@@ -115,6 +171,8 @@ def train_segmenter(dataset: Any, num_classes: int, steps: int = 500, batch_size
             image, mask, has = batch_to_tensors(batch, in_ch)
             if not has.any():
                 continue
+            if copy_paste_prob > 0:
+                image, mask = copy_paste(image, mask, aug, copy_paste_prob, ignore_index=ignore_index)
             image, mask = image[has].to(next(model.parameters()).device), mask[has].to(next(model.parameters()).device)
             loss = F.cross_entropy(model(image), mask, ignore_index=ignore_index)
             opt.zero_grad(set_to_none=True)
