@@ -173,3 +173,18 @@ def test_a_task_run_again_elsewhere_reproduces_its_record(quick_run, tmp_path):
         assert np.array_equal(first_arrays[key], second_arrays[key], equal_nan=first_arrays[key].dtype.kind == "f"), key
     for key, ev in first["evals"].items():
         assert ev["judges"] == second["evals"][key]["judges"] and ev["measures"] == second["evals"][key]["measures"]
+
+
+def test_judge_sensitivity_script_reports_a_variant_beside_the_runs_judges(quick_run, tmp_path):
+    import judge_sensitivity
+
+    out = tmp_path / "judge.json"
+    assert judge_sensitivity.main(["-o", str(out), "--preset", "quick", "--copy-paste", "0.5", "--run", quick_run,
+                                   "--figure", str(tmp_path / "judges.png")]) == 0
+    res = json.loads(out.read_text())
+    from ldm.data.phantom_v2 import CORRUPTIONS
+    assert set(res["sensitivity"]) == set(CORRUPTIONS) and res["judge"]["copy_paste_prob"] == 0.5
+    for row in res["sensitivity"].values():
+        assert 0.0 <= row["judge_copy_paste_0.5/primary"] <= 1.0 and row["true_mask/primary"] >= 0.95
+    assert set(res["run_judges"]["real_pass_rate"]) == {"A", "B"}
+    assert os.path.getsize(tmp_path / "judges.png") > 5000
