@@ -19,6 +19,7 @@ from anatomy_stats import holm, mcnemar, mean_interval, minimum_detectable_effec
 
 V1_SEED_SD = 0.049  # between-seed SD of the paired pass-rate difference measured in v1 (issue 26), for planning
 EFFECTS = (0.02, 0.05, 0.10)
+SENSITIVITY_TARGET = 0.95  # the share of corrupted real slices a judge must flag (issue 26)
 
 
 def _per_seed(records: list, key: str, judge: str = "A", size: str = "primary") -> dict[str, dict[tuple, float]]:
@@ -237,7 +238,8 @@ def markdown(summary: dict[str, Any]) -> str:
             f"Pass rate of judge {proto['primary']['judge']} at minimum component size "
             f"{proto['primary']['min_area_frac']}; paired t-test over training seeds, Holm over the family, "
             f"alpha {proto['primary']['alpha']}.", ""]
-    out += _test_rows(summary["primary"], with_pooled=True) or ["(no pairs yet)"]
+    out += (_test_rows(summary["primary"], with_pooled=True) if summary["primary"] else
+            ["(no contrast yet: no training seed has records of both arms of a contrast)"])
     sig = [r for r in summary["primary"] if r.get("p_holm") is not None and r["p_holm"] < proto["primary"]["alpha"]]
     named = ", ".join(f"{r['contrast']} ({r['budget']}, {r['sampler']})" for r in sig)
     out += ["", f"Significant after Holm: {named or 'none'}.", ""]
@@ -290,6 +292,10 @@ def markdown(summary: dict[str, Any]) -> str:
                 "**Judge sensitivity**: the share (%) of corrupted real slices flagged, by the checker on the true "
                 "corrupted mask and by each judge on the corrupted image, at both minimum component sizes.", ""]
         out += _sensitivity_lines(cal)
+        low = [f"{kind} ({_pct(row['judge_A/primary'])} %)" for kind, row in cal.get("sensitivity", {}).items()
+               if row.get("judge_A/primary", 1.0) < SENSITIVITY_TARGET]
+        out += ["", f"Kinds judge A detects in fewer than {100 * SENSITIVITY_TARGET:.0f} % of corrupted slices (the "
+                    f"target): {', '.join(low) if low else 'none'}."]
     out += ["", "## Secondary analyses (not part of the pre-registered family)", "",
             "Seed-level paired tests of every other contrast, budget, sampler, judge and minimum size, Holm over "
             "this family.", ""]
