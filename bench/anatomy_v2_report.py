@@ -122,15 +122,19 @@ def summarise(collected: dict[str, Any]) -> dict[str, Any]:
     for row in primary:
         row["pooled_mcnemar_secondary"] = _pooled(records, *row["contrast"].split(" - "), f"{row['budget']}/"
                                                                                          f"{row['sampler']}")
-    power = []
-    for row in primary:
+    power = []  # for every primary test, run or not yet (then on the planning SD)
+    found = {(r["contrast"], r["budget"], r["sampler"]): r for r in primary}
+    for a, b, budget, sampler, _, _ in primary_tests:
+        row = found.get((f"{a} - {b}", budget, sampler), {"n": 0})
         sd = row.get("sd_diff") if row.get("n", 0) >= 2 and row.get("sd_diff") else None
         basis = "observed" if sd else "v1 between-seed SD (planning value)"
         sd = sd or V1_SEED_SD
-        power.append({"contrast": row["contrast"], "budget": row["budget"], "sampler": row["sampler"], "sd_diff": sd,
-                      "basis": basis, "seeds_needed": {f"{e:g}": seeds_needed(sd, e) for e in EFFECTS},
-                      "mde_at_n": minimum_detectable_effect(sd, row["n"]) if row["n"] >= 2 else None,
-                      "mde_at_10": minimum_detectable_effect(sd, 10)})
+        alpha = float(protocol["primary"]["alpha"]) / len(primary_tests)  # Bonferroni: Holm's first step
+        power.append({"contrast": f"{a} - {b}", "budget": budget, "sampler": sampler, "sd_diff": sd,
+                      "basis": basis, "alpha": alpha,
+                      "seeds_needed": {f"{e:g}": seeds_needed(sd, e, alpha=alpha) for e in EFFECTS},
+                      "mde_at_n": minimum_detectable_effect(sd, row["n"], alpha=alpha) if row["n"] >= 2 else None,
+                      "mde_at_10": minimum_detectable_effect(sd, 10, alpha=alpha)})
     measures: dict[str, dict[str, dict[str, Any]]] = {}
     for key in keys:
         for arm in arms:
@@ -254,7 +258,9 @@ def markdown(summary: dict[str, Any]) -> str:
         for n in rule_names:
             out.append(f"| {n} | " + " | ".join(_pct(summary["rule_failure"].get(a, {}).get(n))
                                                  for a in summary["arms"]) + " |")
-    out += ["", "## Power analysis", "", "| contrast | budget | sampler | SD of seed difference | basis | seeds for "
+    out += ["", "## Power analysis", "", "Paired t-test at 80 % power and alpha "
+            f"{summary['power'][0]['alpha'] if summary['power'] else '-':.4g} per test (the family's alpha over its "
+            "size: Holm's first step, the conservative plan).", "", "| contrast | budget | sampler | SD of seed difference | basis | seeds for "
             + " / ".join(f"{100 * e:g}" for e in EFFECTS) + " points | MDE at these seeds | MDE at 10 seeds |",
             "|---|---|---|---|---|---|---|---|"]
     for p in summary["power"]:
