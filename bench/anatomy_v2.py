@@ -281,7 +281,7 @@ def judge_masks(masks: torch.Tensor | np.ndarray, min_area_frac: float) -> dict[
     reports = [check_anatomy_v2(m, min_area_frac=min_area_frac) for m in np.asarray(masks)]
     out: dict[str, Any] = {"plausible": np.array([r.plausible for r in reports], dtype=bool)}
     for rule in RULES_V2:
-        out[rule] = np.array([getattr(r, rule) if hasattr(r, rule) else r.rules[rule] for r in reports], dtype=bool)
+        out[rule] = np.array([getattr(r, rule) for r in reports], dtype=bool)
     out["variant"] = [r.variant for r in reports]
     out["level"] = [r.level for r in reports]
     out["reports"] = reports
@@ -399,20 +399,18 @@ def calibrate(preset: PresetV2, protocol: dict[str, Any], train: dict, test: dic
                            "real_latent_rms": float(scale * z.pow(2).mean().sqrt()),
                            "test_variants": {v: int(sum(1 for x in test["variant"] if x == v))
                                              for v in sorted(set(test["variant"]))}}
+    masks = {(j, what): segment(model, images, batch_size=128) for j, model in judges.items()
+             for what, images in (("real", test["image"]), ("reconstructed", recon))}
     for label, frac in min_sizes(protocol).items():
         true = judge_masks(test["segmentation"], frac)
         cal[f"true_masks/{label}"] = _judge_summary(true)
         cal[f"true_masks/{label}"]["variant_recovered"] = float(np.mean(
             [inf == tv for inf, tv in zip(true["variant"], test["variant"]) if inf not in ("unknown",)] or [1.0]))
-        for j, model in judges.items():
-            for what, images in (("real", test["image"]), ("reconstructed", recon)):
-                seg = segment(model, images, batch_size=128)
-                cal[f"judge_{j}/{what}/{label}"] = _judge_summary(judge_masks(seg, frac))
-    seg_a, seg_b = (segment(judges[j], test["image"], batch_size=128) for j in ("A", "B"))
-    cal["judge_dice"] = {j: _foreground_dice(segment(judges[j], test["image"], batch_size=128), test["segmentation"])
-                         for j in judges}
-    a = judge_masks(seg_a, min_sizes(protocol)["primary"])["plausible"]
-    b = judge_masks(seg_b, min_sizes(protocol)["primary"])["plausible"]
+        for (j, what), seg in masks.items():
+            cal[f"judge_{j}/{what}/{label}"] = _judge_summary(judge_masks(seg, frac))
+    cal["judge_dice"] = {j: _foreground_dice(masks[(j, "real")], test["segmentation"]) for j in judges}
+    a = judge_masks(masks[("A", "real")], min_sizes(protocol)["primary"])["plausible"]
+    b = judge_masks(masks[("B", "real")], min_sizes(protocol)["primary"])["plausible"]
     cal["judge_agreement_real"] = {"agree": float((a == b).mean()), "kappa": _kappa(a, b)}
     cal["sensitivity"] = sensitivity(preset, judges, protocol)
     return cal
@@ -502,9 +500,9 @@ def evaluate(arm: str, config: dict, ckpt: str, step: int, n: int, spec: dict[st
                             * spec["steps"],
                             "latent_rms": float(drawn["latent_rms"].pow(2).mean().sqrt()), "judges": {}}
     arrays: dict[str, np.ndarray] = {}
-    outcomes = {}
+    outcomes, judged = {}, {}
     for j, judge in ctx["setup"]["judges"].items():
-        seg = segment(judge, drawn["image"], batch_size=128)
+        seg = judged[j] = segment(judge, drawn["image"], batch_size=128)
         info["judges"][j] = {}
         for label, frac in sizes.items():
             o = judge_masks(seg, frac)
@@ -530,8 +528,7 @@ def evaluate(arm: str, config: dict, ckpt: str, step: int, n: int, spec: dict[st
     a, b = outcomes[("A", "primary")]["plausible"], outcomes[("B", "primary")]["plausible"]
     info["judge_agreement"] = {"agree": float((a == b).mean()), "kappa": _kappa(a, b)}
     grid = os.path.join(os.path.dirname(ckpt), f"grid_{os.path.basename(ckpt)[:-5]}_{spec['eta']:g}.npz")
-    np.savez_compressed(grid, images=drawn["image"][:16].numpy(),
-                        masks=segment(ctx["setup"]["judges"]["A"], drawn["image"][:16]).numpy())
+    np.savez_compressed(grid, images=drawn["image"][:16].numpy(), masks=judged["A"][:16].numpy())
     return info, arrays
 
 
