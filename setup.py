@@ -34,9 +34,10 @@ setup(
         # nilearn ships the MNI ICBM152 template that bench/anatomy_mni.py (the benchmark's real-data arm) and
         # tests/test_bench_anatomy_mni.py read
         # highdicom writes the DICOM-SEG of tests/test_dicom.py; monai runs tests/test_monai_data.py;
-        # pytest-xdist runs the suite on every core (`make test`)
+        # pytest-xdist runs the suite on every core (`make test`); nnunetv2 checks and plans the exported
+        # synthetic dataset in tests/test_export_dataset.py
         "test": ["pytest>=7.4", "pytest-xdist>=3", "SimpleITK>=2.2", "pydicom>=2.4", "torch-fidelity>=0.3",
-                 "nilearn>=0.10", "highdicom>=0.28", "monai>=1.6"],
+                 "nilearn>=0.10", "highdicom>=0.28", "monai>=1.6", "nnunetv2>=2.5"],
         "bench": ["nilearn>=0.10"],
         # FID with the standard Inception weights (torch-fidelity's network, through torchmetrics)
         "metrics": ["torch-fidelity>=0.3"],
@@ -46,5 +47,7 @@ setup(
         # ldm/data/monai_data.py: training from a MONAI dataset / transform chain (monai 1.5.0 pins torch < 2.7;
         # 1.6.0 and 1.6.1 install next to torch 2.14, tested with 1.6.1)
         "monai": ["monai>=1.6"],
+        # scripts/export_dataset.py's output planned and trained with nnU-Net v2 (nnUNetv2_plan_and_preprocess)
+        "nnunet": ["nnunetv2>=2.5"],
     },
 )
