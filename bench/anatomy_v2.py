@@ -74,9 +74,13 @@ ARMS_V2: dict[str, str] = {
     "anatomical": "the shipped anatomical configuration (registers + segmentation head + anatomical loss), "
                   "10 phantom-v2 classes",
     "registers_no_loss": "the anatomical UNet with anatomical loss weight 0 (registers as extra capacity only)",
+    "lean": "the anatomical configuration with the lean register design (bench/register_cost.py 'lean_low': register "
+            "width = UNet width, head size 16, register layers once per path at the lowest resolution + the middle "
+            "block, pixel-shuffle mask head)",
 }
 JUDGES = {"A": {"base_channels": 16, "seed": 0}, "B": {"base_channels": 24, "seed": 1}}
-MASK_ARMS_V2 = ("anatomical", "registers_no_loss")
+MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean")
+LEAN_VARIANT = "lean_low"  # bench/register_cost.py variant the lean arm trains
 CAPACITY_TOL = 0.05  # the protocol's capacity_tolerance
 
 
@@ -241,8 +245,14 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
         if arm == "matched":
             cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset)["unet"])
         return _first_stage_from_moments(cfg)
-    cfg = am.arm_config("anatomical" if arm == "anatomical" else "registers_no_loss", preset, ae_ckpt, scale_factor)
+    cfg = am.arm_config("registers_no_loss" if arm == "registers_no_loss" else "anatomical", preset, ae_ckpt,
+                        scale_factor)
     cfg = capacity.set_num_classes(cfg, NUM_CLASSES)
+    if arm == "lean":
+        import register_cost
+
+        unet = cfg["params"]["unet_config"]["params"]
+        unet.update(register_cost.lean_overrides(unet, LEAN_VARIANT))
     cfg["params"]["label_set"] = LABEL_SET
     return _first_stage_from_moments(cfg)
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.data.batch import item_channels_first, to_channels_first
+from ldm.modules.dice import class_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -219,4 +220,4 @@ def segment(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], bat
     """Argmax masks ``[N, H, W]`` for images ``[N, C, H, W]`` in ``[-1, 1]``."""
     device = next(model.parameters()).device
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
-    return torch.cat([model(b.to(device).float()).argmax(1).cpu() for b in batches])
+    return torch.cat([class_argmax(model(b.to(device).float())).cpu() for b in batches])

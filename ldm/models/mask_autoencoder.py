@@ -21,7 +21,7 @@ from ldm.data.batch import masks_from_batch  # noqa: F401  (importable from here
 from ldm.models.optim import make_adam
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, colourise, generic_label_set, get_label_set
 from ldm.modules.anatomical_losses import class_onehot, soft_dice_loss
-from ldm.modules.dice import dice_counts, dice_from_counts
+from ldm.modules.dice import class_argmax, dice_counts, dice_from_counts
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -154,7 +154,7 @@ class MaskAutoencoderKL(pl.LightningModule):
 
     def decode_mask(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> integer masks ``[B, H, W]`` (argmax of the logits)."""
-        return self.decode(z).argmax(1)
+        return class_argmax(self.decode(z))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True
                 ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -196,7 +196,7 @@ class MaskAutoencoderKL(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         _, log, logits, mask = self.shared_step(batch, "val")
-        dice = hard_dice(logits.argmax(1), mask, self.num_classes, self.ignore_index)
+        dice = hard_dice(class_argmax(logits), mask, self.num_classes, self.ignore_index)
         log.update({f"val/dice_{c}": v for c, v in dice.items()})
         fg = [v for c, v in dice.items() if c > 0]
         if fg:
@@ -223,7 +223,7 @@ class MaskAutoencoderKL(pl.LightningModule):
         log = {"inputs": self._colour(mask)}
         if not only_inputs:
             logits, posterior = self(self.one_hot(mask), sample_posterior=False)
-            log["reconstructions"] = self._colour(logits.argmax(1))
+            log["reconstructions"] = self._colour(class_argmax(logits))
             log["samples"] = self._colour(self.decode_mask(torch.randn_like(posterior.mode())))
         return log
 

@@ -6,6 +6,10 @@
 - :class:`AnatomicalMaskDecoder`: segmentation logits from the last decoder features, upsampled by a
   learned nearest-upsample + conv stage per factor 2 (Odena et al. 2016, "Deconvolution and checkerboard
   artifacts"), so that the mask is predicted at image resolution instead of the latent grid.
+- :class:`PixelShuffleMaskHead`: the same image-size logits computed at the latent grid: a 1x1 convolution
+  predicts the ``f x f`` sub-pixels of every class, rearranged by pixel shuffle (Shi et al. 2016, "Real-time
+  single image and video super-resolution using an efficient sub-pixel convolutional neural network"), so no
+  convolution runs above the latent resolution (the lean design, ``mask_decoder: pixel_shuffle``).
 """
 from __future__ import annotations
 
@@ -124,3 +128,33 @@ class AnatomicalMaskDecoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C, f*h, f*w]`` for features ``[B, in_channels, h, w]``."""
         return self.out(self.stages(self.trunk(features)))
+
+
+class PixelShuffleMaskHead(nn.Module):
+    """Segmentation logits at ``upsample_factor`` times the feature resolution, every convolution at the features' grid.
+
+    ``GN-SiLU-Conv3x3`` on the features, ``GN-SiLU-Conv1x1`` to ``C * f * f`` channels, then pixel shuffle: the
+    ``f x f`` logits of each latent cell come from that cell's features (and, through the 3x3 convolution, its
+    neighbours'). The cost is that of the latent-resolution head plus one 1x1 convolution.
+
+    Args:
+        in_channels: channels of the decoder features (the UNet's ``model_channels``).
+        num_classes: output classes ``C``.
+        upsample_factor: power of two >= 2 (the first stage's downsampling factor for image-size masks).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, upsample_factor: int) -> None:
+        super().__init__()
+        factor = int(upsample_factor)
+        if factor < 2 or factor & (factor - 1):
+            raise ValueError(f"mask_upsample_factor must be a power of two >= 2 for the pixel-shuffle head, got "
+                             f"{upsample_factor} (1 = the latent-resolution head)")
+        self.upsample_factor = factor
+        ch = int(in_channels)
+        self.trunk = nn.Sequential(nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                   nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU())
+        self.out = nn.Conv2d(ch, int(num_classes) * factor * factor, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C, f*h, f*w]`` for features ``[B, in_channels, h, w]``."""
+        return F.pixel_shuffle(self.out(self.trunk(features)), self.upsample_factor)

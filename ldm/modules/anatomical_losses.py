@@ -59,18 +59,19 @@ def class_onehot(mask: torch.Tensor, num_classes: int, ignore_index: int) -> tor
 
 
 def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int,
-                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       ignore_index: int, onehot: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Class area fractions of an integer mask ``[B, H, W]`` on a ``size`` grid.
 
     Returns ``(fractions [B, C, h, w], labelled [B, h, w])``: ``fractions[:, c]`` is the share of class ``c``
     among the labelled pixels of each cell (summing to 1 over classes where ``labelled > 0``, all zeros
     elsewhere); ``labelled`` is the labelled share of each cell. Pixels equal to ``ignore_index`` count in
-    neither. Exact cell averages for integer factors (adaptive average pooling otherwise).
+    neither. Exact cell averages for integer factors (adaptive average pooling otherwise). ``onehot``: the mask's
+    :func:`class_onehot` when the caller has it already (one per step, shared by every loss term).
     """
     size = tuple(int(s) for s in size)
     valid = mask != ignore_index
-    onehot = class_onehot(mask, num_classes, ignore_index).float()
-    counts = F.adaptive_avg_pool2d(onehot, size)  # share of each class among all pixels of a cell
+    onehot = class_onehot(mask, num_classes, ignore_index) if onehot is None else onehot
+    counts = F.adaptive_avg_pool2d(onehot.float(), size)  # share of each class among all pixels of a cell
     labelled = F.adaptive_avg_pool2d(valid.unsqueeze(1).float(), size)[:, 0]
     fractions = counts / labelled.clamp_min(1e-12).unsqueeze(1)
     return torch.where(labelled.unsqueeze(1) > 0, fractions, torch.zeros_like(fractions)), labelled
@@ -113,7 +114,7 @@ def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled:
 
 def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
                    sample_weights: Optional[torch.Tensor] = None, pooled: bool = False,
-                   smooth: float = 1.0) -> torch.Tensor:
+                   smooth: float = 1.0, onehot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``1 - mean_{c >= 1} (2 sum p_c g_c + s) / (sum p_c + sum g_c + s)`` over labelled pixels (Milletari et al.
     2016, V-Net, eq. 1, with additive smoothing ``s``).
 
@@ -121,10 +122,11 @@ def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
     when given): a class absent from a sample and not predicted scores ~1, so absent classes do not dominate.
     ``pooled``: the sums run over the whole batch at once (the mask autoencoder's loss; ``sample_weights`` must
     be None). ``probs``: softmax probabilities ``[B, C, H, W]`` at the mask's size. Exactly 0 (graph kept) with
-    nothing labelled. No value is read back to the host (no device synchronisation).
+    nothing labelled. No value is read back to the host (no device synchronisation). ``onehot``: the mask's
+    :func:`class_onehot`, when the caller has it already.
     """
     valid = (mask != ignore_index)
-    onehot = class_onehot(mask, probs.shape[1], ignore_index).to(probs.dtype)
+    onehot = (class_onehot(mask, probs.shape[1], ignore_index) if onehot is None else onehot).to(probs.dtype)
     v = valid.unsqueeze(1).to(probs.dtype)
     if pooled:
         if sample_weights is not None:
@@ -135,7 +137,7 @@ def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
         denom = p.sum(dims)[1:] + onehot.sum(dims)[1:]
         return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
     has = valid.flatten(1).any(dim=1)
-    p, g = (probs * v)[:, 1:].flatten(2), (onehot * v)[:, 1:].flatten(2)
+    p, g = (probs * v)[:, 1:].flatten(2), onehot[:, 1:].flatten(2)  # the one-hot is 0 at unlabelled pixels already
     dice = (2.0 * (p * g).sum(-1) + smooth) / (p.sum(-1) + g.sum(-1) + smooth)  # [B, C-1]
     loss = 1.0 - dice.mean(dim=1)
     if sample_weights is not None:
@@ -146,13 +148,15 @@ def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
 
 
 def mean_soft_alignment_loss(attentions: Sequence[torch.Tensor], mask: torch.Tensor, num_classes: int,
-                             ignore_index: int, sample_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             ignore_index: int, sample_weights: Optional[torch.Tensor] = None,
+                             onehot: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over layers of :func:`soft_alignment_loss` of each layer's class attention ``[B, C, h_l, w_l]``
     against :func:`soft_class_targets` of ``mask`` at that layer's size.
 
     The layers of one size share their targets and are stacked, so the work is a few kernels per size instead
     of a dozen per layer (the CT-Organ UNet has 16 register layers at 3 sizes). Nothing is read back to the
-    host; exactly 0 (graph kept) with nothing labelled.
+    host; exactly 0 (graph kept) with nothing labelled. ``onehot``: the mask's :func:`class_onehot`, when the
+    caller has it already.
     """
     if not attentions:
         raise ValueError("mean_soft_alignment_loss needs at least one attention map")
@@ -161,7 +165,7 @@ def mean_soft_alignment_loss(attentions: Sequence[torch.Tensor], mask: torch.Ten
         groups.setdefault((int(attention.shape[-2]), int(attention.shape[-1])), []).append(attention)
     terms = []
     for size, maps in groups.items():
-        target, labelled = soft_class_targets(mask, size, num_classes, ignore_index)
+        target, labelled = soft_class_targets(mask, size, num_classes, ignore_index, onehot=onehot)
         stacked = torch.stack(maps) if len(maps) > 1 else maps[0].unsqueeze(0)  # [L, B, C, h, w]
         if stacked.shape[1:] != target.shape:
             raise ValueError(f"alignment target {tuple(target.shape)} does not match the attention "

@@ -25,6 +25,7 @@ from torch import nn
 
 from ldm.data.batch import masks_from_batch
 from ldm.data.labels import generic_label_set
+from ldm.modules.dice import class_argmax
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class JointMaskMixin:
     @torch.no_grad()
     def joint_masks(self, z: torch.Tensor, image_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Generated masks ``[B, H, W]`` (int64): argmax of the mask decoder on the mask channels of ``z``."""
-        return self.joint_mask_logits(z, image_size).argmax(1)
+        return class_argmax(self.joint_mask_logits(z, image_size))
 
     @torch.no_grad()
     def decode_joint(self, latents: torch.Tensor, cond: Any = None) -> dict:
@@ -210,7 +211,7 @@ class JointMaskMixin:
         also the segmentation head's ``seg_logits``, ``class_attention`` and ``head_masks``."""
         images = self.decode_first_stage(latents)
         logits = self.joint_mask_logits(latents, images.shape[-2:])
-        out = {"images": images, "masks": logits.argmax(1), "mask_logits": logits, "latents": latents,
+        out = {"images": images, "masks": class_argmax(logits), "mask_logits": logits, "latents": latents,
                "mask_source": MASK_SOURCE_JOINT}
         if self.use_anatomy:
             anatomy = self.predict_anatomy(latents, cond=cond)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.deprecation import deprecate
-from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, RegisterReadAttention
+from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, PixelShuffleMaskHead, RegisterReadAttention
 from ldm.modules.anatomical_blocks import num_groups as _num_groups
 from ldm.modules.anatomical_registers import AnatomicalRegisterBank, TimestepAwareRegisterBank
 from ldm.modules.diffusionmodules.openaimodel import BlockInfo, BlockKind, UNetModel, UNetState
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 ANATOMICAL_KEY_PREFIXES = ("register_bank.", "anatomical_attention.", "segmentation_head.", "register_read.",
                            "mask_decoder.")
 REGISTER_UPDATES = ("none", "read")
+REGISTER_PLACEMENTS = ("every_block", "per_level")
+MASK_DECODERS = ("upsample_conv", "pixel_shuffle")
 _ATTENDED_KINDS = (BlockKind.RES, BlockKind.MIDDLE, BlockKind.RES_UP)
 
 
@@ -67,16 +69,17 @@ class AnatomicalUNetState(UNetState):
     position_codes: dict[tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
 class AnatomyOutput:
-    """What :meth:`AnatomicalUNetModel.forward_with_anatomy` returns.
+    """What :meth:`AnatomicalUNetModel.forward_with_anatomy` returns (read-only attributes).
 
     Args:
         prediction: the UNet's prediction (eps, x0 or v, as trained), what ``forward`` returns.
         seg_logits: segmentation logits [B, C, f*h, f*w], ``f`` = the UNet's ``mask_upsample_factor`` (1: the
             input's latent resolution; the first stage's factor: image resolution).
         class_attention: per-class attention mass [B, C, h, w] averaged over the register layers (each
-            resized bilinearly to the input size); sums to 1 over classes.
+            resized bilinearly to the input size); sums to 1 over classes. ``None``: computed from
+            ``layer_class_attention`` when first read (the training loss with ``alignment_target: soft`` never
+            reads it, so the resizing and averaging of every layer is not done in its steps).
         layer_class_attention: block key (:attr:`BlockInfo.key`) -> that layer's per-class attention mass
             [B, C, h_l, w_l] at its own resolution, in block order.
         registers: the register tokens [B, C*K, D] at the end of the call (after the last read).
@@ -84,12 +87,40 @@ class AnatomyOutput:
             ``register_update: none``).
     """
 
-    prediction: torch.Tensor
-    seg_logits: torch.Tensor
-    class_attention: torch.Tensor
-    layer_class_attention: dict[str, torch.Tensor]
-    registers: torch.Tensor
-    register_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    __slots__ = ("prediction", "seg_logits", "_class_attention", "layer_class_attention", "registers",
+                 "register_states", "_size")
+
+    def __init__(self, prediction: torch.Tensor, seg_logits: torch.Tensor,
+                 class_attention: Optional[torch.Tensor] = None,
+                 layer_class_attention: Optional[dict[str, torch.Tensor]] = None,
+                 registers: Optional[torch.Tensor] = None,
+                 register_states: Optional[dict[str, torch.Tensor]] = None,
+                 size: Optional[Sequence[int]] = None) -> None:
+        if class_attention is None and not layer_class_attention:
+            raise ValueError("AnatomyOutput needs class_attention or a non-empty layer_class_attention")
+        sets = object.__setattr__
+        sets(self, "prediction", prediction)
+        sets(self, "seg_logits", seg_logits)
+        sets(self, "_class_attention", class_attention)
+        sets(self, "layer_class_attention", dict(layer_class_attention or {}))
+        sets(self, "registers", registers)
+        sets(self, "register_states", dict(register_states or {}))
+        sets(self, "_size", None if size is None else tuple(int(v) for v in size))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"AnatomyOutput is read-only (tried to set {name!r})")
+
+    @property
+    def class_attention(self) -> torch.Tensor:
+        """The layers' class attention averaged at the input's latent size (computed once, when first read)."""
+        if self._class_attention is None:
+            size = self._size or max((m.shape[-2:] for m in self.layer_class_attention.values()),
+                                     key=lambda s: s[0] * s[1])
+            masses = [m if tuple(m.shape[-2:]) == tuple(size) else
+                      F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+                      for m in self.layer_class_attention.values()]
+            object.__setattr__(self, "_class_attention", torch.stack(masses, dim=0).mean(dim=0))
+        return self._class_attention
 
 
 class AnatomicalCrossAttention(nn.Module):
@@ -201,6 +232,15 @@ class AnatomicalUNetModel(UNetModel):
         mask_upsample_factor: ``1`` (default; the first version): segmentation head at latent resolution.
             A power of two ``f >= 2``: mask decoder with ``log2 f`` learned upsampling stages, logits at ``f``
             times the latent size; set it to the first stage's downsampling factor for image-size masks.
+        register_placement: ``"every_block"`` (default; every version so far): a register layer pair (read, when
+            ``register_update: read``, and cross-attention) after every res/middle block of the chosen levels.
+            ``"per_level"`` (lean): one pair per chosen level and path, after the level's last block in the encoder and
+            in the decoder, and one after the middle block (7 pairs for a 3-level UNet instead of 10 with one res
+            block per level, 16 with two).
+        mask_decoder: how masks reach ``mask_upsample_factor > 1``: ``"upsample_conv"`` (default): learned
+            nearest-upsample + 3x3 convolution stages above the latent grid (:class:`AnatomicalMaskDecoder`);
+            ``"pixel_shuffle"`` (lean): every convolution at the latent grid and a sub-pixel rearrangement
+            (:class:`~ldm.modules.anatomical_blocks.PixelShuffleMaskHead`). Both live under ``mask_decoder.``.
         segmentation_stop_gradient: the segmentation head (or mask decoder) reads the decoder features through a
             stop-gradient, so the mask loss trains the head alone and cannot pull the UNet away from denoising
             (a probe of what the features hold). Pair it with ``attention_alignment_weight: 0`` on the
@@ -214,7 +254,8 @@ class AnatomicalUNetModel(UNetModel):
                  use_spatial_encoding: bool = True, anatomical_loss_weight: Optional[float] = None,
                  register_dropout: float = 0.0, anatomical_attention_dim: Optional[int] = None,
                  register_update: str = "none", register_read_pool: int = 8, mask_upsample_factor: int = 1,
-                 segmentation_stop_gradient: bool = False, **kwargs: Any) -> None:
+                 segmentation_stop_gradient: bool = False, register_placement: str = "every_block",
+                 mask_decoder: str = "upsample_conv", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_anatomical_registers = bool(use_anatomical_registers)
         self.num_anatomical_classes = int(num_anatomical_classes)
@@ -223,8 +264,15 @@ class AnatomicalUNetModel(UNetModel):
         self.register_update = register_update
         self.mask_upsample_factor = int(mask_upsample_factor)
         self.segmentation_stop_gradient = bool(segmentation_stop_gradient)
+        self.register_placement = register_placement
+        self.mask_decoder_kind = mask_decoder
         if not self.use_anatomical_registers:
             return
+        if register_placement not in REGISTER_PLACEMENTS:
+            raise ValueError(f"register_placement must be one of {REGISTER_PLACEMENTS} ('every_block': after every "
+                             f"res/middle block; 'per_level': once per level and path), got {register_placement!r}")
+        if mask_decoder not in MASK_DECODERS:
+            raise ValueError(f"mask_decoder must be one of {MASK_DECODERS}, got {mask_decoder!r}")
         if register_update not in REGISTER_UPDATES:
             raise ValueError(f"register_update must be one of {REGISTER_UPDATES} ('none': constant tokens, 'read': "
                              f"registers read the features), got {register_update!r}")
@@ -252,8 +300,11 @@ class AnatomicalUNetModel(UNetModel):
         if unknown or not wanted:
             raise ValueError(f"anatomical_attention_resolutions {list(wanted)} must be downsampling factors of "
                              f"this UNet (available: {available}); unknown: {unknown}")
-        self.anatomical_attention_blocks = tuple(info for info in self.block_info
-                                                 if info.kind in _ATTENDED_KINDS and info.ds in wanted)
+        chosen = [info for info in self.block_info if info.kind in _ATTENDED_KINDS and info.ds in wanted]
+        if register_placement == "per_level":  # the last block of each (path, level): the level's final features
+            last = {(info.stage, info.ds): info for info in chosen}
+            chosen = [info for info in chosen if last[(info.stage, info.ds)] is info]
+        self.anatomical_attention_blocks = tuple(chosen)
         self.anatomical_attention = nn.ModuleDict({
             info.key: AnatomicalCrossAttention(
                 info.channels, anatomical_register_dim, heads=anatomical_attention_heads,
@@ -276,12 +327,14 @@ class AnatomicalUNetModel(UNetModel):
                 nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
                 nn.Conv2d(feat_ch, self.num_anatomical_classes, 1),
             )
+        elif mask_decoder == "pixel_shuffle":
+            self.mask_decoder = PixelShuffleMaskHead(feat_ch, self.num_anatomical_classes, factor)
         else:
             self.mask_decoder = AnatomicalMaskDecoder(feat_ch, self.num_anatomical_classes, factor)
         logger.info("AnatomicalUNetModel: %d classes x %d registers (dim %d), register attention at %d blocks "
-                    "(ds %s), register_update=%s, mask at %dx latent size", num_anatomical_classes,
+                    "(ds %s, %s), register_update=%s, mask at %dx latent size (%s)", num_anatomical_classes,
                     num_registers_per_class, anatomical_register_dim, len(self.anatomical_attention_keys), wanted,
-                    register_update, factor)
+                    register_placement, register_update, factor, "head" if factor == 1 else mask_decoder)
 
     @property
     def mask_head(self) -> nn.Module:
@@ -358,13 +411,16 @@ class AnatomicalUNetModel(UNetModel):
         if not self.use_anatomical_registers:
             raise ValueError("forward_with_anatomy needs use_anatomical_registers: true in the UNet config")
         compiled = self.__dict__.get("_compiled_forward_with_anatomy")
-        if compiled is None:
-            return self._forward_with_anatomy(x, timesteps, context, y, **kwargs)
-        return compiled(self, x, timesteps, context, y, **kwargs)
+        run = self._forward_with_anatomy if compiled is None else (lambda *a, **k: compiled(self, *a, **k))
+        out, seg_logits, layers, registers, register_states = run(x, timesteps, context, y, **kwargs)
+        return AnatomyOutput(prediction=out, seg_logits=seg_logits, layer_class_attention=layers, registers=registers,
+                             register_states=register_states, size=x.shape[-2:])
 
     def _forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor],
                               context: Optional[torch.Tensor], y: Optional[torch.Tensor],
-                              **kwargs: Any) -> AnatomyOutput:
+                              **kwargs: Any) -> tuple:
+        """``(prediction, seg_logits, layer class attention, registers, register states)``: the traced part of
+        :meth:`forward_with_anatomy` (plain tensors and dicts, which ``torch.compile`` returns without a break)."""
         out, state = self.forward_with_state(x, timesteps, context, y, collect_attention=True, **kwargs)
         assert isinstance(state, AnatomicalUNetState) and state.features is not None
         size = x.shape[-2:]
@@ -374,12 +430,7 @@ class AnatomicalUNetModel(UNetModel):
         mask_size = tuple(s * self.mask_upsample_factor for s in size)
         if seg_logits.shape[-2:] != mask_size:
             seg_logits = F.interpolate(seg_logits, size=mask_size, mode="bilinear", align_corners=False)
-        masses = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                  for m in state.class_attention.values()]
-        return AnatomyOutput(prediction=out, seg_logits=seg_logits,
-                             class_attention=torch.stack(masses, dim=0).mean(dim=0),
-                             layer_class_attention=dict(state.class_attention), registers=state.registers,
-                             register_states=dict(state.register_states))
+        return out, seg_logits, dict(state.class_attention), state.registers, dict(state.register_states)
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
