@@ -52,7 +52,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-SECTIONS = ("env", "train", "sampling", "anatomy", "tests", "main")
+SECTIONS = ("env", "train", "registers", "sampling", "anatomy", "tests", "main")
+REGISTER_VARIANTS = ("plain", "shipped", "lean", "lean_low")
 TRAIN_MODES = ("fp32", "bf16", "bf16+compile")
 
 
@@ -156,6 +157,21 @@ def section_tests(ck: Check) -> dict[str, Any]:
     if not ck.dry and counts.get("passed", 0) == 0:
         raise RuntimeError("pytest -m gpu ran no test on the GPU: " + " | ".join(tail[-3:]))
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "counts": counts, "tail": tail[-3:]}
+
+
+# -------------------------------------------------------------------------------------------- registers
+def section_registers(ck: Check) -> dict[str, Any]:
+    """``bench/register_cost.py`` at the CT-Organ config (the dry run: its quick size): plain, shipped and lean
+    anatomical steps side by side, fp32 eager: FLOPs, kernels, host syncs and wall-time ratios."""
+    import register_cost
+
+    if ck.left() < 60:
+        raise TimeoutError("less than 60 s left for the register-cost section")
+    size, batch = ("quick", 2) if ck.dry else ("ctorgan", _ctorgan_batch())
+    res = register_cost.run(size, list(REGISTER_VARIANTS), batch=batch, reps=3 if ck.dry else 5, device=ck.device)
+    return {"size": size, "batch": batch, "rows": [{"variant": v, **{k: row[k] for k in (
+        "register_layers", "flops_x_plain", "params_x_plain", "kernels", "kernels_x_plain", "host_syncs",
+        "median_s", "time_x_plain")}} for v, row in res["variants"].items()]}
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -587,6 +603,14 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['kind']} | {r['mode']} | {r['images_per_s']:.1f} | {_f(r.get('x_fp32'))} | "
                          f"{_f(r.get('anatomical_step_x_plain'))} | {r['tflops']:.1f} | {_pct(r.get('mfu_vs_bf16_peak'))} "
                          f"| {_f(r.get('peak_mem_gib'))} | {r['warmup_s']:.1f} | {'yes' if r['losses_finite'] else 'NO'} |")
+    regs = res["sections"].get("registers", {}).get("result")
+    if regs and regs.get("rows"):
+        lines += ["", f"Register designs (bench/register_cost.py, {regs['size']} size, batch {regs['batch']}, fp32 eager):",
+                  "", "| variant | register layers | FLOPs x plain | kernels | kernels x plain | host syncs | time x plain |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in regs["rows"]:
+            lines.append(f"| {r['variant']} | {r['register_layers']} | {r['flops_x_plain']:.3f} | {r['kernels']} | "
+                         f"{r['kernels_x_plain']:.2f} | {r['host_syncs']} | {r['time_x_plain']:.2f} |")
     samp = res["sections"].get("sampling", {}).get("result")
     if samp and samp.get("rows"):
         lines += ["", f"Sampling ({samp['precision']}, with the first-stage decode):", "",
@@ -640,7 +664,8 @@ def _run_section(ck: Check, name: str, t0: float, fn: Callable[[], Any]) -> Any:
 
 
 RUNNERS: dict[str, Callable[[Check], Any]] = {
-    "env": section_env, "tests": section_tests, "train": section_train, "sampling": section_sampling,
+    "env": section_env, "tests": section_tests, "train": section_train, "registers": section_registers,
+    "sampling": section_sampling,
     "main": section_main, "anatomy": section_anatomy}
 
 

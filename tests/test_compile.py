@@ -187,3 +187,28 @@ def test_anatomical_losses_read_nothing_back_to_the_host():
     # the unlabelled sample is left out of the Dice mean: the loss is the labelled sample's alone
     alone = soft_dice_loss(probs[1:], mask[1:], 255, weights[1:])
     torch.testing.assert_close(soft_dice_loss(probs, mask, 255, weights), alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("design", ["shipped", "lean"])
+def test_whole_anatomical_training_loss_is_one_graph(design):
+    """``p_losses`` (q_sample, the UNet with its register layers and mask head, the diffusion loss and the anatomical
+    loss: CE + soft Dice, soft alignment, alpha_bar weighting, Dice statistics) captured by dynamo as one graph."""
+    from test_anatomical_ldm import tiny_config
+
+    cfg = tiny_config(use_ema=False, alignment_target="soft", segmentation_loss="ce_dice",
+                      anatomical_timestep_weighting="alpha_bar")
+    if design == "lean":
+        cfg["params"]["unet_config"]["params"].update(register_placement="per_level", mask_decoder="pixel_shuffle",
+                                                      mask_upsample_factor=2)
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, model.channels, model.image_size, model.image_size, generator=g)
+    size = 2 * model.image_size  # the tiny first stage's factor
+    mask = torch.randint(0, 6, (2, size, size), generator=g)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda z, t, n, m: model.p_losses(z, None, t, noise=n, anatomy_target=m)[0])(
+        z, torch.tensor([3, 500]), torch.randn(z.shape, generator=g), mask)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    assert explained.graph_count == 1

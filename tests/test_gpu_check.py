@@ -30,7 +30,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["dry_run"] is True
-    assert list(res["sections"]) == ["env", "train", "sampling", "tests", "main", "anatomy"]
+    assert list(res["sections"]) == ["env", "train", "registers", "sampling", "tests", "main", "anatomy"]
     assert {name: sec["status"] for name, sec in res["sections"].items()} == dict.fromkeys(res["sections"], "ok")
     env = res["sections"]["env"]["result"]
     assert env["torch"] == torch.__version__ and res["peak_tflops"] > 0
@@ -43,6 +43,11 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
         assert 0 < row["mfu_vs_bf16_peak"]
     # the anatomical model does strictly more work per sample than the plain one (registers, mask decoder)
     assert train["anatomical_model"]["train_gflop_per_sample"] > train["plain_model"]["train_gflop_per_sample"] > 0
+
+    regs = {r["variant"]: r for r in res["sections"]["registers"]["result"]["rows"]}
+    assert list(regs) == ["plain", "shipped", "lean", "lean_low"] and regs["plain"]["flops_x_plain"] == 1.0
+    assert regs["lean_low"]["flops_x_plain"] < regs["shipped"]["flops_x_plain"]
+    assert all(r["host_syncs"] == 0 and r["time_x_plain"] > 0 for r in regs.values())
 
     assert res["sections"]["sampling"]["result"]["precision"] == "fp32"  # the dry run's; bf16 autocast on a GPU
     rows = res["sections"]["sampling"]["result"]["rows"]
@@ -72,7 +77,7 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
         assert {"main_ae.log", "main_ldm.log", "main_resume.log"} <= set(tar.getnames())
 
     md = (tmp_path / "gpu.md").read_text()
-    assert "| anatomical | bf16+compile |" in md and "| dpmpp2m |" in md and "CPU dry run" in md
+    assert "| lean_low |" in md and "| anatomical | bf16+compile |" in md and "| dpmpp2m |" in md and "CPU dry run" in md
 
 
 def test_arguments_are_checked(capsys):
