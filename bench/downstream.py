@@ -111,16 +111,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds needs distinct seeds, got {text!r}")
-    return seeds
-
-
 # ------------------------------------------------------------------------------------------------ models
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -641,8 +631,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         write_text(os.path.join(args.out, "downstream.md"), markdown(report))
         return 0
+    from anatomy_v2 import _seed_list
+
     try:
-        seeds = _seeds(args.seeds)
+        seeds = _seed_list(args.seeds)
         conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
         unknown = [c for c in conditions if c not in CONDITIONS]
         if unknown:

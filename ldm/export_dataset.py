@@ -46,8 +46,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ldm.atomic_io import TMP_PREFIX, save_nifti_file, write_json, write_text
+from ldm.atomic_io import TMP_PREFIX, write_json, write_text
 from ldm.data.labels import LabelSet, generic_label_set, get_label_set
+from ldm.sample_io import save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -340,17 +341,8 @@ def read_case(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     return image, np.asarray(labels).astype(np.int64), affine, unit
 
 
-def write_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
-    """``volume`` as a NIfTI with ``affine`` as its sform and qform (mm), atomically (read back before the rename)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(volume, affine)
-    img.set_sform(affine, code="aligned")
-    img.set_qform(affine, code="aligned")
-    img.header.set_xyzt_units("mm")
-    if volume.dtype.kind in "iu":
-        img.header.set_slope_inter(1.0, 0.0)
-    save_nifti_file(path, lambda tmp: nib.save(img, tmp))
+# one NIfTI writer for samples and exports: sform and qform = affine, mm, read back before the rename
+write_nifti = save_nifti
 
 
 # ------------------------------------------------------------------------------------------ labels

@@ -59,7 +59,9 @@ def _save_png(path: str, array: np.ndarray) -> None:
     atomic_write_stream(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
-def _save_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
+def save_nifti(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
+    """``volume`` as a NIfTI with ``affine`` as its sform and qform (mm; integer volumes with slope 1, intercept 0),
+    atomically: header and voxels are read back before the rename (:func:`ldm.atomic_io.save_nifti_file`)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(volume, affine)
@@ -201,9 +203,9 @@ def save_samples(out_dir: str, indices: Sequence[int] | int, images: torch.Tenso
         if "nii" in formats:
             volume, volume_mask, affine = nifti_volumes(image_f, None if mask_np is None else mask_np[j],
                                                         geometry, hu)
-            _save_nifti(os.path.join(out_dir, IMAGE_DIR, name + ".nii.gz"), volume, affine)
+            save_nifti(os.path.join(out_dir, IMAGE_DIR, name + ".nii.gz"), volume, affine)
             if volume_mask is not None:
-                _save_nifti(os.path.join(out_dir, MASK_DIR, name + ".nii.gz"), volume_mask, affine)
+                save_nifti(os.path.join(out_dir, MASK_DIR, name + ".nii.gz"), volume_mask, affine)
         path = os.path.join(out_dir, IMAGE_DIR, name + ".png")
         _save_png(path, pixels[j])
         paths.append(path)
@@ -232,7 +234,7 @@ def write_stack(out_dir: str, indices: Sequence[int], geometry: SampleGeometry, 
             raise ValueError(f"--stack: the NIfTI samples in {out_dir} differ in shape {sorted(shapes)}")
         volume = np.concatenate(slices, axis=axis)
         affine = geometry.affine(volume.shape)
-        _save_nifti(os.path.join(out_dir, name), volume, affine)
+        save_nifti(os.path.join(out_dir, name), volume, affine)
         record["masks" if sub == MASK_DIR else "file"] = name
         record["shape"], record["affine"] = list(volume.shape), affine.round(8).tolist()
     return record
