@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -113,11 +112,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ models
 def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a file: the benchmark's own (``anatomy_v2._sha256``)."""
+    import anatomy_v2 as av2
+
+    return av2._sha256(path)
 
 
 def run_preset(run_dir: str) -> tuple[str, Any]:
