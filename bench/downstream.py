@@ -133,15 +133,19 @@ def run_preset(run_dir: str) -> tuple[str, Any]:
     return run.get("preset", "?"), av2.PresetV2(**settings)
 
 
+def run_first_stage(run_dir: str) -> tuple[str, float]:
+    """``(autoencoder checkpoint, latent scale)`` of a benchmark run folder's frozen first stage (its ``setup/``)."""
+    setup = os.path.join(run_dir, "setup")
+    with open(os.path.join(setup, "autoencoder.json")) as f:
+        return os.path.join(setup, "autoencoder.ckpt"), float(json.load(f)["scale_factor"])
+
+
 def load_arms(run_dir: str, preset: Any, arm_seed: int, device: torch.device) -> dict[str, Any]:
     """The plain and anatomical arms at the run's final step (``load_trained`` of the benchmark), with provenance."""
     import anatomy_models as am
     import anatomy_v2 as av2
 
-    setup = os.path.join(run_dir, "setup")
-    ae_ckpt = os.path.join(setup, "autoencoder.ckpt")
-    with open(os.path.join(setup, "autoencoder.json")) as f:
-        scale = float(json.load(f)["scale_factor"])
+    ae_ckpt, scale = run_first_stage(run_dir)
     arms = {}
     for arm in ("plain", "anatomical"):
         ckpt = os.path.join(run_dir, "arms", arm, f"seed{arm_seed}", f"step{preset.steps:06d}.ckpt")

@@ -18,7 +18,6 @@ Holm over the comparisons of one arm); and the mean per-sample agreement of the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,12 +34,6 @@ import torch  # noqa: E402
 SAMPLERS: dict[str, tuple[str, int]] = {"ddim200": ("ddim", 200), "ddim25": ("ddim", 25),
                                         "dpmpp2m20": ("dpmpp2m", 20), "dpmpp2m10": ("dpmpp2m", 10)}
 REFERENCE = "ddim200"
-
-
-def _seeds(text: str) -> list[int]:
-    from anatomy_v2 import _seed_list
-
-    return _seed_list(text)
 
 
 def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, n: int, noise_seed: int, min_frac: float,
@@ -121,13 +114,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     import anatomy_v2 as av2
     import records as rec
     from anatomy import _device, _device_name
-    from downstream import run_preset
+    from downstream import run_first_stage, run_preset
     from ldm.atomic_io import write_json, write_text
     from ldm.evaluation.segmenter import load_segmenter, train_segmenter
     from ldm.util import instantiate_from_config
 
     try:
-        seeds = _seeds(args.seeds)
+        seeds = av2._seed_list(args.seeds)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         names = [s.strip() for s in args.samplers.split(",") if s.strip()]
         unknown = [s for s in names if s not in SAMPLERS] + [a for a in arms if a not in av2.ARMS_V2]
@@ -153,9 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         preset_name, preset = run_preset(args.run)
         n = args.n
         judge = load_segmenter(os.path.join(args.run, "setup", "judge_A.pt"), device)[0]
-        with open(os.path.join(args.run, "setup", "autoencoder.json")) as f:
-            scale = float(json.load(f)["scale_factor"])
-        ae_ckpt = os.path.join(args.run, "setup", "autoencoder.ckpt")
+        ae_ckpt, scale = run_first_stage(args.run)
     raw: dict[str, dict[str, Any]] = {}
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:

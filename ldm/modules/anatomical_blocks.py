@@ -21,6 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_upsample_factor(value: int, head: str) -> int:
+    """``value`` as a mask head's upsampling factor: a power of two >= 2, else a ValueError naming ``head``."""
+    factor = int(value)
+    if factor < 2 or factor & (factor - 1):
+        raise ValueError(f"mask_upsample_factor must be a power of two >= 2 for the {head}, got {value} "
+                         f"(1 = the latent-resolution head)")
+    return factor
+
+
 def num_groups(channels: int, preferred: int = 32) -> int:
     """Largest group count <= ``preferred`` that divides ``channels`` (32 for usual UNet widths)."""
     return math.gcd(int(channels), preferred)
@@ -108,11 +117,7 @@ class AnatomicalMaskDecoder(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, upsample_factor: int, min_channels: int = 16) -> None:
         super().__init__()
-        factor = int(upsample_factor)
-        if factor < 2 or factor & (factor - 1):
-            raise ValueError(f"mask_upsample_factor must be a power of two >= 2 for the mask decoder, got "
-                             f"{upsample_factor} (1 = the latent-resolution head)")
-        self.upsample_factor = factor
+        factor = self.upsample_factor = check_upsample_factor(upsample_factor, "mask decoder")
         self.trunk = nn.Sequential(nn.GroupNorm(num_groups(in_channels), in_channels, eps=1e-6), nn.SiLU(),
                                    nn.Conv2d(in_channels, in_channels, 3, padding=1))
         stages, ch = [], int(in_channels)
@@ -145,11 +150,7 @@ class PixelShuffleMaskHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, upsample_factor: int) -> None:
         super().__init__()
-        factor = int(upsample_factor)
-        if factor < 2 or factor & (factor - 1):
-            raise ValueError(f"mask_upsample_factor must be a power of two >= 2 for the pixel-shuffle head, got "
-                             f"{upsample_factor} (1 = the latent-resolution head)")
-        self.upsample_factor = factor
+        factor = self.upsample_factor = check_upsample_factor(upsample_factor, "pixel-shuffle head")
         ch = int(in_channels)
         self.trunk = nn.Sequential(nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
                                    nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU())

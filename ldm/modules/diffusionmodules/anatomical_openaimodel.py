@@ -265,7 +265,6 @@ class AnatomicalUNetModel(UNetModel):
         self.mask_upsample_factor = int(mask_upsample_factor)
         self.segmentation_stop_gradient = bool(segmentation_stop_gradient)
         self.register_placement = register_placement
-        self.mask_decoder_kind = mask_decoder
         if not self.use_anatomical_registers:
             return
         if register_placement not in REGISTER_PLACEMENTS:
