@@ -80,8 +80,9 @@ def weighted_ce(model: Any, log_probs: torch.Tensor, target: torch.Tensor,
     safe = torch.where(valid, target, torch.zeros_like(target))
     nll = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
     weights = valid.to(nll.dtype)
-    if class_weighted and model.anatomical_class_weights is not None:
-        weights = weights * model.anatomical_class_weights.to(nll.dtype)[safe]
+    class_weights = model.objective.class_weights
+    if class_weighted and class_weights is not None:
+        weights = weights * class_weights.to(nll.dtype)[safe]
     total = weights.sum()
     if total <= 0:
         return (log_probs * 0.0).sum()
@@ -115,7 +116,7 @@ def anatomical_loss(model: Any, seg_logits: torch.Tensor, class_attention: torch
     zero = (seg_logits * 0.0).sum() + sum((a * 0.0).sum() for a in [class_attention, *layers])
     if mask is None or not (mask != model.anatomical_ignore_index).any():
         return zero, {}
-    weights = None if t is None else timestep_weights(model.alphas_cumprod, t, model.anatomical_timestep_weighting)
+    weights = None if t is None else timestep_weights(model.alphas_cumprod, t, model.objective.timestep_weighting)
     logits = seg_logits.float()
     if logits.shape[-2:] != mask.shape[-2:]:
         logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
@@ -123,25 +124,27 @@ def anatomical_loss(model: Any, seg_logits: torch.Tensor, class_attention: torch
     seg_ce = weighted_ce(model, log_probs, mask, weights)
     stats = {"anatomical_seg_ce": seg_ce.detach()}
     seg = seg_ce
-    if model.segmentation_loss == "ce_dice":
+    terms = model.objective.terms  # the configuration read from the objective; the arithmetic is the frozen one
+    if "segmentation_dice" in terms:
         dice = soft_dice_loss(log_probs.exp(), mask, model.anatomical_ignore_index, weights)
         stats["anatomical_dice_loss"] = dice.detach()
         seg = seg + dice
-    if model.alignment_target == "majority":
+    if "alignment_majority" in terms:
         small = mode_downsample(mask, class_attention.shape[-2:], model.num_anatomical_classes,
                                 model.anatomical_ignore_index)
         align_ce = weighted_ce(model, torch.log(class_attention.float().clamp_min(1e-6)), small, weights)
     else:
         targets: dict = {}
-        terms = []
+        layer_terms = []
         for attention in layers or [class_attention]:
             size = tuple(attention.shape[-2:])
             if size not in targets:
                 targets[size] = soft_class_targets(mask, size, model.num_anatomical_classes,
                                                    model.anatomical_ignore_index)
-            terms.append(soft_alignment_loss(attention, *targets[size], sample_weights=weights))
-        align_ce = torch.stack(terms).mean()
-    loss = seg + model.attention_alignment_weight * align_ce + zero
+            layer_terms.append(soft_alignment_loss(attention, *targets[size], sample_weights=weights))
+        align_ce = torch.stack(layer_terms).mean()
+    alignment_weight = terms.get("alignment_majority", terms.get("alignment_soft"))
+    loss = seg + alignment_weight * align_ce + zero
     stats["anatomical_alignment_ce"] = align_ce.detach()
     if weights is not None:
         stats["anatomical_timestep_weight"] = weights.detach().mean()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from ldm.data.phantom import PhantomDataset
-from ldm.models.diffusion.anatomical_ddpm import AnatomicalLatentDiffusion, mode_downsample
+from ldm.models.diffusion.anatomical_ddpm import AnatomicalLatentDiffusion
+from ldm.modules.anatomical_losses import mode_downsample
 from ldm.util import instantiate_from_config
 from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_config
 
@@ -62,7 +63,7 @@ def test_schedule_follows_global_step_and_progressive_switch():
 def test_loss_weight_falls_back_to_the_unet_config_and_bad_values_raise():
     cfg = tiny_config(unet={"anatomical_loss_weight": 0.3})
     del cfg["params"]["anatomical_loss_weight"]
-    assert instantiate_from_config(cfg).anatomical_loss_weight == pytest.approx(0.3)
+    assert instantiate_from_config(cfg).objective.loss_weight == pytest.approx(0.3)
     with pytest.raises(ValueError, match="anatomical_schedule"):
         tiny_model(anatomical_schedule="linear")
     with pytest.raises(ValueError, match="anatomical_class_weights"):

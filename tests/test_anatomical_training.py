@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, default_collate
 
 from ldm.data.phantom import PhantomDataset
-from ldm.models.diffusion.anatomical_ddpm import mode_downsample
+from ldm.modules.anatomical_losses import mode_downsample
 from ldm.util import instantiate_from_config
 from test_anatomical_ldm import tiny_config
 

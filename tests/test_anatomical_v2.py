@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 
 from ldm.data.phantom import PhantomDataset
 
-from ldm.models.diffusion.anatomical_ddpm import mode_downsample
+from ldm.modules.anatomical_losses import mode_downsample
 from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, RegisterReadAttention
 from ldm.modules.anatomical_losses import (check_choice, soft_alignment_loss, soft_class_targets, soft_dice_loss,
                                            timestep_weights)
@@ -183,7 +183,7 @@ def test_v2_loss_value_is_ce_plus_dice_plus_mean_layer_alignment():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert stats["anatomical_dice_loss"].item() == pytest.approx(dice.item(), rel=1e-5)
     # alpha_bar weighting with one t for the whole batch scales every term by alpha_bar_t
-    model.anatomical_timestep_weighting = "alpha_bar"
+    model.objective.timestep_weighting = "alpha_bar"
     same_t = torch.tensor([300, 300])
     anatomy = model.apply_model_with_anatomy(z, same_t)
     args = (anatomy.seg_logits, anatomy.class_attention, mask)

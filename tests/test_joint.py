@@ -194,9 +194,8 @@ def test_joint_q_sample_gives_unlabelled_examples_pure_noise_in_the_mask_channel
     z = model.get_input(phantom_batch(2), "image")[0]
     assert z.shape == (2, 4, 8, 8) and torch.all(z[:, 2:].abs().sum((1, 2, 3)) > 0)
     noise, t = torch.randn_like(z), torch.tensor([5, 5])
-    with model._labelled(torch.tensor([True, False])):
-        x_t = model.q_sample(z, t, noise)
     plain = model.q_sample(z, t, noise)
+    x_t = model.joint_mask.hide_unlabelled(plain, noise, torch.tensor([True, False]))
     assert torch.equal(x_t[0], plain[0]) and torch.equal(x_t[1, :2], plain[1, :2])
     assert torch.equal(x_t[1, 2:], noise[1, 2:])
 
@@ -263,7 +262,7 @@ def test_joint_sampling_value_errors():
     with pytest.raises(ValueError, match="needs a joint model"):
         plain.joint_mask_logits(torch.randn(1, 2, 8, 8))
     with pytest.raises(ValueError, match="has no 'segmentation' masks"):
-        model.joint_mask_latents({"image": torch.zeros(1, 16, 16, 1)})
+        model.get_input({"image": torch.zeros(1, 16, 16, 1)}, "image")
     with pytest.raises(ValueError, match="has no 'segmentation' masks"):
         instantiate_from_config(joint_config(mask_scale_by_std=True)).on_train_batch_start(
             {"image": torch.zeros(1, 16, 16, 1)}, 0)

@@ -121,13 +121,13 @@ def test_dice_statistics_only_on_the_steps_lightning_logs(tmp_path):
     model = instantiate_from_config(tiny_config(use_ema=False))
     model.learning_rate = 1e-4
     calls = []
-    original = model._dice_stats
+    original = model.objective.dice_stats
 
     def counting(pred, mask):
         calls.append(int(model.global_step))
         return original(pred, mask)
 
-    model._dice_stats = counting
+    model.objective.dice_stats = counting
     train = DataLoader(PhantomDataset(size=32, num_samples=12, seed=0), batch_size=2)
     trainer = pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=pl.loggers.CSVLogger(str(tmp_path)),
                          log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
@@ -137,7 +137,7 @@ def test_dice_statistics_only_on_the_steps_lightning_logs(tmp_path):
     assert calls == [1, 3, 5]
     assert "train/anatomical_dice" in trainer.callback_metrics
     # outside a trainer (direct calls, evaluation) the statistics are always there
-    model._dice_stats = original
+    model.objective.dice_stats = original
     batch = next(iter(train))
     model.eval()
     with torch.no_grad():

@@ -19,7 +19,6 @@ at the end that predicts a mask for each sample.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from contextlib import nullcontext
 from typing import Any, Mapping, Optional, Sequence
@@ -27,21 +26,18 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm.data.batch import masks_from_batch
 from ldm.data.labels import DEFAULT_IGNORE_INDEX, LabelSet, colourise, generic_label_set, get_label_set
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.diffusion.joint import JointMaskMixin
-from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
-                                           class_onehot, mean_soft_alignment_loss, mode_downsample, soft_dice_loss,
-                                           timestep_weights)
+from ldm.models.diffusion.joint import MASK_SOURCE_JOINT, JointMaskLatents, check_joint_channels
+from ldm.modules.anatomical_losses import check_choice
+from ldm.modules.anatomical_objective import (DEFAULT_ANATOMICAL_LOSS_WEIGHT, AnatomicalObjective, batch_masks,
+                                              check_mask_labels, shipped_terms)
 from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomyOutput
-from ldm.modules.dice import class_argmax, dice_counts, dice_from_counts
+from ldm.modules.dice import class_argmax
 
 logger = logging.getLogger(__name__)
 
-ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
 MASK_SOURCES = ("latents", "reencoded")
-DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
 # batch key set by AnatomicalLatentDiffusion.on_before_batch_transfer: whether the host batch has a labelled pixel
 HOST_LABELLED_KEY = "_anatomy_any_labelled"
 # Lightning says that this model's on_before_batch_transfer is used with main.py's LightningDataModule: intended
@@ -62,7 +58,7 @@ def colourise_probabilities(probs: torch.Tensor, label_set: LabelSet) -> torch.T
     return rgb.clamp(0, 1) * 2.0 - 1.0
 
 
-class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
+class AnatomicalLatentDiffusion(LatentDiffusion):
     """LatentDiffusion whose AnatomicalUNetModel is supervised by segmentation masks.
 
     Args:
@@ -85,6 +81,9 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
             class area fractions at the layer's resolution (no class deleted), averaged over layers.
         segmentation_loss: ``"ce"`` (default) or ``"ce_dice"`` (CE + ``1 - soft Dice`` over foreground classes;
             meant without class weights).
+        anatomical_loss_terms: ``{name: weight}`` of the terms in :data:`ldm.modules.anatomical_objective.LOSS_TERMS`,
+            in place of the ones ``segmentation_loss``, ``alignment_target`` and ``attention_alignment_weight`` name
+            (``None``, the default: those).
         anatomical_timestep_weighting: per-sample weight of the anatomical losses by noise level: ``"none"``
             (default), ``"alpha_bar"`` (``alpha_bar_t``) or ``"snr"`` (``min(SNR_t, 1)``).
         anatomical_logit_adjustment: when predicting masks, subtract ``log(anatomical_class_weights)`` from the
@@ -118,6 +117,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
                  anatomical_class_weights: Optional[Sequence[float]] = None, use_anatomical_inference: bool = True,
                  label_set: Optional[str] = None, alignment_target: str = "majority", segmentation_loss: str = "ce",
                  anatomical_timestep_weighting: str = "none", anatomical_logit_adjustment: bool = False,
+                 anatomical_loss_terms: Optional[Mapping[str, float]] = None,
                  joint_mask_config: Optional[Mapping[str, Any]] = None, mask_scale_factor: float = 1.0,
                  mask_scale_by_std: bool = False, joint_mask_loss_weight: float = 1.0, mask_from: str = "latents",
                  **kwargs: Any) -> None:
@@ -129,21 +129,12 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
             logger.warning("AnatomicalLatentDiffusion: the UNet (%s) has no anatomical registers; it trains as a "
                            "plain LatentDiffusion. Use AnatomicalUNetModel with use_anatomical_registers: true.",
                            type(unet).__name__)
-        if anatomical_schedule not in ANATOMICAL_SCHEDULES:
-            raise ValueError(f"anatomical_schedule must be one of {ANATOMICAL_SCHEDULES}, got {anatomical_schedule!r}")
-        if int(anatomical_warmup_steps) < 0:
-            raise ValueError(f"anatomical_warmup_steps must be >= 0, got {anatomical_warmup_steps}")
         if anatomical_loss_weight is None:
             anatomical_loss_weight = getattr(unet, "anatomical_loss_weight", None)
-        self.anatomical_loss_weight = float(DEFAULT_ANATOMICAL_LOSS_WEIGHT if anatomical_loss_weight is None
-                                            else anatomical_loss_weight)
-        if self.anatomical_loss_weight < 0 or attention_alignment_weight < 0:
+        loss_weight = float(DEFAULT_ANATOMICAL_LOSS_WEIGHT if anatomical_loss_weight is None else anatomical_loss_weight)
+        if loss_weight < 0 or attention_alignment_weight < 0:
             raise ValueError("anatomical_loss_weight and attention_alignment_weight must be >= 0")
         self.anatomical_mask_key = anatomical_mask_key
-        self.progressive_anatomical_training = bool(progressive_anatomical_training)
-        self.anatomical_warmup_steps = int(anatomical_warmup_steps)
-        self.anatomical_schedule = anatomical_schedule
-        self.attention_alignment_weight = float(attention_alignment_weight)
         self.anatomical_ignore_index = int(anatomical_ignore_index)
         self.use_anatomical_inference = bool(use_anatomical_inference)
         self.num_anatomical_classes = int(getattr(unet, "num_anatomical_classes", 0))
@@ -151,29 +142,52 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
                                     else generic_label_set(max(self.num_anatomical_classes, 1)))
         if label_set is not None and self.use_anatomy:
             self.label_set.check_num_classes(self.num_anatomical_classes, "the UNet (num_anatomical_classes)")
-        weights = None
-        if anatomical_class_weights is not None:
-            weights = torch.as_tensor(list(anatomical_class_weights), dtype=torch.float32)
-            if self.use_anatomy and weights.numel() != self.num_anatomical_classes:
-                raise ValueError(f"anatomical_class_weights has {weights.numel()} entries; the UNet has "
-                                 f"num_anatomical_classes={self.num_anatomical_classes}")
-            if (weights < 0).any():
-                raise ValueError("anatomical_class_weights must be >= 0")
-        self.register_buffer("anatomical_class_weights", weights, persistent=False)
-        self.alignment_target = check_choice("alignment_target", alignment_target, ALIGNMENT_TARGETS)
-        self.segmentation_loss = check_choice("segmentation_loss", segmentation_loss, SEGMENTATION_LOSSES)
-        self.anatomical_timestep_weighting = check_choice("anatomical_timestep_weighting",
-                                                          anatomical_timestep_weighting, TIMESTEP_WEIGHTINGS)
+        terms = shipped_terms(segmentation_loss, alignment_target, attention_alignment_weight)
+        self.objective = AnatomicalObjective(
+            self.num_anatomical_classes if self.use_anatomy else 0, self.anatomical_ignore_index,
+            terms if anatomical_loss_terms is None else anatomical_loss_terms, anatomical_class_weights,
+            anatomical_timestep_weighting, loss_weight, anatomical_schedule, anatomical_warmup_steps,
+            progressive_anatomical_training)
         self.anatomical_logit_adjustment = bool(anatomical_logit_adjustment)
         self.mask_from = check_choice("mask_from", mask_from, MASK_SOURCES)
+        weights = self.objective.class_weights
         if self.anatomical_logit_adjustment and (weights is None or (weights <= 0).any()):
             raise ValueError("anatomical_logit_adjustment needs anatomical_class_weights, all > 0 (it subtracts "
                              "their log from the logits); set the weights or anatomical_logit_adjustment: false")
         if self.use_anatomy:
             self._check_mask_upsample_factor()
-        self.setup_joint(joint_mask_config, mask_scale_factor, mask_scale_by_std, joint_mask_loss_weight)
+        self.joint_mask: Optional[JointMaskLatents] = None
+        if joint_mask_config is not None:
+            self._build_joint(joint_mask_config, mask_scale_factor, mask_scale_by_std, joint_mask_loss_weight)
         if ckpt_path is not None:  # after the joint mode's modules exist, so that their keys load too
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def _build_joint(self, config: Mapping[str, Any], scale_factor: float, scale_by_std: bool,
+                     loss_weight: float) -> None:
+        """The joint mode's mask first stage (:class:`~ldm.models.diffusion.joint.JointMaskLatents`), its channel
+        and class checks, and the label set the mask autoencoder's classes name without registers."""
+        image_channels = getattr(self.first_stage_model, "embed_dim", None)
+        if image_channels is None:
+            raise ValueError("the joint mode needs a first stage with embed_dim (AutoencoderKL)")
+        self.joint_mask = JointMaskLatents(config, int(image_channels), float(scale_factor), scale_by_std, loss_weight)
+        check_joint_channels(self.joint_mask, self.channels, self.unet)
+        classes = self.joint_mask.num_classes
+        if self.use_anatomy and self.num_anatomical_classes != classes:
+            raise ValueError(f"the UNet has num_anatomical_classes={self.num_anatomical_classes} but the mask "
+                             f"autoencoder num_classes={classes}; they must be the same label set")
+        if not self.use_anatomy:  # masks come from the mask autoencoder only: its classes name the label set
+            self.num_anatomical_classes = classes
+            if self.label_set.name == "generic":
+                self.label_set = generic_label_set(classes)
+            else:
+                self.label_set.check_num_classes(classes, "the mask autoencoder (num_classes)")
+        logger.info("joint mode: denoising %d image + %d mask latent channels (%d classes)", image_channels,
+                    self.joint_mask.mask_channels, classes)
+
+    @property
+    def is_joint(self) -> bool:
+        """Whether the model generates masks jointly (``joint_mask_config`` set)."""
+        return self.joint_mask is not None
 
     def first_stage_downsampling_factor(self) -> Optional[int]:
         """Image size / latent size of the first stage (``2 ** (len(ch_mult) - 1)``), ``None`` if unknown."""
@@ -195,20 +209,9 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
     # ---- schedule --------------------------------------------------------------------------------
     def get_anatomical_loss_weight(self, step: Optional[int] = None) -> float:
         """Weight of the anatomical loss at ``step`` (default: ``global_step``, so resuming restores it)."""
-        step = int(self.global_step if step is None else step)
-        w, warm = self.anatomical_loss_weight, self.anatomical_warmup_steps
-        if not self.progressive_anatomical_training or self.anatomical_schedule == "constant" or warm == 0:
-            return w
-        if self.anatomical_schedule == "warmup_decay":
-            if step < warm:
-                return 2.0 * w
-            if step < 2 * warm:
-                return w * (2.0 - (step - warm) / warm)
-            return w
-        progress = min(max(step, 0) / (2.0 * warm), 1.0)  # cosine
-        return w * (1.0 + 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return self.objective.weight(self.global_step if step is None else step)
 
-    # ---- training --------------------------------------------------------------------------------
+    # ---- a batch's masks -------------------------------------------------------------------------
     def get_anatomy_target(self, batch: Mapping[str, Any], bs: Optional[int] = None,
                            labelled_only: bool = False) -> Optional[torch.Tensor]:
         """Masks [B, H, W] (int64, on the model's device) with unlabelled examples set to the ignore index; ``None``
@@ -219,63 +222,76 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         :meth:`on_before_batch_transfer` before Lightning copies the batch, which records the second in the
         batch), never on the device, so that the training step reads nothing back from the device.
         """
-        mask = self._host_mask(batch, bs)
+        mask = batch_masks(batch, self.anatomical_mask_key, self.anatomical_ignore_index, bs)
         if mask is None:
             return None
         labelled = batch.get(HOST_LABELLED_KEY) if bs is None else None
         if mask.device.type == "cpu":
-            labelled = self.check_anatomy_labels(mask)
+            labelled = self._check_labels(mask)
         if labelled_only and labelled is False:
             return None
         return mask.to(self.device)
 
-    def _host_mask(self, batch: Mapping[str, Any], bs: Optional[int] = None) -> Optional[torch.Tensor]:
-        """The batch's masks [B, H, W] as int64 on the device they came on, unlabelled examples ignored."""
-        if self.anatomical_mask_key not in batch:
-            return None
-        mask = masks_from_batch(batch, self.anatomical_mask_key, self.anatomical_ignore_index)
-        return mask if bs is None else mask[:bs]
-
-    def check_anatomy_labels(self, mask: torch.Tensor) -> bool:
-        """Whether ``mask`` has a labelled pixel; ValueError if it holds a label outside ``0..C-1`` other than the
-        ignore index. Reads the results back: call it on CPU masks."""
-        valid = mask != self.anatomical_ignore_index
-        bad = valid & ((mask < 0) | (mask >= self.num_anatomical_classes))
-        if bool(bad.any()):
-            raise ValueError(f"batch['{self.anatomical_mask_key}'] holds labels outside 0..{self.num_anatomical_classes - 1}"
-                             f" (and ignore index {self.anatomical_ignore_index}): found "
-                             f"{sorted(mask[valid].unique().tolist())[:10]}; set num_anatomical_classes in the UNet config")
-        return bool(valid.any())
+    def _check_labels(self, mask: torch.Tensor) -> bool:
+        return check_mask_labels(mask, self.num_anatomical_classes, self.anatomical_ignore_index,
+                                 self.anatomical_mask_key)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning hook, on the host batch: check the masks' labels there and record in the batch whether any pixel
         is labelled (see :meth:`get_anatomy_target`)."""
         batch = super().on_before_batch_transfer(batch, dataloader_idx)
         if self.use_anatomy and isinstance(batch, Mapping):
-            mask = self._host_mask(batch)
+            mask = batch_masks(batch, self.anatomical_mask_key, self.anatomical_ignore_index)
             if mask is not None and mask.device.type == "cpu":
-                batch = {**batch, HOST_LABELLED_KEY: self.check_anatomy_labels(mask)}
+                batch = {**batch, HOST_LABELLED_KEY: self._check_labels(mask)}
         return batch
 
+    @torch.no_grad()
+    def get_input(self, batch: Mapping[str, Any], k: str, *args: Any, bs: Optional[int] = None,
+                  **kwargs: Any) -> list[Any]:
+        """LatentDiffusion's ``get_input``; in joint mode ``z`` is ``concat(image latents, mask latents)``."""
+        out = super().get_input(batch, k, *args, bs=bs, **kwargs)
+        if self.is_joint and k == self.first_stage_key:
+            z_mask = self.joint_mask.batch_latents(batch, self.anatomical_mask_key, bs, self.device)
+            out[0] = torch.cat([out[0], z_mask.to(out[0].dtype)], dim=1)
+        return out
+
+    def decode_first_stage(self, z: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Images of (joint or image-only) latents: the image channels through the image first stage."""
+        if self.is_joint and z.shape[1] == self.joint_mask.channels:
+            z = z[:, :self.joint_mask.image_channels]
+        return super().decode_first_stage(z, *args, **kwargs)
+
+    # ---- training --------------------------------------------------------------------------------
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any):
-        if self.is_joint:
-            return self.joint_shared_step(batch)
+        """One training/validation step: the batch's latents and, as values for :meth:`p_losses`, the masks
+        (``anatomy_target``, with registers) and which examples have one (``labelled``, joint mode)."""
         x, c = self.get_input(batch, self.first_stage_key)
-        if not self.use_anatomy:
-            return self(x, c)
-        return self(x, c, anatomy_target=self.get_anatomy_target(batch, labelled_only=True))
+        routed = {}
+        if self.is_joint:
+            routed["labelled"] = self.joint_mask.present(batch, self.anatomical_mask_key, device=self.device)
+        if self.use_anatomy:
+            routed["anatomy_target"] = self.get_anatomy_target(batch, labelled_only=True)
+        return self(x, c, **routed)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                 anatomy_target: Optional[torch.Tensor] = None):
-        if not self.use_anatomy:
-            return super().p_losses(x_start, cond, t, noise=noise)
+                 anatomy_target: Optional[torch.Tensor] = None, labelled: Optional[torch.Tensor] = None):
+        """The diffusion loss (in joint mode over the image and mask channel groups, the mask channels of the
+        examples not ``labelled`` [B] pure noise) plus ``w(step)`` times the anatomical objective on
+        ``anatomy_target``."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
+        groups = ()
+        if self.is_joint and x_start.shape[1] == self.joint_mask.channels:
+            x_noisy = self.joint_mask.hide_unlabelled(x_noisy, noise, labelled)
+            groups = (self.joint_mask.loss_group(labelled, x_start.shape[0], x_start.device),)
+        if not self.use_anatomy:
+            return self.diffusion_loss(self.apply_model(x_noisy, t, cond), x_start, t, noise, groups)
         anatomy = self.apply_model_with_anatomy(x_noisy, t, cond)
-        loss, loss_dict = self.diffusion_loss(anatomy.prediction, x_start, t, noise)
+        loss, loss_dict = self.diffusion_loss(anatomy.prediction, x_start, t, noise, groups)
         prefix = "train" if self.training else "val"
-        # the layer average is formed only where the loss reads it (majority alignment); soft alignment reads the layers
-        average = anatomy.class_attention if self.alignment_target == "majority" else None
+        # the layer average is formed only where a term reads it (majority alignment); soft alignment reads the layers
+        average = anatomy.class_attention if self.objective.needs_average else None
         anat_loss, stats = self.anatomical_loss(anatomy.seg_logits, average, anatomy_target,
                                                 layer_class_attention=anatomy.layer_class_attention, t=t,
                                                 statistics=self.statistics_due())
@@ -291,22 +307,18 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
             loss_dict[f"{prefix}/{name}"] = value
         return loss, loss_dict
 
-    def _weighted_ce(self, log_probs: torch.Tensor, target: torch.Tensor,
-                     sample_weights: Optional[torch.Tensor] = None, class_weighted: bool = True) -> torch.Tensor:
-        """Mean NLL over non-ignored pixels (class-weighted unless ``class_weighted=False``), each sample's
-        pixels scaled by ``sample_weights[b]`` (the normaliser stays unscaled); exactly 0 (graph kept) with none.
-        Nothing is read back to the host."""
-        valid = target != self.anatomical_ignore_index
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        nll = F.nll_loss(log_probs, safe, reduction="none")  # [B, H, W]: -log_probs at the target class
-        weights = valid.to(nll.dtype)
-        if class_weighted and self.anatomical_class_weights is not None:
-            weights = weights * self.anatomical_class_weights.to(nll.dtype)[safe]
-        total = weights.sum()
-        total = torch.where(total > 0, total, 1.0)  # nothing weighted: the sums below are 0, and 0 / 1 = 0
-        if sample_weights is not None:
-            return (nll * weights * sample_weights.to(nll.dtype).view(-1, 1, 1)).sum() / total
-        return (nll * weights).sum() / total
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The image ``scale_by_std``, then, with ``mask_scale_by_std``, the mask scale from the first batch (over
+        all ranks) that holds a mask (:meth:`~ldm.models.diffusion.joint.JointMaskLatents.fit_scale`)."""
+        super().on_train_batch_start(batch, batch_idx)
+        if not self.is_joint or self.joint_mask.scale_fixed:
+            return
+        present = self.joint_mask.present(batch, self.anatomical_mask_key, device=self.device)
+        mask = batch_masks(batch, self.anatomical_mask_key, self.joint_mask.ignore_index).to(self.device)
+        trainer = getattr(self, "_trainer", None)
+        reduce = None if trainer is None else (lambda v: trainer.strategy.reduce(v, reduce_op="sum"))
+        self.joint_mask.fit_scale(mask, present, reduce)
 
     def apply_model_with_anatomy(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> AnatomyOutput:
         """:meth:`apply_model` through the UNet's ``forward_with_anatomy``: prediction and anatomy outputs."""
@@ -330,72 +342,13 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
                         mask: Optional[torch.Tensor], *,
                         layer_class_attention: Optional[Mapping[str, torch.Tensor]] = None,
                         t: Optional[torch.Tensor] = None, statistics: bool = True) -> tuple[torch.Tensor, dict]:
-        """``lambda(t) * [seg_loss(seg_logits, mask) + alignment_weight * align]`` (see the module docstring).
-
-        ``seg_logits`` may be at latent or image size (resized bilinearly to the mask's size when they differ);
-        ``layer_class_attention`` (block key -> [B, C, h_l, w_l]) feeds the soft alignment (``class_attention``
-        alone is used when it is not given; ``class_attention`` may be ``None`` when the layers are given and the
-        alignment is soft); ``t`` [B] the timestep weighting (none without ``t``).
-        Returns the loss (0 with a graph when nothing is labelled) and statistics (detached tensors, the same keys
-        for every batch with a mask): the loss parts and (with ``statistics``) the Dice of the argmax at mask resolution over the
-        labelled pixels, ``anatomical_dice_<c>`` for every class ``c`` (a class absent from the batch's labels
-        scores 1 if it is not predicted either, else 0) and ``anatomical_dice`` (mean over the foreground classes
-        present in the labels; over all foreground classes when none is).
-        Nothing is read back to the host: no device synchronisation, no data-dependent Python branch.
-        """
-        layers = list((layer_class_attention or {}).values())
-        if class_attention is None and (self.alignment_target == "majority" or not layers):
-            raise ValueError("anatomical_loss needs class_attention for alignment_target 'majority' or without "
-                             "layer_class_attention")
-        attentions = layers if class_attention is None else [class_attention, *layers]
-        if mask is None:
-            zero = (seg_logits * 0.0).sum() + sum((a * 0.0).sum() for a in attentions)
-            return zero, {}
-        weights = (None if t is None else
-                   timestep_weights(self.alphas_cumprod, t, self.anatomical_timestep_weighting))
-        logits = seg_logits.float()
-        if logits.shape[-2:] != mask.shape[-2:]:
-            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        log_probs = F.log_softmax(logits, dim=1)
-        seg_ce = self._weighted_ce(log_probs, mask, weights)
-        stats = {"anatomical_seg_ce": seg_ce.detach()}
-        seg = seg_ce
-        # one one-hot of the mask per step, shared by the soft Dice and the soft alignment targets
-        onehot = (class_onehot(mask, self.num_anatomical_classes, self.anatomical_ignore_index)
-                  if self.segmentation_loss == "ce_dice" or self.alignment_target == "soft" else None)
-        if self.segmentation_loss == "ce_dice":
-            dice = soft_dice_loss(log_probs.exp(), mask, self.anatomical_ignore_index, weights, onehot=onehot)
-            stats["anatomical_dice_loss"] = dice.detach()
-            seg = seg + dice
-        if self.alignment_target == "majority":
-            small = mode_downsample(mask, class_attention.shape[-2:], self.num_anatomical_classes,
-                                    self.anatomical_ignore_index)
-            align_ce = self._weighted_ce(torch.log(class_attention.float().clamp_min(1e-6)), small, weights)
-        else:
-            align_ce = mean_soft_alignment_loss(layers or [class_attention], mask, self.num_anatomical_classes,
-                                                self.anatomical_ignore_index, sample_weights=weights, onehot=onehot)
-        loss = seg + self.attention_alignment_weight * align_ce
-        stats["anatomical_alignment_ce"] = align_ce.detach()
-        if weights is not None:
-            stats["anatomical_timestep_weight"] = weights.detach().mean()
-        if statistics:
-            stats.update(self._dice_stats(class_argmax(logits.detach()), mask))
-        return loss, stats
-
-    @torch.no_grad()
-    def _dice_stats(self, pred: torch.Tensor, mask: torch.Tensor) -> dict:
-        """Dice of ``pred`` against ``mask`` over the labelled pixels, per class and averaged over the foreground
-        classes present (see :meth:`anatomical_loss`), as tensors on the device: counts for every class at once,
-        no Python loop over classes and nothing read back to the host."""
-        num_classes = self.num_anatomical_classes
-        inter, p_count, g_count = dice_counts(pred, mask, num_classes, self.anatomical_ignore_index)
-        present = g_count > 0
-        dice = dice_from_counts(inter, p_count, g_count, empty=1.0, dtype=torch.float32)  # [C]
-        fg, fg_present = dice[1:], present[1:].float()
-        mean_present = (fg * fg_present).sum() / fg_present.sum().clamp_min(1.0)
-        stats = {f"anatomical_dice_{c}": dice[c] for c in range(num_classes)}
-        stats["anatomical_dice"] = torch.where(fg_present.sum() > 0, mean_present, fg.mean())
-        return stats
+        """The anatomical objective before ``w(step)`` (:meth:`~ldm.modules.anatomical_objective.AnatomicalObjective.forward`
+        with this model's ``alphas_cumprod`` for the timestep weighting): the loss (0 with a graph when nothing is
+        labelled) and its statistics, among them the Dice of the argmax per class (``anatomical_dice_<c>``; a class
+        absent from the batch's labels scores 1 if it is not predicted either) and ``anatomical_dice`` (mean over the
+        foreground classes present in the labels). Nothing is read back to the host."""
+        return self.objective(seg_logits, class_attention, mask, layer_class_attention=layer_class_attention, t=t,
+                              alphas_cumprod=self.alphas_cumprod, statistics=statistics)
 
     # ---- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -453,6 +406,46 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
                                          ddim_steps=ddim_steps, eta=eta, x_T=x_T, **sampler_kwargs)
             return self.decode_with_anatomy(latents, cond)
 
+    def joint_mask_logits(self, z: torch.Tensor, image_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Mask logits ``[B, C, H, W]`` decoded from the mask channels of joint latents ``z``."""
+        if not self.is_joint:
+            raise ValueError("joint_mask_logits needs a joint model (joint_mask_config set)")
+        return self.joint_mask.decode_logits(self.joint_mask.split(z)[1], image_size)
+
+    @torch.no_grad()
+    def joint_masks(self, z: torch.Tensor, image_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Generated masks ``[B, H, W]`` (int64): argmax of the mask decoder on the mask channels of ``z``."""
+        return class_argmax(self.joint_mask_logits(z, image_size))
+
+    @torch.no_grad()
+    def decode_joint(self, latents: torch.Tensor, cond: Any = None) -> dict:
+        """``{"images", "masks" (generated), "mask_logits", "latents", "mask_source": "joint"}``; with registers
+        also the segmentation head's ``seg_logits``, ``class_attention`` and ``head_masks``."""
+        images = self.decode_first_stage(latents)
+        logits = self.joint_mask_logits(latents, images.shape[-2:])
+        out = {"images": images, "masks": class_argmax(logits), "mask_logits": logits, "latents": latents,
+               "mask_source": MASK_SOURCE_JOINT}
+        if self.use_anatomy:
+            anatomy = self.predict_anatomy(latents, cond=cond)
+            out.update(seg_logits=anatomy.seg_logits, class_attention=anatomy.class_attention,
+                       head_masks=self._argmax_at(anatomy.seg_logits, images.shape[-2:]))
+        return out
+
+    @torch.no_grad()
+    def sample_images_and_masks(self, x_T: torch.Tensor, ddim_steps: Optional[int] = 50, eta: float = 0.0,
+                                sampler: Optional[str] = None, use_ema: bool = True, **sampler_kwargs: Any) -> dict:
+        """Sample joint latents from the given noise ``x_T`` ``[B, channels, h, w]`` and decode them
+        (:meth:`decode_joint`): images ``[B, ch, H, W]`` in [-1, 1] and generated masks ``[B, H, W]``."""
+        if not self.is_joint:
+            raise ValueError("sample_images_and_masks needs a joint model (joint_mask_config set)")
+        if x_T.ndim != 4 or x_T.shape[1] != self.joint_mask.channels:
+            raise ValueError(f"x_T must be [B, {self.joint_mask.channels}, h, w] joint noise, got {tuple(x_T.shape)}")
+        scope = self.ema_scope() if use_ema else nullcontext()
+        with scope:
+            latents, _ = self.sample_log(cond=None, batch_size=x_T.shape[0], ddim=ddim_steps is not None,
+                                         ddim_steps=ddim_steps, eta=eta, x_T=x_T, sampler=sampler, **sampler_kwargs)
+            return self.decode_joint(latents)
+
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
                    ddim_steps: int = 200, ddim_eta: float = 1.0, **kwargs: Any) -> dict:
@@ -492,7 +485,7 @@ class AnatomicalLatentDiffusion(JointMaskMixin, LatentDiffusion):
         if tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
         if self.anatomical_logit_adjustment:
-            logits = logits - torch.log(self.anatomical_class_weights.to(logits)).view(1, -1, 1, 1)
+            logits = logits - torch.log(self.objective.class_weights.to(logits)).view(1, -1, 1, 1)
         return class_argmax(logits)
 
     def _attention_image(self, class_attention: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from ldm.checkpoints import load_weights
 from ldm.data.batch import to_channels_first
 from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
+from ldm.models.diffusion.losses import LossGroup, diffusion_loss, element_loss
 from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model
 from ldm.models.diffusion.training import DiffusionLightningMixin, ScaleByStdMixin, denoise_grid, diffusion_row
 from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule, schedule_arrays
@@ -259,30 +260,19 @@ class DDPM(DiffusionLightningMixin, pl.LightningModule):
 
     # ------------------------------------------------------------------ losses
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
-        if self.loss_type == "l1":
-            loss = (target - pred).abs()
-        else:
-            loss = torch.nn.functional.mse_loss(target, pred, reduction="none")
+        """The ``loss_type`` element loss (:func:`~ldm.models.diffusion.losses.element_loss`), averaged with ``mean``."""
+        loss = element_loss(pred, target, self.loss_type)
         return loss.mean() if mean else loss
 
-    def diffusion_loss(self, model_output: torch.Tensor, x_start: torch.Tensor, t: torch.Tensor,
-                       noise: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Simple loss (weighted by the per-step log-variance) + ``original_elbo_weight`` * VLB term."""
-        prefix = "train" if self.training else "val"
+    def diffusion_loss(self, model_output: torch.Tensor, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       groups: Sequence[LossGroup] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Simple loss (weighted by the per-step log-variance) + ``original_elbo_weight`` * VLB term, over channel
+        ``groups`` when given (:func:`ldm.models.diffusion.losses.diffusion_loss`)."""
         target = noise if self.parameterization == "eps" else x_start
-        loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=list(range(1, target.ndim)))
-        loss_dict = {f"{prefix}/loss_simple": loss_simple.mean()}
-        logvar_t = self.logvar[t].to(loss_simple.device)
-        loss = loss_simple / torch.exp(logvar_t) + logvar_t
-        if self.learn_logvar:
-            loss_dict[f"{prefix}/loss_gamma"] = loss.mean()
-            loss_dict["logvar"] = self.logvar.data.mean()
-        loss = self.l_simple_weight * loss.mean()
-        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
-        loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
-        loss = loss + self.original_elbo_weight * loss_vlb
-        loss_dict[f"{prefix}/loss"] = loss
-        return loss, loss_dict
+        return diffusion_loss(self.get_loss(model_output, target, mean=False), t, self.logvar, self.lvlb_weights,
+                              l_simple_weight=self.l_simple_weight, original_elbo_weight=self.original_elbo_weight,
+                              learn_logvar=self.learn_logvar, prefix="train" if self.training else "val",
+                              groups=groups)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
                  noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
