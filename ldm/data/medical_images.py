@@ -16,13 +16,14 @@ float 2D file without an explicit ``intensity`` (its range is not fixed by its t
 ``.nii.gz`` (gzip CRC), slices of different sizes with ``size: null``, a ``segmentation_root`` that holds no
 mask for any image (while masks are loaded). Symlinked folders under
 ``data_root`` are followed (a folder reached twice, e.g. through a link loop, is read once).
+
+The scan for examples is in ``ldm.data.medical_scan``, the reading of one example (intensities, label checks)
+in ``ldm.data.medical_read``; ``MedicalImagesBase`` inherits both.
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,39 +32,16 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.data import intensity as inten
-from ldm.data.io import (IMAGE_EXTENSIONS, MASK_EXTENSIONS, NIFTI_EXTENSIONS, NiftiInfo, canonical_affines_match,
-                         display_slice_affine, find_files, image_shape_2d, is_image_2d, is_nifti, load_canonical,
-                         nifti_info, read_image_2d, read_mask_2d, slice_spacing, split_extension,
-                         volume_slice_to_display)
+from ldm.data.io import NiftiInfo, display_slice_affine, slice_spacing
 from ldm.data.labels import BREASTMRI, CTORG_RAW_BRAIN_ID, CTORGAN, DEFAULT_IGNORE_INDEX
-
-logger = logging.getLogger(__name__)
+from ldm.data.medical_read import NONFINITE_POLICIES, MedicalReadMixin
+from ldm.data.medical_scan import MedicalScanMixin, _Example
+from ldm.data.medical_scan import _mask_candidates  # noqa: F401 (re-exported: ldm.export_dataset imports it here)
 
 SPLIT_DIRS = {"train": "train", "validation": "validation", "test": "test"}
-NONFINITE_POLICIES: tuple[str, ...] = ("error", "fill")
 
 
-@dataclass
-class _Example:
-    image: Path
-    mask: Path | None
-    slice_index: int  # -1 for a 2D file
-    relative: str
-
-
-def _mask_candidates(rel: str, volume: bool) -> list[str]:
-    """Relative mask paths to try for an image at ``rel``: the same path, other extensions, CT-ORG names."""
-    stem, ext = split_extension(rel)
-    exts = NIFTI_EXTENSIONS if volume else MASK_EXTENSIONS
-    names = [rel] + [stem + e for e in exts if e != ext.lower()]
-    parent, _, base = stem.rpartition("/")
-    if base.startswith("volume-"):  # CT-ORG: volume-N.nii.gz <-> labels-N.nii.gz
-        other = (parent + "/" if parent else "") + "labels-" + base[len("volume-"):]
-        names += [other + e for e in exts]
-    return names
-
-
-class MedicalImagesBase(Dataset):
+class MedicalImagesBase(MedicalScanMixin, MedicalReadMixin, Dataset):
     """2D slices (PNG/JPG/TIFF/NPY) or NIfTI volumes below ``data_root``, masks under ``segmentation_root``.
 
     Args:
@@ -190,277 +168,6 @@ class MedicalImagesBase(Dataset):
         if self.segmentation_root is not None and not self.segmentation_root.is_dir():
             raise FileNotFoundError(f"segmentation_root {self.segmentation_root} does not exist or is not a "
                                     "directory (set it to the mask folder, or to null for images without masks)")
-
-    def _find_mask(self, image: Path, rel: str) -> Path | None:
-        assert self.segmentation_root is not None
-        for cand in _mask_candidates(rel, is_nifti(image)):
-            path = self.segmentation_root / cand
-            if path != image and path.is_file():
-                return path
-        return None
-
-    def _no_masks_at_all(self, images: list[Path]) -> None:
-        """Masks are asked for but ``segmentation_root`` holds none for any image (an empty or wrong folder, another
-        layout): refuse, since a mask-supervised model would train on the images alone without a word."""
-        assert self.segmentation_root is not None
-        first = images[0].relative_to(self.data_root).as_posix()
-        tried = ", ".join(_mask_candidates(first, is_nifti(images[0]))[:3])
-        image_paths = {i.resolve() for i in images}
-        stored = find_files(self.segmentation_root)
-        held = [p for p in stored if p.resolve() not in image_paths]
-        if held:
-            first_held = held[0].relative_to(self.segmentation_root).as_posix()
-            there = f"its {len(held)} files match no image, first {first_held}"
-        else:
-            there = "it holds only the images" if stored else "it holds no files"
-        raise ValueError(f"segmentation_root {self.segmentation_root} holds no mask for any of the {len(images)} image "
-                         f"files under {self.data_root} ({there}; for {first} it looked for {tried}, ...). A mask "
-                         "must sit at its image's relative path (docs/data.md, Layouts): point segmentation_root at "
-                         "the mask folder, or set load_segmentations: false to use the images without masks")
-
-    def _scan(self, skip_empty_slices: bool) -> list[_Example]:
-        files = [p for p in find_files(self.data_root) if is_image_2d(p) or is_nifti(p)]
-        masks: dict[Path, Path | None] = {}
-        for f in files:
-            rel = f.relative_to(self.data_root).as_posix()
-            masks[f] = self._find_mask(f, rel) if self.load_segmentations else None
-        used_as_mask = {m.resolve() for m in masks.values() if m is not None}
-        files = [f for f in files if f.resolve() not in used_as_mask]
-        if not files:
-            raise ValueError(f"data_root {self.data_root} holds no images: expected files ending in "
-                             f"{', '.join(IMAGE_EXTENSIONS + NIFTI_EXTENSIONS)} (searched recursively)")
-        missing = [f for f in files if masks[f] is None]
-        if self.load_segmentations and len(missing) == len(files):
-            self._no_masks_at_all(files)
-        if self.load_segmentations and missing:
-            logger.warning("%d of %d image files under %s have no mask under %s (first: %s); their segmentation "
-                           "is filled with ignore_index %d and has_segmentation is False", len(missing), len(files),
-                           self.data_root, self.segmentation_root, missing[0].relative_to(self.data_root),
-                           self.ignore_index)
-        if self.spacing is not None:
-            flat = [f for f in files if not is_nifti(f)]
-            if flat:
-                raise ValueError(f"spacing: {list(self.spacing)} resamples NIfTI volumes, but {flat[0]} (and "
-                                 f"{len(flat) - 1} more 2D files) record no pixel spacing; use NIfTI volumes or "
-                                 "set spacing: null")
-        examples: list[_Example] = []
-        skipped = 0
-        for f in files:
-            rel = f.relative_to(self.data_root).as_posix()
-            if not is_nifti(f):
-                examples.append(_Example(f, masks[f], -1, rel))
-                continue
-            info = nifti_info(f)
-            self._infos[f] = info
-            keep = range(info.shape[self.slice_axis])
-            if masks[f] is not None:
-                self._check_pair(info, masks[f])
-                if skip_empty_slices:
-                    keep = self._foreground_slices(masks[f])
-            elif skip_empty_slices:
-                keep = range(0)
-            skipped += info.shape[self.slice_axis] - len(keep)
-            examples.extend(_Example(f, masks[f], int(k), rel) for k in keep)
-        if skipped:
-            logger.info("skip_empty_slices: dropped %d volume slices without foreground", skipped)
-        if not examples:
-            raise ValueError(f"no slices left under {self.data_root}: every volume slice has an empty or missing "
-                             "mask (set skip_empty_slices: false, or check segmentation_root)")
-        if self.size is None:
-            self._check_equal_sizes(examples)
-        return examples
-
-    def _check_equal_sizes(self, examples: list[_Example]) -> None:
-        """``size: null`` keeps stored sizes; refuse, naming two files, sizes the default collate cannot batch."""
-        first: tuple[Path, tuple[int, int]] | None = None
-        seen: set[Path] = set()
-        for ex in examples:
-            if ex.image in seen:
-                continue
-            seen.add(ex.image)
-            hw = self._out_hw(ex)
-            if hw is None:
-                continue
-            if first is None:
-                first = (ex.image, hw)
-            elif hw != first[1]:
-                raise ValueError(f"size: null keeps each slice's own size, but {first[0]} gives {first[1][0]}x"
-                                 f"{first[1][1]} slices and {ex.image} gives {hw[0]}x{hw[1]}; they cannot be batched "
-                                 "together: set size to a number of pixels (e.g. size: 256)")
-
-    def _out_hw(self, ex: _Example) -> tuple[int, int] | None:
-        """Output slice size from headers alone (None when a 2D header cannot be read)."""
-        if ex.slice_index < 0:
-            hw = image_shape_2d(ex.image)
-            return None if hw is None else self._steps(hw, None)[3]
-        info = self._infos[ex.image]
-        return self._steps(self._display_hw(info), slice_spacing(info.affine, self.slice_axis))[3]
-
-    def _display_hw(self, info: NiftiInfo) -> tuple[int, int]:
-        p, q = (a for a in range(3) if a != self.slice_axis)
-        return int(info.shape[q]), int(info.shape[p])
-
-    def _check_pair(self, info: NiftiInfo, mask_path: Path) -> None:
-        minfo = nifti_info(mask_path)
-        self._infos[mask_path] = minfo
-        if minfo.shape != info.shape:
-            raise ValueError(f"volume {info.path} has shape {info.shape} but its label volume {mask_path} has shape "
-                             f"{minfo.shape} (after reorienting both to RAS+); they must hold the same voxel grid")
-        if self.check_affine and not canonical_affines_match(info.affine, minfo.affine):
-            raise ValueError(f"volume {info.path} and label volume {mask_path} have different affines (orientation, "
-                             f"spacing or origin) after reorienting both to RAS+:\n{np.round(info.affine, 4)}\nvs\n"
-                             f"{np.round(minfo.affine, 4)}\nfix the label file's header, or set check_affine: false "
-                             "if you know the voxels are aligned")
-
-    def _foreground_slices(self, mask_path: Path) -> list[int]:
-        labels = self._map_labels(self._labels_array(load_canonical(self._infos[mask_path]), mask_path), mask_path)
-        axes = tuple(a for a in range(3) if a != self.slice_axis)
-        fg = np.any((labels != 0) & (labels != self.ignore_index), axis=axes)
-        return [int(k) for k in np.nonzero(fg)[0]]
-
-    # ------------------------------------------------------------------------------------------ reading
-    @staticmethod
-    def _labels_array(arr: np.ndarray, path: Path) -> np.ndarray:
-        if arr.dtype.kind == "f":
-            if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-                raise ValueError(f"label file {path} holds non-integer values; labels must be class ids")
-        return arr.astype(np.int64)
-
-    def _map_labels(self, labels: np.ndarray, path: Path, slice_index: int = -1) -> np.ndarray:
-        if self.label_map:
-            out = labels.copy()
-            for src, dst in self.label_map.items():
-                out[labels == src] = dst
-            labels = out
-        bad = (labels < 0) | ((labels >= self.n_labels) & (labels != self.ignore_index)) if self.n_labels \
-            else (labels < 0)
-        if np.any(bad):
-            where = f" slice {slice_index}" if slice_index >= 0 else ""
-            values = sorted(int(x) for x in np.unique(labels[bad]))[:10]
-            if self._model_labels is not None:  # n_labels came from the model (expect_labels)
-                name, classes = self._model_labels
-                named = f"label set {name!r}" if name and name != "generic" else "the model's label set"
-                listed = f": {', '.join(f'{i} {c}' for i, c in enumerate(classes))}" if classes else ""
-                raise ValueError(f"mask {path}{where} holds label values {values} outside {named} "
-                                 f"(0..{self.n_labels - 1}{listed}; ignore_index={self.ignore_index}); fix the mask, map the ids with "
-                                 "label_map, or train a model with that many classes")
-            raise ValueError(f"mask {path}{where} holds label values {values} outside 0..{(self.n_labels or 1) - 1} "
-                             f"(n_labels={self.n_labels}, ignore_index={self.ignore_index}); fix the mask or map "
-                             "the ids with label_map")
-        return labels
-
-    def expect_labels(self, num_classes: int, label_set: str | None = None, classes: Sequence[str] = ()) -> None:
-        """The model's class count and label set (``main.py`` calls this before training): without ``n_labels``
-        a mask value outside ``0..num_classes - 1`` (other than ``ignore_index``) is then an error naming the file,
-        the value and the label set when it is read, not deep inside the model. An ``n_labels`` given is kept."""
-        if self.n_labels is not None or int(num_classes) < 1:
-            return
-        if 0 <= self.ignore_index < int(num_classes):
-            raise ValueError(f"ignore_index {self.ignore_index} of {type(self).__name__} ({self.data_root}) is a class "
-                             f"id of the model's {num_classes} classes; choose a value >= {num_classes} (default 255)")
-        self.n_labels = int(num_classes)
-        self._model_labels = (label_set, tuple(str(c) for c in classes))
-
-    def _volume(self, path: Path, is_label: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
-        """Decoded canonical volume (LRU-cached) and its intensity reference range for mr/minmax."""
-        if path in self._volumes:
-            self._volumes.move_to_end(path)
-            return self._volumes[path]
-        info = self._infos.get(path) or nifti_info(path)
-        arr = load_canonical(info)
-        ref = None
-        if is_label:
-            arr = self._labels_array(arr, path)
-        else:
-            arr = self._finite(arr.astype(np.float32), path, "voxels")
-            mode = self.intensity or self.default_volume_intensity
-            if mode == "mr":
-                lo, hi = np.percentile(arr, self.percentiles)
-                ref = (float(lo), float(hi))
-            elif mode == "minmax":
-                ref = (float(arr.min()), float(arr.max()))
-        self._volumes[path] = (arr, ref)
-        while len(self._volumes) > 2 * self.cache_volumes:
-            self._volumes.popitem(last=False)
-        return arr, ref
-
-    def _finite(self, arr: np.ndarray, path: Path, what: str) -> np.ndarray:
-        """``arr`` when every value is finite; else an error naming the file and the count, or (``nonfinite:
-        fill``) NaN/-Inf replaced by the lowest finite value and +Inf by the highest, with one warning."""
-        if arr.dtype.kind != "f":
-            return arr
-        finite = np.isfinite(arr)
-        bad = int(arr.size - np.count_nonzero(finite))
-        if not bad:
-            return arr
-        n_nan = int(np.count_nonzero(np.isnan(arr)))
-        if self.nonfinite == "error" or bad == arr.size:
-            raise ValueError(f"{path} holds {bad} non-finite {what} ({n_nan} NaN, {bad - n_nan} Inf) of {arr.size}; "
-                             "they would make the training loss non-finite: fix the file (e.g. numpy.nan_to_num) "
-                             + ("" if bad == arr.size else "or set nonfinite: fill to replace them by the file's "
-                                "lowest/highest finite value"))
-        lo, hi = float(arr[finite].min()), float(arr[finite].max())
-        log = logger.info if self._warned_nonfinite else logger.warning
-        log("nonfinite: fill: %s holds %d non-finite %s (%d NaN); NaN and -Inf become %g, +Inf becomes %g%s", path,
-            bad, what, n_nan, lo, hi, "" if self._warned_nonfinite else " (further files are logged at INFO)")
-        self._warned_nonfinite = True
-        return np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
-
-    def _scale(self, raw: np.ndarray, mode: str, path: Path, ref: tuple[float, float] | None) -> np.ndarray:
-        lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
-        if mode == "uint8":
-            if raw.dtype.kind == "f" and not np.all(raw == np.round(raw)):
-                raise ValueError(f"image {path} holds {raw.dtype} values {lo:g}..{hi:g} with fractions, but intensity "
-                                 "'uint8' expects whole numbers 0..255; for a float image in [0, 1] set intensity: "
-                                 "unit, in [-1, 1] signed, otherwise minmax, ct or mr")
-            if lo < 0 or hi > 255:
-                raise ValueError(f"image {path} holds values {lo:g}..{hi:g}, outside the "
-                                 "0..255 that intensity 'uint8' expects; set intensity to 'minmax', 'ct' or 'mr'")
-            return inten.scale_uint8(raw)
-        if mode in ("unit", "signed"):
-            low = 0.0 if mode == "unit" else -1.0
-            if lo < low or hi > 1.0:
-                raise ValueError(f"image {path} holds values {lo:g}..{hi:g}, outside the [{low:g}, 1] that intensity "
-                                 f"{mode!r} expects; set intensity to 'uint8', 'minmax', 'ct' or 'mr'")
-            return inten.scale_unit(raw) if mode == "unit" else np.asarray(raw, dtype=np.float32)
-        if mode == "ct":
-            assert self.window is not None
-            if isinstance(self.window, tuple) and len(self.window) == 2 and np.isscalar(self.window[0]):
-                return inten.window_ct(raw, *self.window)
-            return inten.window_multi(raw, self.window)
-        if ref is not None:
-            return inten.scale_linear(raw, *ref)
-        if mode == "mr":
-            return inten.scale_percentiles(raw, *self.percentiles)
-        return inten.scale_minmax(raw)
-
-    def _load(self, ex: _Example) -> tuple[np.ndarray, np.ndarray | None]:
-        if ex.slice_index < 0:
-            raw = self._finite(read_image_2d(ex.image), ex.image, "pixels")
-            mode = self.intensity
-            if mode is None:
-                if raw.dtype.kind == "f":
-                    raise ValueError(f"image {ex.image} holds {raw.dtype} values {float(raw.min()):g}.."
-                                     f"{float(raw.max()):g}: a float file's range is not fixed by its type, so set "
-                                     "intensity: unit (values in [0, 1]), signed ([-1, 1]), uint8 (whole numbers "
-                                     "0..255), minmax (per file), ct (HU) or mr")
-                mode = "uint8"
-            scaled = self._scale(raw, mode, ex.image, None)
-            mask = read_mask_2d(ex.mask) if ex.mask is not None else None
-        else:
-            vol, ref = self._volume(ex.image, is_label=False)
-            raw = volume_slice_to_display(vol, ex.slice_index, self.slice_axis)
-            scaled = self._scale(raw, self.intensity or self.default_volume_intensity, ex.image, ref)
-            mask = None
-            if ex.mask is not None:
-                mask = volume_slice_to_display(self._volume(ex.mask, is_label=True)[0], ex.slice_index,
-                                               self.slice_axis)
-        if mask is not None:
-            if mask.shape != raw.shape:
-                raise ValueError(f"mask {ex.mask} has size {mask.shape} but image {ex.image} has size {raw.shape}; "
-                                 "a mask must have the same height and width as its image")
-            mask = self._map_labels(mask, ex.mask, ex.slice_index)
-        return scaled, mask
 
     # ----------------------------------------------------------------------------------------- dataset
     def __len__(self) -> int:
