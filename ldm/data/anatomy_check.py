@@ -11,20 +11,24 @@ prediction needs:
   (fragments), position rules look at every component that is left;
 - coordinates are normalised to u (columns) and v (rows) in [-1, 1].
 
-Rules (each a boolean field of the report; ``plausible`` is their conjunction):
+Rules (each a boolean field of the report; ``plausible`` is their conjunction). The thresholds are the
+fields of ``PHANTOM_THRESHOLDS`` (``ldm.data.phantom_rules``, where their values are), named here in brackets:
 
 - ``valid_labels``: every value is a CT-Organ id 0..5.
-- ``spine_present``: bone near the midline (|u| < 0.2) in the posterior half (v > 0.05).
-- ``kidney_count_ok``: at most two kidneys.
-- ``kidneys_beside_spine``: each kidney lies 0.08..0.65 to the side of the spine, behind v = 0,
-  and two kidneys lie on opposite sides of the spine.
-- ``liver_on_right``: at least 60 % of the liver on the image's left (the patient's right) of the midline.
-- ``lungs_ok``: no lung component centred on the spine (within 0.08) and at most two components on
-  each side of it (a lung may be cut by a rib at low resolution).
-- ``bladder_ok``: at most one bladder, central (|u| < 0.35) and in front of the spine (v < 0.3).
+- ``spine_present``: bone near the midline (``spine_half_width``) in the posterior half (``spine_min_v``).
+- ``kidney_count_ok``: at most ``max_kidneys`` kidneys.
+- ``kidneys_beside_spine``: each kidney lies to the side of the spine (``kidney_lateral``, a min-max distance)
+  and behind ``kidney_min_v``, and two kidneys lie on opposite sides of the spine.
+- ``liver_on_right``: at least ``liver_right_frac`` of the liver on the image's left (the patient's right) of the
+  midline.
+- ``lungs_ok``: no lung component centred on the spine (within ``lung_spine_gap``) and at most
+  ``max_lungs_per_side`` components on each side of it (a lung may be cut by a rib at low resolution).
+- ``bladder_ok``: at most ``max_bladders`` bladders, central (``bladder_lateral``) and in front of the spine
+  (``bladder_max_v``).
 - ``co_occurrence_ok``: the bladder (pelvis) never appears with lungs, liver or kidneys, and lungs
   never with kidneys (the phantom's organ heights do not overlap there).
-- ``inside_field``: no organ within 3 % of the image border (organs lie inside the body).
+- ``inside_field``: no organ within ``border`` (a fraction of the image side) of the image border (organs lie
+  inside the body).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from ldm.data.labels import CTORGAN_CLASSES
+from ldm.data.phantom_rules import PHANTOM_THRESHOLDS
 
 LIVER, BLADDER, LUNGS, KIDNEYS, BONE = 1, 2, 3, 4, 5
 RULES: tuple[str, ...] = ("valid_labels", "spine_present", "kidney_count_ok", "kidneys_beside_spine",
@@ -100,6 +105,7 @@ def _components(binary: np.ndarray, min_area: int) -> list[np.ndarray]:
 
 def check_phantom_anatomy(mask: Any, min_area_frac: float = 0.001, rel_area: float = 0.1) -> AnatomyReport:
     """Check one CT-Organ label map (numpy array or tensor, ``H x W``) against the phantom's anatomy rules."""
+    th = PHANTOM_THRESHOLDS
     m = label_map(mask)
     h, w = m.shape
     min_area = max(3, int(np.ceil(min_area_frac * h * w)))
@@ -120,13 +126,14 @@ def check_phantom_anatomy(mask: Any, min_area_frac: float = 0.001, rel_area: flo
     bone = np.zeros_like(m, dtype=bool)
     for x in comps[BONE]:
         bone |= x
-    spine = bone & (np.abs(u) < 0.2) & (v > 0.05)
+    spine = bone & (np.abs(u) < th.spine_half_width) & (v > th.spine_min_v)
     spine_present = int(spine.sum()) >= min_area
     spine_u = float(u[spine].mean()) if spine_present else 0.0
 
     kidneys = [centroid(x) for x in counted[KIDNEYS]]
-    kidney_count_ok = len(kidneys) <= 2
-    beside = all(0.08 <= abs(cu - spine_u) <= 0.65 and cv > 0.0 for cu, cv in map(centroid, comps[KIDNEYS]))
+    kidney_count_ok = len(kidneys) <= th.max_kidneys
+    near, far = th.kidney_lateral
+    beside = all(near <= abs(cu - spine_u) <= far and cv > th.kidney_min_v for cu, cv in map(centroid, comps[KIDNEYS]))
     if len(kidneys) == 2:
         beside = beside and (kidneys[0][0] - spine_u) * (kidneys[1][0] - spine_u) < 0
 
@@ -135,19 +142,21 @@ def check_phantom_anatomy(mask: Any, min_area_frac: float = 0.001, rel_area: flo
         liver = np.zeros_like(bone)
         for x in comps[LIVER]:
             liver |= x
-        liver_on_right = float((u[liver] < 0).mean()) >= 0.6
+        liver_on_right = float((u[liver] < 0).mean()) >= th.liver_right_frac
 
     lungs = [centroid(x) for x in counted[LUNGS]]
     per_side = [sum(1 for cu, _ in lungs if side * (cu - spine_u) > 0) for side in (-1, 1)]
-    lungs_ok = max(per_side) <= 2 and all(abs(cu - spine_u) >= 0.08 for cu, _ in map(centroid, comps[LUNGS]))
+    lungs_ok = max(per_side) <= th.max_lungs_per_side and all(abs(cu - spine_u) >= th.lung_spine_gap
+                                                              for cu, _ in map(centroid, comps[LUNGS]))
 
     bladders = [centroid(x) for x in counted[BLADDER]]
-    bladder_ok = len(bladders) <= 1 and all(abs(cu) < 0.35 and cv < 0.3 for cu, cv in bladders)
+    bladder_ok = len(bladders) <= th.max_bladders and all(abs(cu) < th.bladder_lateral and cv < th.bladder_max_v
+                                                          for cu, cv in bladders)
 
     co_ok = not (present[BLADDER] and (present[LUNGS] or present[LIVER] or present[KIDNEYS]))
     co_ok = co_ok and not (present[LUNGS] and present[KIDNEYS])
 
-    band = max(1, int(round(0.03 * min(h, w))))
+    band = max(1, int(round(th.border * min(h, w))))
     organs = np.zeros_like(bone)
     for c in comps:
         for x in comps[c]:

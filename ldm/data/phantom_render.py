@@ -151,12 +151,9 @@ class _Canvas:
             self.labels[region] = label
 
 
-def render_slice(p: PhantomPatient, z: float, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Render one noiseless slice on an ``n x n`` grid: (HU float32, labels uint8)."""
-    cv = _Canvas(n)
+def _paint_body(cv: _Canvas, p: PhantomPatient, z: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Body outline, subcutaneous fat, muscle wall, visceral fat/bowel background; returns (body, cavity)."""
     h = p.harmonics
-    s = p.organ_scale
-    # Body outline, subcutaneous fat, muscle wall, visceral fat/bowel background.
     pelvis = _profile(z, -0.3, 0.3, 1.0)
     body_a = p.body_a * (1.0 + 0.06 * pelvis)
     body = cv.blob(0.0, p.body_cv, body_a, p.body_b, harm=h[0] * 0.5)
@@ -166,7 +163,13 @@ def render_slice(p: PhantomPatient, z: float, n: int, rng: np.random.Generator) 
     cv.paint(wall, p.muscle_hu)
     cavity = cv.blob(0.0, p.body_cv + 0.01, inner_a - 0.05, inner_b - 0.05, harm=h[0] * 0.5)
     cv.paint(cavity, -20.0 + 35.0 * rng.uniform())
-    spine_v = p.body_cv + 0.55 * p.body_b
+    return body, cavity
+
+
+def _paint_unlabelled(cv: _Canvas, p: PhantomPatient, z: float, spine_v: float, body: np.ndarray,
+                      cavity: np.ndarray, rng: np.random.Generator) -> None:
+    """Unlabelled structures: bowel loops, paraspinal and psoas muscles, aorta and IVC, spleen and stomach."""
+    s = p.organ_scale
     su = p.spine_u
     # Bowel loops (unlabelled) in the mid and lower abdomen, some holding gas.
     if 0.08 < z < 0.55:
@@ -195,6 +198,17 @@ def render_slice(p: PhantomPatient, z: float, n: int, rng: np.random.Generator) 
         st = cv.blob(0.28, p.body_cv - 0.22, 0.2 * stomach, 0.15 * stomach, -0.3) & cavity
         cv.paint(st, 25.0)
         cv.paint(st & (cv.v < p.body_cv - 0.22 - 0.06 * stomach), -800.0)
+
+
+def render_slice(p: PhantomPatient, z: float, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Render one noiseless slice on an ``n x n`` grid: (HU float32, labels uint8)."""
+    cv = _Canvas(n)
+    h = p.harmonics
+    s = p.organ_scale
+    body, cavity = _paint_body(cv, p, z, rng)
+    spine_v = p.body_cv + 0.55 * p.body_b
+    su = p.spine_u
+    _paint_unlabelled(cv, p, z, spine_v, body, cavity, rng)
     # Lungs (label 3): posterior crescents at the bases, filling the chest higher up; heart between them.
     lung = _profile(z, p.lung_z0, 2.1 - p.lung_z0, power=0.7)
     if lung > 0:

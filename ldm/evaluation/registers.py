@@ -295,15 +295,19 @@ def _mix(probs: np.ndarray, colours: np.ndarray) -> np.ndarray:
     return np.clip(np.einsum("chw,cd->hwd", probs, pal), 0, 1)
 
 
-def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_names: Sequence[str],
-             colours: np.ndarray, k: int, max_columns: int = 6) -> dict[str, str]:
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = {}
-    # register similarity
+    return plt
+
+
+def _similarity_figure(out_dir: str, sim: dict[str, Any], class_names: Sequence[str], k: int) -> str:
+    """``register_similarity.png``: the register cosine-similarity matrix, class blocks of ``k`` registers."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(sim["matrix"], cmap="coolwarm", vmin=-1, vmax=1)
     n_cls = sim["matrix"].shape[0] // k
@@ -317,11 +321,16 @@ def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_name
                  f"across {sim['across_class_mean']:.2f}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    paths["similarity"] = os.path.join(out_dir, "register_similarity.png")
-    fig.savefig(paths["similarity"], dpi=100)
+    path = os.path.join(out_dir, "register_similarity.png")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
-    # attention maps of sample 0: rows = levels + mean, columns = chosen steps + final image/mask
+
+def _attention_maps_figure(out_dir: str, traj: dict[str, Any], colours: np.ndarray, max_columns: int) -> str:
+    """``attention_maps.png``: sample 0's class attention, rows = levels + their mean, columns = up to
+    ``max_columns`` steps, then the final image and mask."""
+    plt = _pyplot()
     maps = traj["maps"]
     steps = np.unique(np.linspace(0, maps.shape[0] - 1, min(max_columns, maps.shape[0])).round().astype(int))
     rows = [(f"{lv['key']} (ds {lv['ds']})", maps[:, li, 0]) for li, lv in enumerate(traj["levels"])]
@@ -348,11 +357,16 @@ def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_name
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    paths["maps"] = os.path.join(out_dir, "attention_maps.png")
-    fig.savefig(paths["maps"], dpi=100)
+    path = os.path.join(out_dir, "attention_maps.png")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
 
-    # attention vs timestep
+
+def _timestep_figure(out_dir: str, traj: dict[str, Any], class_names: Sequence[str], colours: np.ndarray) -> str:
+    """``attention_vs_timestep.png``: attention mass on the own class, argmax accuracy per level and register-token
+    similarity along the trajectory."""
+    plt = _pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     t = np.asarray(traj["timesteps"])
     own = traj["own_class_mass"]
@@ -361,27 +375,30 @@ def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_name
             ax1.plot(t, own[:, c], label=class_names[c] if c < len(class_names) else str(c),
                      color=colours[c % len(colours)] / 255.0 if c else (0.5, 0.5, 0.5))
     ax1.axhline(1.0 / own.shape[1], ls="--", color="k", lw=0.8, label="uniform")
-    ax1.set_xlabel("timestep t")
     ax1.set_ylabel("attention mass on own class")
-    ax1.invert_xaxis()
-    ax1.legend(fontsize="small")
     for li, lv in enumerate(traj["levels"]):
         ax2.plot(t, traj["accuracy"][:, li], label=f"{lv['key']} (ds {lv['ds']})")
-    ax2.set_xlabel("timestep t")
     ax2.set_ylabel("argmax attention == final mask")
-    ax2.invert_xaxis()
-    ax2.legend(fontsize="small")
     ax3.plot(t, traj["token_similarity"][:, 0], label="within class")
     ax3.plot(t, traj["token_similarity"][:, 1], label="across classes")
-    ax3.set_xlabel("timestep t")
     ax3.set_ylabel("cosine similarity of register tokens")
-    ax3.invert_xaxis()
-    ax3.legend(fontsize="small")
+    for ax in (ax1, ax2, ax3):
+        ax.set_xlabel("timestep t")
+        ax.invert_xaxis()
+        ax.legend(fontsize="small")
     fig.tight_layout()
-    paths["timestep"] = os.path.join(out_dir, "attention_vs_timestep.png")
-    fig.savefig(paths["timestep"], dpi=100)
+    path = os.path.join(out_dir, "attention_vs_timestep.png")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
+    return path
+
+
+def _figures(out_dir: str, sim: dict[str, Any], traj: dict[str, Any], class_names: Sequence[str],
+             colours: np.ndarray, k: int, max_columns: int = 6) -> dict[str, str]:
+    """Write the register-similarity, attention-map and attention-vs-timestep figures; their paths by kind."""
+    return {"similarity": _similarity_figure(out_dir, sim, class_names, k),
+            "maps": _attention_maps_figure(out_dir, traj, colours, max_columns),
+            "timestep": _timestep_figure(out_dir, traj, class_names, colours)}
 
 
 def _json_safe(node: Any) -> Any:
@@ -396,11 +413,7 @@ def _json_safe(node: Any) -> Any:
 
 
 def _diagnostics_figure(out_dir: str, diag: dict[str, Any], heights: Sequence[float]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     t = np.asarray(diag["timesteps"])
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for key, values in diag["output_ratio"].items():

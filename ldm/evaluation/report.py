@@ -142,6 +142,53 @@ def _shared_bins(values: Sequence[np.ndarray], nbins: int = 12) -> np.ndarray:
     return np.linspace(0.0, upper * 1.02, nbins + 1)
 
 
+def _figure_classes(panels: Mapping[str, SetPanel], area_fractions: Optional[Mapping[str, np.ndarray]],
+                    class_names: Optional[Sequence[str]], palette: Optional[np.ndarray]
+                    ) -> tuple[int, list[str], np.ndarray]:
+    """The comparison figure's classes: their number (the most any input shows), names (``class<c>`` where none
+    is given) and uint8 palette (the CT-Organ one by default, white for classes beyond the palette)."""
+    n_cls = max((a.shape[1] for a in (area_fractions or {}).values()), default=0)
+    n_cls = max(n_cls, *(int(p.masks.max()) + 1 for p in panels.values() if p.masks is not None and p.masks.size),
+                len(class_names or []), 1)
+    names = list(class_names) if class_names else [f"class{c}" for c in range(n_cls)]
+    names += [f"class{c}" for c in range(len(names), n_cls)]
+    pal = np.asarray(palette if palette is not None else get_label_set("ctorgan").palette(n_cls), dtype=np.uint8)
+    if len(pal) < n_cls:
+        pal = np.concatenate([pal, np.full((n_cls - len(pal), 3), 255, dtype=np.uint8)])
+    return n_cls, names, pal
+
+
+def _draw_strip(ax: Any, label: str, mosaic: np.ndarray, colour: bool) -> None:
+    """One strip of the comparison figure: the tiled images (grey in [-1, 1], or RGB) with their label on the left."""
+    if colour:
+        ax.imshow(mosaic, interpolation="nearest")
+    else:
+        ax.imshow(mosaic, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _draw_area_histogram(ax: Any, columns: Mapping[str, np.ndarray], title: str, first: bool) -> None:
+    """One class's area distribution per set (``columns``: set name -> ``[N]`` area fractions) on shared bins, as
+    the share of the images where the class is present; the absent share goes into the legend."""
+    bins = _shared_bins(list(columns.values()))
+    for set_name, values in columns.items():
+        present = values[values > 0]
+        absent = 1.0 - present.size / max(values.size, 1)
+        weights = np.full(present.size, 1.0 / max(present.size, 1))
+        ax.hist(present, bins=bins, weights=weights, histtype="step", linewidth=1.6,
+                label=f"{set_name} (absent {100 * absent:.0f} %)")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("area (fraction of image)", fontsize=8)
+    if first:
+        ax.set_ylabel("share of images\nwith the class", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+
+
 def comparison_figure(path: str, panels: Mapping[str, SetPanel],
                       area_fractions: Optional[Mapping[str, np.ndarray]] = None,
                       class_names: Optional[Sequence[str]] = None, palette: Optional[np.ndarray] = None,
@@ -162,14 +209,7 @@ def comparison_figure(path: str, panels: Mapping[str, SetPanel],
 
     if not panels:
         raise ValueError("comparison_figure needs at least one set of images")
-    n_cls = max((a.shape[1] for a in (area_fractions or {}).values()), default=0)
-    n_cls = max(n_cls, *(int(p.masks.max()) + 1 for p in panels.values() if p.masks is not None and p.masks.size),
-                len(class_names or []), 1)
-    names = list(class_names) if class_names else [f"class{c}" for c in range(n_cls)]
-    names += [f"class{c}" for c in range(len(names), n_cls)]
-    pal = np.asarray(palette if palette is not None else get_label_set("ctorgan").palette(n_cls), dtype=np.uint8)
-    if len(pal) < n_cls:
-        pal = np.concatenate([pal, np.full((n_cls - len(pal), 3), 255, dtype=np.uint8)])
+    n_cls, names, pal = _figure_classes(panels, area_fractions, class_names, palette)
     ncols = max(1, min(ncols, max(len(p.images) for p in panels.values())))
 
     strips: list[tuple[str, np.ndarray, bool]] = []  # (label, tiles [n, H, W(, 3)], is_colour)
@@ -192,35 +232,12 @@ def comparison_figure(path: str, panels: Mapping[str, SetPanel],
                             bottom=(0.2 + 0.16 * len(panels) if hist_classes else 0.1) / total,
                             left=label_w / width, right=0.99)
     for r, (label, tiles, colour) in enumerate(strips):
-        ax = fig.add_subplot(grid[r])
-        mosaic = image_grid(tiles, ncols=ncols, pad=1, fill=1.0)
-        if colour:
-            ax.imshow(mosaic, interpolation="nearest")
-        else:
-            ax.imshow(mosaic, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+        _draw_strip(fig.add_subplot(grid[r]), label, image_grid(tiles, ncols=ncols, pad=1, fill=1.0), colour)
     if hist_classes:
         sub = grid[len(strips)].subgridspec(1, len(hist_classes), wspace=0.3)
         for j, c in enumerate(hist_classes):
-            ax = fig.add_subplot(sub[j])
             columns = {n: a[:, c] for n, a in area_fractions.items() if a.shape[1] > c}
-            bins = _shared_bins(list(columns.values()))
-            for set_name, values in columns.items():
-                present = values[values > 0]
-                absent = 1.0 - present.size / max(values.size, 1)
-                weights = np.full(present.size, 1.0 / max(present.size, 1))
-                ax.hist(present, bins=bins, weights=weights, histtype="step", linewidth=1.6,
-                        label=f"{set_name} (absent {100 * absent:.0f} %)")
-            ax.set_title(names[c], fontsize=10)
-            ax.set_xlabel("area (fraction of image)", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("share of images\nwith the class", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+            _draw_area_histogram(fig.add_subplot(sub[j]), columns, names[c], first=j == 0)
     legend = [Patch(color=tuple(pal[c] / 255.0), label=names[c]) for c in range(1, n_cls)]
     if legend and any(p.masks is not None for p in panels.values()):
         fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.labels import LabelSet, get_label_set
+from ldm.data.phantom_rules import PHANTOM_THRESHOLDS
 from ldm.models.diffusion.samplers import Denoiser
 from ldm.modules.diffusionmodules.util import extract_into_tensor
 
@@ -38,8 +39,6 @@ TermFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 """``terms(probs [B, C, H, W]) -> {name: energy [B]}``."""
 
 PRESENCE_SCALE = 0.005  # mean class probability at which a class counts as 1 - 1/e present (0.5 % of the image)
-BORDER_FRACTION = 0.03  # the border band of anatomy_check.inside_field (3 % of the side)
-LIVER_RIGHT_ALLOWANCE = 0.4  # anatomy_check.liver_on_right: >= 60 % of the liver on the image's left
 SIDE_SOFTNESS = 0.05  # width (in normalised coordinates) of the soft step that splits left from right
 
 
@@ -64,9 +63,10 @@ def _mass_fraction(p: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 
 def border_energy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean foreground probability (1 - p_background) in the border band (``inside_field``) [B]."""
+    """Mean foreground probability (1 - p_background) in the checker's border band (``inside_field``,
+    ``PHANTOM_THRESHOLDS.border``) [B]."""
     h, w = probs.shape[-2:]
-    band = max(1, int(round(BORDER_FRACTION * min(h, w))))
+    band = max(1, int(round(PHANTOM_THRESHOLDS.border * min(h, w))))
     inner = torch.zeros(h, w, dtype=torch.bool, device=probs.device)
     inner[band:h - band, band:w - band] = True
     return (1.0 - probs[:, 0])[:, ~inner].mean(dim=1)
@@ -85,14 +85,18 @@ def generic_terms(probs: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def ctorgan_terms(probs: torch.Tensor) -> dict[str, torch.Tensor]:
     """CT-Organ terms [B] from the phantom rules (:mod:`ldm.data.anatomy_check`; display orientation, the
-    patient's right on the image's left):
+    patient's right on the image's left), with the checker's thresholds (``th = PHANTOM_THRESHOLDS``,
+    :mod:`ldm.data.phantom_rules`):
 
     - ``co_occurrence``: soft presences ``P`` multiplied for class pairs that never share a slice:
       ``P_bladder * (P_lungs + P_liver + P_kidneys) + P_lungs * P_kidneys``;
-    - ``laterality``: the share of liver mass right of the midline beyond the allowed 40 %, times ``P_liver``;
-    - ``position``: kidney mass off the spine's sides (|u| < 0.08 or in front, v < 0), bladder mass off its
-      place (|u| >= 0.35 or v >= 0.3), lung mass on the midline (|u| < 0.08), as fractions of each organ's mass;
-    - ``spine``: ``1 - presence`` of bone near the midline in the posterior half (|u| < 0.2, v > 0.05);
+    - ``laterality``: the share of liver mass right of the midline beyond the allowed ``1 - th.liver_right_frac``,
+      times ``P_liver``;
+    - ``position``: kidney mass off the spine's sides (|u| < ``th.kidney_lateral[0]`` or in front,
+      v < ``th.kidney_min_v``), bladder mass off its place (|u| >= ``th.bladder_lateral`` or v >= ``th.bladder_max_v``),
+      lung mass on the midline (|u| < ``th.lung_spine_gap``), as fractions of each organ's mass;
+    - ``spine``: ``1 - presence`` of bone near the midline in the posterior half (|u| < ``th.spine_half_width``,
+      v > ``th.spine_min_v``);
     - ``border`` and ``entropy`` as :func:`generic_terms`.
     """
     if probs.shape[1] != 6:
@@ -100,19 +104,21 @@ def ctorgan_terms(probs: torch.Tensor) -> dict[str, torch.Tensor]:
                          f"kidneys, bone), got {probs.shape[1]}")
     from ldm.data.anatomy_check import BLADDER, BONE, KIDNEYS, LIVER, LUNGS
 
+    th = PHANTOM_THRESHOLDS
     u, v = _grid(probs)
     pres = soft_presence(probs)
     co = pres[:, BLADDER] * (pres[:, LUNGS] + pres[:, LIVER] + pres[:, KIDNEYS]) + pres[:, LUNGS] * pres[:, KIDNEYS]
     right = torch.sigmoid(u / SIDE_SOFTNESS)
     liver_right = _mass_fraction(probs[:, LIVER], right)
-    laterality = F.relu(liver_right - LIVER_RIGHT_ALLOWANCE) * pres[:, LIVER]
-    midline = (u.abs() < 0.08).to(probs.dtype)
-    kidney_off = torch.clamp(midline + (v < 0.0).to(probs.dtype), max=1.0)
-    bladder_off = ((u.abs() >= 0.35) | (v >= 0.3)).to(probs.dtype)
+    laterality = F.relu(liver_right - (1.0 - th.liver_right_frac)) * pres[:, LIVER]
+    kidney_midline = (u.abs() < th.kidney_lateral[0]).to(probs.dtype)
+    kidney_off = torch.clamp(kidney_midline + (v < th.kidney_min_v).to(probs.dtype), max=1.0)
+    bladder_off = ((u.abs() >= th.bladder_lateral) | (v >= th.bladder_max_v)).to(probs.dtype)
+    lung_midline = (u.abs() < th.lung_spine_gap).to(probs.dtype)
     position = (_mass_fraction(probs[:, KIDNEYS], kidney_off) * pres[:, KIDNEYS]
                 + _mass_fraction(probs[:, BLADDER], bladder_off) * pres[:, BLADDER]
-                + _mass_fraction(probs[:, LUNGS], midline) * pres[:, LUNGS])
-    spine_region = ((u.abs() < 0.2) & (v > 0.05)).to(probs.dtype)
+                + _mass_fraction(probs[:, LUNGS], lung_midline) * pres[:, LUNGS])
+    spine_region = ((u.abs() < th.spine_half_width) & (v > th.spine_min_v)).to(probs.dtype)
     spine = 1.0 - soft_presence((probs[:, BONE] * spine_region)[:, None])[:, 0]
     return {"co_occurrence": co, "laterality": laterality, "position": position, "spine": spine,
             **generic_terms(probs)}
