@@ -250,3 +250,24 @@ def test_anatomy_measures_json():
     assert out["levels"]["tv"] == 0.25
     bare = D.anatomy_measures(real[:3], fake[:3], 3)
     assert bare["prdc"] is None and "variants" not in bare and bare["w1"]["area"]["summary"] is None
+
+
+def test_presence_distance_same_bits_in_every_process():
+    """The pattern distance sums over patterns in a fixed order, so two processes (different string hashing)
+    report the same bits: a benchmark re-run with the same seeds gives the same numbers."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from ldm.evaluation import descriptors as D; r = np.random.default_rng(3); "
+            "a = r.random((400, 9)) < 0.4; b = r.random((300, 9)) < 0.3; d = D.presence_distance(a, b); "
+            "print(d['tv'].hex(), d['js'].hex())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = set()
+    for seed in ("1", "2", "3", "4"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+    assert len(outs) == 1
+    tv, js = (float.fromhex(x) for x in outs.pop().split())
+    assert 0.0 < js <= 1.0 and 0.0 < tv <= 1.0

@@ -174,7 +174,7 @@ def _distribution(labels: Iterable[Any]) -> dict[Any, float]:
 def _tv_js(p: Mapping[Any, float], q: Mapping[Any, float]) -> tuple[Optional[float], Optional[float]]:
     if not p or not q:
         return None, None
-    keys = set(p) | set(q)
+    keys = sorted(set(p) | set(q), key=repr)  # a fixed order: the sums do not depend on string hashing
     a = np.array([p.get(k, 0.0) for k in keys])
     b = np.array([q.get(k, 0.0) for k in keys])
     tv = 0.5 * float(np.abs(a - b).sum())
