@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import common  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 # ops that wait for the device on a GPU, whatever their arguments
 SYNC_OPS = frozenset({"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.unique", "aten._unique",
@@ -176,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="JSON path (default bench/out/anatomical_overhead_<size>.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
+    device = resolve_device(args.device)
     metric = common.default_metric(device)  # process CPU time on the CPU, wall time on CUDA
     batch = args.batch or (4 if args.size == "tiny" else 1)
     models = {kind: build(kind, args.size, device) for kind in ("plain", "anatomical")}

@@ -48,7 +48,10 @@ from anatomy_report import write_outputs  # noqa: E402
 from ldm.cli_flags import THREADS_HELP  # noqa: E402
 from ldm.evaluation.segmenter import load_segmenter, save_segmenter, segment, train_segmenter  # noqa: E402
 from ldm.threads import configure_threads  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.atomic_io import write_json  # noqa: E402
+from ldm.checkpoints import load_weights  # noqa: E402
+from ldm.training.scripted import scripted_trainer  # noqa: E402
+from ldm.util import instantiate_from_config, resolve_device  # noqa: E402
 
 logger = logging.getLogger("anatomy")
 NOISE_SEED = 1234  # start noise shared by every arm and training seed
@@ -87,14 +90,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch.cuda.is_available() is False; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -102,10 +97,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _jdump(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1)
 
 
 class Busy(Exception):
@@ -201,10 +193,9 @@ def _fit_first_stage(config: dict, lr: float, steps_per_batch: int, preset: am.P
     loader = DataLoader(am.TensorSlices(train["image"], train["segmentation"]), batch_size=preset.ae_batch,
                         sampler=am.StreamSampler(len(train["image"]), preset.ae_steps * preset.ae_batch, 0),
                         drop_last=True)
-    trainer = pl.Trainer(**am.trainer_kwargs(device, steps_per_batch * preset.ae_steps, progress))
+    trainer = scripted_trainer(device, steps_per_batch * preset.ae_steps, progress=progress)
     trainer.fit(model, loader)
-    trainer.save_checkpoint(ckpt + ".tmp")
-    os.replace(ckpt + ".tmp", ckpt)
+    trainer.save_checkpoint(ckpt)  # atomic (scripted_trainer)
     return model.eval().to(device)
 
 
@@ -232,7 +223,7 @@ def train_mask_autoencoder(preset: am.Preset, train: dict, out: str, device: tor
         info = _jload(scale_path)
         if "validation_reconstruction_dice" not in info:  # a run made before it was measured
             model = instantiate_from_config(am.mask_autoencoder_config(preset))
-            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+            load_weights(model, ckpt, strict=True)
             info["validation_reconstruction_dice"] = _mask_reconstruction_dice(model.eval().to(device), preset,
                                                                                device)
             _jdump(info, scale_path)
@@ -531,7 +522,7 @@ def quiet_training_logs() -> Iterator[None]:
 
 def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     try:
-        device = _device(args.device)
+        device = resolve_device(args.device)
         configure_threads(args.threads, device.type == "cpu")
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         unknown = [a for a in arms if a not in am.ARMS]

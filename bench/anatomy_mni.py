@@ -53,6 +53,7 @@ from ldm.evaluation.anatomy import dice_per_class  # noqa: E402
 from ldm.evaluation.metrics import (PixelFeatureExtractor, extract_features, fid_from_features,  # noqa: E402
                                    histogram_distance)
 from ldm.evaluation.segmenter import load_segmenter, save_segmenter, segment, train_segmenter  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 logger = logging.getLogger("anatomy_mni")
 CLASSES = ("background", "grey_matter", "white_matter")
@@ -385,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     try:
-        device = bench._device(args.device)
+        device = resolve_device(args.device)
         configure_threads(args.threads, device.type == "cpu")
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         unknown = [a for a in arms if a not in ARMS]

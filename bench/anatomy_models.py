@@ -22,7 +22,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ldm.checkpoints import load_weights
 from ldm.data.phantom import PhantomDataset
+from ldm.training.scripted import scripted_trainer
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -322,10 +324,10 @@ class _Clock(pl.Callback):
     def _maybe_save(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
         if step in self.save_at and not os.path.isfile(self.save_at[step]):
-            _atomic_save(trainer, self.save_at[step])
+            trainer.save_checkpoint(self.save_at[step])  # atomic (scripted_trainer)
         if (self.equal_time_s is not None and self.equal_time_step is None and self.seconds >= self.equal_time_s):
             self.equal_time_step = step
-            _atomic_save(trainer, self.equal_time_path)
+            trainer.save_checkpoint(self.equal_time_path)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         self._maybe_save(trainer)  # EMA has seen every finished step here
@@ -343,19 +345,6 @@ class _Clock(pl.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seconds, self.equal_time_step = float(state["seconds"]), state["equal_time_step"]
-
-
-def _atomic_save(trainer: pl.Trainer, path: str) -> None:
-    tmp = path + ".tmp"
-    trainer.save_checkpoint(tmp)
-    os.replace(tmp, path)
-
-
-def trainer_kwargs(device: torch.device, steps: int, progress: bool) -> dict[str, Any]:
-    return {"accelerator": "gpu" if device.type == "cuda" else "cpu", "devices": 1, "max_steps": steps,
-            "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-            "enable_progress_bar": progress, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-            "precision": "bf16-mixed" if device.type == "cuda" else "32-true"}
 
 
 def train_ldm(config: dict[str, Any], data: dict[str, torch.Tensor], preset: Preset, seed: int, out_dir: str,
@@ -385,12 +374,12 @@ def train_ldm(config: dict[str, Any], data: dict[str, torch.Tensor], preset: Pre
     model.learning_rate = preset.lr
     # scale_by_std: the benchmark already measured 1/std over the whole training set (the config's
     # scale_factor), the same for every arm, so the first-batch estimate must not replace it
-    model._scale_factor_fixed = True
+    model.keep_scale_factor()
     clock = _Clock(save_at, equal_time_s, eq_path)
     loader = DataLoader(TensorSlices(data["image"], data["segmentation"]), batch_size=preset.batch,
                         sampler=StreamSampler(len(data["image"]), steps * preset.batch, seed, start * preset.batch),
                         drop_last=True, num_workers=0)
-    trainer = pl.Trainer(callbacks=[clock], **trainer_kwargs(device, steps, progress))
+    trainer = scripted_trainer(device, steps, [clock], progress)
     trainer.fit(model, loader, ckpt_path=resume)
     info = {"train_seconds": clock.seconds, "resumed_from_step": start,
             "checkpoints": {str(s): p for s, p in sorted(save_at.items())},
@@ -406,7 +395,7 @@ def train_ldm(config: dict[str, Any], data: dict[str, torch.Tensor], preset: Pre
 def load_autoencoder(ckpt: str, preset: Preset, device: torch.device) -> torch.nn.Module:
     """The benchmark's trained autoencoder (strict load), in eval mode on ``device``."""
     model = instantiate_from_config(autoencoder_config(preset))
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=True)
+    load_weights(model, ckpt, strict=True)
     return model.to(device).eval()
 
 
@@ -417,8 +406,7 @@ def load_trained(config: dict[str, Any], ckpt: str, device: torch.device) -> tor
     if "joint_mask_config" in cfg["params"]:
         cfg["params"]["joint_mask_config"]["params"].pop("ckpt_path", None)
     model = instantiate_from_config(cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(state, strict=True)
+    load_weights(model, ckpt, strict=True)
     return model.to(device).eval()
 
 

@@ -40,7 +40,8 @@ from tqdm import tqdm  # noqa: E402
 
 import anatomy_eval as ev  # noqa: E402
 import anatomy_models as am  # noqa: E402
-from anatomy import NOISE_SEED, _device, _device_name, _jdump, _jload  # noqa: E402
+from anatomy import NOISE_SEED, _device_name, _jdump, _jload  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 from anatomy_stats import mcnemar, paired_bootstrap, wilson  # noqa: E402
 from ldm.cli_flags import THREADS_HELP  # noqa: E402
 from ldm.threads import configure_threads  # noqa: E402
@@ -218,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"-n and --batch must be >= 1, got {args.samples} and {args.batch}")
         preset, cal = load_run(args.out)
         ckpt, step = checkpoint(args.out, args.arm, args.seed, args.step, preset)
-        device = _device(args.device)
+        device = resolve_device(args.device)
     except ValueError as err:
         print(f"anatomy_samplers.py: error: {err}", file=sys.stderr)
         return 2

@@ -55,7 +55,9 @@ import torch  # noqa: E402
 import anatomy_models as am  # noqa: E402
 import capacity  # noqa: E402
 import records as rec  # noqa: E402
-from anatomy import Busy, _device, _device_name, _jdump, _jload, exclusive, quiet_training_logs  # noqa: E402
+from anatomy import Busy, _device_name, _jdump, _jload, exclusive, quiet_training_logs  # noqa: E402
+from ldm.atomic_io import save_torch  # noqa: E402
+from ldm.checkpoints import read_checkpoint  # noqa: E402
 from ldm.cli_flags import THREADS_HELP  # noqa: E402
 from ldm.data import phantom_v2 as pv2  # noqa: E402
 from ldm.data.anatomy_check_v2 import RULES_V2, check_anatomy_v2  # noqa: E402
@@ -63,6 +65,7 @@ from ldm.evaluation.descriptors import anatomy_measures, mask_descriptors  # noq
 from ldm.evaluation.segmenter import load_segmenter, save_segmenter, segment, train_segmenter  # noqa: E402
 from ldm.models.latent_cache import posterior_moments  # noqa: E402
 from ldm.threads import configure_threads  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 logger = logging.getLogger("anatomy_v2")
 NUM_CLASSES = pv2.NUM_CLASSES_V2
@@ -378,9 +381,8 @@ def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.de
     with exclusive(moments_path):
         if not os.path.isfile(moments_path):
             ae = am.load_autoencoder(ae_ckpt, preset, device)
-            torch.save({"moments": posterior_moments(ae, train["image"])}, moments_path + ".tmp")
-            os.replace(moments_path + ".tmp", moments_path)
-    moments = torch.load(moments_path, map_location="cpu", weights_only=True)["moments"]
+            save_torch({"moments": posterior_moments(ae, train["image"])}, moments_path)
+    moments = read_checkpoint(moments_path)["moments"]
     cal_path = os.path.join(sdir, "calibration.json")
     with exclusive(cal_path):
         cal = _jload(cal_path) if os.path.isfile(cal_path) else calibrate(preset, protocol, train, test, ae_ckpt,
@@ -557,7 +559,7 @@ def _main(args: argparse.Namespace) -> int:
             written = write_report(args.out, rec.collect(args.report, args.protocol_hash))
             logger.info("wrote %s", written)
             return 0
-        device = _device(args.device)
+        device = resolve_device(args.device)
         configure_threads(args.threads, device.type == "cpu")
         name, preset, arms, seeds, noise, claim = resolve(args, device, protocol)
     except ValueError as err:

@@ -25,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from ldm.threads import configure_threads  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 OUT_DIR = os.path.join(ROOT, "bench", "out")
 PLAIN_CONFIG = os.path.join("configs", "latent-diffusion", "ctorgan_unconditional_kl.yaml")
@@ -69,18 +70,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch.cuda.is_available() is False; use --device cpu or auto")
-    return torch.device(name)
-
-
 def setup(args: argparse.Namespace) -> torch.device:
     """Device, seed and threads: on CPU one thread unless ``--threads`` says otherwise, so that the
     process CPU time the ratios use is not inflated by worker threads busy-waiting."""
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     configure_threads(args.threads or (1 if device.type == "cpu" else "auto"), device.type == "cpu")
     torch.manual_seed(0)
     return device

@@ -647,9 +647,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"downstream.py: error: {err}", file=sys.stderr)
         return 2
-    from anatomy import _device, _device_name, quiet_training_logs
+    from anatomy import _device_name, quiet_training_logs
+    from ldm.util import resolve_device
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -51,6 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from ldm.checkpoints import read_checkpoint  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 SECTIONS = ("env", "train", "registers", "sampling", "anatomy", "tests", "main")
 REGISTER_VARIANTS = ("plain", "shipped", "lean", "lean_low")
@@ -67,7 +69,7 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dry = bool(args.cpu_dry_run)
-        self.device = torch.device("cpu") if self.dry else common.pick_device("cuda")
+        self.device = torch.device("cpu") if self.dry else resolve_device("cuda")
         self.start = time.monotonic()
         self.deadline = self.start + args.budget_s
         self.out = os.path.abspath(args.out)
@@ -383,8 +385,7 @@ def _latest_run(logdir: str, name: str) -> str:
 
 
 def _global_step(ckpt: str) -> int:
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return int(state["global_step"])
+    return int(read_checkpoint(ckpt)["global_step"])
 
 
 def _logged_losses(run: str) -> list[float]:

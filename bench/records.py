@@ -23,6 +23,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from ldm.atomic_io import write_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTOCOL_PATH = os.path.join(HERE, "PROTOCOL.md")
 RECORDS_DIR = os.path.join(HERE, "records")
@@ -80,17 +82,7 @@ def code_commit(root: Optional[str] = None) -> dict[str, Any]:
 
 def _atomic_bytes(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes(path, data)
 
 
 def write_record(directory: str, record: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from ldm.util import resolve_device  # noqa: E402
 
 SIZES = ("quick", "cpu", "mid", "ctorgan")
 VARIANTS = ("plain", "shipped", "width", "width+level", "lean", "lean_low", "lean_head1")
@@ -207,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     size, reps = ("quick", 1) if args.quick else (args.size, args.reps)
     variants = args.variants.split(",") if args.variants else None
-    result = run(size, variants, args.batch, reps, common.pick_device(args.device), timing=not args.no_timing)
+    result = run(size, variants, args.batch, reps, resolve_device(args.device), timing=not args.no_timing)
     text = markdown(result)
     print(text)
     out = args.out or os.path.join(common.OUT_DIR, f"register_cost_{size}.json")

@@ -113,11 +113,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     import anatomy_models as am
     import anatomy_v2 as av2
     import records as rec
-    from anatomy import _device, _device_name
+    from anatomy import _device_name
     from downstream import run_first_stage, run_preset
     from ldm.atomic_io import write_json, write_text
     from ldm.evaluation.segmenter import load_segmenter, train_segmenter
-    from ldm.util import instantiate_from_config
+    from ldm.util import instantiate_from_config, resolve_device
 
     try:
         seeds = av2._seed_list(args.seeds)
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"sampler_steps_v2.py: error: {err}", file=sys.stderr)
         return 2
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     protocol = rec.load_protocol()

@@ -111,15 +111,18 @@ def check_fits(module: nn.Module, sd: Mapping[str, Any], source: str, allow_unex
 
 def load_weights(module: nn.Module, checkpoint: Union[str, Mapping[str, torch.Tensor]], *,
                  ignore_keys: Sequence[str] = (), only_model: bool = False, allow_unexpected: bool = False,
-                 required: Optional[Callable[[str], bool]] = None,
-                 source: Optional[str] = None) -> tuple[list[str], list[str]]:
+                 required: Optional[Callable[[str], bool]] = None, source: Optional[str] = None,
+                 strict: bool = False) -> tuple[list[str], list[str]]:
     """Load ``checkpoint`` (a path for :func:`read_state_dict`, or a state dict) into ``module``.
 
     Keys starting with any of ``ignore_keys`` are dropped first; ``only_model`` loads into ``module.model``
     (accepting its own keys or the full model's ``model.*`` keys). Tensors of other shapes, keys the module lacks
     (unless ``allow_unexpected``) and missing keys for which ``required(key)`` is true raise
-    :class:`CheckpointMismatchError` before anything is loaded. Returns ``(missing, unexpected)``, both logged.
+    :class:`CheckpointMismatchError` before anything is loaded; ``strict`` requires every key (as
+    ``load_state_dict(strict=True)``). Returns ``(missing, unexpected)``, both logged.
     """
+    if strict:
+        allow_unexpected, required = False, (lambda key: True)
     source = source or (checkpoint if isinstance(checkpoint, str) else "state dict")
     sd = read_state_dict(checkpoint) if isinstance(checkpoint, str) else dict(checkpoint)
     prefixes = tuple(ignore_keys)

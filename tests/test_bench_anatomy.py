@@ -353,13 +353,13 @@ def test_mask_autoencoder_steps_and_validation_dice(tmp_path, monkeypatch):
     import anatomy
 
     steps_seen = []
-    real_kwargs = am.trainer_kwargs
+    real_trainer = anatomy.scripted_trainer
 
-    def trainer_kwargs(device, steps, progress):
+    def scripted_trainer(device, steps, *args, **kwargs):
         steps_seen.append(steps)
-        return real_kwargs(device, steps, progress)
+        return real_trainer(device, steps, *args, **kwargs)
 
-    monkeypatch.setattr(am, "trainer_kwargs", trainer_kwargs)
+    monkeypatch.setattr(anatomy, "scripted_trainer", scripted_trainer)
     preset = dataclasses.replace(am.PRESETS["quick"], mask_ae_steps=5)
     train = am.phantom_split(preset, "train")
     ckpt, scale = anatomy.train_mask_autoencoder(preset, train, str(tmp_path), torch.device("cpu"), False)

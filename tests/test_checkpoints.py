@@ -35,6 +35,14 @@ def test_load_weights_rules():
     assert missing == [] and unexpected == ["extra"] and torch.equal(dst.weight, src.weight)
     with pytest.raises(RuntimeError, match="other shapes"):  # a ValueError and a RuntimeError
         load_weights(dst, {"weight": torch.zeros(3, 2)})
+    # strict: every key both ways, as load_state_dict(strict=True), and nothing loaded on a mismatch
+    before = dst.weight.detach().clone()
+    with pytest.raises(CheckpointMismatchError, match="lacks 1 weights"):
+        load_weights(dst, {"weight": torch.ones(2, 2)}, strict=True)
+    with pytest.raises(CheckpointMismatchError, match="does not have"):
+        load_weights(dst, {**sd, "extra": torch.zeros(1)}, allow_unexpected=True, strict=True)
+    assert torch.equal(dst.weight, before)
+    assert load_weights(dst, torch.nn.Linear(2, 2).state_dict(), strict=True) == ([], [])
 
 
 def test_locate_run(tmp_path):

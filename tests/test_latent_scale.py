@@ -68,3 +68,16 @@ def test_no_warning_near_unit_variance_or_with_scale_by_std(caplog):
             torch.manual_seed(3)
             model.on_train_batch_start(data, 0)
     assert not any(WARNING in r.getMessage() for r in caplog.records)
+
+
+def test_keep_scale_factor_skips_the_first_batch_estimate():
+    """``scale_by_std`` sets ``scale_factor`` from the first batch unless the caller keeps the configured one
+    (the benchmark measures it over the whole training set first)."""
+    data = _batch()
+    estimated = _model(scale_by_std=True, scale_factor=0.5)
+    estimated.on_train_batch_start(data, 0)
+    assert float(estimated.scale_factor) != 0.5
+    kept = _model(scale_by_std=True, scale_factor=0.5)
+    kept.keep_scale_factor()
+    kept.on_train_batch_start(data, 0)
+    assert float(kept.scale_factor) == 0.5

@@ -140,6 +140,11 @@ class ScaleByStdMixin:
     ``_scale_factor_fixed``, ``encode_first_stage`` and ``_raw_latent``).
     """
 
+    def keep_scale_factor(self) -> None:
+        """Keep the configured ``scale_factor`` (no first-batch estimate), e.g. when it was measured over the whole
+        training set beforehand."""
+        self._scale_factor_fixed = True
+
     @staticmethod
     def note_loaded_scale_factor(module: Any, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         """A ``load_state_dict`` pre-hook: a loaded ``scale_factor`` is kept, not recomputed."""
