@@ -85,6 +85,12 @@ def test_bad_terms_are_value_errors(terms, match):
         instantiate_from_config(tiny_config(anatomical_loss_terms=terms))
 
 
+def test_loss_terms_and_the_shipped_term_parameters_together_are_refused():
+    """Naming the terms and also choosing them with the shipped parameters would drop the latter silently."""
+    with pytest.raises(ValueError, match="names the terms itself"):
+        instantiate_from_config(tiny_config(anatomical_loss_terms={"segmentation_ce": 1.0}, alignment_target="soft"))
+
+
 def test_timestep_weighting_needs_the_schedule():
     logits, attention, mask = _inputs()
     objective = ao.AnatomicalObjective(6, timestep_weighting="alpha_bar")

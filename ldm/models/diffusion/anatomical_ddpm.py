@@ -143,6 +143,10 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         if label_set is not None and self.use_anatomy:
             self.label_set.check_num_classes(self.num_anatomical_classes, "the UNet (num_anatomical_classes)")
         terms = shipped_terms(segmentation_loss, alignment_target, attention_alignment_weight)
+        if anatomical_loss_terms is not None and terms != shipped_terms():
+            raise ValueError(f"anatomical_loss_terms {dict(anatomical_loss_terms)} names the terms itself; remove "
+                             f"segmentation_loss, alignment_target and attention_alignment_weight (they name {terms}), "
+                             "or anatomical_loss_terms")
         self.objective = AnatomicalObjective(
             self.num_anatomical_classes if self.use_anatomy else 0, self.anatomical_ignore_index,
             terms if anatomical_loss_terms is None else anatomical_loss_terms, anatomical_class_weights,
