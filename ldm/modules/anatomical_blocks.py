@@ -10,6 +10,9 @@
   predicts the ``f x f`` sub-pixels of every class, rearranged by pixel shuffle (Shi et al. 2016, "Real-time
   single image and video super-resolution using an efficient sub-pixel convolutional neural network"), so no
   convolution runs above the latent resolution (the lean design, ``mask_decoder: pixel_shuffle``).
+
+Every layer takes 1, 2 or 3 spatial dimensions (``dims`` for the mask heads, as ``UNetModel``'s; the register read
+pools whatever it is given); the docstrings write the 2D shapes.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.modules.diffusionmodules.util import adaptive_avg_pool_nd, conv_nd
 
 
 def check_upsample_factor(value: int, head: str) -> int:
@@ -74,9 +79,10 @@ class RegisterReadAttention(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def pooled_size(self, height: int, width: int) -> tuple[int, int]:
-        """Grid the features are pooled to before the registers read them."""
-        return min(int(height), self.pool_size), min(int(width), self.pool_size)
+    def pooled_size(self, *sizes: int) -> tuple[int, ...]:
+        """Grid the features of spatial size ``sizes`` (height, width; or depth, height, width) are pooled to
+        before the registers read them."""
+        return tuple(min(int(s), self.pool_size) for s in sizes)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -88,7 +94,7 @@ class RegisterReadAttention(nn.Module):
         b, ch = h.shape[:2]
         if ch != self.channels:
             raise ValueError(f"RegisterReadAttention built for {self.channels} channels got {ch}")
-        pooled = F.adaptive_avg_pool2d(h, self.pooled_size(*h.shape[-2:]))
+        pooled = adaptive_avg_pool_nd(h, self.pooled_size(*h.shape[2:]))
         feats = self.norm_features(pooled.flatten(2).transpose(1, 2))  # [B, n, ch]
         k = self.to_k(feats)
         if self.pos_proj is not None:
@@ -113,22 +119,24 @@ class AnatomicalMaskDecoder(nn.Module):
         num_classes: output classes ``C``.
         upsample_factor: power of two >= 2 (the first stage's downsampling factor for image-size masks).
         min_channels: narrowest stage.
+        dims: spatial dimensions (2: slices, 3: volumes).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, upsample_factor: int, min_channels: int = 16) -> None:
+    def __init__(self, in_channels: int, num_classes: int, upsample_factor: int, min_channels: int = 16,
+                 dims: int = 2) -> None:
         super().__init__()
         factor = self.upsample_factor = check_upsample_factor(upsample_factor, "mask decoder")
         self.trunk = nn.Sequential(nn.GroupNorm(num_groups(in_channels), in_channels, eps=1e-6), nn.SiLU(),
-                                   nn.Conv2d(in_channels, in_channels, 3, padding=1))
+                                   conv_nd(dims, in_channels, in_channels, 3, padding=1))
         stages, ch = [], int(in_channels)
         for _ in range(int(math.log2(factor))):
             out_ch = max(ch // 2, int(min_channels))
             stages.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                        nn.Conv2d(ch, out_ch, 3, padding=1),
+                                        conv_nd(dims, ch, out_ch, 3, padding=1),
                                         nn.GroupNorm(num_groups(out_ch), out_ch, eps=1e-6), nn.SiLU()))
             ch = out_ch
         self.stages = nn.Sequential(*stages)
-        self.out = nn.Conv2d(ch, int(num_classes), 1)
+        self.out = conv_nd(dims, ch, int(num_classes), 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C, f*h, f*w]`` for features ``[B, in_channels, h, w]``."""
@@ -146,16 +154,33 @@ class PixelShuffleMaskHead(nn.Module):
         in_channels: channels of the decoder features (the UNet's ``model_channels``).
         num_classes: output classes ``C``.
         upsample_factor: power of two >= 2 (the first stage's downsampling factor for image-size masks).
+        dims: spatial dimensions (2: slices, 3: volumes; ``C * f**dims`` sub-cell logits per cell).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, upsample_factor: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, upsample_factor: int, dims: int = 2) -> None:
         super().__init__()
         factor = self.upsample_factor = check_upsample_factor(upsample_factor, "pixel-shuffle head")
         ch = int(in_channels)
-        self.trunk = nn.Sequential(nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+        self.trunk = nn.Sequential(nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU(),
+                                   conv_nd(dims, ch, ch, 3, padding=1),
                                    nn.GroupNorm(num_groups(ch), ch, eps=1e-6), nn.SiLU())
-        self.out = nn.Conv2d(ch, int(num_classes) * factor * factor, 1)
+        self.out = conv_nd(dims, ch, int(num_classes) * factor ** dims, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C, f*h, f*w]`` for features ``[B, in_channels, h, w]``."""
-        return F.pixel_shuffle(self.out(self.trunk(features)), self.upsample_factor)
+        return pixel_shuffle_nd(self.out(self.trunk(features)), self.upsample_factor)
+
+
+def pixel_shuffle_nd(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, C * f**d, s_1, ..., s_d] -> [B, C, f*s_1, ..., f*s_d]`` for d = 1, 2, 3 spatial dimensions: output
+    cell ``(f*s_1 + i_1, ..., f*s_d + i_d)`` of class ``c`` is input channel ``c*f**d + (i_1, ..., i_d)`` read
+    row-major (``F.pixel_shuffle`` for d = 2)."""
+    d, f = x.dim() - 2, int(factor)
+    if d == 2:
+        return F.pixel_shuffle(x, f)
+    b, cf, *sizes = x.shape
+    if d not in (1, 3) or cf % f ** d:
+        raise ValueError(f"pixel_shuffle_nd: channels {cf} of a {tuple(x.shape)} input are not C * {f}**{d}")
+    x = x.reshape(b, cf // f ** d, *([f] * d), *sizes)  # [B, C, i_1..i_d, s_1..s_d]
+    order = [0, 1] + [p for k in range(d) for p in (2 + d + k, 2 + k)]  # s_1, i_1, s_2, i_2, ...
+    return x.permute(*order).reshape(b, cf // f ** d, *(f * s for s in sizes))

@@ -11,13 +11,17 @@
 - :func:`timestep_weights`: per-sample weight ``lambda(t)`` of the anatomical losses: ``alpha_bar_t``, or
   ``min(SNR_t, 1)`` (the Min-SNR clamp, Hang et al. 2023, eq. 6 with gamma = 1), so that samples whose
   mask is nearly unpredictable (SNR << 1) count little.
+
+Masks are ``[B, *spatial]`` and maps ``[B, C, *spatial]`` with 1, 2 or 3 spatial dimensions (slices or volumes);
+the docstrings write the 2D shapes.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.util import adaptive_avg_pool_nd
 
 TIMESTEP_WEIGHTINGS = ("none", "alpha_bar", "snr")
 ALIGNMENT_TARGETS = ("majority", "soft")
@@ -51,7 +55,7 @@ def class_onehot(mask: torch.Tensor, num_classes: int, ignore_index: int) -> tor
     One comparison against ``arange(C)`` (``F.one_hot`` builds an int64 ``[B, H, W, C]`` tensor, 8x the bytes,
     and reads the mask's min and max back to the host on the CPU). Labels outside ``0..C-1`` match no class.
     """
-    classes = torch.arange(int(num_classes), device=mask.device).view(1, -1, 1, 1)
+    classes = torch.arange(int(num_classes), device=mask.device).view(1, -1, *([1] * (mask.dim() - 1)))
     onehot = mask.unsqueeze(1) == classes
     if 0 <= int(ignore_index) < int(num_classes):
         onehot = onehot & (mask != ignore_index).unsqueeze(1)
@@ -71,8 +75,8 @@ def soft_class_targets(mask: torch.Tensor, size: Sequence[int], num_classes: int
     size = tuple(int(s) for s in size)
     valid = mask != ignore_index
     onehot = class_onehot(mask, num_classes, ignore_index) if onehot is None else onehot
-    counts = F.adaptive_avg_pool2d(onehot.float(), size)  # share of each class among all pixels of a cell
-    labelled = F.adaptive_avg_pool2d(valid.unsqueeze(1).float(), size)[:, 0]
+    counts = adaptive_avg_pool_nd(onehot.float(), size)  # share of each class among all pixels of a cell
+    labelled = adaptive_avg_pool_nd(valid.unsqueeze(1).float(), size)[:, 0]
     fractions = counts / labelled.clamp_min(1e-12).unsqueeze(1)
     return torch.where(labelled.unsqueeze(1) > 0, fractions, torch.zeros_like(fractions)), labelled
 
@@ -84,14 +88,19 @@ def mode_downsample(mask: torch.Tensor, size: Sequence[int], num_classes: int, i
     mode for integer factors (adaptive average pooling of one-hot maps otherwise).
     """
     size = tuple(int(s) for s in size)
-    if tuple(mask.shape[-2:]) == size:
+    if tuple(mask.shape[1:]) == size:
         return mask
     valid = mask != ignore_index
     safe = torch.where(valid, mask, torch.full_like(mask, num_classes))
     onehot = class_onehot(safe, num_classes + 1, ignore_index=-1).float()  # channel C: the "ignore" votes
-    votes = F.adaptive_avg_pool2d(onehot, size)
+    votes = adaptive_avg_pool_nd(onehot, size)
     winner = votes.argmax(dim=1)
     return torch.where(winner == num_classes, torch.full_like(winner, ignore_index), winner)
+
+
+def _per_sample(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``weights [B]`` shaped to broadcast over ``like [B, *spatial]``, in its dtype."""
+    return weights.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor,
@@ -107,7 +116,7 @@ def soft_alignment_loss(attention: torch.Tensor, target: torch.Tensor, labelled:
     if target.shape != attention.shape:
         raise ValueError(f"alignment target {tuple(target.shape)} does not match the attention {tuple(attention.shape)}")
     ce = -(target * torch.log(attention.float().clamp_min(1e-6))).sum(dim=1)  # [B, h, w], finite
-    weights = labelled if sample_weights is None else labelled * sample_weights.view(-1, 1, 1).to(labelled.dtype)
+    weights = labelled if sample_weights is None else labelled * _per_sample(sample_weights, labelled)
     # nothing labelled: every weight is 0, so the sum is 0 and the clamp only avoids 0 / 0
     return (ce * weights).sum() / labelled.sum().clamp_min(1e-12)
 
@@ -132,7 +141,7 @@ def soft_dice_loss(probs: torch.Tensor, mask: torch.Tensor, ignore_index: int,
         if sample_weights is not None:
             raise ValueError("soft_dice_loss(pooled=True) pools the batch: it takes no sample_weights")
         p = probs * v
-        dims = (0, 2, 3)
+        dims = (0, *range(2, probs.dim()))
         inter = (p * onehot).sum(dims)[1:]
         denom = p.sum(dims)[1:] + onehot.sum(dims)[1:]
         return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
@@ -160,9 +169,9 @@ def mean_soft_alignment_loss(attentions: Sequence[torch.Tensor], mask: torch.Ten
     """
     if not attentions:
         raise ValueError("mean_soft_alignment_loss needs at least one attention map")
-    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for attention in attentions:
-        groups.setdefault((int(attention.shape[-2]), int(attention.shape[-1])), []).append(attention)
+        groups.setdefault(tuple(int(s) for s in attention.shape[2:]), []).append(attention)
     terms = []
     for size, maps in groups.items():
         target, labelled = soft_class_targets(mask, size, num_classes, ignore_index, onehot=onehot)
@@ -171,7 +180,7 @@ def mean_soft_alignment_loss(attentions: Sequence[torch.Tensor], mask: torch.Ten
             raise ValueError(f"alignment target {tuple(target.shape)} does not match the attention "
                              f"{tuple(stacked.shape[1:])}")
         ce = -(target * torch.log(stacked.float().clamp_min(1e-6))).sum(dim=2)  # [L, B, h, w]
-        weights = labelled if sample_weights is None else labelled * sample_weights.view(-1, 1, 1).to(labelled.dtype)
+        weights = labelled if sample_weights is None else labelled * _per_sample(sample_weights, labelled)
         # nothing labelled: every weight is 0, so each sum is 0 and the clamp only avoids 0 / 0
         terms.append((ce * weights).flatten(1).sum(dim=1) / labelled.sum().clamp_min(1e-12))  # [L]
     return torch.cat(terms).mean()

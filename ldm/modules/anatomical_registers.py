@@ -22,40 +22,47 @@ from torch import nn
 
 
 class SpatialPositionEncoding(nn.Module):
-    """Resolution-agnostic 2D position codes for query pixels.
+    """Resolution-agnostic position codes for query pixels (voxels in 3D).
 
-    Pixel centres are mapped to ``[-1, 1]`` in both directions, whatever the feature map's size, and
-    encoded as ``(x, y, sin(2^k pi x), cos(2^k pi x), sin(2^k pi y), cos(2^k pi y))`` for
-    ``k = 0 .. num_frequencies - 1``. The same physical location gets the same code at every UNet level.
-    There are no learnable parameters; each attention layer learns its own projection of the codes.
+    Pixel centres are mapped to ``[-1, 1]`` along every axis, whatever the feature map's size, and
+    encoded as ``(x, y, sin(2^k pi x) for every k, sin(2^k pi y) ..., cos(2^k pi x) ..., cos(2^k pi y) ...)`` for
+    ``k = 0 .. num_frequencies - 1`` (x along the last axis, y the one before, z the first of three). The same
+    physical location gets the same code at every UNet level. There are no learnable parameters; each attention
+    layer learns its own projection of the codes.
 
     Args:
-        num_frequencies: number of octaves ``k``; the code has ``2 + 4 * num_frequencies`` channels.
+        num_frequencies: number of octaves ``k``; the code has ``dims * (1 + 2 * num_frequencies)`` channels.
+        dims: spatial dimensions (2: slices, 3: volumes).
     """
 
-    def __init__(self, num_frequencies: int = 4) -> None:
+    def __init__(self, num_frequencies: int = 4, dims: int = 2) -> None:
         super().__init__()
         if num_frequencies < 0:
             raise ValueError(f"num_frequencies must be >= 0, got {num_frequencies}")
+        if dims not in (1, 2, 3):
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         self.num_frequencies = int(num_frequencies)
+        self.dims = int(dims)
         freqs = math.pi * (2.0 ** torch.arange(self.num_frequencies, dtype=torch.float32))
         self.register_buffer("frequencies", freqs, persistent=False)
 
     @property
     def dim(self) -> int:
-        return 2 + 4 * self.num_frequencies
+        return self.dims * (1 + 2 * self.num_frequencies)
 
-    def forward(self, height: int, width: int, device: Optional[torch.device] = None,
+    def forward(self, *sizes: int, device: Optional[torch.device] = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Codes for a ``height x width`` grid, row-major, shape ``[height * width, dim]``."""
+        """Codes for a grid of ``sizes`` (height, width; or depth, height, width), row-major, shape
+        ``[prod(sizes), dim]``."""
+        if len(sizes) != self.dims:
+            raise ValueError(f"SpatialPositionEncoding(dims={self.dims}) got a grid of {len(sizes)} sizes {sizes}")
         device = self.frequencies.device if device is None else device
-        ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2.0 - 1.0
-        xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2.0 - 1.0
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        coords = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # [N, 2]
+        axes = [(torch.arange(int(n), device=device, dtype=torch.float32) + 0.5) / int(n) * 2.0 - 1.0 for n in sizes]
+        grids = torch.meshgrid(*axes, indexing="ij")
+        coords = torch.stack([g.reshape(-1) for g in reversed(grids)], dim=-1)  # [N, dims]: x, y(, z)
         parts = [coords]
         if self.num_frequencies:
-            angles = coords[:, :, None] * self.frequencies.to(device)[None, None, :]  # [N, 2, F]
+            angles = coords[:, :, None] * self.frequencies.to(device)[None, None, :]  # [N, dims, F]
             parts += [torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)]
         return torch.cat(parts, dim=-1).to(dtype)
 

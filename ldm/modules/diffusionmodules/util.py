@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
@@ -312,6 +313,15 @@ def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """``nn.Conv1d``/``Conv2d``/``Conv3d`` for ``dims`` 1/2/3."""
     _check_dims(dims)
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+
+
+def adaptive_avg_pool_nd(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Adaptive average pooling of ``x [B, C, *spatial]`` to ``size`` (1, 2 or 3 spatial dimensions, one per entry)."""
+    size = tuple(int(s) for s in size)
+    _check_dims(len(size))
+    if x.dim() != len(size) + 2:
+        raise ValueError(f"adaptive_avg_pool_nd: a [B, C] + {len(size)}-d input for size {size}, got {tuple(x.shape)}")
+    return (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1](x, size)
 
 
 def linear(*args: Any, **kwargs: Any) -> nn.Module:
