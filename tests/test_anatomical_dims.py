@@ -122,3 +122,19 @@ def test_position_codes_in_2d_and_3d():
     assert codes3[1 * 8 + 0 * 4 + 3, :3].tolist() == pytest.approx([0.75, -0.5, 0.5])
     with pytest.raises(ValueError, match="dims=3"):
         enc3(4, 4)
+
+
+def test_volume_masks_from_a_batch():
+    from ldm.data.batch import masks_from_batch
+    from ldm.modules.anatomical_objective import batch_masks
+
+    vol = torch.randint(0, 3, (2, 3, 4, 5))
+    batch = {"segmentation": vol.unsqueeze(-1).int(), "has_segmentation": torch.tensor([True, False])}
+    mask = masks_from_batch(batch, "segmentation", IGNORE, dims=3)
+    assert mask.shape == (2, 3, 4, 5) and mask.dtype == torch.long
+    assert torch.equal(mask[0], vol[0]) and bool((mask[1] == IGNORE).all())
+    assert torch.equal(batch_masks(batch, "segmentation", IGNORE, bs=1, dims=3), vol[:1])
+    with pytest.raises(ValueError, match=r"\[B, D, H, W\]"):
+        masks_from_batch({"segmentation": vol[:, 0]}, "segmentation", IGNORE, dims=3)
+    with pytest.raises(ValueError, match=r"\[B, H, W\]"):
+        masks_from_batch({"segmentation": vol}, "segmentation", IGNORE)

@@ -59,22 +59,24 @@ def item_channels_first(x: Any) -> torch.Tensor:
     return (x.permute(2, 0, 1) if x.shape[2] < x.shape[0] else x).contiguous().float()
 
 
-def masks_from_batch(batch: Mapping[str, Any], key: str, ignore_index: int) -> torch.Tensor:
-    """``batch[key]`` as int64 ``[B, H, W]`` (``B, H, W, 1`` squeezed); examples whose ``has_segmentation`` is false
-    become all ``ignore_index``. ``ValueError`` for a missing key, another shape or float values. The one reader of a
-    batch's masks: the anatomical LDM, the joint mode and the mask autoencoder use it."""
+def masks_from_batch(batch: Mapping[str, Any], key: str, ignore_index: int, dims: int = 2) -> torch.Tensor:
+    """``batch[key]`` as int64 ``[B, H, W]`` (``dims`` 3: ``[B, D, H, W]``; a trailing channel of 1 squeezed);
+    examples whose ``has_segmentation`` is false become all ``ignore_index``. ``ValueError`` for a missing key,
+    another shape or float values. The one reader of a batch's masks: the anatomical LDM, the joint mode and the
+    mask autoencoder use it."""
     if key not in batch:
         raise ValueError(f"batch has no key {key!r} (mask_key); it has {sorted(batch)}")
     mask = torch.as_tensor(batch[key])
-    if mask.ndim == 4 and mask.shape[-1] == 1:
+    if mask.ndim == dims + 2 and mask.shape[-1] == 1:
         mask = mask[..., 0]
-    if mask.ndim != 3:
-        raise ValueError(f"batch[{key!r}] must be [B, H, W] integer masks, got shape {tuple(mask.shape)}")
+    if mask.ndim != dims + 1:
+        layout = "[B, H, W]" if dims == 2 else "[B, D, H, W]" if dims == 3 else f"[B] + {dims} spatial sizes"
+        raise ValueError(f"batch[{key!r}] must be {layout} integer masks, got shape {tuple(mask.shape)}")
     if mask.is_floating_point():
         raise ValueError(f"batch[{key!r}] must hold integer class ids, got dtype {mask.dtype}")
     mask = mask.long()
     has = batch.get("has_segmentation")
     if has is not None:
-        has = torch.as_tensor(has, device=mask.device).bool().view(-1)
-        mask = torch.where(has[:, None, None], mask, torch.full_like(mask, ignore_index))
+        has = torch.as_tensor(has, device=mask.device).bool().view(-1, *([1] * dims))
+        mask = torch.where(has, mask, torch.full_like(mask, ignore_index))
     return mask

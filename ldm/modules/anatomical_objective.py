@@ -35,12 +35,12 @@ DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
 
 # ------------------------------------------------------------------------------------------------- targets
 def batch_masks(batch: Mapping[str, Any], key: str, ignore_index: int,
-                bs: Optional[int] = None) -> Optional[torch.Tensor]:
-    """The batch's masks ``[B, H, W]`` as int64 on the device they came on, examples without ``has_segmentation``
-    set to ``ignore_index``; ``None`` when the batch has no ``key``."""
+                bs: Optional[int] = None, dims: int = 2) -> Optional[torch.Tensor]:
+    """The batch's masks ``[B, H, W]`` (``dims`` 3: ``[B, D, H, W]``) as int64 on the device they came on,
+    examples without ``has_segmentation`` set to ``ignore_index``; ``None`` when the batch has no ``key``."""
     if key not in batch:
         return None
-    mask = masks_from_batch(batch, key, ignore_index)
+    mask = masks_from_batch(batch, key, ignore_index, dims)
     return mask if bs is None else mask[:bs]
 
 
