@@ -9,15 +9,12 @@ import torch
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler, dpm_solver_timesteps, get_sampler
+from tiny_models import unet_config
 
 SHAPE = (3, 4, 4)
 BATCH = 64
 
-TINY_UNET = {
-    "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-    "params": {"image_size": 4, "in_channels": 3, "out_channels": 3, "model_channels": 32, "num_res_blocks": 1,
-               "attention_resolutions": [], "channel_mult": [1], "num_head_channels": 32},
-}
+TINY_UNET = unet_config(in_channels=3, out_channels=3, image_size=4)
 
 
 def _gaussian_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
