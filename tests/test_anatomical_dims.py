@@ -138,3 +138,12 @@ def test_volume_masks_from_a_batch():
         masks_from_batch({"segmentation": vol[:, 0]}, "segmentation", IGNORE, dims=3)
     with pytest.raises(ValueError, match=r"\[B, H, W\]"):
         masks_from_batch({"segmentation": vol}, "segmentation", IGNORE)
+
+
+def test_register_bank_codes_volumes():
+    from ldm.modules.anatomical_registers import TimestepAwareRegisterBank
+
+    bank = TimestepAwareRegisterBank(3, 2, 8, time_embed_dim=16, num_frequencies=1, dims=3)
+    assert bank.position_dim == 9 and bank.position_codes(2, 3, 4).shape == (24, 9)
+    assert torch.equal(bank.position_codes(2, 3, 4), SpatialPositionEncoding(1, dims=3)(2, 3, 4))
+    assert bank(2, torch.randn(2, 16)).shape == (2, 6, 8)

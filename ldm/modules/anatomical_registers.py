@@ -8,7 +8,7 @@ class's ``K`` tokens. The UNet's features attend to these tokens at every level
 - :class:`AnatomicalRegisterBank`: static tokens, layer-normalised, ``[B, C*K, D]``.
 - :class:`TimestepAwareRegisterBank`: the same tokens modulated (scale/shift) by the UNet's time
   embedding; the modulation is zero-initialised so a fresh bank equals the static one.
-- :class:`SpatialPositionEncoding`: resolution-agnostic 2D Fourier codes of normalised pixel
+- :class:`SpatialPositionEncoding`: resolution-agnostic 2D (or 3D) Fourier codes of normalised pixel
   coordinates, added (after a learned projection) to the attention queries so that registers can learn
   where organs lie, at any latent size.
 """
@@ -81,10 +81,12 @@ class AnatomicalRegisterBank(nn.Module):
         use_spatial_encoding: also provide :class:`SpatialPositionEncoding` codes for the query side
             (:meth:`position_codes`); ``None`` is returned when off.
         num_frequencies: octaves of the spatial encoding.
+        dims: spatial dimensions of the feature maps whose positions are encoded (2: slices, 3: volumes).
     """
 
     def __init__(self, num_classes: int, num_registers_per_class: int, register_dim: int,
-                 dropout: float = 0.0, use_spatial_encoding: bool = True, num_frequencies: int = 4) -> None:
+                 dropout: float = 0.0, use_spatial_encoding: bool = True, num_frequencies: int = 4,
+                 dims: int = 2) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("num_registers_per_class", num_registers_per_class),
                             ("register_dim", register_dim)):
@@ -104,7 +106,7 @@ class AnatomicalRegisterBank(nn.Module):
         # built once: every register layer of every call uses it (a one_hot per layer was 3 kernels each)
         membership = (classes[:, None] == torch.arange(self.num_classes)[None, :]).float()
         self.register_buffer("_class_membership", membership, persistent=False)
-        self.spatial_encoding = SpatialPositionEncoding(num_frequencies) if use_spatial_encoding else None
+        self.spatial_encoding = SpatialPositionEncoding(num_frequencies, dims) if use_spatial_encoding else None
 
     @property
     def num_tokens(self) -> int:
@@ -119,11 +121,13 @@ class AnatomicalRegisterBank(nn.Module):
         """One-hot ``[C*K, C]`` matrix: summing attention over tokens with it gives per-class mass."""
         return self._class_membership.to(dtype)
 
-    def position_codes(self, height: int, width: int, device: Optional[torch.device] = None,
+    def position_codes(self, *sizes: int, device: Optional[torch.device] = None,
                        dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+        """Codes ``[prod(sizes), position_dim]`` of a grid of ``sizes`` (height, width; or depth, height, width),
+        or ``None`` without spatial encoding."""
         if self.spatial_encoding is None:
             return None
-        return self.spatial_encoding(height, width, device=device, dtype=dtype)
+        return self.spatial_encoding(*sizes, device=device, dtype=dtype)
 
     def base_tokens(self) -> torch.Tensor:
         """Normalised tokens ``[C*K, D]`` before any per-sample modulation."""
@@ -143,14 +147,15 @@ class TimestepAwareRegisterBank(AnatomicalRegisterBank):
 
     Args:
         num_classes, num_registers_per_class, register_dim, dropout, use_spatial_encoding,
-        num_frequencies: as :class:`AnatomicalRegisterBank`.
+        num_frequencies, dims: as :class:`AnatomicalRegisterBank`.
         time_embed_dim: width of the UNet's time embedding (``4 * model_channels`` in UNetModel).
     """
 
     def __init__(self, num_classes: int, num_registers_per_class: int, register_dim: int, time_embed_dim: int,
-                 dropout: float = 0.0, use_spatial_encoding: bool = True, num_frequencies: int = 4) -> None:
+                 dropout: float = 0.0, use_spatial_encoding: bool = True, num_frequencies: int = 4,
+                 dims: int = 2) -> None:
         super().__init__(num_classes, num_registers_per_class, register_dim, dropout=dropout,
-                         use_spatial_encoding=use_spatial_encoding, num_frequencies=num_frequencies)
+                         use_spatial_encoding=use_spatial_encoding, num_frequencies=num_frequencies, dims=dims)
         if int(time_embed_dim) < 1:
             raise ValueError(f"time_embed_dim must be a positive integer, got {time_embed_dim}")
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(int(time_embed_dim),
