@@ -34,6 +34,8 @@ from ldm.sample_geometry import SampleGeometry
 from ldm.sample_io import (IMAGE_DIR, MASK_COLOUR_DIR, MASK_DIR, begin_session, end_session,  # noqa: F401
                            next_index, read_manifest, remove_temporary_files, save_samples, scan_samples, to_uint8,
                            write_stack)
+from ldm.sampling_session import (RESUME_SETTINGS, _canonical_shape, _resume_unfinished, _scan_folder,  # noqa: F401
+                                  _session_timings, resumable_session)
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -372,28 +374,6 @@ def check_output_dir(out_dir: str) -> None:
         read_manifest(out_dir)
 
 
-def _check_nifti_folder(manifest: dict[str, Any], geometry: dict[str, Any], hu: bool, stack: bool) -> None:
-    """Earlier NIfTI sessions of the folder in other units or geometry: refused with ``stack`` (one volume needs
-    one grid), else a warning."""
-    keys = ("directions", "slice_axis", "fov_mm", "thickness_mm", "centre_mm")
-    for session in manifest.get("sessions", []):
-        before = session.get("geometry")
-        if "nii" not in (session.get("formats") or ()) or not before:
-            continue
-        same = bool(session.get("hu", False)) == hu and all(
-            np.allclose(np.asarray(before.get(k), dtype=float), np.asarray(geometry.get(k), dtype=float))
-            if before.get(k) is not None and geometry.get(k) is not None else before.get(k) == geometry.get(k)
-            for k in keys)
-        if not same:
-            message = (f"NIfTI samples of an earlier session (started {session.get('time')}) in this folder have "
-                       f"another geometry or intensity unit (hu={session.get('hu', False)}, geometry from "
-                       f"{before.get('source')}); ")
-            if stack:
-                raise ValueError(message + "--stack needs one grid: sample into another -l folder")
-            logger.warning(message + "the folder mixes them")
-            return
-
-
 @torch.no_grad()
 def _sample_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float,
                   sampler: str, guidance: Optional[AnatomyGuidance], save_masks: bool,
@@ -474,11 +454,39 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     reading the folder to its last write, and a second one stops before reading it with
     :class:`~ldm.folder_lock.FolderLockedError` naming the holder; the lock of a killed session is taken over.
     """
-    import uuid
-    from contextlib import nullcontext
+    sampler, guidance_scale, guidance, save_masks, formats, geometry = _check_generate_settings(
+        model, num_samples, batch_size, ddim_steps, eta, sampler, vanilla, anatomy_guidance, save_masks, formats,
+        geometry, hu, stack)
+    check_output_dir(out_dir)
+    with FolderLock(out_dir, purpose="sampling", advice=LOCK_ADVICE):  # one session per folder at a time
+        manifest, complete, redo, start = _scan_folder(out_dir, formats, save_masks, geometry, hu, stack)
+        run = _session_record(model, seed, sampler, ddim_steps, eta, guidance_scale, use_ema, batch_size, start,
+                              num_samples, redo, save_masks, formats, hu, geometry)
+        _resume_unfinished(out_dir, manifest.get("sessions", []), run, complete, redo)
+        todo = redo + list(range(start, start + run["count"]))
+        if manifest_info is not None:
+            begin_session(out_dir, manifest_info, run)
+        timers = _write_batches(model, out_dir, todo, run, seed, ddim_steps, eta, sampler, guidance, save_masks,
+                                formats, colours, geometry, hu, progress, on_batch)
+        if stack:
+            complete, _, _ = scan_samples(out_dir, formats, save_masks, read_manifest(out_dir).get("sessions", []))
+            run["stack"] = write_stack(out_dir, complete, geometry, save_masks)
+        run.update({"timings": _session_timings(timers, len(todo), batch_size, sampler, ddim_steps,
+                                                model.alphas_cumprod),
+                    "guidance": None if guidance is None else guidance.summary()})
+        if manifest_info is not None:
+            if "load_s" in manifest_info:
+                run["timings"]["load_s"] = manifest_info["load_s"]
+            end_session(out_dir, run)
+        return run
 
-    from tqdm import tqdm
 
+def _check_generate_settings(model: torch.nn.Module, num_samples: int, batch_size: int, ddim_steps: int, eta: float,
+                             sampler: str, vanilla: bool, anatomy_guidance: float, save_masks: bool,
+                             formats: Sequence[str], geometry: Optional[SampleGeometry], hu: bool, stack: bool
+                             ) -> tuple[str, float, Optional[AnatomyGuidance], bool, list[str], SampleGeometry]:
+    """:func:`generate`'s settings checked against the model: ``(sampler, guidance scale, guidance or None,
+    save_masks, formats, geometry)``, masks on for joint models, ``nii`` added for ``hu``/``stack``."""
     sampler = check_sampling_settings(num_samples, batch_size, ddim_steps, eta, sampler, vanilla, anatomy_guidance)
     guidance_scale = check_guidance_scale(anatomy_guidance, model)
     guidance = AnatomyGuidance(model, guidance_scale) if guidance_scale > 0 else None
@@ -490,107 +498,62 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     geometry = geometry or SampleGeometry()
     if hu:
         geometry.check_hu()
-    check_output_dir(out_dir)
-    with FolderLock(out_dir, purpose="sampling", advice=LOCK_ADVICE):  # one session per folder at a time
-        os.makedirs(out_dir, exist_ok=True)
-        manifest = read_manifest(out_dir)
-        if "nii" in formats:
-            _check_nifti_folder(manifest, geometry.to_dict(), hu, stack)
-        if remove_temporary_files(out_dir):
-            logger.info("%s: removed the temporary files of an interrupted session", out_dir)
-        complete, redo, start = scan_samples(out_dir, formats, save_masks, manifest.get("sessions", []))
-        flat = [i for i in complete if not os.path.isfile(os.path.join(out_dir, IMAGE_DIR, f"{i:06d}.nii.gz"))]
-        if stack and flat:
-            raise ValueError(f"--stack: {out_dir} holds {len(flat)} samples without NIfTI files (first: {flat[0]:06d}, "
-                             "written without --format nii); stack into a folder whose samples all have them")
-        if redo:
-            logger.warning("%s: samples %s are incomplete (an interrupted session); redoing them first", out_dir,
-                           redo if len(redo) <= 10 else f"{redo[:10]}... ({len(redo)})")
-        ancestral = sampler == "ancestral"
-        use_ema = bool(use_ema and getattr(model, "use_ema", False))
-        run: dict[str, Any] = {
-            "id": uuid.uuid4().hex[:12], "seed": seed, "sampler": sampler,
-            "ddim_steps": None if ancestral else ddim_steps,
-            "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
-            "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
-            "requested": num_samples, "ends_at": start + num_samples,
-            "masks": bool(save_masks),
-            "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
-            # what the segmentation head read: the sampled latents or the decoded samples encoded again
-            "mask_from": getattr(model, "mask_from", None) if save_masks and not is_joint(model) else None,
-            "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
-            "device": str(next(model.parameters()).device), "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        unfinished = resumable_session(manifest.get("sessions", []), run)
-        if unfinished is not None:  # the same command again after an interruption: finish that session
-            end = int(unfinished.get("ends_at", unfinished["start_index"] + unfinished["count"]))
-            run.update(count=max(0, end - start), ends_at=max(end, start), resumes=unfinished.get("id"))
-            logger.warning("%s: resuming the interrupted session %s (-n %d from sample %d): %d samples are complete, "
-                           "%d to write%s", out_dir, unfinished.get("id"), num_samples, unfinished["start_index"],
-                           len([i for i in complete if unfinished["start_index"] <= i < end]), run["count"],
-                           f", {len(redo)} to redo" if redo else "")
-        todo = redo + list(range(start, start + run["count"]))
-        if manifest_info is not None:
-            begin_session(out_dir, manifest_info, run)
-        timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
-        ema = model.ema_scope("sampling") if use_ema else nullcontext()
-        bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress)
-        with ema, torch.no_grad():
-            for k in range(0, len(todo), batch_size):
-                indices = todo[k:k + batch_size]
-                images, masks = _sample_batch(model, indices, seed, ddim_steps, 0.0 if ancestral else eta, sampler,
-                                              guidance, save_masks, (timer_sample, timer_decode))
-                with timer_write:
-                    save_samples(out_dir, indices, images, masks, formats, colours, geometry, hu)
-                if run["geometry"] is not None and "affine" not in run["geometry"]:
-                    run["geometry"] = geometry.to_dict(_canonical_shape(images.shape[-2:], geometry.slice_axis))
-                bar.update(len(indices))
-                if on_batch is not None:
-                    on_batch()
-        bar.close()
-        if stack:
-            complete, _, _ = scan_samples(out_dir, formats, save_masks, read_manifest(out_dir).get("sessions", []))
-            run["stack"] = write_stack(out_dir, complete, geometry, save_masks)
-        total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
-        steps = len(sampler_timesteps(sampler, None if ancestral else ddim_steps, model.alphas_cumprod)) - 1
-        batches = -(-len(todo) // batch_size)
-        run.update({"timings": {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
-                                "writing_s": timer_write.seconds, "per_sample_s": total / max(len(todo), 1),
-                                "sampling_per_step_s": timer_sample.seconds / max(batches * steps, 1)},
-                    "guidance": None if guidance is None else guidance.summary()})
-        if manifest_info is not None:
-            if "load_s" in manifest_info:
-                run["timings"]["load_s"] = manifest_info["load_s"]
-            end_session(out_dir, run)
-        return run
+    return sampler, guidance_scale, guidance, save_masks, formats, geometry
 
 
-RESUME_SETTINGS = ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "anatomy_guidance", "ema", "masks",
-                   "mask_from", "hu")
+def _session_record(model: torch.nn.Module, seed: int, sampler: str, ddim_steps: int, eta: float,
+                    guidance_scale: float, use_ema: bool, batch_size: int, start: int, num_samples: int,
+                    redo: list[int], save_masks: bool, formats: list[str], hu: bool,
+                    geometry: SampleGeometry) -> dict[str, Any]:
+    """The record of a new session writing ``num_samples`` from ``start`` (and redoing ``redo``), as it starts."""
+    import uuid
+
+    ancestral = sampler == "ancestral"
+    use_ema = bool(use_ema and getattr(model, "use_ema", False))
+    return {
+        "id": uuid.uuid4().hex[:12], "seed": seed, "sampler": sampler,
+        "ddim_steps": None if ancestral else ddim_steps,
+        "eta": None if ancestral else eta, "vanilla_sample": ancestral, "anatomy_guidance": guidance_scale,
+        "ema": use_ema, "batch_size": batch_size, "start_index": start, "count": num_samples, "redone": redo,
+        "requested": num_samples, "ends_at": start + num_samples,
+        "masks": bool(save_masks),
+        "mask_source": ("joint" if is_joint(model) else "segmentation_head") if save_masks else None,
+        # what the segmentation head read: the sampled latents or the decoded samples encoded again
+        "mask_from": getattr(model, "mask_from", None) if save_masks and not is_joint(model) else None,
+        "formats": formats, "hu": bool(hu), "geometry": geometry.to_dict() if "nii" in formats else None,
+        "device": str(next(model.parameters()).device), "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def resumable_session(sessions: Sequence[dict[str, Any]], run: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The folder's last session when ``run`` is the same command run again after it was interrupted (it never
-    ended: ``started``/``interrupted``; same ``-n`` and the same settings and formats), else None. Such a run
-    finishes that session instead of adding ``-n`` more, so an interrupted ``-n 40`` ends with 40 samples."""
-    if not sessions or sessions[-1].get("status") == "complete":
-        return None
-    last = sessions[-1]
-    if not isinstance(last.get("start_index"), int) or not isinstance(last.get("count"), int):
-        return None
-    if last.get("requested", last["count"]) != run["requested"]:
-        return None
-    if sorted(last.get("formats") or ("png",)) != sorted(run["formats"]):
-        return None
-    return last if all(last.get(k) == run.get(k) for k in RESUME_SETTINGS) else None
+def _write_batches(model: torch.nn.Module, out_dir: str, todo: list[int], run: dict[str, Any], seed: int,
+                   ddim_steps: int, eta: float, sampler: str, guidance: Optional[AnatomyGuidance], save_masks: bool,
+                   formats: list[str], colours: Optional[Sequence[Sequence[int]]], geometry: SampleGeometry,
+                   hu: bool, progress: bool, on_batch: Optional[Callable[[], Any]]) -> tuple[Timer, Timer, Timer]:
+    """Sample and write the samples ``todo`` in batches of ``run["batch_size"]`` (EMA weights when ``run["ema"]``);
+    fills ``run["geometry"]``'s grid from the first batch; returns the sampling, decoding and writing timers."""
+    from contextlib import nullcontext
 
+    from tqdm import tqdm
 
-def _canonical_shape(image_hw: Sequence[int], slice_axis: int) -> list[int]:
-    """Canonical shape of one display image ``H, W`` written as a single slice (see ``display_to_canonical``)."""
-    h, w = (int(v) for v in image_hw)
-    shape = [w, h]
-    shape.insert(slice_axis, 1)
-    return shape
+    ancestral = sampler == "ancestral"
+    batch_size = run["batch_size"]
+    timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
+    ema = model.ema_scope("sampling") if run["ema"] else nullcontext()
+    bar = tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress)
+    with ema, torch.no_grad():
+        for k in range(0, len(todo), batch_size):
+            indices = todo[k:k + batch_size]
+            images, masks = _sample_batch(model, indices, seed, ddim_steps, 0.0 if ancestral else eta, sampler,
+                                          guidance, save_masks, (timer_sample, timer_decode))
+            with timer_write:
+                save_samples(out_dir, indices, images, masks, formats, colours, geometry, hu)
+            if run["geometry"] is not None and "affine" not in run["geometry"]:
+                run["geometry"] = geometry.to_dict(_canonical_shape(images.shape[-2:], geometry.slice_axis))
+            bar.update(len(indices))
+            if on_batch is not None:
+                on_batch()
+    bar.close()
+    return timer_sample, timer_decode, timer_write
 
 
 def palette_for(model: torch.nn.Module) -> np.ndarray:

@@ -198,6 +198,25 @@ class AnatomicalCrossAttention(nn.Module):
         return x + out, mass
 
 
+def _check_anatomical_options(register_placement: str, mask_decoder: str, register_update: str,
+                              mask_upsample_factor: int, num_classes: int) -> None:
+    """Refuse unknown :class:`AnatomicalUNetModel` options, a mask factor that is no power of two and < 2 classes."""
+    if register_placement not in REGISTER_PLACEMENTS:
+        raise ValueError(f"register_placement must be one of {REGISTER_PLACEMENTS} ('every_block': after every "
+                         f"res/middle block; 'per_level': once per level and path), got {register_placement!r}")
+    if mask_decoder not in MASK_DECODERS:
+        raise ValueError(f"mask_decoder must be one of {MASK_DECODERS}, got {mask_decoder!r}")
+    if register_update not in REGISTER_UPDATES:
+        raise ValueError(f"register_update must be one of {REGISTER_UPDATES} ('none': constant tokens, 'read': "
+                         f"registers read the features), got {register_update!r}")
+    factor = int(mask_upsample_factor)
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"mask_upsample_factor must be a power of two >= 1 (1: latent-size head; the first "
+                         f"stage's downsampling factor: image-size masks), got {mask_upsample_factor}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_anatomical_classes must be >= 2 (background + organs), got {num_classes}")
+
+
 class AnatomicalUNetModel(UNetModel):
     """UNetModel with anatomical register cross-attention and a segmentation head.
 
@@ -267,58 +286,68 @@ class AnatomicalUNetModel(UNetModel):
         self.register_placement = register_placement
         if not self.use_anatomical_registers:
             return
-        if register_placement not in REGISTER_PLACEMENTS:
-            raise ValueError(f"register_placement must be one of {REGISTER_PLACEMENTS} ('every_block': after every "
-                             f"res/middle block; 'per_level': once per level and path), got {register_placement!r}")
-        if mask_decoder not in MASK_DECODERS:
-            raise ValueError(f"mask_decoder must be one of {MASK_DECODERS}, got {mask_decoder!r}")
-        if register_update not in REGISTER_UPDATES:
-            raise ValueError(f"register_update must be one of {REGISTER_UPDATES} ('none': constant tokens, 'read': "
-                             f"registers read the features), got {register_update!r}")
+        _check_anatomical_options(register_placement, mask_decoder, register_update, mask_upsample_factor,
+                                  num_anatomical_classes)
         factor = self.mask_upsample_factor
-        if factor < 1 or factor & (factor - 1):
-            raise ValueError(f"mask_upsample_factor must be a power of two >= 1 (1: latent-size head; the first "
-                             f"stage's downsampling factor: image-size masks), got {mask_upsample_factor}")
-        if self.num_anatomical_classes < 2:
-            raise ValueError(f"num_anatomical_classes must be >= 2 (background + organs), "
-                             f"got {num_anatomical_classes}")
+        self._build_register_bank(use_timestep_aware_registers, num_anatomical_classes, num_registers_per_class,
+                                  anatomical_register_dim, register_dropout, use_spatial_encoding)
+        wanted = self._choose_attention_blocks(anatomical_attention_resolutions, register_placement)
+        self._build_register_layers(anatomical_register_dim, anatomical_attention_heads, anatomical_attention_dim,
+                                    register_update, register_read_pool)
+        self._build_mask_head(mask_decoder)
+        logger.info("AnatomicalUNetModel: %d classes x %d registers (dim %d), register attention at %d blocks "
+                    "(ds %s, %s), register_update=%s, mask at %dx latent size (%s)", num_anatomical_classes,
+                    num_registers_per_class, anatomical_register_dim, len(self.anatomical_attention_keys), wanted,
+                    register_placement, register_update, factor, "head" if factor == 1 else mask_decoder)
+
+    def _build_register_bank(self, timestep_aware: bool, num_classes: int, registers_per_class: int,
+                             register_dim: int, dropout: float, use_spatial_encoding: bool) -> None:
+        """``self.register_bank``: timestep-aware (modulated by the time embedding) or constant tokens."""
         time_embed_dim = self.time_embed[-1].out_features
-        if use_timestep_aware_registers:
+        if timestep_aware:
             self.register_bank: AnatomicalRegisterBank = TimestepAwareRegisterBank(
-                num_anatomical_classes, num_registers_per_class, anatomical_register_dim, time_embed_dim,
-                dropout=register_dropout, use_spatial_encoding=use_spatial_encoding)
+                num_classes, registers_per_class, register_dim, time_embed_dim,
+                dropout=dropout, use_spatial_encoding=use_spatial_encoding)
         else:
             self.register_bank = AnatomicalRegisterBank(
-                num_anatomical_classes, num_registers_per_class, anatomical_register_dim,
-                dropout=register_dropout, use_spatial_encoding=use_spatial_encoding)
+                num_classes, registers_per_class, register_dim,
+                dropout=dropout, use_spatial_encoding=use_spatial_encoding)
 
+    def _choose_attention_blocks(self, resolutions: Optional[Sequence[int]], placement: str) -> list[int]:
+        """Set ``self.anatomical_attention_blocks``: the res/middle blocks at the downsampling factors
+        ``resolutions`` (``None``: all), with ``per_level`` only each level's last per path; returns the factors."""
         available = sorted({info.ds for info in self.block_info if info.kind in _ATTENDED_KINDS})
-        wanted = available if anatomical_attention_resolutions is None else \
-            sorted({int(r) for r in anatomical_attention_resolutions})
+        wanted = available if resolutions is None else sorted({int(r) for r in resolutions})
         unknown = [r for r in wanted if r not in available]
         if unknown or not wanted:
             raise ValueError(f"anatomical_attention_resolutions {list(wanted)} must be downsampling factors of "
                              f"this UNet (available: {available}); unknown: {unknown}")
         chosen = [info for info in self.block_info if info.kind in _ATTENDED_KINDS and info.ds in wanted]
-        if register_placement == "per_level":  # the last block of each (path, level): the level's final features
+        if placement == "per_level":  # the last block of each (path, level): the level's final features
             last = {(info.stage, info.ds): info for info in chosen}
             chosen = [info for info in chosen if last[(info.stage, info.ds)] is info]
         self.anatomical_attention_blocks = tuple(chosen)
+        return wanted
+
+    def _build_register_layers(self, register_dim: int, heads: int, attention_dim: Optional[int],
+                               register_update: str, read_pool: int) -> None:
+        """``self.anatomical_attention`` (and with ``register_update: read`` ``self.register_read``): one layer
+        per chosen block, keyed by its :attr:`BlockInfo.key`."""
         self.anatomical_attention = nn.ModuleDict({
             info.key: AnatomicalCrossAttention(
-                info.channels, anatomical_register_dim, heads=anatomical_attention_heads,
-                position_dim=self.register_bank.position_dim,
-                inner_dim=None if anatomical_attention_dim is None else min(int(anatomical_attention_dim),
-                                                                             info.channels))
+                info.channels, register_dim, heads=heads, position_dim=self.register_bank.position_dim,
+                inner_dim=None if attention_dim is None else min(int(attention_dim), info.channels))
             for info in self.anatomical_attention_blocks})
         if register_update == "read":
             self.register_read = nn.ModuleDict({
-                info.key: RegisterReadAttention(info.channels, anatomical_register_dim, heads=anatomical_attention_heads,
-                                                pool_size=register_read_pool,
+                info.key: RegisterReadAttention(info.channels, register_dim, heads=heads, pool_size=read_pool,
                                                 position_dim=self.register_bank.position_dim)
                 for info in self.anatomical_attention_blocks})
 
-        feat_ch = self.model_channels
+    def _build_mask_head(self, mask_decoder: str) -> None:
+        """``self.segmentation_head`` at latent resolution (``mask_upsample_factor: 1``), else ``self.mask_decoder``
+        of the kind ``mask_decoder``; both read the decoder features (``model_channels``)."""
+        feat_ch, factor = self.model_channels, self.mask_upsample_factor
         if factor == 1:
             self.segmentation_head = nn.Sequential(
                 nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
@@ -330,10 +359,6 @@ class AnatomicalUNetModel(UNetModel):
             self.mask_decoder = PixelShuffleMaskHead(feat_ch, self.num_anatomical_classes, factor)
         else:
             self.mask_decoder = AnatomicalMaskDecoder(feat_ch, self.num_anatomical_classes, factor)
-        logger.info("AnatomicalUNetModel: %d classes x %d registers (dim %d), register attention at %d blocks "
-                    "(ds %s, %s), register_update=%s, mask at %dx latent size (%s)", num_anatomical_classes,
-                    num_registers_per_class, anatomical_register_dim, len(self.anatomical_attention_keys), wanted,
-                    register_placement, register_update, factor, "head" if factor == 1 else mask_decoder)
 
     @property
     def mask_head(self) -> nn.Module:

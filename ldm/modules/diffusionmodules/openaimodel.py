@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -427,27 +427,42 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, num_heads=num_heads_upsample if decoder else heads, num_head_channels=dim_head,
                                   use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
 
+        ch, infos = self._build_blocks(res, attention, dims, resblock_updown)
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+                                 zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+        if self.predict_codebook_ids:
+            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
+        self.block_info: tuple[BlockInfo, ...] = tuple(infos)
+        self._reserved_state_names = self.state_type.reserved_names()
+        if use_fp16:
+            self.convert_to_fp16()
+
+    def _build_blocks(self, res: Callable[..., ResBlock], attention: Callable[..., nn.Module], dims: int,
+                      resblock_updown: bool) -> tuple[int, list[BlockInfo]]:
+        """Build ``input_blocks``, ``middle_block`` and ``output_blocks`` in this order with the makers ``res`` and
+        ``attention``; returns the channels at the decoder's end and a :class:`BlockInfo` per block, in call order."""
+        model_channels = self.model_channels
         infos: list[BlockInfo] = []
 
         def info(stage: str, index: int, ds: int, channels: int, kind: str) -> None:
             infos.append(BlockInfo(BlockStage(stage), index, BlockKind(kind), ds, channels))
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+            [TimestepEmbedSequential(conv_nd(dims, self.in_channels, model_channels, 3, padding=1))])
         info("input", 0, 1, model_channels, "conv_in")
         input_block_chans = [model_channels]
         ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
                 layers: list[nn.Module] = [res(ch, mult * model_channels)]
                 ch = mult * model_channels
-                if ds in attention_resolutions:
+                if ds in self.attention_resolutions:
                     layers.append(attention(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 info("input", len(self.input_blocks) - 1, ds, ch, "res")
                 input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims=dims,
+            if level != len(self.channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, self.conv_resample, dims=dims,
                                                                                  out_channels=ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 ds *= 2
@@ -458,29 +473,21 @@ class UNetModel(nn.Module):
         info("middle", 0, ds, ch, "middle")
 
         self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(self.num_res_blocks + 1):
                 layers = [res(ch + input_block_chans.pop(), model_channels * mult)]
                 ch = model_channels * mult
-                if ds in attention_resolutions:
+                if ds in self.attention_resolutions:
                     layers.append(attention(ch, decoder=True))
                 kind = "res"
-                if level and i == num_res_blocks:
+                if level and i == self.num_res_blocks:
                     layers.append(res(ch, ch, up=True) if resblock_updown
-                                  else Upsample(ch, conv_resample, dims=dims, out_channels=ch))
+                                  else Upsample(ch, self.conv_resample, dims=dims, out_channels=ch))
                     ds //= 2
                     kind = "res_up"
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 info("output", len(self.output_blocks) - 1, ds, ch, kind)
-
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                 zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
-        if self.predict_codebook_ids:
-            self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
-        self.block_info: tuple[BlockInfo, ...] = tuple(infos)
-        self._reserved_state_names = self.state_type.reserved_names()
-        if use_fp16:
-            self.convert_to_fp16()
+        return ch, infos
 
     # ----------------------------------------------------------------------------------------------
     @property
