@@ -46,48 +46,51 @@ from anatomy_stats import mcnemar, paired_bootstrap, wilson  # noqa: E402
 from ldm.cli_flags import THREADS_HELP  # noqa: E402
 from ldm.threads import configure_threads  # noqa: E402
 from ldm.evaluation.segmenter import load_segmenter  # noqa: E402
-from ldm.models.diffusion.samplers import check_sampler  # noqa: E402
+from ldm.models.diffusion.samplers import SAMPLER_SPECS, sampler_spec  # noqa: E402
 
 logger = logging.getLogger("anatomy_samplers")
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerSpec:
+class SamplerSetting:
+    """A registered sampler (:data:`ldm.models.diffusion.samplers.SAMPLER_SPECS`) with its steps and eta."""
+
     name: str
     steps: Optional[int]  # None for ancestral (every training timestep)
     eta: float
 
     @property
     def label(self) -> str:
-        if self.name == "ancestral":
-            return "ancestral"
-        if self.name == "ddim":
-            return f"ddim:{self.steps}:{self.eta:g}"
+        spec = SAMPLER_SPECS[self.name]
+        if spec.ddpm_loop:
+            return self.name
+        if spec.takes_eta:
+            return f"{self.name}:{self.steps}:{self.eta:g}"
         return f"{self.name}:{self.steps}"
 
 
-def parse_sampler(spec: str) -> SamplerSpec:
+def parse_sampler(text: str) -> SamplerSetting:
     """``ddim:STEPS:ETA``, ``dpmpp2m:STEPS`` or ``ancestral``; ``ValueError`` saying what is wrong otherwise."""
-    parts = [p.strip() for p in spec.strip().split(":")]
-    name = check_sampler(parts[0])
-    if name == "ancestral":
+    parts = [p.strip() for p in text.strip().split(":")]
+    spec = sampler_spec(parts[0])
+    if spec.ddpm_loop:
         if len(parts) != 1:
-            raise ValueError(f"sampler {spec!r}: ancestral takes no steps or eta (it runs every training timestep)")
-        return SamplerSpec("ancestral", None, 0.0)
-    want = 3 if name == "ddim" else 2
+            raise ValueError(f"sampler {text!r}: {spec.name} takes no steps or eta (it runs every training timestep)")
+        return SamplerSetting(spec.name, None, 0.0)
+    want = 3 if spec.takes_eta else 2
     if len(parts) != want:
-        form = "ddim:STEPS:ETA" if name == "ddim" else f"{name}:STEPS"
-        raise ValueError(f"sampler {spec!r}: write it as {form}")
+        form = f"{spec.name}:STEPS:ETA" if spec.takes_eta else f"{spec.name}:STEPS"
+        raise ValueError(f"sampler {text!r}: write it as {form}")
     try:
         steps = int(parts[1])
-        eta = float(parts[2]) if name == "ddim" else 0.0
+        eta = float(parts[2]) if spec.takes_eta else 0.0
     except ValueError:
-        raise ValueError(f"sampler {spec!r}: steps must be an integer and eta a number") from None
+        raise ValueError(f"sampler {text!r}: steps must be an integer and eta a number") from None
     if steps < 1:
-        raise ValueError(f"sampler {spec!r}: steps must be >= 1")
+        raise ValueError(f"sampler {text!r}: steps must be >= 1")
     if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"sampler {spec!r}: eta must be in [0, 1]")
-    return SamplerSpec(name, steps, eta)
+        raise ValueError(f"sampler {text!r}: eta must be in [0, 1]")
+    return SamplerSetting(spec.name, steps, eta)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -141,7 +144,7 @@ def checkpoint(out: str, arm: str, seed: int, step: Optional[int], preset: am.Pr
     return path, step
 
 
-def measure(model: torch.nn.Module, spec: SamplerSpec, n: int, batch: int, seg: torch.nn.Module,
+def measure(model: torch.nn.Module, spec: SamplerSetting, n: int, batch: int, seg: torch.nn.Module,
             device: torch.device, progress: bool) -> dict[str, Any]:
     """``n`` samples with ``spec`` judged by ``seg``: outcomes per rule, latent RMS, seconds."""
     bar = tqdm(total=n, desc=spec.label, unit="img", disable=not progress)

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from ldm.models.diffusion.guidance import AnatomyGuidance, check_guidance_scale
-from ldm.models.diffusion.samplers import check_sampler, generator_noise, sample_model
-from ldm.modules.diffusionmodules.util import sampler_timesteps
+from ldm.models.diffusion.samplers import generator_noise, sample_model, sampler_spec, sampler_timesteps
 from ldm.checkpoints import load_weights, read_state_dict
 from ldm.checkpoints import locate_run as resolve_run
 from ldm.folder_lock import FolderLock, check_unlocked
@@ -331,11 +330,11 @@ def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, e
     for DDIM) or, with ``vanilla`` (or ``sampler="ancestral"``), the full ancestral DDPM loop. Step noise comes
     from ``noise`` (per sample), else from a generator seeded by ``generator_seed`` (per batch). ``guidance``:
     mask-free anatomy guidance (:class:`~ldm.models.diffusion.guidance.AnatomyGuidance`) of every step."""
-    name = "ancestral" if vanilla else check_sampler(sampler)
+    spec = sampler_spec("ancestral" if vanilla else sampler)
     if noise is None:
         noise = generator_noise(torch.Generator(device=x_T.device).manual_seed(generator_seed))
-    z, _ = sample_model(model, name, x_T, None if name == "ancestral" else ddim_steps,
-                        eta=eta if name == "ddim" else None, noise_fn=noise,
+    z, _ = sample_model(model, spec.name, x_T, None if spec.ddpm_loop else ddim_steps,
+                        eta=eta if spec.takes_eta else None, noise_fn=noise,
                         make_denoiser=None if guidance is None else guidance.denoiser)
     return z
 
@@ -344,17 +343,17 @@ def check_sampling_settings(num_samples: int, batch_size: int, ddim_steps: int, 
                             vanilla: bool = False, anatomy_guidance: float = 0.0) -> str:
     """Validate the settings of a sampling session without a model (a command line checks them before loading);
     returns the sampler's registry name."""
-    sampler = "ancestral" if vanilla else check_sampler(sampler)
+    spec = sampler_spec("ancestral" if vanilla else sampler)
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"-n and --batch_size must be >= 1, got {num_samples} and {batch_size}")
-    if sampler != "ancestral" and ddim_steps < 1:
+    if not spec.ddpm_loop and ddim_steps < 1:
         raise ValueError(f"-c (sampler steps) must be >= 1, got {ddim_steps}")
     if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"-e (DDIM eta) must be a number in [0, 1] (0: deterministic, 1: DDPM-like), got {eta}")
-    if not vanilla and sampler != "ddim" and eta != 0:
-        raise ValueError(f"--sampler {sampler} takes no eta; eta applies to DDIM only (got -e {eta})")
+    if not vanilla and not spec.takes_eta and eta != 0:
+        raise ValueError(f"--sampler {spec.name} takes no eta; eta applies to DDIM only (got -e {eta})")
     check_guidance_scale(anatomy_guidance)
-    return sampler
+    return spec.name
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -508,7 +507,7 @@ def _session_record(model: torch.nn.Module, seed: int, sampler: str, ddim_steps:
     """The record of a new session writing ``num_samples`` from ``start`` (and redoing ``redo``), as it starts."""
     import uuid
 
-    ancestral = sampler == "ancestral"
+    ancestral = sampler_spec(sampler).ddpm_loop
     use_ema = bool(use_ema and getattr(model, "use_ema", False))
     return {
         "id": uuid.uuid4().hex[:12], "seed": seed, "sampler": sampler,
@@ -535,7 +534,7 @@ def _write_batches(model: torch.nn.Module, out_dir: str, todo: list[int], run: d
 
     from tqdm import tqdm
 
-    ancestral = sampler == "ancestral"
+    ancestral = sampler_spec(sampler).ddpm_loop
     batch_size = run["batch_size"]
     timer_sample, timer_decode, timer_write = Timer(), Timer(), Timer()
     ema = model.ema_scope("sampling") if run["ema"] else nullcontext()

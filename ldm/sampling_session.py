@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ldm.modules.diffusionmodules.util import sampler_timesteps
+from ldm.models.diffusion.samplers import sampler_spec
 from ldm.sample_geometry import SampleGeometry
 from ldm.sample_io import IMAGE_DIR, read_manifest, remove_temporary_files, scan_samples
 
@@ -111,7 +111,8 @@ def _session_timings(timers: Sequence["Timer"], num_written: int, batch_size: in
     """The record's ``timings`` from the sampling, decoding and writing timers of ``num_written`` samples."""
     timer_sample, timer_decode, timer_write = timers
     total = timer_sample.seconds + timer_decode.seconds + timer_write.seconds
-    steps = len(sampler_timesteps(sampler, None if sampler == "ancestral" else ddim_steps, alphas_cumprod)) - 1
+    spec = sampler_spec(sampler)
+    steps = len(spec.timesteps(None if spec.ddpm_loop else ddim_steps, alphas_cumprod)) - 1
     batches = -(-num_written // batch_size)
     return {"sampling_s": timer_sample.seconds, "decode_and_masks_s": timer_decode.seconds,
             "writing_s": timer_write.seconds, "per_sample_s": total / max(num_written, 1),

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.samplers import SAMPLERS, Trajectory, check_sampler
-from ldm.modules.diffusionmodules.util import make_beta_schedule, sampler_timesteps
+from ldm.models.diffusion.samplers import (SAMPLER_SPECS, SAMPLERS, SamplerSpec, Trajectory, check_sampler,
+                                           sampler_spec, sampler_timesteps)
+from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 SHAPE = (2, 3, 3)
 ABAR = torch.tensor(np.cumprod(1.0 - make_beta_schedule("linear", 1000, 0.0015, 0.0205)))  # float64
@@ -165,3 +166,22 @@ def test_registry_lookup_and_grid_errors():
         sampler_timesteps("ancestral", 1001, ABAR)
     with pytest.raises(ValueError, match="no timestep grid"):
         sampler_timesteps("euler", 10, ABAR)
+
+
+def test_one_spec_per_sampler_holds_its_function_grid_and_eta_rule():
+    assert list(SAMPLER_SPECS) == list(SAMPLERS) and all(SAMPLERS[n] is s.fn for n, s in SAMPLER_SPECS.items())
+    assert all(isinstance(s, SamplerSpec) and s.name == n for n, s in SAMPLER_SPECS.items())
+    assert sampler_spec("DDIM") is SAMPLER_SPECS["ddim"]
+    assert [n for n, s in SAMPLER_SPECS.items() if s.takes_eta] == ["ddim"]  # -e applies to DDIM only
+    assert [n for n, s in SAMPLER_SPECS.items() if s.ddpm_loop] == ["ancestral"]
+    ddim = SAMPLER_SPECS["ddim"].timesteps(10, ABAR)  # CompVis: 1, 101, ..., 901, ending at alphas_cumprod[0]
+    assert ddim.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1, 0]
+    assert np.array_equal(sampler_timesteps("ddim", 10, ABAR), ddim)
+    assert SAMPLER_SPECS["ddim"].timesteps(4, ABAR, ddim_discretize="quad").tolist()[-1] == 0
+    ancestral = SAMPLER_SPECS["ancestral"].timesteps(None, ABAR)
+    assert len(ancestral) == 1001 and ancestral[0] == 999 and ancestral[-2:].tolist() == [0, -1]
+    assert SAMPLER_SPECS["ancestral"].timesteps(3, ABAR).tolist() == [2, 1, 0, -1]
+    dpm = SAMPLER_SPECS["dpmpp2m"].timesteps(8, ABAR)
+    assert len(dpm) == 9 and dpm.min() >= 0 and np.all(np.diff(dpm) < 0)
+    assert not np.array_equal(SAMPLER_SPECS["dpmpp2m"].timesteps(8, ABAR, skip_type="time_uniform"), dpm)
+    assert SAMPLER_SPECS["dpmpp2m"].label == "DPM-Solver++(2M)"

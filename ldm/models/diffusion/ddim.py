@@ -19,9 +19,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.samplers import (SAMPLERS, Denoiser, NoiseFn, Trajectory, ddim_step, generator_noise,
-                                           inpainting_denoiser, randn)
-from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps, sampler_timesteps
+from ldm.models.diffusion.samplers import (SAMPLER_SPECS, SAMPLERS, Denoiser, NoiseFn, Trajectory, ddim_step,
+                                           generator_noise, inpainting_denoiser, randn)
+from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,8 @@ def ancestral_sample(model: Any, cond: Any, shape: Sequence[int], return_interme
     """
     if mask is not None and x0 is None:
         raise ValueError("mask given without x0: pass the known latent x0 the mask refers to")
-    grid = sampler_timesteps("ancestral", timesteps, model.alphas_cumprod)
+    spec = SAMPLER_SPECS["ancestral"]
+    grid = spec.timesteps(timesteps, model.alphas_cumprod)
     clip = model.clip_denoised if clip_denoised is None else clip_denoised
     denoise = model.denoiser(cond, clip_denoised=clip, noise_cond=True)
     if mask is not None:
@@ -220,8 +221,7 @@ def ancestral_sample(model: Any, cond: Any, shape: Sequence[int], return_interme
     hooks = _AncestralHooks(grid, callback, img_callback)
     trajectory = Trajectory(img, len(grid) - 1, model.log_every_t if log_every_t is None else log_every_t, [hooks],
                             "Sampling t" if verbose else None)
-    img = SAMPLERS["ancestral"](denoise, img, grid, model.alphas_cumprod, noise_fn=generator_noise(generator),
-                                callback=trajectory)
+    img = spec.fn(denoise, img, grid, model.alphas_cumprod, noise_fn=generator_noise(generator), callback=trajectory)
     hooks.finish(img)
     intermediates = trajectory.finish(img)["pred_x0" if record_x0 else "x_inter"]
     return (img, intermediates) if return_intermediates else img

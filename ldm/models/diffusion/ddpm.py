@@ -20,7 +20,7 @@ from ldm.checkpoints import load_weights
 from ldm.data.batch import to_channels_first
 from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
 from ldm.models.diffusion.losses import LossGroup, diffusion_loss, element_loss
-from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model
+from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model, sampler_spec
 from ldm.models.diffusion.training import DiffusionLightningMixin, ScaleByStdMixin, denoise_grid, diffusion_row
 from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule, schedule_arrays
 from ldm.modules.ema import LitEma
@@ -555,11 +555,12 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
                    callback: Optional[Callback] = None) -> tuple[torch.Tensor, dict]:
         """``(samples, {"x_inter", "pred_x0"})`` from the registry: ``sampler`` by name, else DDIM (``ddim=True``) or
         the ancestral loop (every step, ``eta`` ignored); logged every ``log_every_t`` (ancestral) or 100 steps."""
-        name = sampler or ("ddim" if ddim else "ancestral")
+        spec = sampler_spec(sampler or ("ddim" if ddim else "ancestral"))
         if x_T is None:
             x_T = randn((batch_size, self.channels, self.image_size, self.image_size), self.betas.device)
-        ancestral = name == "ancestral"
-        return sample_model(self, name, x_T, None if ancestral else ddim_steps, cond=truncate_cond(cond, batch_size),
+        ancestral = spec.ddpm_loop
+        return sample_model(self, spec.name, x_T, None if ancestral else ddim_steps,
+                            cond=truncate_cond(cond, batch_size),
                             eta=None if ancestral else eta, noise_fn=noise_fn, callback=callback,
                             log_every_t=self.log_every_t if ancestral else 100)
 

@@ -8,7 +8,7 @@ signature of :class:`Sampler`::
 
 - ``x``: the start latents x_T [B, ...].
 - ``timesteps``: the descending grid of ``n + 1`` ints for ``n`` model calls
-  (:func:`~ldm.modules.diffusionmodules.util.sampler_timesteps`): step ``i`` calls the denoiser at
+  (:func:`sampler_timesteps`, from the sampler's :class:`SamplerSpec`): step ``i`` calls the denoiser at
   ``timesteps[i]`` and moves to ``timesteps[i + 1]``; ``-1`` stands for the clean data (alpha-bar 1).
 - ``alphas_cumprod``: the training schedule's alpha-bar [T] (tensor or array).
 - ``eta``: the amount of step noise; ``None`` takes the sampler's default (DDIM 0, ancestral 1);
@@ -18,17 +18,21 @@ signature of :class:`Sampler`::
   noise; default ``torch.randn_like``.
 - ``callback(step, x, x0_pred)``: once per step, after its update, with the latents ``x`` the step started
   from and the x0 prediction made from them.
+
+What a caller needs to know about a sampler beyond its function (the grid it walks, whether a user's eta
+applies, whether it keeps the DDPM loop's conventions) is its :class:`SamplerSpec` in :data:`SAMPLER_SPECS`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.modules.diffusionmodules.util import sampler_timesteps
+from ldm.modules.diffusionmodules.util import dpm_solver_timesteps, make_ddim_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``denoise(x, t) -> (eps, x0)``: the model's noise and clean-data predictions for latents ``x`` at steps ``t`` [B]."""
@@ -208,7 +212,63 @@ def sample_ancestral(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int
     return x
 
 
-SAMPLERS: dict[str, Sampler] = {"ddim": sample_ddim, "dpmpp2m": sample_dpmpp_2m, "ancestral": sample_ancestral}
+# ------------------------------------------------------------------------------------------- the registry
+def ddim_grid(num_steps: Optional[int], alphas_cumprod: Any, ddim_discretize: str = "uniform") -> np.ndarray:
+    """The CompVis DDIM steps (:func:`~ldm.modules.diffusionmodules.util.make_ddim_timesteps`) descending, then 0
+    (CompVis ends at ``alphas_cumprod[0]``)."""
+    steps = make_ddim_timesteps(ddim_discretize, int(num_steps), len(alphas_cumprod))
+    return np.concatenate([steps[::-1], [0]]).astype(np.int64)
+
+
+def dpmpp_2m_grid(num_steps: Optional[int], alphas_cumprod: Any, skip_type: str = "logSNR") -> np.ndarray:
+    """:func:`~ldm.modules.diffusionmodules.util.dpm_solver_timesteps` (``skip_type`` spacing)."""
+    return dpm_solver_timesteps(int(num_steps), alphas_cumprod, skip_type)
+
+
+def ancestral_grid(num_steps: Optional[int], alphas_cumprod: Any) -> np.ndarray:
+    """``num_steps - 1`` (default ``T - 1``) down to 0, then -1 (Ho et al. 2020, Algorithm 2)."""
+    num_timesteps = len(alphas_cumprod)
+    start = num_timesteps if num_steps is None else int(num_steps)
+    if not 1 <= start <= num_timesteps:
+        raise ValueError(f"the number of ancestral steps must lie in 1..{num_timesteps}, got {num_steps}")
+    return np.arange(start - 1, -2, -1, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One registered sampler: its function, the timestep grid it walks and its eta rule.
+
+    Attributes:
+        name: the registry key (``--sampler`` value).
+        label: the name people read (plots, logs, manifests).
+        fn: the sampler function (:class:`Sampler`).
+        grid: ``grid(num_steps, alphas_cumprod, **options) -> timesteps``.
+        takes_eta: whether a user's eta applies (``-e``): DDIM only; the ancestral loop draws from the DDPM
+            posterior (eta 1) and DPM-Solver++(2M) is deterministic.
+        ddpm_loop: the ancestral DDPM loop's conventions: x0 clipped with the model's ``clip_denoised``,
+            conditioning noised per step, and by default every training step (``num_steps=None``).
+    """
+
+    name: str
+    label: str
+    fn: Sampler
+    grid: Callable[..., np.ndarray]
+    takes_eta: bool = False
+    ddpm_loop: bool = False
+
+    def timesteps(self, num_steps: Optional[int], alphas_cumprod: Any, **options: Any) -> np.ndarray:
+        """The descending grid of ``n + 1`` entries for ``n`` model calls (see the module docstring)."""
+        return self.grid(num_steps, alphas_cumprod, **options)
+
+
+SAMPLER_SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("ddim", "DDIM", sample_ddim, ddim_grid, takes_eta=True),
+    SamplerSpec("dpmpp2m", "DPM-Solver++(2M)", sample_dpmpp_2m, dpmpp_2m_grid),
+    SamplerSpec("ancestral", "DDPM ancestral", sample_ancestral, ancestral_grid, ddpm_loop=True),
+)}
+"""Every sampler's :class:`SamplerSpec`, by registry name."""
+
+SAMPLERS: dict[str, Sampler] = {name: spec.fn for name, spec in SAMPLER_SPECS.items()}
 """The registry: every caller (DDIMSampler, DDPM.sample/sample_log, ldm.sampling, scripts) picks a sampler here."""
 
 
@@ -218,6 +278,26 @@ def check_sampler(name: str) -> str:
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return key
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The :class:`SamplerSpec` of ``name`` (case-insensitive; ``ValueError`` for an unknown one)."""
+    return SAMPLER_SPECS[check_sampler(name)]
+
+
+def sampler_timesteps(sampler: str, num_steps: Optional[int], alphas_cumprod: Any, ddim_discretize: str = "uniform",
+                      skip_type: str = "logSNR") -> np.ndarray:
+    """The descending timestep grid the registered ``sampler`` walks: ``n + 1`` entries for ``n`` model calls.
+
+    Step ``i`` goes from ``grid[i]`` (where the model is called) to ``grid[i + 1]``; ``-1`` stands for the clean
+    data (alpha-bar 1). ``ddim_discretize`` applies to ``ddim``, ``skip_type`` to ``dpmpp2m``.
+    """
+    key = str(sampler).lower()
+    if key not in SAMPLER_SPECS:
+        raise ValueError(f"no timestep grid for sampler {sampler!r}; choose one of {', '.join(SAMPLER_SPECS)}")
+    spec = SAMPLER_SPECS[key]
+    options = {"ddim": {"ddim_discretize": ddim_discretize}, "dpmpp2m": {"skip_type": skip_type}}.get(key, {})
+    return spec.timesteps(num_steps, alphas_cumprod, **options)
 
 
 # ---------------------------------------------------------------------------------- running on a model
@@ -283,14 +363,12 @@ def sample_model(model: Any, sampler: str, x_T: torch.Tensor, steps: Optional[in
     ``model.denoiser`` (e.g. :meth:`~ldm.models.diffusion.guidance.AnatomyGuidance.denoiser`). Returns
     ``(samples, intermediates)`` (see :class:`Trajectory`).
     """
-    name = check_sampler(sampler)
-    grid = sampler_timesteps(name, steps, model.alphas_cumprod)
+    spec = sampler_spec(sampler)
+    grid = spec.timesteps(steps, model.alphas_cumprod)
     x_T = x_T.to(model.alphas_cumprod.device)
-    ancestral = name == "ancestral"
-    denoise = (make_denoiser or model.denoiser)(cond, clip_denoised=ancestral and model.clip_denoised,
-                                                noise_cond=ancestral)
+    denoise = (make_denoiser or model.denoiser)(cond, clip_denoised=spec.ddpm_loop and model.clip_denoised,
+                                                noise_cond=spec.ddpm_loop)
     trajectory = Trajectory(x_T, len(grid) - 1, log_every_t, [callback] if callback else (),
-                            progress=name if progress else None)
-    x = SAMPLERS[name](denoise, x_T, grid, model.alphas_cumprod, eta=eta,
-                       noise_fn=noise_fn, callback=trajectory)
+                            progress=spec.name if progress else None)
+    x = spec.fn(denoise, x_T, grid, model.alphas_cumprod, eta=eta, noise_fn=noise_fn, callback=trajectory)
     return x, trajectory.finish(x)

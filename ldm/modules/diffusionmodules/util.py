@@ -204,29 +204,6 @@ def dpm_solver_timesteps(num_steps: int, alphas_cumprod: Any, skip_type: str = "
     return steps
 
 
-def sampler_timesteps(sampler: str, num_steps: Optional[int], alphas_cumprod: Any, ddim_discretize: str = "uniform",
-                      skip_type: str = "logSNR") -> np.ndarray:
-    """The descending timestep grid a registered sampler walks: ``n + 1`` entries for ``n`` model calls.
-
-    Step ``i`` goes from ``grid[i]`` (where the model is called) to ``grid[i + 1]``; ``-1`` stands for the
-    clean data (alpha-bar 1). ``ddim``: the CompVis DDIM steps (:func:`make_ddim_timesteps`) then 0 (CompVis
-    ends at alphas_cumprod[0]); ``dpmpp2m``: :func:`dpm_solver_timesteps`; ``ancestral``: ``num_steps - 1``
-    (default ``T - 1``) down to 0, then -1 (Ho et al. 2020, Algorithm 2).
-    """
-    num_timesteps = len(alphas_cumprod)
-    if sampler == "ddim":
-        steps = make_ddim_timesteps(ddim_discretize, int(num_steps), num_timesteps)
-        return np.concatenate([steps[::-1], [0]]).astype(np.int64)
-    if sampler == "dpmpp2m":
-        return dpm_solver_timesteps(int(num_steps), alphas_cumprod, skip_type)
-    if sampler == "ancestral":
-        start = num_timesteps if num_steps is None else int(num_steps)
-        if not 1 <= start <= num_timesteps:
-            raise ValueError(f"the number of ancestral steps must lie in 1..{num_timesteps}, got {num_steps}")
-        return np.arange(start - 1, -2, -1, dtype=np.int64)
-    raise ValueError(f"no timestep grid for sampler {sampler!r}; choose one of ddim, dpmpp2m, ancestral")
-
-
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:
     """``a[t]`` per batch element, shaped ``[B, 1, 1, ...]`` to broadcast against ``x_shape``."""
     out = a.gather(-1, t)
