@@ -147,3 +147,41 @@ def test_register_bank_codes_volumes():
     assert bank.position_dim == 9 and bank.position_codes(2, 3, 4).shape == (24, 9)
     assert torch.equal(bank.position_codes(2, 3, 4), SpatialPositionEncoding(1, dims=3)(2, 3, 4))
     assert bank(2, torch.randn(2, 16)).shape == (2, 6, 8)
+
+
+@pytest.mark.parametrize("head", [{"mask_upsample_factor": 1},
+                                  {"mask_upsample_factor": 2, "register_update": "read"},
+                                  {"mask_upsample_factor": 2, "mask_decoder": "pixel_shuffle",
+                                   "register_placement": "per_level"}])
+def test_anatomical_unet_on_volumes(head):
+    """``dims: 3``: the register UNet reads volume latents ``[B, C, D, H, W]``, predicts volume masks and class
+    attention, and the objective trains it from volume masks (every term, gradients into the registers)."""
+    from ldm.modules.anatomical_objective import AnatomicalObjective
+    from ldm.modules.diffusionmodules.anatomical_openaimodel import AnatomicalUNetModel
+    from tiny_models import anatomical_params, unet_params
+
+    torch.manual_seed(0)
+    unet = AnatomicalUNetModel(**{**unet_params(2, 2, 8, two_level=True, dims=3),
+                                  **anatomical_params(num_classes=3, **head)})
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in unet.modules())
+    x = torch.randn(2, 2, 4, 8, 8)
+    out = unet.forward_with_anatomy(x, torch.tensor([5, 500]))
+    f = head["mask_upsample_factor"]
+    assert out.prediction.shape == x.shape
+    assert out.seg_logits.shape == (2, 3, 4 * f, 8 * f, 8 * f)
+    assert out.class_attention.shape == (2, 3, 4, 8, 8)
+    assert torch.allclose(out.class_attention.sum(1), torch.ones(2, 4, 8, 8), atol=1e-5)
+    assert {tuple(a.shape[2:]) for a in out.layer_class_attention.values()} == {(4, 8, 8), (4, 4, 4)}  # depth kept
+    mask = _mask(2, 4 * f, 8 * f, 8 * f, classes=3)
+    abar = torch.linspace(0.999, 0.01, 1000)
+    for terms in ({"segmentation_ce": 1.0, "segmentation_dice": 1.0, "alignment_soft": 0.5},
+                  {"segmentation_ce": 1.0, "alignment_majority": 0.5}):
+        objective = AnatomicalObjective(3, IGNORE, terms, timestep_weighting="alpha_bar")
+        unet.zero_grad()
+        out = unet.forward_with_anatomy(x, torch.tensor([5, 500]))
+        loss, stats = objective(out.seg_logits, out.class_attention, mask,
+                                layer_class_attention=out.layer_class_attention, t=torch.tensor([5, 500]),
+                                alphas_cumprod=abar)
+        assert torch.isfinite(loss) and float(loss.detach()) > 0 and 0.0 <= float(stats["anatomical_dice"]) <= 1.0
+        loss.backward()
+        assert unet.register_bank.registers.grad is not None and unet.register_bank.registers.grad.abs().sum() > 0

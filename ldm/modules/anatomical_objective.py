@@ -27,6 +27,7 @@ from ldm.data.batch import masks_from_batch
 from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSES, TIMESTEP_WEIGHTINGS, check_choice,
                                            class_onehot, mean_soft_alignment_loss, mode_downsample, soft_dice_loss,
                                            timestep_weights)
+from ldm.modules.diffusionmodules.util import resize_maps
 from ldm.modules.dice import class_argmax, dice_counts, dice_from_counts
 
 ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
@@ -91,7 +92,8 @@ def weighted_nll(log_probs: torch.Tensor, target: torch.Tensor, ignore_index: in
     total = weights.sum()
     total = torch.where(total > 0, total, 1.0)  # nothing weighted: the sums below are 0, and 0 / 1 = 0
     if sample_weights is not None:
-        return (nll * weights * sample_weights.to(nll.dtype).view(-1, 1, 1)).sum() / total
+        per_sample = sample_weights.to(nll.dtype).view(-1, *([1] * (nll.dim() - 1)))
+        return (nll * weights * per_sample).sum() / total
     return (nll * weights).sum() / total
 
 
@@ -125,7 +127,7 @@ def segmentation_dice(x: TermInputs) -> torch.Tensor:
 
 def alignment_majority(x: TermInputs) -> torch.Tensor:
     """CE of the layer-averaged class attention against the mask majority-voted to its size (the first version)."""
-    small = mode_downsample(x.mask, x.class_attention.shape[-2:], x.num_classes, x.ignore_index)
+    small = mode_downsample(x.mask, x.class_attention.shape[2:], x.num_classes, x.ignore_index)
     return weighted_nll(torch.log(x.class_attention.float().clamp_min(1e-6)), small, x.ignore_index,
                         x.class_weights, x.sample_weights)
 
@@ -261,8 +263,8 @@ class AnatomicalObjective(nn.Module):
             raise ValueError("the timestep weighting needs alphas_cumprod with t")
         weights = None if t is None else timestep_weights(alphas_cumprod, t, self.timestep_weighting)
         logits = seg_logits.float()
-        if logits.shape[-2:] != mask.shape[-2:]:
-            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        if tuple(logits.shape[2:]) != tuple(mask.shape[1:]):
+            logits = resize_maps(logits, mask.shape[1:])
         # one one-hot of the mask per step, shared by the terms that read it
         onehot = (class_onehot(mask, self.num_classes, self.ignore_index)
                   if any(LOSS_TERMS[name].needs_onehot for name in self.terms) else None)

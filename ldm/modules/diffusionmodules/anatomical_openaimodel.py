@@ -25,6 +25,7 @@ is a deprecated alias returning ``(prediction, {"seg_logits", "class_attention"}
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -38,6 +39,7 @@ from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, PixelShuffleMas
 from ldm.modules.anatomical_blocks import num_groups as _num_groups
 from ldm.modules.anatomical_registers import AnatomicalRegisterBank, TimestepAwareRegisterBank
 from ldm.modules.diffusionmodules.openaimodel import BlockInfo, BlockKind, UNetModel, UNetState
+from ldm.modules.diffusionmodules.util import conv_nd, resize_maps
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +116,9 @@ class AnatomyOutput:
     def class_attention(self) -> torch.Tensor:
         """The layers' class attention averaged at the input's latent size (computed once, when first read)."""
         if self._class_attention is None:
-            size = self._size or max((m.shape[-2:] for m in self.layer_class_attention.values()),
-                                     key=lambda s: s[0] * s[1])
-            masses = [m if tuple(m.shape[-2:]) == tuple(size) else
-                      F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+            size = self._size or max((tuple(m.shape[2:]) for m in self.layer_class_attention.values()),
+                                     key=math.prod)
+            masses = [m if tuple(m.shape[2:]) == tuple(size) else resize_maps(m, size)
                       for m in self.layer_class_attention.values()]
             object.__setattr__(self, "_class_attention", torch.stack(masses, dim=0).mean(dim=0))
         return self._class_attention
@@ -168,13 +169,13 @@ class AnatomicalCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, registers: torch.Tensor, pos: Optional[torch.Tensor] = None,
                 class_membership: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attend ``x`` [B, ch, H, W] to ``registers`` [B, T, D].
+        """Attend ``x`` [B, ch, H, W] (or ``[B, ch, D, H, W]``) to ``registers`` [B, T, D].
 
         ``pos``: position codes [H*W, position_dim]. ``class_membership``: one-hot [T, C]; when given,
         also returns the attention mass per class [B, C, H, W] (summed over each class's tokens,
         averaged over heads; it sums to 1 over classes), else ``None``.
         """
-        b, ch, height, width = x.shape
+        b, ch, *spatial = x.shape
         if ch != self.channels:
             raise ValueError(f"AnatomicalCrossAttention built for {self.channels} channels got {ch}")
         q_in = self.norm(x).flatten(2).transpose(1, 2)  # [B, N, ch]
@@ -192,9 +193,9 @@ class AnatomicalCrossAttention(nn.Module):
             attn = torch.softmax((q @ k.transpose(-1, -2)) * self.dim_head ** -0.5, dim=-1)  # [B, h, N, T]
             out = attn @ v
             mass = attn.mean(dim=1) @ class_membership.to(attn.dtype)  # [B, N, C]
-            mass = mass.transpose(1, 2).reshape(b, -1, height, width)
-        out = out.transpose(1, 2).reshape(b, height * width, self.inner_dim)
-        out = self.to_out(self.dropout(out)).transpose(1, 2).reshape(b, ch, height, width)
+            mass = mass.transpose(1, 2).reshape(b, -1, *spatial)
+        out = out.transpose(1, 2).reshape(b, math.prod(spatial), self.inner_dim)
+        out = self.to_out(self.dropout(out)).transpose(1, 2).reshape(b, ch, *spatial)
         return x + out, mass
 
 
@@ -307,11 +308,11 @@ class AnatomicalUNetModel(UNetModel):
         if timestep_aware:
             self.register_bank: AnatomicalRegisterBank = TimestepAwareRegisterBank(
                 num_classes, registers_per_class, register_dim, time_embed_dim,
-                dropout=dropout, use_spatial_encoding=use_spatial_encoding)
+                dropout=dropout, use_spatial_encoding=use_spatial_encoding, dims=self.dims)
         else:
             self.register_bank = AnatomicalRegisterBank(
                 num_classes, registers_per_class, register_dim,
-                dropout=dropout, use_spatial_encoding=use_spatial_encoding)
+                dropout=dropout, use_spatial_encoding=use_spatial_encoding, dims=self.dims)
 
     def _choose_attention_blocks(self, resolutions: Optional[Sequence[int]], placement: str) -> list[int]:
         """Set ``self.anatomical_attention_blocks``: the res/middle blocks at the downsampling factors
@@ -351,14 +352,14 @@ class AnatomicalUNetModel(UNetModel):
         if factor == 1:
             self.segmentation_head = nn.Sequential(
                 nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
-                nn.Conv2d(feat_ch, feat_ch, 3, padding=1),
+                conv_nd(self.dims, feat_ch, feat_ch, 3, padding=1),
                 nn.GroupNorm(_num_groups(feat_ch), feat_ch, eps=1e-6), nn.SiLU(),
-                nn.Conv2d(feat_ch, self.num_anatomical_classes, 1),
+                conv_nd(self.dims, feat_ch, self.num_anatomical_classes, 1),
             )
         elif mask_decoder == "pixel_shuffle":
-            self.mask_decoder = PixelShuffleMaskHead(feat_ch, self.num_anatomical_classes, factor)
+            self.mask_decoder = PixelShuffleMaskHead(feat_ch, self.num_anatomical_classes, factor, dims=self.dims)
         else:
-            self.mask_decoder = AnatomicalMaskDecoder(feat_ch, self.num_anatomical_classes, factor)
+            self.mask_decoder = AnatomicalMaskDecoder(feat_ch, self.num_anatomical_classes, factor, dims=self.dims)
 
     @property
     def mask_head(self) -> nn.Module:
@@ -397,11 +398,11 @@ class AnatomicalUNetModel(UNetModel):
         use_checkpoint = self.use_checkpoint and self.training and torch.is_grad_enabled()
         if self.register_update == "read":
             reader = self.register_read[info.key]
-            pooled_pos = self._position_codes(reader.pooled_size(*h.shape[-2:]), state, h, dtype)
+            pooled_pos = self._position_codes(reader.pooled_size(*h.shape[2:]), state, h, dtype)
             args = (features, state.registers, pooled_pos)
             state.registers = checkpoint(reader, *args, use_reentrant=False) if use_checkpoint else reader(*args)
             state.register_states[info.key] = state.registers
-        pos = self._position_codes((h.shape[-2], h.shape[-1]), state, h, dtype)
+        pos = self._position_codes(tuple(h.shape[2:]), state, h, dtype)
         membership = self.register_bank.class_membership(dtype) if state.collect_attention else None
         args = (features, state.registers, pos, membership)
         if use_checkpoint:
@@ -412,7 +413,7 @@ class AnatomicalUNetModel(UNetModel):
             state.class_attention[info.key] = mass
         return out.to(h.dtype)
 
-    def _position_codes(self, size: tuple[int, int], state: AnatomicalUNetState, h: torch.Tensor,
+    def _position_codes(self, size: tuple[int, ...], state: AnatomicalUNetState, h: torch.Tensor,
                         dtype: torch.dtype) -> Optional[torch.Tensor]:
         """Position codes of a ``size`` grid (``None`` without spatial encoding), computed once per call and size."""
         if size not in state.position_codes:
@@ -438,7 +439,7 @@ class AnatomicalUNetModel(UNetModel):
         run = self._forward_with_anatomy if compiled is None else (lambda *a, **k: compiled(self, *a, **k))
         out, seg_logits, layers, registers, register_states = run(x, timesteps, context, y, **kwargs)
         return AnatomyOutput(prediction=out, seg_logits=seg_logits, layer_class_attention=layers, registers=registers,
-                             register_states=register_states, size=x.shape[-2:])
+                             register_states=register_states, size=x.shape[2:])
 
     def _forward_with_anatomy(self, x: torch.Tensor, timesteps: Optional[torch.Tensor],
                               context: Optional[torch.Tensor], y: Optional[torch.Tensor],
@@ -447,13 +448,13 @@ class AnatomicalUNetModel(UNetModel):
         :meth:`forward_with_anatomy` (plain tensors and dicts, which ``torch.compile`` returns without a break)."""
         out, state = self.forward_with_state(x, timesteps, context, y, collect_attention=True, **kwargs)
         assert isinstance(state, AnatomicalUNetState) and state.features is not None
-        size = x.shape[-2:]
+        size = x.shape[2:]
         head = self.mask_head
         features = state.features.detach() if self.segmentation_stop_gradient else state.features
         seg_logits = head(features.to(next(head.parameters()).dtype))
         mask_size = tuple(s * self.mask_upsample_factor for s in size)
-        if seg_logits.shape[-2:] != mask_size:
-            seg_logits = F.interpolate(seg_logits, size=mask_size, mode="bilinear", align_corners=False)
+        if tuple(seg_logits.shape[2:]) != mask_size:
+            seg_logits = resize_maps(seg_logits, mask_size)
         return out, seg_logits, dict(state.class_attention), state.registers, dict(state.register_states)
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,

@@ -301,6 +301,13 @@ def adaptive_avg_pool_nd(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1](x, size)
 
 
+def resize_maps(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x [B, C, *spatial]`` resized to ``size`` by (bi/tri)linear interpolation, ``align_corners=False``."""
+    size = tuple(int(s) for s in size)
+    _check_dims(len(size))
+    return F.interpolate(x, size=size, mode=("linear", "bilinear", "trilinear")[len(size) - 1], align_corners=False)
+
+
 def linear(*args: Any, **kwargs: Any) -> nn.Module:
     """``nn.Linear`` (kept as a factory for CompVis naming)."""
     return nn.Linear(*args, **kwargs)
