@@ -422,23 +422,21 @@ def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed:
     A stochastic sampler (DDIM eta > 0, ``ancestral``) draws its step noise per sample from ``noise_seed``, so a
     sample does not depend on the batch it is in."""
     from ldm.models.diffusion.guidance import AnatomyGuidance
-    from ldm.sampling import SampleNoise, initial_noise, latent_shape, predict_masks, sample_latents
+    from ldm.sampling import draw_batch, latent_shape
 
-    shape = latent_shape(model)
+    del device  # the samples are drawn where the model is (ldm.sampling.draw_batch)
     images, masks, spreads = [], [], []
-    image_channels = int(getattr(model.first_stage_model, "embed_dim", shape[0]))
+    image_channels = int(getattr(model.first_stage_model, "embed_dim", latent_shape(model)[0]))
     with model.ema_scope():
         for first in range(0, n, batch):
             idx = list(range(first, min(n, first + batch)))
-            x_T = initial_noise(shape, noise_seed, idx, device=device)
             steer = AnatomyGuidance(model, guidance) if guidance > 0 else None
-            z = sample_latents(model, x_T, sampler_steps, eta, SampleNoise(noise_seed, idx), sampler=sampler,
-                               guidance=steer)
-            img = model.decode_first_stage(z).clamp(-1, 1)
+            drawn = draw_batch(model, idx, noise_seed, sampler_steps, eta, sampler, steer, masks=own_masks)
+            z, img = drawn["latents"], drawn["images"].clamp(-1, 1)
             images.append(img.float().cpu())
             spreads.append(z[:, :image_channels].float().flatten(1).pow(2).mean(1).sqrt().cpu())
             if own_masks:
-                masks.append(predict_masks(model, z, img.shape[-2:]).cpu())
+                masks.append(drawn["masks"].cpu())
             if progress is not None:
                 progress(len(idx))
     out = {"image": torch.cat(images), "latent_rms": torch.cat(spreads)}

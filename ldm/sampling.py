@@ -374,22 +374,36 @@ def check_output_dir(out_dir: str) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def draw_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float = 0.0,
+               sampler: str = "ddim", guidance: Optional[AnatomyGuidance] = None, masks: bool = False,
+               timers: Optional[Sequence["Timer"]] = None) -> dict[str, Optional[torch.Tensor]]:
+    """The samples ``indices`` of ``seed`` in memory, as :func:`generate` draws them (the weights in use: wrap the
+    call in ``model.ema_scope()`` for EMA): ``{"latents": [B, c, h, w], "images": [B, C, H, W] (decoded, not
+    clamped), "masks": [B, H, W] int64 with ``masks`` (anatomical or joint models), else None}``. ``timers``: the
+    sampling and the decoding timers."""
+    from contextlib import nullcontext
+
+    sample_timer, decode_timer = timers if timers is not None else (nullcontext(), nullcontext())
+    device = next(model.parameters()).device
+    x_T = initial_noise(latent_shape(model), seed, indices, device=device)
+    with sample_timer:
+        z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), sampler=sampler,
+                           guidance=guidance)
+    with decode_timer:
+        if masks:
+            decoded = model.decode_with_anatomy(z)
+            return {"latents": z, "images": decoded["images"], "masks": decoded["masks"]}
+        return {"latents": z, "images": model.decode_first_stage(z), "masks": None}
+
+
 def _sample_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float,
                   sampler: str, guidance: Optional[AnatomyGuidance], save_masks: bool,
                   timers: Sequence["Timer"]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Images ``[B, C, H, W]`` (and masks) of the samples ``indices``; refuses non-finite images."""
-    device = next(model.parameters()).device
-    x_T = initial_noise(latent_shape(model), seed, indices, device=device)
-    with timers[0]:
-        z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), sampler=sampler,
-                           guidance=guidance)
-    masks = None
-    with timers[1]:
-        if save_masks:
-            decoded = model.decode_with_anatomy(z)
-            images, masks = decoded["images"], decoded["masks"]
-        else:
-            images = model.decode_first_stage(z)
+    """Images ``[B, C, H, W]`` (and masks) of the samples ``indices`` (:func:`draw_batch`); refuses non-finite
+    images."""
+    drawn = draw_batch(model, indices, seed, ddim_steps, eta, sampler, guidance, save_masks, timers)
+    images, masks = drawn["images"], drawn["masks"]
     finite = torch.isfinite(images.flatten(1)).all(dim=1)
     if not bool(finite.all()):
         bad = [int(i) for i, ok in zip(indices, finite.tolist()) if not ok]

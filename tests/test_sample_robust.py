@@ -167,3 +167,10 @@ def test_python_api_gives_the_scripts_images_and_masks(run, reference):
         assert np.array_equal(masks[j].numpy(), np.asarray(Image.open(reference / "masks" / f"{index:06d}.png")))
     with pytest.raises(ValueError, match=r"-e \(DDIM eta\)"):
         sampling.sample_images(model, 1, eta=float("nan"))
+    # draw_batch: the same samples of one batch in memory, with their latents (EMA weights as sample.py uses them)
+    with model.ema_scope():
+        drawn = sampling.draw_batch(model, [4, 3], seed=5, ddim_steps=3, eta=0.5, masks=True)
+    assert torch.equal(drawn["images"][0], images[1]) and torch.equal(drawn["images"][1], images[0])
+    assert torch.equal(drawn["masks"][0], masks[1]) and drawn["latents"].shape[0] == 2
+    assert torch.allclose(model.decode_first_stage(drawn["latents"][:1]), drawn["images"][:1], atol=1e-5)
+    assert sampling.draw_batch(model, [0], seed=5, ddim_steps=3)["masks"] is None
