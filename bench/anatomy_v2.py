@@ -80,9 +80,13 @@ ARMS_V2: dict[str, str] = {
     "lean": "the anatomical configuration with the lean register design (bench/register_cost.py 'lean_low': register "
             "width = UNet width, head size 16, register layers once per path at the lowest resolution + the middle "
             "block, pixel-shuffle mask head)",
+    "lean_no_loss": "the lean arm with anatomical loss weight 0 (the lean registers as extra capacity only)",
+    "matched_lean": "plain LatentDiffusion + a UNetModel with the lean arm's parameters and training FLOPs "
+                    "(within 5 %; bench/capacity.py)",
 }
 JUDGES = {"A": {"base_channels": 16, "seed": 0}, "B": {"base_channels": 24, "seed": 1}}
-MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean")
+MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean", "lean_no_loss")
+MATCH_TARGETS = {"matched": "anatomical", "matched_lean": "lean"}  # capacity-matched plain arm -> the arm it matches
 LEAN_VARIANT = "lean_low"  # bench/register_cost.py variant the lean arm trains
 CAPACITY_TOL = 0.05  # the protocol's capacity_tolerance
 
@@ -243,15 +247,15 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
     """The ``model:`` config of one v2 arm (see ``ARMS_V2``)."""
     if arm not in ARMS_V2:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS_V2)}")
-    if arm in ("plain", "matched"):
+    if arm == "plain" or arm in MATCH_TARGETS:
         cfg = am.baseline_config(preset, ae_ckpt, scale_factor)
-        if arm == "matched":
-            cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset)["unet"])
+        if arm in MATCH_TARGETS:
+            cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset, MATCH_TARGETS[arm])["unet"])
         return _first_stage_from_moments(cfg)
-    cfg = am.arm_config("registers_no_loss" if arm == "registers_no_loss" else "anatomical", preset, ae_ckpt,
-                        scale_factor)
+    no_loss = arm in ("registers_no_loss", "lean_no_loss")
+    cfg = am.arm_config("registers_no_loss" if no_loss else "anatomical", preset, ae_ckpt, scale_factor)
     cfg = capacity.set_num_classes(cfg, NUM_CLASSES)
-    if arm == "lean":
+    if arm in ("lean", "lean_no_loss"):
         import register_cost
 
         unet = cfg["params"]["unet_config"]["params"]
@@ -263,13 +267,13 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
 _MATCHED: dict[str, dict[str, Any]] = {}
 
 
-def matched_unet(preset: PresetV2) -> dict[str, Any]:
-    """The capacity-matched plain UNet's parameters at this preset (``bench/capacity.py``'s search, done once per
-    process) and the ratios it reaches: ``{"unet": params, "info": {...}}``."""
-    key = json.dumps(dataclasses.asdict(preset), sort_keys=True)
+def matched_unet(preset: PresetV2, target: str = "anatomical") -> dict[str, Any]:
+    """The plain UNet matched to the ``target`` arm's capacity at this preset (``bench/capacity.py``'s search, done
+    once per process and target) and the ratios it reaches: ``{"unet": params, "info": {...}}``."""
+    key = json.dumps({"target": target, **dataclasses.asdict(preset)}, sort_keys=True)
     if key not in _MATCHED:
         plain = am.baseline_config(preset, None, 1.0)
-        cfg, info = capacity.capacity_matched_config(plain, arm_config("anatomical", preset, None, 1.0),
+        cfg, info = capacity.capacity_matched_config(plain, arm_config(target, preset, None, 1.0),
                                                      tol=CAPACITY_TOL)
         _MATCHED[key] = {"unet": cfg["params"]["unet_config"]["params"], "info": info}
     return _MATCHED[key]

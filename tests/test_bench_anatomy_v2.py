@@ -188,3 +188,24 @@ def test_judge_sensitivity_script_reports_a_variant_beside_the_runs_judges(quick
         assert 0.0 <= row["judge_copy_paste_0.5/primary"] <= 1.0 and row["true_mask/primary"] >= 0.95
     assert set(res["run_judges"]["real_pass_rate"]) == {"A", "B"}
     assert os.path.getsize(tmp_path / "judges.png") > 5000
+
+
+def test_lean_ablation_arms():
+    """The two arms that separate the lean design's parts: ``lean_no_loss`` is the lean arm with the anatomical loss
+    off, ``matched_lean`` a plain UNet of the lean arm's parameters and training FLOPs (within the tolerance)."""
+    import anatomy_v2 as v2
+    import capacity
+
+    quick = v2.PRESETS_V2["quick"]
+    lean, no_loss = v2.arm_config("lean", quick, None, 1.0), v2.arm_config("lean_no_loss", quick, None, 1.0)
+    assert no_loss["params"]["anatomical_loss_weight"] == 0.0 and lean["params"].get("anatomical_loss_weight") != 0.0
+    assert no_loss["params"]["unet_config"] == lean["params"]["unet_config"]
+    assert "lean_no_loss" in v2.MASK_ARMS_V2 and "matched_lean" not in v2.MASK_ARMS_V2
+    cpu = v2.PRESETS_V2["cpu"]
+    matched = v2.arm_config("matched_lean", cpu, None, 1.0)
+    assert matched["params"]["unet_config"]["target"].endswith("openaimodel.UNetModel")
+    target = capacity.training_flops_per_sample(v2.arm_config("lean", cpu, None, 1.0))
+    got = capacity.training_flops_per_sample(matched)
+    assert abs(got["params"] / target["params"] - 1) <= v2.CAPACITY_TOL
+    assert abs(got["train_flops_per_sample"] / target["train_flops_per_sample"] - 1) <= v2.CAPACITY_TOL
+    assert matched["params"]["unet_config"] != v2.arm_config("matched", cpu, None, 1.0)["params"]["unet_config"]
