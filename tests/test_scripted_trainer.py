@@ -13,15 +13,6 @@ from ldm.training.scripted import scripted_trainer, scripted_trainer_kwargs
 from tiny_models import ldm_params
 
 
-class _Images(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, i: int) -> dict:
-        g = torch.Generator().manual_seed(i)
-        return {"image": torch.rand(16, 16, 1, generator=g) * 2 - 1}
-
-
 def test_scripted_trainer_trains_the_steps_asked_and_saves_atomically(tmp_path):
     kwargs = scripted_trainer_kwargs(torch.device("cpu"), 3, progress=False)
     assert kwargs["max_steps"] == 3 and kwargs["precision"] == "32-true" and kwargs["logger"] is False
@@ -32,7 +23,9 @@ def test_scripted_trainer_trains_the_steps_asked_and_saves_atomically(tmp_path):
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     trainer = scripted_trainer(torch.device("cpu"), 3, progress=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    trainer.fit(model, DataLoader(_Images(), batch_size=2))
+    g = torch.Generator().manual_seed(0)
+    images = [{"image": torch.rand(16, 16, 1, generator=g) * 2 - 1} for _ in range(8)]
+    trainer.fit(model, DataLoader(images, batch_size=2))
     assert trainer.global_step == 3
     assert any(not torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     path = str(tmp_path / "step3.ckpt")
