@@ -83,9 +83,20 @@ ARMS_V2: dict[str, str] = {
     "lean_no_loss": "the lean arm with anatomical loss weight 0 (the lean registers as extra capacity only)",
     "matched_lean": "plain LatentDiffusion + a UNetModel with the lean arm's parameters and training FLOPs "
                     "(within 5 %; bench/capacity.py)",
+    "lean_v3": "the lean arm with the audit's fixes (issue 29): the mask loss ramped up from 0 over the first 10 % "
+               "of training (instead of doubled), uniform over timesteps (instead of alpha_bar weighted), the "
+               "alignment loss off, the mask head reading every decoder level (mask_head_levels)",
+    "lean_stopgrad": "the lean arm with its mask head behind a stop-gradient and the alignment loss off: the lean "
+                     "registers as capacity, the masks from a probe that cannot pull on the denoiser",
+}
+# arm -> what it changes in the lean arm's model params (AnatomicalLatentDiffusion) and its UNet's params
+LEAN_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "lean_v3": ({"anatomical_schedule": "ramp", "anatomical_timestep_weighting": "none",
+                 "attention_alignment_weight": 0.0}, {"mask_head_levels": "all"}),
+    "lean_stopgrad": ({"attention_alignment_weight": 0.0}, {"segmentation_stop_gradient": True}),
 }
 JUDGES = {"A": {"base_channels": 16, "seed": 0}, "B": {"base_channels": 24, "seed": 1}}
-MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean", "lean_no_loss")
+MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean", "lean_no_loss", "lean_v3", "lean_stopgrad")
 MATCH_TARGETS = {"matched": "anatomical", "matched_lean": "lean"}  # capacity-matched plain arm -> the arm it matches
 LEAN_VARIANT = "lean_low"  # bench/register_cost.py variant the lean arm trains
 CAPACITY_TOL = 0.05  # the protocol's capacity_tolerance
@@ -255,11 +266,14 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
     no_loss = arm in ("registers_no_loss", "lean_no_loss")
     cfg = am.arm_config("registers_no_loss" if no_loss else "anatomical", preset, ae_ckpt, scale_factor)
     cfg = capacity.set_num_classes(cfg, NUM_CLASSES)
-    if arm in ("lean", "lean_no_loss"):
+    if arm in ("lean", "lean_no_loss") or arm in LEAN_CHANGES:
         import register_cost
 
         unet = cfg["params"]["unet_config"]["params"]
         unet.update(register_cost.lean_overrides(unet, LEAN_VARIANT))
+        ldm_changes, unet_changes = LEAN_CHANGES.get(arm, ({}, {}))
+        cfg["params"].update(ldm_changes)
+        unet.update({k: len(unet["channel_mult"]) if v == "all" else v for k, v in unet_changes.items()})
     cfg["params"]["label_set"] = LABEL_SET
     return _first_stage_from_moments(cfg)
 

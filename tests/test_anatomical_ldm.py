@@ -42,6 +42,7 @@ def phantom_batch(n: int = 4, seed: int = 0) -> dict:
     ("warmup_decay", {0: 0.2, 9: 0.2, 10: 0.2, 15: 0.15, 19: 0.11, 20: 0.1, 1000: 0.1}),
     ("cosine", {0: 0.2, 10: 0.15, 20: 0.1, 1000: 0.1}),
     ("constant", {0: 0.1, 15: 0.1, 1000: 0.1}),
+    ("ramp", {0: 0.0, 5: 0.05, 9: 0.09, 10: 0.1, 15: 0.1, 1000: 0.1}),
 ])
 def test_schedule_values(schedule, expected):
     model = tiny_model(anatomical_schedule=schedule)

@@ -209,3 +209,32 @@ def test_lean_ablation_arms():
     assert abs(got["params"] / target["params"] - 1) <= v2.CAPACITY_TOL
     assert abs(got["train_flops_per_sample"] / target["train_flops_per_sample"] - 1) <= v2.CAPACITY_TOL
     assert matched["params"]["unet_config"] != v2.arm_config("matched", cpu, None, 1.0)["params"]["unet_config"]
+
+
+def test_audit_fix_arms_change_only_what_they_name():
+    """``lean_v3`` is the lean arm with the audit's four fixes and ``lean_stopgrad`` the lean arm with a
+    stop-gradient mask probe; every other model and UNet parameter is the lean arm's, and both stay within 1 % of
+    its parameters and training FLOPs (at the cpu preset the fusion reads all three decoder levels)."""
+    import anatomy_v2 as v2
+    import capacity
+
+    for name in ("quick", "cpu"):
+        preset = v2.PRESETS_V2[name]
+        lean = v2.arm_config("lean", preset, None, 1.0)
+        base = capacity.training_flops_per_sample(lean)
+        for arm, (ldm, unet) in {
+                "lean_v3": ({"anatomical_schedule": "ramp", "anatomical_timestep_weighting": "none",
+                             "attention_alignment_weight": 0.0},
+                            {"mask_head_levels": len(lean["params"]["unet_config"]["params"]["channel_mult"])}),
+                "lean_stopgrad": ({"attention_alignment_weight": 0.0}, {"segmentation_stop_gradient": True})}.items():
+            cfg = v2.arm_config(arm, preset, None, 1.0)
+            got = {k: v for k, v in cfg["params"].items() if k != "unet_config" and lean["params"].get(k) != v}
+            assert got == ldm, (name, arm)
+            u, lu = cfg["params"]["unet_config"]["params"], lean["params"]["unet_config"]["params"]
+            assert {k: v for k, v in u.items() if lu.get(k) != v} == unet, (name, arm)
+            cost = capacity.training_flops_per_sample(cfg)
+            assert abs(cost["params"] / base["params"] - 1) < 0.01
+            assert abs(cost["train_flops_per_sample"] / base["train_flops_per_sample"] - 1) < 0.01
+            assert arm in v2.MASK_ARMS_V2
+    assert v2.arm_config("lean_v3", v2.PRESETS_V2["cpu"], None, 1.0)["params"]["unet_config"]["params"][
+        "mask_head_levels"] == 3

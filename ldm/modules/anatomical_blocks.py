@@ -10,6 +10,9 @@
   predicts the ``f x f`` sub-pixels of every class, rearranged by pixel shuffle (Shi et al. 2016, "Real-time
   single image and video super-resolution using an efficient sub-pixel convolutional neural network"), so no
   convolution runs above the latent resolution (the lean design, ``mask_decoder: pixel_shuffle``).
+- :class:`DecoderLevelFusion`: the decoder features of coarser levels projected to the last level's width,
+  resized to its grid and added to it, so that the mask head reads several decoder levels (``mask_head_levels``).
+  Zero-initialised projections: a fresh fusion leaves the last level's features unchanged.
 
 Every layer takes 1, 2 or 3 spatial dimensions (``dims`` for the mask heads, as ``UNetModel``'s; the register read
 pools whatever it is given); the docstrings write the 2D shapes.
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import adaptive_avg_pool_nd, conv_nd
+from ldm.modules.diffusionmodules.util import adaptive_avg_pool_nd, conv_nd, resize_maps
 
 
 def check_upsample_factor(value: int, head: str) -> int:
@@ -169,6 +172,39 @@ class PixelShuffleMaskHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C, f*h, f*w]`` for features ``[B, in_channels, h, w]``."""
         return pixel_shuffle_nd(self.out(self.trunk(features)), self.upsample_factor)
+
+
+class DecoderLevelFusion(nn.Module):
+    """The features the mask head reads: the last decoder level's ``[B, C, h, w]`` plus every coarser level's map
+    (``GroupNorm -> SiLU -> 1x1 conv`` to ``C`` channels, resized to ``h x w`` by (bi/tri)linear interpolation).
+
+    Args:
+        level_channels: block key -> channels of the coarser level features that block gives (in any order).
+        out_channels: the last level's channels ``C``.
+        dims: spatial dimensions.
+    """
+
+    def __init__(self, level_channels: dict[str, int], out_channels: int, dims: int = 2) -> None:
+        super().__init__()
+        if not level_channels:
+            raise ValueError("DecoderLevelFusion needs at least one coarser level")
+        self.proj = nn.ModuleDict()
+        for key, ch in level_channels.items():
+            conv = conv_nd(dims, int(ch), int(out_channels), 1)
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            self.proj[key] = nn.Sequential(nn.GroupNorm(num_groups(int(ch)), int(ch), eps=1e-6), nn.SiLU(), conv)
+
+    def forward(self, features: torch.Tensor, levels: dict[str, torch.Tensor]) -> torch.Tensor:
+        missing = sorted(set(self.proj) - set(levels))
+        if missing:
+            raise ValueError(f"DecoderLevelFusion: no features from the blocks {missing}")
+        size = tuple(features.shape[2:])
+        out = features
+        for key, proj in self.proj.items():
+            h = proj(levels[key].to(features.dtype))
+            out = out + resize_maps(h, size)
+        return out
 
 
 def pixel_shuffle_nd(x: torch.Tensor, factor: int) -> torch.Tensor:

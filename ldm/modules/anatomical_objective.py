@@ -30,7 +30,7 @@ from ldm.modules.anatomical_losses import (ALIGNMENT_TARGETS, SEGMENTATION_LOSSE
 from ldm.modules.diffusionmodules.util import resize_maps
 from ldm.modules.dice import class_argmax, dice_counts, dice_from_counts
 
-ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine")
+ANATOMICAL_SCHEDULES = ("warmup_decay", "constant", "cosine", "ramp")
 DEFAULT_ANATOMICAL_LOSS_WEIGHT = 0.1
 
 
@@ -61,8 +61,9 @@ def check_mask_labels(mask: torch.Tensor, num_classes: int, ignore_index: int, k
 def loss_weight_at(step: int, weight: float, warmup_steps: int, schedule: str = "warmup_decay",
                    progressive: bool = True) -> float:
     """The total anatomical weight ``w(step)``: ``"warmup_decay"`` (2w until W, linear to w at 2W, then w),
-    ``"cosine"`` (2w at step 0 falling to w at 2W along a half cosine, then w) or ``"constant"``; ``w`` when
-    not ``progressive`` or ``warmup_steps`` is 0."""
+    ``"cosine"`` (2w at step 0 falling to w at 2W along a half cosine, then w), ``"ramp"`` (0 at step 0 rising
+    linearly to w at W, then w: the mask loss comes in after the network has begun to draw) or ``"constant"``;
+    ``w`` when not ``progressive`` or ``warmup_steps`` is 0."""
     step, w, warm = int(step), float(weight), int(warmup_steps)
     if not progressive or schedule == "constant" or warm == 0:
         return w
@@ -72,6 +73,8 @@ def loss_weight_at(step: int, weight: float, warmup_steps: int, schedule: str = 
         if step < 2 * warm:
             return w * (2.0 - (step - warm) / warm)
         return w
+    if schedule == "ramp":
+        return w * min(max(step, 0) / warm, 1.0)
     progress = min(max(step, 0) / (2.0 * warm), 1.0)  # cosine
     return w * (1.0 + 0.5 * (1.0 + math.cos(math.pi * progress)))
 

@@ -71,7 +71,8 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         progressive_anatomical_training: follow ``anatomical_schedule``; ``False``: constant ``w``.
         anatomical_warmup_steps: warm-up length ``W`` of the schedule, in global steps.
         anatomical_schedule: ``"warmup_decay"`` (2w until W, linear to w at 2W, then w), ``"cosine"``
-            (2w at step 0 falling to w at 2W along a half cosine, then w) or ``"constant"``.
+            (2w at step 0 falling to w at 2W along a half cosine, then w), ``"ramp"`` (0 at step 0, linear to w
+            at W, then w) or ``"constant"``.
         attention_alignment_weight: weight of the class-attention alignment cross-entropy.
         anatomical_ignore_index: mask value excluded from the loss.
         anatomical_class_weights: optional per-class weights of the mask CE and of the majority-vote alignment CE

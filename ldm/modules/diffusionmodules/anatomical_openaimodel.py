@@ -35,16 +35,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.deprecation import deprecate
-from ldm.modules.anatomical_blocks import AnatomicalMaskDecoder, PixelShuffleMaskHead, RegisterReadAttention
+from ldm.modules.anatomical_blocks import (AnatomicalMaskDecoder, DecoderLevelFusion, PixelShuffleMaskHead,
+                                           RegisterReadAttention)
 from ldm.modules.anatomical_blocks import num_groups as _num_groups
 from ldm.modules.anatomical_registers import AnatomicalRegisterBank, TimestepAwareRegisterBank
-from ldm.modules.diffusionmodules.openaimodel import BlockInfo, BlockKind, UNetModel, UNetState
+from ldm.modules.diffusionmodules.openaimodel import BlockInfo, BlockKind, BlockStage, UNetModel, UNetState
 from ldm.modules.diffusionmodules.util import conv_nd, resize_maps
 
 logger = logging.getLogger(__name__)
 
 ANATOMICAL_KEY_PREFIXES = ("register_bank.", "anatomical_attention.", "segmentation_head.", "register_read.",
-                           "mask_decoder.")
+                           "mask_decoder.", "mask_levels.")
 REGISTER_UPDATES = ("none", "read")
 REGISTER_PLACEMENTS = ("every_block", "per_level")
 MASK_DECODERS = ("upsample_conv", "pixel_shuffle")
@@ -62,6 +63,7 @@ class AnatomicalUNetState(UNetState):
         collect_attention: record each register layer's per-class attention mass.
         class_attention: block key -> per-class attention mass [B, C, h_l, w_l] (when collected).
         position_codes: (h, w) -> position codes [h*w, P] (or ``None``), computed once per size.
+        level_features: block key -> the output of a decoder block the mask head reads (``mask_head_levels > 1``).
     """
 
     registers: Optional[torch.Tensor] = None
@@ -69,6 +71,7 @@ class AnatomicalUNetState(UNetState):
     collect_attention: bool = False
     class_attention: dict[str, torch.Tensor] = field(default_factory=dict)
     position_codes: dict[tuple[int, int], Optional[torch.Tensor]] = field(default_factory=dict)
+    level_features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class AnatomyOutput:
@@ -261,6 +264,11 @@ class AnatomicalUNetModel(UNetModel):
             nearest-upsample + 3x3 convolution stages above the latent grid (:class:`AnatomicalMaskDecoder`);
             ``"pixel_shuffle"`` (lean): every convolution at the latent grid and a sub-pixel rearrangement
             (:class:`~ldm.modules.anatomical_blocks.PixelShuffleMaskHead`). Both live under ``mask_decoder.``.
+        mask_head_levels: how many decoder levels the mask head reads. ``1`` (default; every version so far): the
+            last decoder features only. ``L > 1``: also the last block of each of the ``L - 1`` next-coarser decoder
+            levels, each projected to the last level's width, resized to its grid and added
+            (:class:`~ldm.modules.anatomical_blocks.DecoderLevelFusion`, under ``mask_levels.``; zero-initialised, so
+            a fresh head computes what the one-level head computes).
         segmentation_stop_gradient: the segmentation head (or mask decoder) reads the decoder features through a
             stop-gradient, so the mask loss trains the head alone and cannot pull the UNet away from denoising
             (a probe of what the features hold). Pair it with ``attention_alignment_weight: 0`` on the
@@ -275,7 +283,7 @@ class AnatomicalUNetModel(UNetModel):
                  register_dropout: float = 0.0, anatomical_attention_dim: Optional[int] = None,
                  register_update: str = "none", register_read_pool: int = 8, mask_upsample_factor: int = 1,
                  segmentation_stop_gradient: bool = False, register_placement: str = "every_block",
-                 mask_decoder: str = "upsample_conv", **kwargs: Any) -> None:
+                 mask_decoder: str = "upsample_conv", mask_head_levels: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_anatomical_registers = bool(use_anatomical_registers)
         self.num_anatomical_classes = int(num_anatomical_classes)
@@ -285,6 +293,7 @@ class AnatomicalUNetModel(UNetModel):
         self.mask_upsample_factor = int(mask_upsample_factor)
         self.segmentation_stop_gradient = bool(segmentation_stop_gradient)
         self.register_placement = register_placement
+        self.mask_level_keys: tuple[str, ...] = ()
         if not self.use_anatomical_registers:
             return
         _check_anatomical_options(register_placement, mask_decoder, register_update, mask_upsample_factor,
@@ -296,6 +305,7 @@ class AnatomicalUNetModel(UNetModel):
         self._build_register_layers(anatomical_register_dim, anatomical_attention_heads, anatomical_attention_dim,
                                     register_update, register_read_pool)
         self._build_mask_head(mask_decoder)
+        self._build_mask_levels(mask_head_levels)
         logger.info("AnatomicalUNetModel: %d classes x %d registers (dim %d), register attention at %d blocks "
                     "(ds %s, %s), register_update=%s, mask at %dx latent size (%s)", num_anatomical_classes,
                     num_registers_per_class, anatomical_register_dim, len(self.anatomical_attention_keys), wanted,
@@ -361,6 +371,24 @@ class AnatomicalUNetModel(UNetModel):
         else:
             self.mask_decoder = AnatomicalMaskDecoder(feat_ch, self.num_anatomical_classes, factor, dims=self.dims)
 
+    def _build_mask_levels(self, levels: int) -> None:
+        """``self.mask_levels`` reading the last output block of each of the ``levels - 1`` next-coarser decoder
+        levels (nothing for ``levels == 1``)."""
+        n_levels = len(self.channel_mult)
+        if int(levels) != levels or not 1 <= int(levels) <= n_levels:
+            raise ValueError(f"mask_head_levels must be an integer from 1 to the UNet's {n_levels} levels "
+                             f"(len(channel_mult)), got {levels!r}")
+        if int(levels) == 1:
+            return
+        last: dict[int, BlockInfo] = {}
+        for info in self.block_info:
+            if info.stage == BlockStage.OUTPUT:
+                last[info.ds] = info  # the last output block at each downsampling factor
+        chosen = [last[2 ** i] for i in range(1, int(levels))]
+        self.mask_level_keys = tuple(info.key for info in chosen)
+        self.mask_levels = DecoderLevelFusion({info.key: info.channels for info in chosen}, self.model_channels,
+                                              dims=self.dims)
+
     @property
     def mask_head(self) -> nn.Module:
         """The module mapping decoder features to segmentation logits (head or mask decoder)."""
@@ -388,8 +416,14 @@ class AnatomicalUNetModel(UNetModel):
 
     def block_hook(self, info: BlockInfo, h: torch.Tensor, state: AnatomicalUNetState) -> torch.Tensor:
         h = super().block_hook(info, h, state)
-        if not self.use_anatomical_registers or info.key not in self.anatomical_attention:
-            return h
+        if self.use_anatomical_registers and info.key in self.anatomical_attention:
+            h = self._register_layers(info, h, state)
+        if info.key in self.mask_level_keys:
+            state.level_features[info.key] = h
+        return h
+
+    def _register_layers(self, info: BlockInfo, h: torch.Tensor, state: AnatomicalUNetState) -> torch.Tensor:
+        """The register read (``register_update: read``) and the register cross-attention after block ``info``."""
         layer = self.anatomical_attention[info.key]
         # the anatomical modules stay in float32 when the blocks run in float16 (use_fp16); under autocast the
         # features keep their dtype (autocast casts per op: an upcast here copied every feature map to float32 and back)
@@ -450,12 +484,21 @@ class AnatomicalUNetModel(UNetModel):
         assert isinstance(state, AnatomicalUNetState) and state.features is not None
         size = x.shape[2:]
         head = self.mask_head
-        features = state.features.detach() if self.segmentation_stop_gradient else state.features
-        seg_logits = head(features.to(next(head.parameters()).dtype))
+        seg_logits = head(self._mask_features(state).to(next(head.parameters()).dtype))
         mask_size = tuple(s * self.mask_upsample_factor for s in size)
         if tuple(seg_logits.shape[2:]) != mask_size:
             seg_logits = resize_maps(seg_logits, mask_size)
         return out, seg_logits, dict(state.class_attention), state.registers, dict(state.register_states)
+
+    def _mask_features(self, state: AnatomicalUNetState) -> torch.Tensor:
+        """The features the mask head reads: the last decoder level's, plus the coarser levels' with
+        ``mask_head_levels > 1``, through a stop-gradient with ``segmentation_stop_gradient``."""
+        features, levels = state.features, state.level_features
+        if self.segmentation_stop_gradient:
+            features, levels = features.detach(), {k: v.detach() for k, v in levels.items()}
+        if self.mask_level_keys:
+            features = self.mask_levels(features, {k: levels[k] for k in self.mask_level_keys})
+        return features
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
                 context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
