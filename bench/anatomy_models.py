@@ -414,11 +414,13 @@ def load_trained(config: dict[str, Any], ckpt: str, device: torch.device) -> tor
 @torch.no_grad()
 def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed: int, batch: int,
                  device: torch.device, own_masks: bool, progress: Optional[Callable[[int], None]] = None,
-                 guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0) -> dict[str, torch.Tensor]:
+                 guidance: float = 0.0, sampler: str = "ddim", eta: float = 0.0,
+                 autoguidance: Optional[Any] = None) -> dict[str, torch.Tensor]:
     """``n`` samples (EMA weights; the benchmark's DDIM eta 0 unless ``sampler``/``eta`` say otherwise) from the
     start noise of indices ``0..n-1`` of ``noise_seed`` (shared by every arm), decoded to images ``[n, 1, H, W]``,
     and each sample's image-latent RMS (``latent_rms``, in the model's scaled latent space); with ``own_masks``
-    the model's own masks; ``guidance`` > 0 steers every step with the model's mask-free anatomy guidance.
+    the model's own masks; ``guidance`` > 0 steers every step with the model's mask-free anatomy guidance,
+    ``autoguidance`` (an :class:`~ldm.models.diffusion.autoguidance.Autoguidance` of this model) with a weaker model.
     A stochastic sampler (DDIM eta > 0, ``ancestral``) draws its step noise per sample from ``noise_seed``, so a
     sample does not depend on the batch it is in."""
     from ldm.models.diffusion.guidance import AnatomyGuidance
@@ -430,7 +432,8 @@ def draw_samples(model: torch.nn.Module, n: int, sampler_steps: int, noise_seed:
     with model.ema_scope():
         for first in range(0, n, batch):
             idx = list(range(first, min(n, first + batch)))
-            steer = AnatomyGuidance(model, guidance) if guidance > 0 else None
+            steer = autoguidance if autoguidance is not None else (
+                AnatomyGuidance(model, guidance) if guidance > 0 else None)
             drawn = draw_batch(model, idx, noise_seed, sampler_steps, eta, sampler, steer, masks=own_masks)
             z, img = drawn["latents"], drawn["images"].clamp(-1, 1)
             images.append(img.float().cpu())

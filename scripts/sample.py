@@ -56,6 +56,12 @@ def get_parser() -> argparse.ArgumentParser:
                         "gradient of an anatomical energy (co-occurrence, laterality, position, border; "
                         "README_anatomical.md); 0 (default): off, bit-identical to plain sampling; each guided "
                         "step costs a forward pass with gradients and a backward pass")
+    p.add_argument("--autoguide", default=None, metavar="RUN_DIR_OR_CKPT",
+                   help="guide every step with a weaker model of the same latent space, e.g. an earlier checkpoint "
+                        "of the run (autoguidance, Karras et al. 2024): eps = eps_guide + w (eps_model - eps_guide); "
+                        "two model calls per step; its config is found as for -r (or given with -b)")
+    p.add_argument("--autoguide_weight", type=float, default=2.0, metavar="W",
+                   help="autoguidance weight w with --autoguide (1: the model alone; default 2.0)")
     p.add_argument("--mask_from", "--mask-from", dest="mask_from", choices=["latents", "reencoded"], default=None,
                    help="anatomical models: what the segmentation head reads for a sample's mask: the sampled "
                         "latents, or the decoded sample encoded again (encoder latents, as in training; one encoder "
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be checked without the model is checked before loading it.
     sampling.check_sampling_settings(args.n_samples, args.batch_size, args.custom_steps, args.eta, args.sampler,
                                      args.vanilla_sample, args.anatomy_guidance)
+    if args.autoguide is not None:
+        check_autoguide(args)
     _, run_dir, _, config = sampling.read_run_config(args.resume, args.base)
     out_dir = args.logdir
     if out_dir is None:
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ancestral = args.vanilla_sample or args.sampler == "ancestral"
         tag = "vanilla" if ancestral else f"{args.sampler}{args.custom_steps}_eta{args.eta:g}"
         tag += f"_guided{args.anatomy_guidance:g}" if args.anatomy_guidance else ""
+        tag += f"_autoguided{args.autoguide_weight:g}" if args.autoguide is not None else ""
         out_dir = os.path.join(base, "samples", f"{tag}_seed{args.seed}")
     sampling.check_output_dir(out_dir)
     geometry = None
@@ -118,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.modules.diffusionmodules.openaimodel import compile_unet
 
         compile_unet(model, backend=args.compile_backend)
+    autoguidance = None
+    if args.autoguide is not None:
+        from ldm.models.diffusion.autoguidance import Autoguidance
+
+        guide, guide_info = sampling.load_model_for_sampling(args.autoguide, args.base, args.unsafe_load, device,
+                                                             trust_config=args.trust_config)
+        autoguidance = Autoguidance(model, guide, args.autoguide_weight, guide_ema=args.ema and guide_info["has_ema"],
+                                    description=f"{guide_info['checkpoint']} (sha256 "
+                                                f"{guide_info['checkpoint_sha256'][:16]})")
     info["load_s"] = time.perf_counter() - t0
     if args.mask_from is not None:
         if not hasattr(model, "mask_from") or getattr(model, "is_joint", False):
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                 colours=sampling.palette_for(model), progress=args.progress, sampler=args.sampler,
                                 anatomy_guidance=args.anatomy_guidance, geometry=geometry, hu=args.hu,
                                 stack=args.stack, manifest_info=info,
-                                on_batch=None if governor is None else governor.step)
+                                on_batch=None if governor is None else governor.step, autoguidance=autoguidance)
     except KeyboardInterrupt as err:
         raise SamplingInterrupted(out_dir) from err
     except OSError as err:  # a write that failed (ldm.atomic_io.WriteError names the file): cli says what remains
@@ -145,6 +163,18 @@ def main(argv: list[str] | None = None) -> int:
                if run["count"] else "wrote no new samples")
     print(f"{resumed}{written} to {out_dir}{redone}; manifest {os.path.join(out_dir, 'samples.json')}")
     return 0
+
+
+def check_autoguide(args: argparse.Namespace) -> None:
+    """``--autoguide`` settings checked before any model is loaded (ValueError: one line from ``run_script``)."""
+    from ldm.models.diffusion.autoguidance import check_autoguidance_weight
+
+    check_autoguidance_weight(args.autoguide_weight)
+    if args.anatomy_guidance:
+        raise ValueError("--autoguide and --anatomy_guidance steer the same denoiser; use one of them")
+    if not os.path.exists(args.autoguide):
+        raise FileNotFoundError(f"--autoguide {args.autoguide}: no such run folder or checkpoint")
+    check_run(args.autoguide, args.base, args.trust_config)
 
 
 class SamplingInterrupted(KeyboardInterrupt):

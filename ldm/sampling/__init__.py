@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ldm.models.diffusion.autoguidance import Autoguidance
 from ldm.models.diffusion.guidance import AnatomyGuidance, check_guidance_scale
 from ldm.models.diffusion.samplers import generator_noise, sample_model, sampler_spec, sampler_timesteps
 from ldm.checkpoints import locate_run as resolve_run  # noqa: F401
@@ -39,6 +40,8 @@ from ldm.sampling.run import (COMPVIS_CONFIG, is_anatomical, is_joint, load_conf
 from ldm.sampling.session import (RESUME_SETTINGS, _canonical_shape, _resume_unfinished, _scan_folder,  # noqa: F401
                                   _session_timings, resumable_session)
 
+Guidance = AnatomyGuidance | Autoguidance
+"""What steers every sampler step through its denoiser: mask-free anatomy guidance or autoguidance."""
 logger = logging.getLogger(__name__)
 
 LOCK_ADVICE = "sample into another folder (scripts/sample.py -l DIR)"  # said to a second session of a folder
@@ -95,11 +98,12 @@ def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, 
 @torch.no_grad()
 def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float,
                    noise: Optional[SampleNoise] = None, sampler: str = "ddim",
-                   guidance: Optional[AnatomyGuidance] = None) -> torch.Tensor:
+                   guidance: Optional[Guidance] = None) -> torch.Tensor:
     """Final latents from ``x_T`` with the registry sampler ``sampler`` (``ddim_steps`` model calls, unless it is
     the every-step ancestral loop; ``eta`` where the sampler takes one, DDIM). Step noise comes from ``noise``
     (per sample), else from one generator seeded 0 (per batch). ``guidance``: mask-free anatomy guidance
-    (:class:`~ldm.models.diffusion.guidance.AnatomyGuidance`) of every step."""
+    (:class:`~ldm.models.diffusion.guidance.AnatomyGuidance`) or autoguidance
+    (:class:`~ldm.models.diffusion.autoguidance.Autoguidance`) of every step."""
     spec = sampler_spec(sampler)
     if noise is None:
         noise = generator_noise(torch.Generator(device=x_T.device).manual_seed(0))
@@ -146,7 +150,7 @@ def check_output_dir(out_dir: str) -> None:
 @torch.no_grad()
 @torch.no_grad()
 def draw_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float = 0.0,
-               sampler: str = "ddim", guidance: Optional[AnatomyGuidance] = None, masks: bool = False,
+               sampler: str = "ddim", guidance: Optional[Guidance] = None, masks: bool = False,
                timers: Optional[Sequence["Timer"]] = None) -> dict[str, Optional[torch.Tensor]]:
     """The samples ``indices`` of ``seed`` in memory, as :func:`generate` draws them (the weights in use: wrap the
     call in ``model.ema_scope()`` for EMA): ``{"latents": [B, c, h, w], "images": [B, C, H, W] (decoded, not
@@ -168,7 +172,7 @@ def draw_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_s
 
 
 def _sample_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float,
-                  sampler: str, guidance: Optional[AnatomyGuidance], save_masks: bool,
+                  sampler: str, guidance: Optional[Guidance], save_masks: bool,
                   timers: Sequence["Timer"]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Images ``[B, C, H, W]`` (and masks) of the samples ``indices`` (:func:`draw_batch`); refuses non-finite
     images."""
@@ -211,7 +215,8 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
              progress: bool = True, sampler: str = "ddim", anatomy_guidance: float = 0.0,
              geometry: Optional[SampleGeometry] = None, hu: bool = False, stack: bool = False,
              manifest_info: Optional[dict[str, Any]] = None,
-             on_batch: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
+             on_batch: Optional[Callable[[], Any]] = None,
+             autoguidance: Optional[Autoguidance] = None) -> dict[str, Any]:
     """Sample ``num_samples`` more images into ``out_dir``, continuing its numbering; returns the session record.
 
     ``sampler`` is a registry name (``ddim``, ``dpmpp2m``, ``ancestral``; ``vanilla`` means ``ancestral``, with
@@ -222,6 +227,9 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     ``anatomy_guidance`` > 0 (anatomical models) steers every step with the model's own segmentation head
     (:mod:`ldm.models.diffusion.guidance`); 0 samples exactly as without it. The record's ``timings`` hold the
     sampling time per step (``sampling_per_step_s``) and, when guided, ``guidance`` its calls and energies.
+    ``autoguidance`` (:class:`~ldm.models.diffusion.autoguidance.Autoguidance` of this model) guides every step
+    with a weaker model (not together with ``anatomy_guidance``); the record's ``autoguidance`` holds its weight and
+    guide.
 
     Files are written atomically (:mod:`ldm.sample_io`); samples an interrupted session left incomplete are
     redone first (``redone`` in the record). When the folder's last session was interrupted (Ctrl-C, a full disk,
@@ -239,12 +247,15 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
     """
     sampler, guidance_scale, guidance, save_masks, formats, geometry = _check_generate_settings(
         model, num_samples, batch_size, ddim_steps, eta, sampler, vanilla, anatomy_guidance, save_masks, formats,
-        geometry, hu, stack)
+        geometry, hu, stack, autoguidance)
     check_output_dir(out_dir)
     with FolderLock(out_dir, purpose="sampling", advice=LOCK_ADVICE):  # one session per folder at a time
         manifest, complete, redo, start = _scan_folder(out_dir, formats, save_masks, geometry, hu, stack)
         run = _session_record(model, seed, sampler, ddim_steps, eta, guidance_scale, use_ema, batch_size, start,
                               num_samples, redo, save_masks, formats, hu, geometry)
+        run["autoguidance"] = None if autoguidance is None else {"weight": autoguidance.weight,
+                                                                 "guide": autoguidance.description,
+                                                                 "guide_ema": autoguidance.guide_ema}
         _resume_unfinished(out_dir, manifest.get("sessions", []), run, complete, redo)
         todo = redo + list(range(start, start + run["count"]))
         if manifest_info is not None:
@@ -266,13 +277,20 @@ def generate(model: torch.nn.Module, out_dir: str, num_samples: int, batch_size:
 
 def _check_generate_settings(model: torch.nn.Module, num_samples: int, batch_size: int, ddim_steps: int, eta: float,
                              sampler: str, vanilla: bool, anatomy_guidance: float, save_masks: bool,
-                             formats: Sequence[str], geometry: Optional[SampleGeometry], hu: bool, stack: bool
-                             ) -> tuple[str, float, Optional[AnatomyGuidance], bool, list[str], SampleGeometry]:
+                             formats: Sequence[str], geometry: Optional[SampleGeometry], hu: bool, stack: bool,
+                             autoguidance: Optional[Autoguidance] = None
+                             ) -> tuple[str, float, Optional[Guidance], bool, list[str], SampleGeometry]:
     """:func:`generate`'s settings checked against the model: ``(sampler, guidance scale, guidance or None,
     save_masks, formats, geometry)``, masks on for joint models, ``nii`` added for ``hu``/``stack``."""
     sampler = check_sampling_settings(num_samples, batch_size, ddim_steps, eta, sampler, vanilla, anatomy_guidance)
     guidance_scale = check_guidance_scale(anatomy_guidance, model)
-    guidance = AnatomyGuidance(model, guidance_scale) if guidance_scale > 0 else None
+    guidance: Optional[Guidance] = AnatomyGuidance(model, guidance_scale) if guidance_scale > 0 else None
+    if autoguidance is not None:
+        if guidance is not None:
+            raise ValueError("anatomy guidance and autoguidance steer the same denoiser; use one of them")
+        if autoguidance.model is not model:
+            raise ValueError("the autoguidance was built for another model than the one sampled")
+        guidance = autoguidance
     save_masks = bool(save_masks) or is_joint(model)
     if save_masks and not (is_anatomical(model) or is_joint(model)):
         raise ValueError("--save_masks needs an anatomical model (AnatomicalUNetModel with registers); this run is "
@@ -309,7 +327,7 @@ def _session_record(model: torch.nn.Module, seed: int, sampler: str, ddim_steps:
 
 
 def _write_batches(model: torch.nn.Module, out_dir: str, todo: list[int], run: dict[str, Any], seed: int,
-                   ddim_steps: int, eta: float, sampler: str, guidance: Optional[AnatomyGuidance], save_masks: bool,
+                   ddim_steps: int, eta: float, sampler: str, guidance: Optional[Guidance], save_masks: bool,
                    formats: list[str], colours: Optional[Sequence[Sequence[int]]], geometry: SampleGeometry,
                    hu: bool, progress: bool, on_batch: Optional[Callable[[], Any]]) -> tuple[Timer, Timer, Timer]:
     """Sample and write the samples ``todo`` in batches of ``run["batch_size"]`` (EMA weights when ``run["ema"]``);

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ldm.sampling")  # these are messages of ldm.sampling's sessions
 
 RESUME_SETTINGS = ("seed", "sampler", "ddim_steps", "eta", "vanilla_sample", "anatomy_guidance", "ema", "masks",
-                   "mask_from", "hu")
+                   "mask_from", "hu", "autoguidance")
 
 
 def _check_nifti_folder(manifest: dict[str, Any], geometry: dict[str, Any], hu: bool, stack: bool) -> None:

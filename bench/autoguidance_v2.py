@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Autoguidance on trained benchmark-v2 models (issue 29): each model guided by its own quarter-way checkpoint
+(Karras et al. 2024), against unguided DDIM, judged by benchmark v2's judge at the seed level.
+
+    python bench/autoguidance_v2.py --run bench/out/v2_cpu --arms plain,lean --seeds 0,1,2 \\
+        -o bench/autoguidance_v2_cpu_dev          # the CPU development run
+    python bench/autoguidance_v2.py -o /tmp/q --quick     # untrained toy models (tests/test_autoguidance_bench.py)
+
+For every (arm, training seed) of a benchmark-v2 run folder (``--run``: its ``setup/`` judge A and autoencoder,
+``arms/<arm>/seed<s>/step<steps>.ckpt`` and the quarter checkpoint ``step<steps/4>.ckpt``, which the benchmark keeps
+for its learning curve) the final model is guided by the quarter checkpoint (both with their EMA weights).
+
+1. **Tuning** (``--tune-noise-seed``, default the protocol's development noise seed + 1, never the claim noise seed):
+   for each sampler of the protocol (DDIM 25 steps, eta 0 and eta 1) and each weight of ``--weights``, ``--n-tune``
+   samples per model; per arm and sampler the weight with the highest mean pass rate over the training seeds is
+   chosen.
+2. **Evaluation** (the protocol's development noise seed, the benchmark's start noises): per arm and sampler,
+   unguided DDIM at the protocol's steps (the reference, as the benchmark samples), autoguided at the chosen weight
+   at the same steps (**equal steps**: twice the model evaluations), and autoguided at half the steps (**equal
+   evaluations**, up to the grid's rounding: the table gives the evaluations per sample).
+
+Measure: benchmark v2's primary measure (judge A's masks checked by the phantom-v2 rules at the primary minimum
+size), one number per (arm, training seed, setting). Seed-level paired differences against the reference, Holm over
+one arm's comparisons. Development seeds: a hypothesis, not a claim (a claim needs ``bench/anatomy.py --claim``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEFAULT_WEIGHTS = (1.5, 2.0, 3.0)
+
+
+def _evals(sampler_steps: int, alphas_cumprod: Any) -> int:
+    """Model evaluations per sample of unguided DDIM at ``sampler_steps`` (one per step of the timestep grid)."""
+    from ldm.models.diffusion.samplers import sampler_timesteps
+
+    return int(len(sampler_timesteps("ddim", sampler_steps, alphas_cumprod))) - 1
+
+
+def pass_rate(model: torch.nn.Module, judge: torch.nn.Module, n: int, noise_seed: int, min_frac: float,
+              steps: int, eta: float, guide: Optional[torch.nn.Module], weight: float) -> dict[str, Any]:
+    """``{"plausible": bool [n], "pass_rate", "seconds_per_sample", "evals_per_sample"}`` of one setting."""
+    import anatomy_models as am
+    import anatomy_v2 as av2
+    from ldm.evaluation.segmenter import segment
+    from ldm.models.diffusion.autoguidance import Autoguidance
+
+    steer = None if guide is None or weight == 1.0 else Autoguidance(model, guide, weight, guide_ema=False)
+    t0 = time.perf_counter()
+    drawn = am.draw_samples(model, n, steps, noise_seed, 100, None, False, sampler="ddim", eta=eta,
+                            autoguidance=steer)
+    seconds = time.perf_counter() - t0
+    plausible = np.asarray(av2.judge_masks(segment(judge, drawn["image"], batch_size=128), min_frac)["plausible"],
+                           dtype=bool)
+    evals = _evals(steps, model.alphas_cumprod) * (1 if steer is None else 2)
+    return {"plausible": plausible, "pass_rate": float(plausible.mean()), "seconds_per_sample": seconds / n,
+            "evals_per_sample": evals}
+
+
+def with_guide_ema(guide: torch.nn.Module) -> torch.nn.Module:
+    """The guide with its EMA weights in place (it is never trained again), as the sampled model uses its own."""
+    if getattr(guide, "use_ema", False):
+        guide.model_ema.copy_to(guide.model)
+    return guide
+
+
+def tune(models: dict[str, dict[int, tuple]], judge: torch.nn.Module, samplers: dict[str, float], weights: list[float],
+         n: int, noise_seed: int, min_frac: float, steps: int) -> dict[str, dict[str, Any]]:
+    """Per arm and sampler: the mean pass rate over seeds of every weight on the tuning noise and the chosen one."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm, seeds in models.items():
+        for name, eta in samplers.items():
+            rates = {w: [pass_rate(m, judge, n, noise_seed, min_frac, steps, eta, g, w)["pass_rate"]
+                         for m, g in seeds.values()] for w in weights}
+            means = {w: float(np.mean(r)) for w, r in rates.items()}
+            best = max(weights, key=lambda w: (means[w], -w))  # ties: the smaller weight
+            out.setdefault(arm, {})[name] = {"mean_pass_rate": {f"{w:g}": means[w] for w in weights},
+                                             "per_seed": {f"{w:g}": rates[w] for w in weights}, "chosen": best}
+            print(f"tune {arm} {name}: " + ", ".join(f"w {w:g} {100 * means[w]:.1f} %" for w in weights)
+                  + f" -> w {best:g}", flush=True)
+    return out
+
+
+def summarise(per_seed: dict[str, dict[int, dict[str, Any]]], settings: list[str], reference: str) -> dict[str, Any]:
+    """Per arm: mean pass rate (t interval over seeds) per setting and paired differences to its sampler's reference
+    (Holm over the arm's comparisons)."""
+    from anatomy_stats import holm, mean_interval, seed_paired_test
+
+    arms = {}
+    for arm, seeds in per_seed.items():
+        order = sorted(seeds)
+        rates = {s: [seeds[k][s]["pass_rate"] for k in order] for s in settings}
+        tests = {}
+        for s in settings:
+            ref = f"{s.split(':')[0]}:{reference}"
+            if s != ref:
+                tests[s] = {**seed_paired_test(rates[s], rates[ref]), "reference": ref}
+        p_adj = holm({s: t["p"] for s, t in tests.items()})
+        for s, t in tests.items():
+            t["p_holm"] = p_adj[s]
+        arms[arm] = {"seeds": order, "pass_rate": {s: mean_interval(rates[s]) for s in settings},
+                     "per_seed": rates, "vs_reference": tests}
+    return arms
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def pct(x: Optional[float]) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = [f"# Autoguidance on trained benchmark-v2 models ({report['mode']}, not a claim)", "",
+             f"Run `{report['run']}`, preset {report['preset']}; each final model guided by its own step-"
+             f"{report['guide_step']} checkpoint (EMA weights). Weights tuned on noise seed {report['tune_noise_seed']} "
+             f"({report['n_tune']} samples per model and weight, from {report['weights']}); evaluated on noise seed "
+             f"{report['noise_seed']} ({report['n']} samples per model). Judge A at the primary minimum size; "
+             f"{report['device']}.", "",
+             "| arm | setting | weight | evals/sample | pass rate % (mean over seeds [95 % t]) | per seed "
+             "| minus unguided (points [95 %], p Holm) | s/sample |", "|---|---|---|---|---|---|---|---|"]
+    for arm, a in report["arms"].items():
+        for s in report["settings"]:
+            iv = a["pass_rate"][s]
+            cell = pct(iv["mean"]) + (f" [{pct(iv['lo'])}, {pct(iv['hi'])}]" if iv.get("lo") is not None else "")
+            test = a["vs_reference"].get(s)
+            diff = "-" if test is None else (f"{100 * test['diff']:+.1f}" + (
+                f" [{100 * test['lo']:+.1f}, {100 * test['hi']:+.1f}], p {test['p_holm']:.3f}"
+                if test.get("lo") is not None and test.get("p_holm") is not None else ""))
+            raw = [report["raw"][arm][str(k)][s] for k in a["seeds"]]
+            lines.append(f"| {arm} | {s} | {raw[0]['weight']:g} | {raw[0]['evals_per_sample']} | {cell} | "
+                         f"{', '.join(pct(v) for v in a['per_seed'][s])} | {diff} | "
+                         f"{np.mean([r['seconds_per_sample'] for r in raw]):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: torch.device
+          ) -> tuple[str, Any, torch.nn.Module, dict[str, dict[int, tuple]], int]:
+    """``(preset name, preset, judge, {arm: {seed: (model, guide)}}, guide step)``."""
+    import anatomy_models as am
+    import anatomy_v2 as av2
+    from downstream import run_first_stage, run_preset
+    from ldm.evaluation.segmenter import load_segmenter, train_segmenter
+    from ldm.util import instantiate_from_config
+
+    if args.quick:
+        preset = av2.PRESETS_V2["quick"]
+        data = av2.split(preset, "train")
+        judge = train_segmenter(am.TensorSlices(data["image"], data["segmentation"]), av2.NUM_CLASSES, steps=2,
+                                batch_size=8, seed=0, device=device)
+        models = {}
+        for arm in arms:
+            for seed in seeds:
+                pair = []
+                for k in (0, 1):
+                    torch.manual_seed(100 * seed + k)
+                    net = instantiate_from_config(av2.arm_config(arm, preset, None, 1.0)).to(device).eval()
+                    with torch.no_grad():  # untrained UNets predict 0: give them (different) predictions
+                        for p in net.model.parameters():
+                            p.add_(0.02 * torch.randn_like(p))
+                    pair.append(net)
+                models.setdefault(arm, {})[seed] = (pair[0], with_guide_ema(pair[1]))
+        return "quick", preset, judge, models, preset.steps // 4
+    name, preset = run_preset(args.run)
+    judge = load_segmenter(os.path.join(args.run, "setup", "judge_A.pt"), device)[0]
+    ae_ckpt, scale = run_first_stage(args.run)
+    guide_step = int(round(preset.steps * min(preset.fractions)))
+    models = {}
+    for arm in arms:
+        cfg = av2.arm_config(arm, preset, ae_ckpt, scale)
+        for seed in seeds:
+            folder = os.path.join(args.run, "arms", arm, f"seed{seed}")
+            final, early = (os.path.join(folder, f"step{s:06d}.ckpt") for s in (preset.steps, guide_step))
+            for path in (final, early):
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path} is missing (train it: bench/anatomy.py -o {args.run} --arms {arm} "
+                                            f"--seeds {seed})")
+            models.setdefault(arm, {})[seed] = (am.load_trained(cfg, final, device),
+                                                with_guide_ema(am.load_trained(cfg, early, device)))
+    return name, preset, judge, models, guide_step
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
+    p.add_argument("--arms", default="plain,lean")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n", type=int, default=300, help="samples per model and setting (evaluation)")
+    p.add_argument("--n-tune", "--n_tune", dest="n_tune", type=int, default=150,
+                   help="samples per model and weight (tuning)")
+    p.add_argument("--weights", default=",".join(f"{w:g}" for w in DEFAULT_WEIGHTS),
+                   help="comma-separated autoguidance weights to tune over (> 1)")
+    p.add_argument("--tune-noise-seed", "--tune_noise_seed", dest="tune_noise_seed", type=int, default=None,
+                   help="start-noise seed of the tuning (default: the protocol's development noise seed + 1)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 samples, 2 seeds")
+    p.add_argument("-o", "--out", required=True)
+    args = p.parse_args(argv)
+    import anatomy_v2 as av2
+    import records as rec
+    from anatomy import _device_name
+    from ldm.atomic_io import write_json, write_text
+    from ldm.util import resolve_device
+
+    protocol = rec.load_protocol()
+    try:
+        seeds = av2._seed_list(args.seeds)
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        weights = [float(w) for w in args.weights.split(",") if w.strip()]
+        unknown = [a for a in arms if a not in av2.ARMS_V2]
+        tune_seed = int(protocol["dev_noise_seed"]) + 1 if args.tune_noise_seed is None else args.tune_noise_seed
+        if unknown or not weights or any(not np.isfinite(w) or w <= 1 for w in weights) or min(args.n, args.n_tune) < 1:
+            raise ValueError(f"unknown arms {unknown}, or a weight not > 1 in {args.weights}, or --n/--n-tune < 1")
+        if tune_seed in (int(protocol["claim_noise_seed"]), int(protocol["dev_noise_seed"])):
+            raise ValueError(f"--tune-noise-seed {tune_seed} is the protocol's claim or evaluation noise seed")
+    except ValueError as err:
+        print(f"autoguidance_v2.py: error: {err}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    noise_seed = int(protocol["dev_noise_seed"])
+    min_frac = av2.min_sizes(protocol)["primary"]
+    samplers = {"ddim": float(protocol["samplers"]["ddim"]["eta"]),
+                "ddim_eta1": float(protocol["samplers"]["ddim_eta1"]["eta"])}
+    try:
+        preset_name, preset, judge, models, guide_step = _load(args, arms, seeds if not args.quick else seeds[:2],
+                                                               device)
+    except FileNotFoundError as err:
+        print(f"autoguidance_v2.py: error: {err}", file=sys.stderr)
+        return 2
+    steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
+    n, n_tune = (4, 4) if args.quick else (args.n, args.n_tune)
+    tuned = tune(models, judge, samplers, weights, n_tune, tune_seed, min_frac, steps)
+    half = max(1, steps // 2)
+    settings = [f"{s}:{label}" for s in samplers for label in ("unguided", "auto_equal_steps", "auto_equal_evals")]
+    raw: dict[str, dict[str, Any]] = {}
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm, pairs in models.items():
+        for seed, (model, guide) in pairs.items():
+            res = {}
+            for s, eta in samplers.items():
+                w = tuned[arm][s]["chosen"]
+                for label, (k, weight) in {"unguided": (steps, 1.0), "auto_equal_steps": (steps, w),
+                                           "auto_equal_evals": (half, w)}.items():
+                    r = pass_rate(model, judge, n, noise_seed, min_frac, k, eta, guide, weight)
+                    res[f"{s}:{label}"] = {**r, "weight": weight, "sampler_steps": k, "eta": eta}
+            per_seed.setdefault(arm, {})[seed] = res
+            raw.setdefault(arm, {})[str(seed)] = {s: {k: v for k, v in r.items() if k != "plausible"}
+                                                  for s, r in res.items()}
+            print(f"{arm} seed {seed}: " + ", ".join(f"{s} {100 * r['pass_rate']:.1f} %" for s, r in res.items()),
+                  flush=True)
+    report = {"mode": "quick" if args.quick else "development", "claim": False, "preset": preset_name,
+              "run": "toy models" if args.quick else os.path.relpath(os.path.abspath(args.run), os.path.dirname(HERE)),
+              "n": n, "n_tune": n_tune, "weights": weights, "noise_seed": noise_seed, "tune_noise_seed": tune_seed,
+              "guide_step": guide_step, "sampler_steps": steps, "min_area_frac": min_frac,
+              "device": _device_name(device), "settings": settings, "tuning": tuned,
+              "arms": summarise(per_seed, settings, "unguided"), "raw": raw, "code": rec.code_commit()}
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "autoguidance.json"), report)
+    write_text(os.path.join(args.out, "autoguidance.md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
