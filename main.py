@@ -254,7 +254,7 @@ def run(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     run_id = resolve_run_id(paths, opt, ckpt_run_id)  # -r: the checkpoint must be this run's (or --allow-other-run)
     os.environ[RUN_ID_ENV] = run_id  # DDP processes launched by this one keep it
     if opt.compile:
-        from ldm.modules.diffusionmodules.openaimodel import compile_unet
+        from ldm.modules.diffusionmodules.compile import compile_unet
 
         try:
             compile_unet(model, backend=opt.compile_backend, mode=opt.compile_mode)

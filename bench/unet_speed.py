@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {"old": step_fn(old, x, t, list(old.parameters())), "new": step_fn(new, x, t, list(new.parameters()))}
     compile_s = None
     if args.compile:
-        from ldm.modules.diffusionmodules.openaimodel import compile_unet
+        from ldm.modules.diffusionmodules.compile import compile_unet
 
         import copy
         compiled = copy.deepcopy(new)

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     model, info = sampling.load_model_for_sampling(args.resume, args.base, args.unsafe_load, device,
                                                    trust_config=args.trust_config)
     if args.compile:
-        from ldm.modules.diffusionmodules.openaimodel import compile_unet
+        from ldm.modules.diffusionmodules.compile import compile_unet
 
         compile_unet(model, backend=args.compile_backend)
     autoguidance = None

@@ -20,7 +20,8 @@ from PIL import Image
 
 import main
 from ldm.models.diffusion.anatomical_ddpm import AnatomicalLatentDiffusion
-from ldm.modules.diffusionmodules.openaimodel import UNetModel, compile_unet
+from ldm.modules.diffusionmodules.compile import compile_unet
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
 from tiny_models import ANATOMICAL_LDM_TARGET, ANATOMICAL_UNET_TARGET, anatomical_params, unet_config
 

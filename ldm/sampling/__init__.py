@@ -98,18 +98,23 @@ def ddim_trajectory(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, 
 @torch.no_grad()
 def sample_latents(model: torch.nn.Module, x_T: torch.Tensor, ddim_steps: int, eta: float,
                    noise: Optional[SampleNoise] = None, sampler: str = "ddim",
-                   guidance: Optional[Guidance] = None) -> torch.Tensor:
+                   guidance: Optional[Guidance] = None, cond: Any = None,
+                   make_denoiser: Optional[Callable[..., Any]] = None) -> torch.Tensor:
     """Final latents from ``x_T`` with the registry sampler ``sampler`` (``ddim_steps`` model calls, unless it is
     the every-step ancestral loop; ``eta`` where the sampler takes one, DDIM). Step noise comes from ``noise``
     (per sample), else from one generator seeded 0 (per batch). ``guidance``: mask-free anatomy guidance
     (:class:`~ldm.models.diffusion.guidance.AnatomyGuidance`) or autoguidance
-    (:class:`~ldm.models.diffusion.autoguidance.Autoguidance`) of every step."""
+    (:class:`~ldm.models.diffusion.autoguidance.Autoguidance`) of every step. ``cond``: the conditioning (e.g. a
+    mask condition, :mod:`ldm.sampling.masks`), with its own ``make_denoiser`` for classifier-free guidance."""
     spec = sampler_spec(sampler)
     if noise is None:
         noise = generator_noise(torch.Generator(device=x_T.device).manual_seed(0))
-    z, _ = sample_model(model, spec.name, x_T, None if spec.ddpm_loop else ddim_steps,
+    if guidance is not None and make_denoiser is not None:
+        raise ValueError("guidance and a conditional denoiser (classifier-free guidance) steer the same denoiser; "
+                         "use one of them")
+    z, _ = sample_model(model, spec.name, x_T, None if spec.ddpm_loop else ddim_steps, cond=cond,
                         eta=eta if spec.takes_eta else None, noise_fn=noise,
-                        make_denoiser=None if guidance is None else guidance.denoiser)
+                        make_denoiser=make_denoiser if guidance is None else guidance.denoiser)
     return z
 
 
@@ -151,11 +156,13 @@ def check_output_dir(out_dir: str) -> None:
 @torch.no_grad()
 def draw_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_steps: int, eta: float = 0.0,
                sampler: str = "ddim", guidance: Optional[Guidance] = None, masks: bool = False,
-               timers: Optional[Sequence["Timer"]] = None) -> dict[str, Optional[torch.Tensor]]:
+               timers: Optional[Sequence["Timer"]] = None, cond: Any = None,
+               make_denoiser: Optional[Callable[..., Any]] = None) -> dict[str, Optional[torch.Tensor]]:
     """The samples ``indices`` of ``seed`` in memory, as :func:`generate` draws them (the weights in use: wrap the
     call in ``model.ema_scope()`` for EMA): ``{"latents": [B, c, h, w], "images": [B, C, H, W] (decoded, not
     clamped), "masks": [B, H, W] int64 with ``masks`` (anatomical or joint models), else None}``. ``timers``: the
-    sampling and the decoding timers."""
+    sampling and the decoding timers. ``cond``/``make_denoiser``: a condition of these samples and the denoiser
+    that reads it (:func:`ldm.sampling.masks.sample_from_masks`)."""
     from contextlib import nullcontext
 
     sample_timer, decode_timer = timers if timers is not None else (nullcontext(), nullcontext())
@@ -163,7 +170,7 @@ def draw_batch(model: torch.nn.Module, indices: Sequence[int], seed: int, ddim_s
     x_T = initial_noise(latent_shape(model), seed, indices, device=device)
     with sample_timer:
         z = sample_latents(model, x_T, ddim_steps, eta, SampleNoise(seed, indices), sampler=sampler,
-                           guidance=guidance)
+                           guidance=guidance, cond=cond, make_denoiser=make_denoiser)
     with decode_timer:
         if masks:
             decoded = model.decode_with_anatomy(z)

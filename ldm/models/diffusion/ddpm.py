@@ -4,7 +4,8 @@
   dispatcher, ancestral sampling), EMA, optimiser and Lightning steps; Ho et al. 2020.
 - :class:`LatentDiffusion`: DDPM in the latent space of a frozen first-stage autoencoder, with optional
   conditioning (``concat``, ``crossattn``, ``hybrid``, ``adm``); Rombach et al. 2022.
-- :class:`DiffusionWrapper`: routes conditioning into the UNet.
+- :class:`DiffusionWrapper` (:mod:`ldm.models.diffusion.wrapper`, importable from here): routes conditioning into
+  the UNet.
 """
 from __future__ import annotations
 
@@ -22,63 +23,14 @@ from ldm.models.diffusion.ddim import ancestral_sample, truncate_cond
 from ldm.models.diffusion.losses import LossGroup, diffusion_loss, element_loss
 from ldm.models.diffusion.samplers import Callback, Denoiser, NoiseFn, guided_output, randn, sample_model, sampler_spec
 from ldm.models.diffusion.training import DiffusionLightningMixin, ScaleByStdMixin, denoise_grid, diffusion_row
+from ldm.models.diffusion.wrapper import _NONE_STRINGS, CONDITIONING_KEYS, DiffusionWrapper  # noqa: F401
 from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule, schedule_arrays
 from ldm.modules.ema import LitEma
+from ldm.modules.mask_condition import MaskCondition, check_mask_condition
 from ldm.util import (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, count_params, default, instantiate_from_config,
                       isimage)
 
 logger = logging.getLogger(__name__)
-
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
-_NONE_STRINGS = ("None", "none", "null", "")
-
-
-def _normalize_conditioning_key(key: Optional[str]) -> Optional[str]:
-    key = None if key in _NONE_STRINGS else key
-    if key not in CONDITIONING_KEYS:
-        raise ValueError(f"conditioning_key must be one of {CONDITIONING_KEYS}, got {key!r}")
-    return key
-
-
-class DiffusionWrapper(nn.Module):
-    """Holds the UNet as ``diffusion_model`` and feeds it the conditioning ``conditioning_key`` asks for.
-
-    Args:
-        diff_model_config: ``{target, params}`` of the UNet.
-        conditioning_key: None (or the string "None"), "concat" (channel-concatenate ``c_concat``),
-            "crossattn" (``c_crossattn`` as ``context``), "hybrid" (both) or "adm" (``c_crossattn[0]`` as ``y``).
-    """
-
-    # conditioning key -> (concatenate c_concat to x?, UNet keyword that receives c_crossattn)
-    _ROUTES = {None: (False, None), "concat": (True, None), "crossattn": (False, "context"),
-               "hybrid": (True, "context"), "adm": (False, "y")}
-
-    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: Optional[str]) -> None:
-        super().__init__()
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = _normalize_conditioning_key(conditioning_key)
-
-    def route(self, x: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
-              c_crossattn: Optional[Sequence[torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The UNet's input and conditioning keywords for ``x`` and the conditioning (``forward`` uses it)."""
-        concat, keyword = self._ROUTES[self.conditioning_key]
-        kwargs: dict[str, Any] = {}
-        if concat:
-            if c_concat is None:
-                raise ValueError(f"conditioning_key {self.conditioning_key!r} needs c_concat conditioning")
-            x = torch.cat([x, *c_concat], dim=1)
-        if keyword is not None:
-            if c_crossattn is None:
-                raise ValueError(f"conditioning_key {self.conditioning_key!r} needs c_crossattn conditioning")
-            kwargs[keyword] = c_crossattn[0] if keyword == "y" else torch.cat(list(c_crossattn), dim=1)
-        return x, kwargs
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
-                c_crossattn: Optional[Sequence[torch.Tensor]] = None, **kwargs: Any) -> Any:
-        x, routed = self.route(x, c_concat, c_crossattn)
-        return self.diffusion_model(x, t, **routed, **kwargs)
-
-
 class DDPM(DiffusionLightningMixin, pl.LightningModule):
     """Gaussian diffusion in pixel space with a UNet denoiser (CompVis parameters).
 
@@ -339,6 +291,9 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         conditioning_key: see :class:`DiffusionWrapper`.
         scale_factor: latent scaling. scale_by_std: set ``scale_factor = 1 / std(z)`` from the first training
             batch (kept in the ``scale_factor`` buffer, so checkpoints carry it).
+        mask_condition: ``{key, num_classes, ignore_index, dropout, partial}``: condition on the batch's masks with
+            condition dropout (:class:`~ldm.modules.mask_condition.MaskCondition`; unconditional models only, the
+            UNet with ``mask_condition_classes: num_classes``).
         **kwargs: the :class:`DDPM` parameters (``ckpt_path``/``ignore_keys`` load after the first stage is built).
     """
 
@@ -346,7 +301,7 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
                  num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
                  cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
                  conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
-                 **kwargs: Any) -> None:
+                 mask_condition: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         self.scale_by_std = scale_by_std
         if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
@@ -375,6 +330,7 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
+        self.mask_condition = check_mask_condition(MaskCondition.from_config(mask_condition), self)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -511,6 +467,9 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
                 c = xc
             if bs is not None:
                 c = c[:bs]
+        if self.mask_condition is not None and k == self.first_stage_key:
+            masks = {self.mask_condition.key: batch[self.mask_condition.key][:bs]} if bs is not None else batch
+            c = self.mask_condition.from_batch(masks, z.shape[2:], z.device, self.training)
         out = [z, c]
         if return_first_stage_outputs:
             out.extend([x, self.decode_first_stage(z)])

@@ -10,7 +10,6 @@ head.
 from __future__ import annotations
 
 import enum
-import logging
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
@@ -19,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.mask_condition import MASK_CONDITION_KEY, MaskConditionEncoder
 from ldm.modules.diffusionmodules.util import (ConditionedBlock, TimestepBlock, avg_pool_nd, checkpoint, conv_nd,
                                                linear, normalization, timestep_embedding, zero_module)
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock", "UNetModel",
-           "qkv_attention", "token_qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState", "compile_unet"]
+           "qkv_attention", "token_qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState"]
 
 
 class BlockStage(enum.StrEnum):
@@ -358,6 +357,8 @@ class UNetModel(nn.Module):
         use_spatial_transformer, transformer_depth, context_dim: cross-attention transformers.
         n_embed: predict codebook ids (``id_predictor``) instead of ``out``.
         legacy: CompVis head-size rule (keep True for CompVis checkpoints).
+        mask_condition_classes: ``C`` > 0: the UNet takes ``mask_condition=`` class fractions ``[B, C, h, w]``
+            (:mod:`ldm.modules.mask_condition`, keys ``mask_condition.*``); none given, or zeros: unconditional.
 
     Extension point: ``forward_with_state`` runs the network and returns ``(out, state)``;
     subclasses set ``state_type`` to a :class:`UNetState` subclass, override ``prepare_state`` (fill
@@ -376,7 +377,7 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
                  transformer_depth: int = 1, context_dim: Optional[int] = None, n_embed: Optional[int] = None,
-                 legacy: bool = True) -> None:
+                 legacy: bool = True, mask_condition_classes: Optional[int] = None) -> None:
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer=True needs context_dim (the cross-attention conditioning size)")
@@ -404,6 +405,7 @@ class UNetModel(nn.Module):
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
+        self.mask_condition_classes = int(mask_condition_classes or 0)
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(linear(model_channels, time_embed_dim), nn.SiLU(),
@@ -435,6 +437,9 @@ class UNetModel(nn.Module):
             self.id_predictor = nn.Sequential(normalization(ch), conv_nd(dims, model_channels, n_embed, 1))
         self.block_info: tuple[BlockInfo, ...] = tuple(infos)
         self._reserved_state_names = self.state_type.reserved_names()
+        if self.mask_condition_classes:  # class fractions added to the first feature map (ldm.modules.mask_condition)
+            with torch.random.fork_rng(devices=[]):  # every other weight is drawn as without it
+                self.mask_condition = MaskConditionEncoder(self.mask_condition_classes, model_channels, dims=self.dims)
         if use_fp16:
             self.convert_to_fp16()
 
@@ -527,6 +532,8 @@ class UNetModel(nn.Module):
             if clash:
                 raise ValueError(f"keyword arguments {clash} clash with reserved UNet state fields "
                                  f"{sorted(self._reserved_state_names)}; rename them")
+            if extra.get(MASK_CONDITION_KEY) is not None and not self.mask_condition_classes:
+                raise ValueError("a mask condition was given, but this UNet has no mask_condition_classes")
         time_dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(time_dtype))
         if self.num_classes is not None:
@@ -539,7 +546,10 @@ class UNetModel(nn.Module):
 
     def block_hook(self, info: BlockInfo, h: torch.Tensor, state: UNetState) -> torch.Tensor:
         """Called after every block with its :class:`BlockInfo` and output; returns the tensor the network
-        continues with. Identity here; override in subclasses."""
+        continues with. Here: the mask condition added after the first block (identity without one)."""
+        cond = state.extra.get(MASK_CONDITION_KEY) if self.mask_condition_classes else None
+        if cond is not None and info.stage == BlockStage.INPUT and info.index == 0:
+            h = h + self.mask_condition(cond, h.shape[2:]).to(h.dtype)
         return h
 
     def forward_with_state(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
@@ -567,30 +577,3 @@ class UNetModel(nn.Module):
                 y: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
         """Predicted noise (or codebook logits with ``n_embed``) for ``x`` at ``timesteps``."""
         return self.forward_with_state(x, timesteps, context, y, **kwargs)[0]
-
-
-def compile_unet(model: nn.Module, backend: str = "inductor", mode: Optional[str] = None) -> nn.Module:
-    """Compile the diffusion UNet of ``model`` in place with ``torch.compile`` and return the UNet.
-
-    ``model`` is a diffusion model (its ``unet``, i.e. ``model.diffusion_model``) or a :class:`UNetModel`.
-    ``Module.compile`` is used, not a ``torch.compile`` wrapper, so parameter names and state-dict keys stay
-    exactly the CompVis ones (no ``_orig_mod.`` prefix) and checkpoints of compiled and eager runs are
-    interchangeable. Graphs are captured at the first call (minutes with ``inductor`` on a large UNet).
-
-    Args:
-        model: the diffusion model (or the UNet itself).
-        backend: ``torch.compile`` backend (``inductor``; ``aot_eager``/``eager`` capture graphs without
-            generating code, for debugging).
-        mode: ``torch.compile`` mode (``None``, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``).
-    """
-    unet = model if isinstance(model, UNetModel) else getattr(model, "unet", None)
-    if not isinstance(unet, UNetModel):
-        raise ValueError(f"--compile compiles the diffusion UNet, but {type(model).__name__} has none (model.unet); "
-                         f"use it with a diffusion model config (LatentDiffusion, AnatomicalLatentDiffusion)")
-    options: dict[str, Any] = {"backend": backend}
-    if mode is not None:
-        options["mode"] = mode
-    unet.compile(**options)
-    logger.info("torch.compile: %s compiled in place (backend=%s, mode=%s); graphs are captured at the first call",
-                type(unet).__name__, backend, mode)
-    return unet

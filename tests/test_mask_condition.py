@@ -1,0 +1,190 @@
+"""Mask conditioning with condition dropout (issue 28): class fractions of (partial) masks, the zero-exact encoder, a
+plain checkpoint loading with only the new keys missing, dropout 1 training exactly the unconditional model, partial
+masks, and sampling from masks with classifier-free guidance (0 = unconditional bit for bit)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from ldm.data.phantom import PhantomDataset
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.mask_condition import MaskCondition, MaskConditionEncoder, mask_fractions
+from ldm.sampling import draw_batch
+from ldm.sampling.masks import sample_from_masks
+from ldm.util import instantiate_from_config
+from tiny_models import anatomical_params, first_stage_config, ldm_config, unet_config, unet_params
+
+IGNORE = 255
+CONDITION = {"key": "segmentation", "num_classes": 6, "ignore_index": IGNORE}
+
+
+def test_fractions_of_full_partial_and_unknown_masks():
+    mask = torch.zeros(1, 4, 4, dtype=torch.long)
+    mask[0, :2, :2] = 1
+    mask[0, 0, 0] = 2
+    mask[0, 2:, 2:] = IGNORE  # an undrawn corner
+    f = mask_fractions(mask, 3, IGNORE, (2, 2))
+    assert f.shape == (1, 3, 2, 2)
+    assert torch.allclose(f[0, :, 0, 0], torch.tensor([0.0, 0.75, 0.25]))
+    assert torch.allclose(f[0].sum(0), torch.tensor([[1.0, 1.0], [1.0, 0.0]]))  # the unknown cell sums to 0
+    assert torch.equal(mask_fractions(torch.full((2, 4, 4), IGNORE), 3, IGNORE, (2, 2)), torch.zeros(2, 3, 2, 2))
+    with pytest.raises(ValueError, match=r"labels \[7\] are outside 0..2"):
+        mask_fractions(torch.full((1, 4, 4), 7), 3, IGNORE, (2, 2))
+    with pytest.raises(ValueError, match="integer mask"):
+        mask_fractions(torch.zeros(1, 4, 4), 3, IGNORE, (2, 2))
+
+
+def test_zero_maps_add_exactly_zero_and_a_plain_checkpoint_loads():
+    enc = MaskConditionEncoder(3, 32)
+    with torch.no_grad():
+        enc.out.weight.normal_()
+    assert torch.equal(enc(torch.zeros(2, 3, 8, 8), (8, 8)), torch.zeros(2, 32, 8, 8))
+    torch.manual_seed(0)
+    plain = UNetModel(**unet_params(2, 2, 8, two_level=True))
+    torch.manual_seed(0)
+    cond = UNetModel(**unet_params(2, 2, 8, two_level=True), mask_condition_classes=3)
+    # the same base weights (the encoder is drawn from a forked RNG) and only the new keys missing
+    ours = cond.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in plain.state_dict().items())
+    missing, unexpected = cond.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("mask_condition.") for k in missing)
+    with torch.no_grad():
+        for p in cond.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([5, 500])
+    fractions = torch.rand(2, 3, 8, 8)
+    none, zeros = cond(x, t), cond(x, t, mask_condition=torch.zeros_like(fractions))
+    assert torch.equal(none, zeros)
+    assert (cond(x, t, mask_condition=fractions) - none).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="no mask_condition_classes"):
+        plain(x, t, mask_condition=fractions)
+
+
+def test_condition_dropout_and_partial_masks():
+    mask = torch.zeros(400, 8, 8, dtype=torch.long)
+    mask[:, :4] = 1
+    mask[:, 6:, :4] = 2
+    mask[:, 6:, 4:] = 3
+    none = MaskCondition(**CONDITION, dropout=1.0)
+    state = torch.get_rng_state()
+    assert none.drop(mask) is None and torch.equal(torch.get_rng_state(), state)  # no random numbers drawn
+    assert torch.equal(MaskCondition(**CONDITION, dropout=0.0).drop(mask), mask)
+    g = torch.Generator().manual_seed(0)
+    dropped = MaskCondition(**CONDITION, dropout=0.3).drop(mask, g)
+    rate = float((dropped == IGNORE).flatten(1).all(1).float().mean())
+    assert abs(rate - 0.3) < 0.06
+    partial = MaskCondition(**CONDITION, dropout=0.0, partial=1.0).drop(mask, g)
+    for i in range(len(mask)):
+        known = partial[i] != IGNORE
+        assert bool(known.any())  # a non-empty subset of the classes is kept ...
+        assert torch.equal(partial[i][known], mask[i][known])  # ... unchanged
+        kept = set(partial[i][known].unique().tolist())
+        for c in {0, 1, 2, 3} - kept:  # every dropped class is unknown everywhere
+            assert not bool((partial[i] == c).any())
+    shares = (partial != IGNORE).flatten(1).float().mean(1)
+    assert float((shares < 1).float().mean()) > 0.8  # most keep only part of the mask
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        MaskCondition(**CONDITION, dropout=1.5)
+    with pytest.raises(ValueError, match="unknown mask_condition settings"):
+        MaskCondition.from_config({**CONDITION, "p": 0.1})
+
+
+def _config(condition=None, anatomical=False):
+    anatomy = anatomical_params(num_classes=6, register_dim=16) if anatomical else None
+    unet = unet_config(3, 3, 16, anatomy=anatomy, two_level=True,
+                       **({"mask_condition_classes": 6} if condition else {}))
+    params = {"timesteps": 100, "loss_type": "l1", "first_stage_key": "image", "image_size": 16, "channels": 3,
+              "use_ema": False}
+    if condition is not None:
+        params["mask_condition"] = condition
+    if anatomical:
+        params.update(anatomical_loss_weight=0.1, anatomical_warmup_steps=2)
+    return ldm_config(anatomical, first_stage=first_stage_config(ch=32, embed_dim=3, resolution=32), unet=unet,
+                      **params)
+
+
+def _batches(n=3):
+    ds = PhantomDataset(size=32, num_samples=4 * n, seed=0)
+    return [default_collate([ds[i] for i in range(4 * k, 4 * k + 4)]) for k in range(n)]
+
+
+def _train(config, steps=3):
+    torch.manual_seed(0)
+    model = instantiate_from_config(config)
+    opt = torch.optim.AdamW([p for p in model.model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for batch in _batches(steps):
+        loss, _ = model.shared_step(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_dropout_one_trains_exactly_the_unconditional_model():
+    plain = _train(_config())
+    never = _train(_config({**CONDITION, "dropout": 1.0}))
+    base = plain.state_dict()
+    ours = never.state_dict()
+    assert set(ours) - set(base) and all(k.startswith("model.diffusion_model.mask_condition.")
+                                         for k in set(ours) - set(base))
+    for key, value in base.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_the_condition_reaches_the_loss_and_mismatches_are_refused():
+    model = _train(_config({**CONDITION, "dropout": 0.0}), steps=3)
+    enc = model.model.diffusion_model.mask_condition
+    assert enc.out.weight.abs().sum() > 0  # the zero-initialised projection learned from the masks
+    with pytest.raises(ValueError, match="mask_condition_classes is not set"):
+        instantiate_from_config(_config(None) | {"params": {**_config(None)["params"], "mask_condition": CONDITION}})
+    batch = _batches(1)[0]
+    del batch["segmentation"]
+    model.train()
+    with pytest.raises(ValueError, match=r"reads batch\['segmentation'\]"):
+        model.shared_step(batch)
+
+
+def _perturbed(config):
+    torch.manual_seed(0)
+    model = instantiate_from_config(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_sampling_from_masks_guidance_and_partial_masks():
+    model = _perturbed(_config({**CONDITION, "dropout": 0.1}))
+    masks = _batches(1)[0]["segmentation"][:2]
+    uncond = draw_batch(model, [0, 1, 2, 3], seed=3, ddim_steps=4)["images"]
+    # guidance 0: the unconditional model, bit for bit; sample i is mask i // per_mask from the noise of (seed, i)
+    assert torch.equal(sample_from_masks(model, masks, 4, seed=3, guidance_scale=0.0, per_mask=2), uncond)
+    cond = sample_from_masks(model, masks, 4, seed=3, per_mask=2, batch_size=3)
+    assert cond.shape == uncond.shape and (cond - uncond).abs().max() > 1e-4
+    assert torch.equal(cond[:2], sample_from_masks(model, masks[:1], 4, seed=3, per_mask=2))
+    guided = sample_from_masks(model, masks, 4, seed=3, guidance_scale=3.0, per_mask=2)
+    assert (guided - cond).abs().max() > 1e-4
+    liver_only = torch.where(masks == 1, masks, torch.full_like(masks, IGNORE))  # a partial mask
+    partial = sample_from_masks(model, liver_only, 4, seed=3)
+    assert partial.shape == (2, 1, 32, 32) and torch.isfinite(partial).all()
+    with pytest.raises(ValueError, match=r"labels \[9\] outside 0..5"):
+        sample_from_masks(model, torch.full((1, 32, 32), 9), 4)
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        sample_from_masks(model, masks, 4, guidance_scale=-1)
+    plain = _perturbed(_config())
+    with pytest.raises(ValueError, match="needs a mask-conditioned model"):
+        sample_from_masks(plain, masks, 4)
+
+
+def test_an_anatomical_model_takes_the_condition_and_predicts_its_masks():
+    model = _perturbed(_config({**CONDITION, "dropout": 0.2, "partial": 0.5}, anatomical=True))
+    model.train()
+    loss, logs = model.shared_step(_batches(1)[0])
+    assert torch.isfinite(loss) and "train/anatomical_loss" in logs
+    model.eval()
+    masks = _batches(1)[0]["segmentation"][:2]
+    images, predicted = sample_from_masks(model, masks, 4, seed=0, return_masks=True)
+    assert images.shape == (2, 1, 32, 32) and predicted.shape == (2, 32, 32) and predicted.dtype == torch.int64
