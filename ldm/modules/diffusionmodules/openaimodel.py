@@ -577,3 +577,6 @@ class UNetModel(nn.Module):
                 y: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
         """Predicted noise (or codebook logits with ``n_embed``) for ``x`` at ``timesteps``."""
         return self.forward_with_state(x, timesteps, context, y, **kwargs)[0]
+
+
+from ldm.modules.diffusionmodules.compile import compile_unet  # noqa: E402,F401  (its old home; after UNetModel: no cycle)
