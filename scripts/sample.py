@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.models.diffusion.samplers import SAMPLERS  # noqa: E402
@@ -62,6 +63,15 @@ def get_parser() -> argparse.ArgumentParser:
                         "two model calls per step; its config is found as for -r (or given with -b)")
     p.add_argument("--autoguide_weight", type=float, default=2.0, metavar="W",
                    help="autoguidance weight w with --autoguide (1: the model alone; default 2.0)")
+    p.add_argument("--masks", default=None, metavar="PATH",
+                   help="mask-conditioned models (mask_condition): draw images for these label maps instead of "
+                        "unconditional samples: a folder of PNG (class ids) / NPY masks, or one such file; pixels "
+                        "with the run's ignore value (255) are unknown, so a partial mask is filled in. Writes "
+                        "images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new folder")
+    p.add_argument("--per_mask", type=int, default=1, metavar="K", help="with --masks: images per mask")
+    p.add_argument("--guidance_scale", type=float, default=1.0, metavar="S",
+                   help="with --masks: classifier-free guidance scale (1: conditional, default; 0: the unconditional "
+                        "model, bit for bit; > 1: stronger adherence, two model calls per step)")
     p.add_argument("--mask_from", "--mask-from", dest="mask_from", choices=["latents", "reencoded"], default=None,
                    help="anatomical models: what the segmentation head reads for a sample's mask: the sampled "
                         "latents, or the decoded sample encoded again (encoder latents, as in training; one encoder "
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.vanilla_sample, args.anatomy_guidance)
     if args.autoguide is not None:
         check_autoguide(args)
+    masks = read_condition_masks(args) if args.masks is not None else None
     _, run_dir, _, config = sampling.read_run_config(args.resume, args.base)
     out_dir = args.logdir
     if out_dir is None:
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = "vanilla" if ancestral else f"{args.sampler}{args.custom_steps}_eta{args.eta:g}"
         tag += f"_guided{args.anatomy_guidance:g}" if args.anatomy_guidance else ""
         tag += f"_autoguided{args.autoguide_weight:g}" if args.autoguide is not None else ""
+        tag = f"from_masks_{tag}_g{args.guidance_scale:g}" if masks is not None else tag
         out_dir = os.path.join(base, "samples", f"{tag}_seed{args.seed}")
     sampling.check_output_dir(out_dir)
     geometry = None
@@ -137,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                     description=f"{guide_info['checkpoint']} (sha256 "
                                                 f"{guide_info['checkpoint_sha256'][:16]})")
     info["load_s"] = time.perf_counter() - t0
+    if masks is not None:
+        return sample_masks(model, info, args, out_dir, *masks)
     if args.mask_from is not None:
         if not hasattr(model, "mask_from") or getattr(model, "is_joint", False):
             print(f"sample.py: error: --mask_from needs an anatomical model with a segmentation head; "
@@ -162,6 +176,37 @@ def main(argv: list[str] | None = None) -> int:
     written = (f"wrote {run['count']} samples ({run['start_index']:06d}..{run['start_index'] + run['count'] - 1:06d})"
                if run["count"] else "wrote no new samples")
     print(f"{resumed}{written} to {out_dir}{redone}; manifest {os.path.join(out_dir, 'samples.json')}")
+    return 0
+
+
+def read_condition_masks(args: argparse.Namespace) -> tuple[list[str], np.ndarray]:
+    """``--masks`` read and its settings checked before any model is loaded: ``(names, masks)``."""
+    from ldm.sampling.masks import check_guidance_scale, read_mask_files
+
+    check_guidance_scale(args.guidance_scale)
+    if args.per_mask < 1:
+        raise ValueError(f"--per_mask must be >= 1, got {args.per_mask}")
+    clash = [flag for flag, on in (("--anatomy_guidance", args.anatomy_guidance), ("--autoguide", args.autoguide),
+                                   ("--vanilla_sample", args.vanilla_sample), ("--stack", args.stack),
+                                   ("--hu", args.hu), ("--format nii/npz", set(args.format) - {"png"})) if on]
+    if clash:
+        raise ValueError(f"--masks does not combine with {', '.join(clash)} yet")
+    if args.logdir is not None and os.path.isdir(args.logdir) and os.listdir(args.logdir):
+        raise ValueError(f"output folder {args.logdir} is not empty; sampling from masks writes into a new folder")
+    return read_mask_files(args.masks)
+
+
+def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, out_dir: str, names: list[str],
+                 masks: np.ndarray) -> int:
+    """The ``--masks`` session: ``--per_mask`` images for every mask into ``out_dir``."""
+    from ldm.sampling.masks import write_from_masks
+
+    record = write_from_masks(model, out_dir, names, masks, args.per_mask, args.custom_steps, args.eta, args.seed,
+                              args.guidance_scale, args.batch_size, args.sampler, args.ema and info["has_ema"],
+                              args.save_masks, colours=sampling.palette_for(model), info=info,
+                              progress=args.progress)
+    print(f"wrote {record['masks'] * record['per_mask']} images for {record['masks']} masks (guidance scale "
+          f"{args.guidance_scale:g}) to {out_dir}; record {os.path.join(out_dir, 'from_masks.json')}")
     return 0
 
 

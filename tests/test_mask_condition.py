@@ -3,6 +3,8 @@ plain checkpoint loading with only the new keys missing, dropout 1 training exac
 masks, and sampling from masks with classifier-free guidance (0 = unconditional bit for bit)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -188,3 +190,101 @@ def test_an_anatomical_model_takes_the_condition_and_predicts_its_masks():
     masks = _batches(1)[0]["segmentation"][:2]
     images, predicted = sample_from_masks(model, masks, 4, seed=0, return_masks=True)
     assert images.shape == (2, 1, 32, 32) and predicted.shape == (2, 32, 32) and predicted.dtype == torch.int64
+
+
+@pytest.fixture(scope="module")
+def conditioned_run(tmp_path_factory):
+    """A main.py-style run of a mask-conditioned anatomical model (a few steps on phantom slices)."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(1)
+    config = _config({**CONDITION, "dropout": 0.2, "partial": 0.3}, anatomical=True)
+    model = _train(config, steps=3)
+    run = tmp_path_factory.mktemp("logs") / "2026-01-01T00-00-00_cond"
+    os.makedirs(run / "checkpoints")
+    os.makedirs(run / "configs")
+    torch.save({"state_dict": model.state_dict(), "global_step": 3, "epoch": 0}, run / "checkpoints" / "last.ckpt")
+    OmegaConf.save(OmegaConf.create({"model": {"base_learning_rate": 1e-3, **config}}),
+                   run / "configs" / "2026-01-01T00-00-00-project.yaml")
+    return str(run)
+
+
+def _mask_folder(folder):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    masks = _batches(1)[0]["segmentation"][:2].numpy().astype(np.uint8)
+    Image.fromarray(masks[0]).save(folder / "a.png")
+    liver_only = np.where(masks[1] == 1, masks[1], 255).astype(np.uint8)
+    np.save(folder / "b_liver_only.npy", liver_only)
+    return masks[0], liver_only
+
+
+def test_sample_script_draws_images_for_mask_files(conditioned_run, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from test_sample_run import load_script
+
+    full, partial = _mask_folder(tmp_path / "masks")
+    sample = load_script("sample")
+    common = ["-r", conditioned_run, "-c", "4", "--seed", "2", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "out"
+    assert sample.main([*common, "--masks", str(tmp_path / "masks"), "--per_mask", "2", "--save_masks",
+                        "--batch_size", "3", "-l", str(out)]) == 0
+    assert sorted(os.listdir(out / "images")) == ["a_0.png", "a_1.png", "b_liver_only_0.png", "b_liver_only_1.png"]
+    assert sorted(os.listdir(out / "masks")) == sorted(os.listdir(out / "images"))
+    assert np.array_equal(np.asarray(Image.open(out / "condition_masks" / "a.png")), full)
+    assert np.array_equal(np.asarray(Image.open(out / "condition_masks" / "b_liver_only.png")), partial)
+    record = json.load(open(out / "from_masks.json"))
+    assert record["masks"] == 2 and record["per_mask"] == 2 and record["guidance_scale"] == 1.0
+    assert record["files"][1] == {"mask": "b_liver_only", "images": ["b_liver_only_0", "b_liver_only_1"]}
+    # guidance 0 is the unconditional model: the images of unconditional samples 0..3 of the same seed
+    zero, plain = tmp_path / "zero", tmp_path / "plain"
+    assert sample.main([*common, "--masks", str(tmp_path / "masks"), "--per_mask", "2", "--guidance_scale", "0",
+                        "-l", str(zero)]) == 0
+    assert sample.main([*common, "-n", "4", "--batch_size", "4", "-l", str(plain)]) == 0
+    pairs = zip(["a_0", "a_1", "b_liver_only_0", "b_liver_only_1"], ["000000", "000001", "000002", "000003"])
+    for ours, theirs in pairs:
+        assert (zero / "images" / f"{ours}.png").read_bytes() == (plain / "images" / f"{theirs}.png").read_bytes()
+    assert (out / "images" / "a_0.png").read_bytes() != (zero / "images" / "a_0.png").read_bytes()
+
+
+def test_bad_mask_inputs_are_refused_before_loading(conditioned_run, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from test_sample_run import load_script
+
+    sample = load_script("sample")
+    monkeypatch.setattr(sample.sampling, "load_model_for_sampling",
+                        lambda *a, **k: pytest.fail("the model was loaded before the masks were checked"))
+    (tmp_path / "colour").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "colour" / "c.png")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    for flags, error, match in (
+            (["--masks", str(tmp_path / "none")], FileNotFoundError, "no such file or folder"),
+            (["--masks", str(tmp_path / "colour")], ValueError, "is a colour image"),
+            (["--masks", str(tmp_path / "colour"), "--guidance_scale", "-1"], ValueError, "guidance_scale must be"),
+            (["--masks", str(tmp_path / "colour"), "--anatomy_guidance", "1"], ValueError, "does not combine"),
+            (["--masks", str(tmp_path / "colour"), "-l", str(tmp_path / "full")], ValueError, "is not empty")):
+        with pytest.raises(error, match=match):
+            sample.main(["-r", conditioned_run, "--no-progress", *flags])
+
+
+def test_masks_of_another_size_are_refused(conditioned_run, tmp_path):
+    import numpy as np
+
+    from test_sample_run import load_script
+
+    (tmp_path / "small").mkdir()
+    np.save(tmp_path / "small" / "s.npy", np.zeros((2, 16, 16), np.int64))
+    with pytest.raises(ValueError, match="the masks are 16x16, the model draws 32x32 images"):
+        load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "small"), "-c", "2",
+                                    "--no-progress", "--device", "cpu", "-l", str(tmp_path / "o")])

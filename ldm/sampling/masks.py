@@ -72,10 +72,11 @@ def conditional_denoiser(model: torch.nn.Module, guidance_scale: float, uncond: 
 @torch.no_grad()
 def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, eta: float = 0.0, seed: int = 0,
                       guidance_scale: float = 1.0, per_mask: int = 1, batch_size: Optional[int] = None,
-                      sampler: str = "ddim", use_ema: bool = True, return_masks: bool = False) -> Any:
+                      sampler: str = "ddim", use_ema: bool = True, return_masks: bool = False,
+                      first_index: int = 0) -> Any:
     """Images ``[N * per_mask, C, H, W]`` (in [-1, 1], not clamped) for the label maps ``masks`` ``[N, H, W]``
     (``ignore_index`` = unknown: a partial mask), ``per_mask`` samples each (sample ``i`` is mask ``i // per_mask``,
-    from the start noise of ``(seed, i)``). With ``return_masks`` (anatomical models) also the model's own predicted
+    from the start noise of ``(seed, first_index + i)``). With ``return_masks`` (anatomical models) also the model's own predicted
     masks of the samples: ``(images, predicted)``."""
     from ldm.sampling import check_sampling_settings, draw_batch, is_anatomical, latent_shape
 
@@ -102,10 +103,120 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
             if cond is not None and scale != 1.0:
                 make = conditional_denoiser(model, scale,
                                             {MASK_CONDITION_KEY: torch.zeros_like(cond[MASK_CONDITION_KEY])})
-            drawn = draw_batch(model, indices, seed, ddim_steps, eta, sampler, masks=return_masks, cond=cond,
-                               make_denoiser=make)
+            drawn = draw_batch(model, [first_index + i for i in indices], seed, ddim_steps, eta, sampler,
+                               masks=return_masks, cond=cond, make_denoiser=make)
             images.append(drawn["images"])
             if return_masks:
                 predicted.append(drawn["masks"])
     out = torch.cat(images)
     return (out, torch.cat(predicted)) if return_masks else out
+
+
+# ---------------------------------------------------------------------------------------------- files
+MASK_SUFFIXES = (".png", ".npy")
+CONDITION_DIR = "condition_masks"
+
+
+def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
+    """``(names, masks [N, H, W] int64)`` of a mask file (``.png`` class ids, ``.npy`` ``[H, W]`` or ``[N, H, W]``) or
+    a folder of them (sorted by name; an ``.npy`` stack gives ``<stem>_<i>``). All masks must share one size."""
+    import os
+
+    from PIL import Image
+
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(MASK_SUFFIXES))
+        if not files:
+            raise ValueError(f"--masks {path}: no {'/'.join(MASK_SUFFIXES)} mask files in the folder")
+    elif os.path.isfile(path):
+        if not path.lower().endswith(MASK_SUFFIXES):
+            raise ValueError(f"--masks {path}: a mask must be a {' or '.join(MASK_SUFFIXES)} file of class ids "
+                             "(NIfTI label volumes are not read yet)")
+        files = [path]
+    else:
+        raise FileNotFoundError(f"--masks {path}: no such file or folder")
+    names, arrays = [], []
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        try:
+            array = np.load(f, allow_pickle=False) if f.lower().endswith(".npy") else np.asarray(Image.open(f))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--masks: {f} is not a readable mask ({err})") from None
+        if array.ndim == 3 and f.lower().endswith(".png"):
+            raise ValueError(f"--masks: {f} is a colour image; masks are single-channel PNGs of class ids (the "
+                             "masks/ folder of sample.py, not masks_colour/)")
+        stack = array[None] if array.ndim == 2 else array
+        if stack.ndim != 3:
+            raise ValueError(f"--masks: {f} has shape {array.shape}; expected [H, W] or [N, H, W]")
+        arrays.extend(stack)
+        names.extend([stem] if array.ndim == 2 else [f"{stem}_{i}" for i in range(len(stack))])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--masks: several files give the mask names {repeated[:5]}; rename them")
+    sizes = sorted({a.shape for a in arrays})
+    if len(sizes) > 1:
+        raise ValueError(f"--masks: the masks have different sizes {sizes[:4]}")
+    return names, np.stack(arrays)
+
+
+def check_mask_size(model: torch.nn.Module, masks: np.ndarray) -> None:
+    """ValueError unless the masks have the size of the model's images (latent size x the first stage's factor)."""
+    from ldm.sampling import latent_shape
+    from ldm.training.fit_checks import first_stage_factor
+
+    h, w = latent_shape(model)[1:]
+    factor = first_stage_factor(model) or 1
+    expected = (h * factor, w * factor)
+    if tuple(masks.shape[1:]) != expected:
+        raise ValueError(f"the masks are {masks.shape[1]}x{masks.shape[2]}, the model draws {expected[0]}x"
+                         f"{expected[1]} images; give masks of the training images' size")
+
+
+def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], masks: np.ndarray, per_mask: int,
+                     ddim_steps: int, eta: float, seed: int, guidance_scale: float, batch_size: int, sampler: str,
+                     use_ema: bool, save_masks: bool, colours: Any = None, info: Optional[dict] = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """Sample ``per_mask`` images for every mask into a new folder ``out_dir``: ``images/<name>_<k>.png``, the mask
+    each was made from (``condition_masks/``, class ids; unknown = the ignore value) and with ``save_masks`` the
+    model's own masks (``masks/``, ``masks_colour/``); ``from_masks.json`` records the settings and the files."""
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    from ldm.atomic_io import write_json
+    from ldm.sample_io import _save_png, save_samples
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"output folder {out_dir} is not empty; sampling from masks writes into a new folder")
+    condition = mask_condition_of(model)
+    labels = as_mask_batch(masks, condition.num_classes, condition.ignore_index)
+    check_mask_size(model, masks)
+    os.makedirs(os.path.join(out_dir, CONDITION_DIR), exist_ok=True)
+    start, files = time.perf_counter(), []
+    bar = tqdm(total=len(names) * per_mask, desc="sampling from masks", unit="img", disable=not progress)
+    for first in range(0, len(names), max(1, batch_size // per_mask)):
+        chunk = list(range(first, min(len(names), first + max(1, batch_size // per_mask))))
+        drawn = sample_from_masks(model, labels[chunk], ddim_steps, eta, seed, guidance_scale, per_mask,
+                                  sampler=sampler, use_ema=use_ema, return_masks=save_masks,
+                                  first_index=first * per_mask)
+        images, own = drawn if save_masks else (drawn, None)
+        for m in chunk:
+            _save_png(os.path.join(out_dir, CONDITION_DIR, f"{names[m]}.png"), labels[m].numpy().astype(np.uint8))
+            files.append({"mask": names[m], "images": [f"{names[m]}_{k}" for k in range(per_mask)]})
+        save_samples(out_dir, list(range(first * per_mask, (first + len(chunk)) * per_mask)), images, own,
+                     colours=colours)
+        for j, m in enumerate(chunk):  # numbered files -> <mask name>_<k>
+            for k in range(per_mask):
+                index = (first + j) * per_mask + k
+                for sub in ("images",) + (("masks", "masks_colour") if save_masks else ()):
+                    os.replace(os.path.join(out_dir, sub, f"{index:06d}.png"),
+                               os.path.join(out_dir, sub, f"{names[m]}_{k}.png"))
+        bar.update(len(chunk) * per_mask)
+    bar.close()
+    record = {"masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler, "ddim_steps": ddim_steps,
+              "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema, "own_masks": save_masks,
+              "ignore_index": condition.ignore_index, "files": files, "seconds": time.perf_counter() - start,
+              "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": (info or {}).get("checkpoint_sha256")}
+    write_json(os.path.join(out_dir, "from_masks.json"), record)
+    return record
