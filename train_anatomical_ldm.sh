@@ -4,6 +4,7 @@
 # mask autoencoder first when its checkpoint is absent.
 #
 #   ./train_anatomical_ldm.sh ctorgan|breastmri|demo|ctorgan_joint|breastmri_joint|demo_joint [main.py args ...]
+#   (and ctorgan_labelmap|breastmri_labelmap|demo_labelmap: the mask-conditioned models, sample.py --masks)
 #
 # Environment:
 #   GPUS        GPUs in CompVis form: "0,1" (two GPUs, DDP), "0," (GPU 0). Default: "0," for ctorgan and
@@ -27,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [[ $# -ge 1 ]] || usage 2
 DATASET="$1"; shift
 case "$DATASET" in
@@ -58,8 +59,16 @@ case "$DATASET" in
     MASK_AE_CONFIG=configs/autoencoder/mask_ae_phantom.yaml
     LDM_CONFIG=configs/latent-diffusion/demo_phantom_joint.yaml
     GPUS="${GPUS-}" ;;
+  ctorgan_labelmap|breastmri_labelmap)
+    AE_CONFIG=configs/autoencoder/autoencoder_kl_64x64x3_${DATASET%_labelmap}.yaml
+    LDM_CONFIG=configs/latent-diffusion/anatomical_labelmap_${DATASET%_labelmap}_kl.yaml
+    GPUS="${GPUS-0,}" ;;
+  demo_labelmap)
+    AE_CONFIG=configs/autoencoder/demo_phantom_kl.yaml
+    LDM_CONFIG=configs/latent-diffusion/demo_phantom_labelmap.yaml
+    GPUS="${GPUS-}" ;;
   -h|--help) usage 0 ;;
-  *) echo "error: unknown dataset '$DATASET'; use ctorgan, breastmri, demo or one of them with _joint" >&2; exit 2 ;;
+  *) echo "error: unknown dataset '$DATASET'; use ctorgan, breastmri, demo or one of them with _joint or _labelmap" >&2; exit 2 ;;
 esac
 MASK_AE_CONFIG="${MASK_AE_CONFIG:-}"
 for cfg in "$AE_CONFIG" "$LDM_CONFIG" $MASK_AE_CONFIG; do
