@@ -88,7 +88,11 @@ ARMS_V2: dict[str, str] = {
                "alignment loss off, the mask head reading every decoder level (mask_head_levels)",
     "lean_stopgrad": "the lean arm with its mask head behind a stop-gradient and the alignment loss off: the lean "
                      "registers as capacity, the masks from a probe that cannot pull on the denoiser",
+    "plain_labelmap": "the plain LDM with the mask as an optional condition (issue 28: mask_condition, dropout 0.1, "
+                      "partial 0.3); the benchmark samples it without a mask, bench/labelmap_v2.py from masks",
 }
+LABELMAP_CONDITION = {"key": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": 255, "dropout": 0.1,
+                      "partial": 0.3}
 # arm -> what it changes in the lean arm's model params (AnatomicalLatentDiffusion) and its UNet's params
 LEAN_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lean_v3": ({"anatomical_schedule": "ramp", "anatomical_timestep_weighting": "none",
@@ -258,8 +262,11 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
     """The ``model:`` config of one v2 arm (see ``ARMS_V2``)."""
     if arm not in ARMS_V2:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS_V2)}")
-    if arm == "plain" or arm in MATCH_TARGETS:
+    if arm in ("plain", "plain_labelmap") or arm in MATCH_TARGETS:
         cfg = am.baseline_config(preset, ae_ckpt, scale_factor)
+        if arm == "plain_labelmap":
+            cfg["params"]["mask_condition"] = dict(LABELMAP_CONDITION)
+            cfg["params"]["unet_config"]["params"]["mask_condition_classes"] = NUM_CLASSES
         if arm in MATCH_TARGETS:
             cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset, MATCH_TARGETS[arm])["unet"])
         return _first_stage_from_moments(cfg)

@@ -148,6 +148,7 @@ def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: t
     import anatomy_v2 as av2
     from downstream import run_first_stage, run_preset
     from ldm.evaluation.segmenter import load_segmenter, train_segmenter
+    from ldm.modules.ema import LitEma
     from ldm.util import instantiate_from_config
 
     if args.quick:
@@ -165,6 +166,7 @@ def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: t
                     with torch.no_grad():  # untrained UNets predict 0: give them (different) predictions
                         for p in net.model.parameters():
                             p.add_(0.02 * torch.randn_like(p))
+                    net.model_ema = LitEma(net.model)  # sampling reads the EMA weights: these ones
                     pair.append(net)
                 models.setdefault(arm, {})[seed] = (pair[0], with_guide_ema(pair[1]))
         return "quick", preset, judge, models, preset.steps // 4

@@ -238,3 +238,18 @@ def test_audit_fix_arms_change_only_what_they_name():
             assert arm in v2.MASK_ARMS_V2
     assert v2.arm_config("lean_v3", v2.PRESETS_V2["cpu"], None, 1.0)["params"]["unet_config"]["params"][
         "mask_head_levels"] == 3
+
+
+def test_the_labelmap_arm_is_the_plain_arm_plus_the_mask_condition():
+    import anatomy_v2 as v2
+
+    preset = v2.PRESETS_V2["quick"]
+    plain, cond = v2.arm_config("plain", preset, None, 1.0), v2.arm_config("plain_labelmap", preset, None, 1.0)
+    params = dict(cond["params"])
+    assert params.pop("mask_condition") == {"key": "segmentation", "num_classes": v2.NUM_CLASSES,
+                                            "ignore_index": 255, "dropout": 0.1, "partial": 0.3}
+    unet = dict(params["unet_config"]["params"])
+    assert unet.pop("mask_condition_classes") == v2.NUM_CLASSES
+    assert unet == plain["params"]["unet_config"]["params"]
+    assert {k: v for k, v in params.items() if k != "unet_config"} == \
+        {k: v for k, v in plain["params"].items() if k != "unet_config"}

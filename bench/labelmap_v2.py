@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Sampling from a labelmap on trained benchmark-v2 models (issue 28): faithfulness, realism and diversity of
+mask-conditioned samples, judged by benchmark v2's judge A, at the seed level.
+
+    python bench/labelmap_v2.py --run bench/out/v2_cpu --arms plain_labelmap --seeds 0,1,2 \\
+        -o bench/labelmap_v2_cpu_dev          # the CPU development run
+    python bench/labelmap_v2.py -o /tmp/q --quick     # untrained toy models (tests/test_labelmap_bench.py)
+
+For every (arm, training seed) of a benchmark-v2 run folder (``--run``; the arm trained with ``bench/anatomy.py
+--arms plain_labelmap``; the benchmark itself measures its samples drawn *without* a mask against the plain LDM),
+the first ``--n`` masks of the test split (real masks, never seen in training) are given to the final model, one
+sample each, at every guidance scale of ``--scales`` (DDIM at the protocol's steps, eta 0, the protocol's development
+noise seed). Per sample, judge A segments the image and:
+
+- **faithfulness**: Dice per class between judge A's mask and the input mask, pooled over the samples (foreground
+  classes; ``fg_mean`` is their mean). The ceiling is judge A's Dice on the real test images of the same masks.
+  Scale 0 is the unconditional model: its Dice against masks it never saw is the chance level;
+- **realism**: the share of samples whose judge-A mask passes the phantom-v2 rules (the benchmark's primary
+  measure; real images of the same masks give the reference), and the mean absolute difference, per class region of
+  the input mask, of mean intensity between sample and real image (``intensity_gap``, image units in [-1, 1]);
+- **diversity**: mean MS-SSIM between the ``--per-mask`` samples of each of the first ``--div-masks`` masks (lower:
+  more diverse), against that of as many unconditional samples;
+- **partial masks**: the same masks with only the liver drawn (every other pixel unknown): the liver's Dice and the
+  rule pass rate of the whole image (a plausible slice around the given liver).
+
+Development seeds: a hypothesis, not a claim.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+IGNORE = 255
+LIVER = 1  # phantom2 class id (ldm.data.labels: background, liver, spleen, ...)
+
+
+def pooled_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[int, Optional[float]]:
+    """Dice per class pooled over all samples (``None`` for a class absent from both); unknown target pixels
+    (``IGNORE``) are left out."""
+    known = target != IGNORE
+    out: dict[int, Optional[float]] = {}
+    for c in range(1, num_classes):
+        p, t = (pred == c) & known, (target == c) & known
+        size = int(p.sum() + t.sum())
+        out[c] = None if size == 0 else float(2 * (p & t).sum()) / size
+    return out
+
+
+def intensity_gap(images: torch.Tensor, real: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:
+    """Mean over samples and the classes present of |mean intensity of the sample - of the real image| inside the
+    class's region of the input mask."""
+    gaps = []
+    for img, ref, m in zip(images[:, 0], real[:, 0], masks):
+        for c in range(num_classes):
+            region = m == c
+            if int(region.sum()) > 0:
+                gaps.append(abs(float(img[region].mean()) - float(ref[region].mean())))
+    return float(np.mean(gaps)) if gaps else float("nan")
+
+
+def within_mask_ms_ssim(images: torch.Tensor, per_mask: int) -> float:
+    """Mean MS-SSIM over every pair of samples drawn for the same mask (``images`` grouped by mask)."""
+    from ldm.evaluation.diversity import ms_ssim
+
+    groups = images.reshape(-1, per_mask, *images.shape[1:])
+    a, b = zip(*[(g[i], g[j]) for g in groups for i in range(per_mask) for j in range(i + 1, per_mask)])
+    return float(ms_ssim(torch.stack(a), torch.stack(b)).mean())
+
+
+def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torch.Tensor], scales: list[float],
+                   steps: int, noise_seed: int, min_frac: float, num_classes: int, div_masks: int,
+                   per_mask: int) -> dict[str, Any]:
+    """Every measure of one model (see the module docstring)."""
+    import anatomy_v2 as av2
+    from ldm.evaluation.segmenter import segment
+    from ldm.sampling.masks import sample_from_masks
+
+    masks, real = test["segmentation"], test["image"]
+    out: dict[str, Any] = {"scales": {}}
+    for s in scales:
+        t0 = time.perf_counter()
+        images = sample_from_masks(model, masks, steps, 0.0, noise_seed, s, batch_size=100).clamp(-1, 1).cpu()
+        seconds = time.perf_counter() - t0
+        seg = segment(judge, images, batch_size=128)
+        dice = pooled_dice(seg, masks, num_classes)
+        present = [v for v in dice.values() if v is not None]
+        out["scales"][f"{s:g}"] = {
+            "dice": {str(c): v for c, v in dice.items()}, "fg_mean": float(np.mean(present)) if present else None,
+            "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"])),
+            "intensity_gap": intensity_gap(images, real, masks, num_classes), "seconds_per_sample": seconds / len(masks)}
+    div = masks[:div_masks]
+    cond = sample_from_masks(model, div, steps, 0.0, noise_seed + 1, 1.0, per_mask=per_mask).clamp(-1, 1).cpu()
+    uncond = sample_from_masks(model, div, steps, 0.0, noise_seed + 1, 0.0, per_mask=per_mask).clamp(-1, 1).cpu()
+    out["diversity"] = {"ms_ssim_within_mask": within_mask_ms_ssim(cond, per_mask),
+                        "ms_ssim_unconditional": within_mask_ms_ssim(uncond, per_mask)}
+    liver_only = torch.where(masks == LIVER, masks, torch.full_like(masks, IGNORE))
+    images = sample_from_masks(model, liver_only, steps, 0.0, noise_seed, 1.0, batch_size=100).clamp(-1, 1).cpu()
+    seg = segment(judge, images, batch_size=128)
+    out["partial_liver"] = {"liver_dice": pooled_dice(seg, liver_only, num_classes)[LIVER],
+                            "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"]))}
+    return out
+
+
+def reference(judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: float, num_classes: int
+              ) -> dict[str, Any]:
+    """Judge A on the real test images of the same masks: the ceiling of faithfulness and the realism reference."""
+    import anatomy_v2 as av2
+    from ldm.evaluation.segmenter import segment
+
+    seg = segment(judge, test["image"], batch_size=128)
+    dice = pooled_dice(seg, test["segmentation"], num_classes)
+    present = [v for v in dice.values() if v is not None]
+    return {"dice": {str(c): v for c, v in dice.items()}, "fg_mean": float(np.mean(present)),
+            "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"]))}
+
+
+def _rows(scales: list[float]) -> dict[str, tuple[str, ...]]:
+    """Headline row name -> the path of its number in one seed's result."""
+    rows = {f"scale {s:g}: {m}": ("scales", f"{s:g}", m) for s in scales
+            for m in ("fg_mean", "pass_rate", "intensity_gap")}
+    rows.update({f"diversity: {m}": ("diversity", m) for m in ("ms_ssim_within_mask", "ms_ssim_unconditional")})
+    rows.update({f"partial liver: {m}": ("partial_liver", m) for m in ("liver_dice", "pass_rate")})
+    return rows
+
+
+def summarise(per_seed: dict[str, dict[int, dict[str, Any]]], scales: list[float]) -> dict[str, Any]:
+    """Per arm: every headline number per seed, with its mean and t interval over seeds."""
+    from anatomy_stats import mean_interval
+
+    def get(result: dict[str, Any], path: tuple[str, ...]) -> Any:
+        for key in path:
+            result = result[key]
+        return result
+
+    arms = {}
+    for arm, seeds in per_seed.items():
+        order = sorted(seeds)
+        values = {row: [get(seeds[k], path) for k in order] for row, path in _rows(scales).items()}
+        arms[arm] = {"seeds": order, "rows": {row: mean_interval(v) for row, v in values.items()}, "per_seed": values}
+    return arms
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def num(x: Optional[float]) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    ref = report["reference"]
+    lines = [f"# Sampling from a labelmap on trained benchmark-v2 models ({report['mode']}, not a claim)", "",
+             f"Run `{report['run']}`, preset {report['preset']}: the first {report['n']} test-split masks, one sample "
+             f"each, DDIM {report['sampler_steps']} steps eta 0, noise seed {report['noise_seed']}; judge A at the "
+             f"primary minimum size; {report['device']}. Real test images of the same masks: judge-A Dice "
+             f"(foreground mean) {num(ref['fg_mean'])}, rule pass rate {num(ref['pass_rate'])}. Scale 0 = the "
+             "unconditional model (chance-level Dice).", "",
+             "| arm | measure | mean over seeds [95 % t] | per seed |", "|---|---|---|---|"]
+    for arm, a in report["arms"].items():
+        for row, iv in a["rows"].items():
+            cell = num(iv["mean"]) + (f" [{num(iv['lo'])}, {num(iv['hi'])}]" if iv.get("lo") is not None else "")
+            lines.append(f"| {arm} | {row} | {cell} | {', '.join(num(v) for v in a['per_seed'][row])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
+    p.add_argument("--arms", default="plain_labelmap")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n", type=int, default=200, help="test masks (one sample each per scale)")
+    p.add_argument("--scales", default="0,1,2", help="comma-separated guidance scales")
+    p.add_argument("--div-masks", "--div_masks", dest="div_masks", type=int, default=8)
+    p.add_argument("--per-mask", "--per_mask", dest="per_mask", type=int, default=4)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 masks, 2 seeds")
+    p.add_argument("-o", "--out", required=True)
+    args = p.parse_args(argv)
+    import anatomy_models as am
+    import anatomy_v2 as av2
+    import records as rec
+    from anatomy import _device_name
+    from downstream import run_first_stage, run_preset
+    from ldm.atomic_io import write_json, write_text
+    from ldm.evaluation.segmenter import load_segmenter, train_segmenter
+    from ldm.modules.ema import LitEma
+    from ldm.util import instantiate_from_config, resolve_device
+
+    try:
+        seeds = av2._seed_list(args.seeds)
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        scales = [float(s) for s in args.scales.split(",") if s.strip()]
+        for arm in arms:
+            if "mask_condition" not in av2.arm_config(arm, av2.PRESETS_V2["quick"], None, 1.0)["params"]:
+                raise ValueError(f"arm {arm!r} is not mask-conditioned")
+        if not scales or any(not np.isfinite(s) or s < 0 for s in scales) or min(args.n, args.per_mask - 1,
+                                                                                  args.div_masks) < 1:
+            raise ValueError("--scales must be numbers >= 0, --n and --div-masks >= 1, --per-mask >= 2")
+    except (ValueError, KeyError) as err:
+        print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    protocol = rec.load_protocol()
+    noise_seed, min_frac = int(protocol["dev_noise_seed"]), av2.min_sizes(protocol)["primary"]
+    if args.quick:
+        preset_name, preset = "quick", av2.PRESETS_V2["quick"]
+        seeds, n, div = seeds[:2] if len(seeds) >= 2 else [0, 1], 4, 2
+        data = av2.split(preset, "train")
+        judge = train_segmenter(am.TensorSlices(data["image"], data["segmentation"]), av2.NUM_CLASSES, steps=2,
+                                batch_size=8, seed=0, device=device)
+    else:
+        try:
+            preset_name, preset = run_preset(args.run)
+        except FileNotFoundError as err:
+            print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
+            return 2
+        n, div = args.n, args.div_masks
+        judge = load_segmenter(os.path.join(args.run, "setup", "judge_A.pt"), device)[0]
+        ae_ckpt, scale = run_first_stage(args.run)
+    steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
+    test_split = av2.split(preset, "test")
+    test = {"image": torch.as_tensor(test_split["image"][:n]).float(),
+            "segmentation": torch.as_tensor(test_split["segmentation"][:n]).long()}
+    per_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm in arms:
+        for seed in seeds:
+            if args.quick:
+                torch.manual_seed(seed)
+                model = instantiate_from_config(av2.arm_config(arm, preset, None, 1.0)).to(device).eval()
+                with torch.no_grad():
+                    for prm in model.model.parameters():
+                        prm.add_(0.02 * torch.randn_like(prm))
+                model.model_ema = LitEma(model.model)  # sampling reads the EMA weights: these ones
+            else:
+                ckpt = os.path.join(args.run, "arms", arm, f"seed{seed}", f"step{preset.steps:06d}.ckpt")
+                if not os.path.isfile(ckpt):
+                    print(f"labelmap_v2.py: error: {ckpt} is missing (train it: bench/anatomy.py -o {args.run} "
+                          f"--arms {arm} --seeds {seed})", file=sys.stderr)
+                    return 2
+                model = am.load_trained(av2.arm_config(arm, preset, ae_ckpt, scale), ckpt, device)
+            res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
+                                 args.per_mask)
+            per_seed.setdefault(arm, {})[seed] = res
+            print(f"{arm} seed {seed}: " + ", ".join(f"scale {k}: Dice {v['fg_mean']:.3f} pass {v['pass_rate']:.3f}"
+                                                     for k, v in res["scales"].items()), flush=True)
+            del model
+    report = {"mode": "quick" if args.quick else "development", "claim": False, "preset": preset_name,
+              "run": "toy models" if args.quick else os.path.relpath(os.path.abspath(args.run), os.path.dirname(HERE)),
+              "n": n, "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac, "scales": scales,
+              "per_mask": args.per_mask, "div_masks": div, "device": _device_name(device),
+              "reference": reference(judge, test, min_frac, av2.NUM_CLASSES), "arms": summarise(per_seed, scales),
+              "raw": {a: {str(k): v for k, v in s.items()} for a, s in per_seed.items()}, "code": rec.code_commit()}
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "labelmap.json"), report)
+    write_text(os.path.join(args.out, "labelmap.md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
