@@ -288,3 +288,79 @@ def test_masks_of_another_size_are_refused(conditioned_run, tmp_path):
     with pytest.raises(ValueError, match="the masks are 16x16, the model draws 32x32 images"):
         load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "small"), "-c", "2",
                                     "--no-progress", "--device", "cpu", "-l", str(tmp_path / "o")])
+
+
+def _moved_liver(masks, shift=4):
+    """The masks with the liver moved ``shift`` pixels to the right; its old place unknown (the model fills it)."""
+    new = masks.clone()
+    liver = masks == 1
+    new[liver] = IGNORE
+    moved = torch.roll(liver, shifts=shift, dims=-1)
+    new[moved] = 1
+    return new
+
+
+def test_editing_redraws_the_changed_region_and_keeps_the_rest():
+    from ldm.sampling.edit import edit_image, kept_latent_cells, kept_region_error
+
+    model = _perturbed(_config({**CONDITION, "dropout": 0.1}))
+    batch = _batches(1)[0]
+    image, masks = batch["image"][:2].permute(0, 3, 1, 2).float(), batch["segmentation"][:2].long()
+    new = _moved_liver(masks)
+    out = edit_image(model, image, new, old_mask=masks, ddim_steps=4, seed=1)
+    cells = out["kept_cells"]
+    assert cells.shape == (2, 1, 16, 16) and set(cells.unique().tolist()) <= {0.0, 1.0}
+    assert 0 < float(cells.mean()) < 1
+    kept = cells.bool().expand_as(out["latents"])
+    assert torch.equal(out["latents"][kept], out["encoded"][kept])  # kept cells: the input's latents exactly
+    assert (out["latents"][~kept] - out["encoded"][~kept]).abs().max() > 1e-3  # the rest is redrawn
+    assert out["images"].shape == image.shape
+    again = edit_image(model, image, new, old_mask=masks, ddim_steps=4, seed=1)
+    assert torch.equal(again["images"], out["images"])
+    error = kept_region_error(out["images"], image, out["keep"])
+    assert error["mae"] >= 0 and error["psnr"] > 0
+    # a cell is kept only when all its pixels are, and the margin widens the redrawn region
+    keep = torch.ones(1, 8, 8, dtype=torch.bool)
+    keep[0, 3, 3] = False
+    assert kept_latent_cells(keep, (4, 4), margin=0).sum() == 15
+    assert kept_latent_cells(keep, (4, 4), margin=1).sum() == 16 - 9
+    with pytest.raises(ValueError, match="changes no pixel"):
+        edit_image(model, image, masks, old_mask=masks, ddim_steps=2)
+    with pytest.raises(ValueError, match="needs the original mask"):
+        edit_image(model, image, new, ddim_steps=2)
+
+
+def test_edit_script_moves_a_structure_in_a_real_slice(conditioned_run, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from test_sample_run import load_script
+
+    batch = _batches(1)[0]
+    i = next(k for k in range(4) if bool((batch["segmentation"][k] == 1).any()))  # a slice with a liver
+    image = ((batch["image"][i, ..., 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    mask = batch["segmentation"][i].long()
+    Image.fromarray(image).save(tmp_path / "slice.png")
+    Image.fromarray(mask.numpy().astype(np.uint8)).save(tmp_path / "mask.png")
+    Image.fromarray(_moved_liver(mask[None])[0].numpy().astype(np.uint8)).save(tmp_path / "edited.png")
+    edit = load_script("edit")
+    args = ["-r", conditioned_run, "--image", str(tmp_path / "slice.png"), "--mask", str(tmp_path / "mask.png"),
+            "--new_mask", str(tmp_path / "edited.png"), "-c", "3", "--device", "cpu"]
+    assert edit.main([*args, "-l", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {"edited.png", "input.png", "new_mask.png", "kept.png", "edit_figure.png", "edit.json"} <= set(os.listdir(out))
+    record = json.loads((out / "edit.json").read_text())
+    assert 0 < record["redrawn_pixel_share"] < 1 and record["kept_region"]["psnr"] > 0
+    kept = np.asarray(Image.open(out / "kept.png")) > 0
+    assert np.array_equal(np.asarray(Image.open(out / "input.png")), image)
+    assert kept.mean() == pytest.approx(1 - record["redrawn_pixel_share"])
+    assert np.asarray(Image.open(out / "edit_figure.png")).shape[1] > 4 * 32
+    with pytest.raises(ValueError, match="not empty"):
+        edit.main([*args, "-l", str(out)])
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="--new_mask is 16x16 but --image is 32x32"):
+        edit.main([*args[:6], "--new_mask", str(tmp_path / "small.png"), "-l", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="one of them"):
+        edit.main([*args, "--keep", str(tmp_path / "mask.png"), "-l", str(tmp_path / "o3")])
