@@ -144,49 +144,22 @@ def markdown(report: dict[str, Any]) -> str:
 def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: torch.device
           ) -> tuple[str, Any, torch.nn.Module, dict[str, dict[int, tuple]], int]:
     """``(preset name, preset, judge, {arm: {seed: (model, guide)}}, guide step)``."""
-    import anatomy_models as am
     import anatomy_v2 as av2
-    from downstream import run_first_stage, run_preset
-    from ldm.evaluation.segmenter import load_segmenter, train_segmenter
-    from ldm.modules.ema import LitEma
-    from ldm.util import instantiate_from_config
+    import trained_v2 as tv2
 
     if args.quick:
         preset = av2.PRESETS_V2["quick"]
-        data = av2.split(preset, "train")
-        judge = train_segmenter(am.TensorSlices(data["image"], data["segmentation"]), av2.NUM_CLASSES, steps=2,
-                                batch_size=8, seed=0, device=device)
-        models = {}
-        for arm in arms:
-            for seed in seeds:
-                pair = []
-                for k in (0, 1):
-                    torch.manual_seed(100 * seed + k)
-                    net = instantiate_from_config(av2.arm_config(arm, preset, None, 1.0)).to(device).eval()
-                    with torch.no_grad():  # untrained UNets predict 0: give them (different) predictions
-                        for p in net.model.parameters():
-                            p.add_(0.02 * torch.randn_like(p))
-                    net.model_ema = LitEma(net.model)  # sampling reads the EMA weights: these ones
-                    pair.append(net)
-                models.setdefault(arm, {})[seed] = (pair[0], with_guide_ema(pair[1]))
-        return "quick", preset, judge, models, preset.steps // 4
-    name, preset = run_preset(args.run)
-    judge = load_segmenter(os.path.join(args.run, "setup", "judge_A.pt"), device)[0]
-    ae_ckpt, scale = run_first_stage(args.run)
+        models = {arm: {seed: (tv2.toy_model(arm, 100 * seed, device, perturb=0.02),
+                               with_guide_ema(tv2.toy_model(arm, 100 * seed + 1, device, perturb=0.02)))
+                        for seed in seeds} for arm in arms}
+        return "quick", preset, tv2.toy_judge(device), models, preset.steps // 4
+    setup = tv2.run_setup(args.run, device)
+    preset = setup["preset"]
     guide_step = int(round(preset.steps * min(preset.fractions)))
-    models = {}
-    for arm in arms:
-        cfg = av2.arm_config(arm, preset, ae_ckpt, scale)
-        for seed in seeds:
-            folder = os.path.join(args.run, "arms", arm, f"seed{seed}")
-            final, early = (os.path.join(folder, f"step{s:06d}.ckpt") for s in (preset.steps, guide_step))
-            for path in (final, early):
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path} is missing (train it: bench/anatomy.py -o {args.run} --arms {arm} "
-                                            f"--seeds {seed})")
-            models.setdefault(arm, {})[seed] = (am.load_trained(cfg, final, device),
-                                                with_guide_ema(am.load_trained(cfg, early, device)))
-    return name, preset, judge, models, guide_step
+    models = {arm: {seed: (tv2.trained_model(args.run, setup, arm, seed, preset.steps, device),
+                           with_guide_ema(tv2.trained_model(args.run, setup, arm, seed, guide_step, device)))
+                    for seed in seeds} for arm in arms}
+    return setup["preset_name"], preset, setup["judge"], models, guide_step
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -182,15 +182,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 masks, 2 seeds")
     p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
-    import anatomy_models as am
     import anatomy_v2 as av2
     import records as rec
+    import trained_v2 as tv2
     from anatomy import _device_name
-    from downstream import run_first_stage, run_preset
     from ldm.atomic_io import write_json, write_text
-    from ldm.evaluation.segmenter import load_segmenter, train_segmenter
-    from ldm.modules.ema import LitEma
-    from ldm.util import instantiate_from_config, resolve_device
+    from ldm.util import resolve_device
 
     try:
         seeds = av2._seed_list(args.seeds)
@@ -213,18 +210,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:
         preset_name, preset = "quick", av2.PRESETS_V2["quick"]
         seeds, n, div = seeds[:2] if len(seeds) >= 2 else [0, 1], 4, 2
-        data = av2.split(preset, "train")
-        judge = train_segmenter(am.TensorSlices(data["image"], data["segmentation"]), av2.NUM_CLASSES, steps=2,
-                                batch_size=8, seed=0, device=device)
+        judge = tv2.toy_judge(device)
     else:
         try:
-            preset_name, preset = run_preset(args.run)
+            setup = tv2.run_setup(args.run, device)
         except FileNotFoundError as err:
             print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
             return 2
-        n, div = args.n, args.div_masks
-        judge = load_segmenter(os.path.join(args.run, "setup", "judge_A.pt"), device)[0]
-        ae_ckpt, scale = run_first_stage(args.run)
+        preset_name, preset, judge, n, div = (setup["preset_name"], setup["preset"], setup["judge"], args.n,
+                                              args.div_masks)
     steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
     test_split = av2.split(preset, "test")
     test = {"image": torch.as_tensor(test_split["image"][:n]).float(),
@@ -233,19 +227,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     for arm in arms:
         for seed in seeds:
             if args.quick:
-                torch.manual_seed(seed)
-                model = instantiate_from_config(av2.arm_config(arm, preset, None, 1.0)).to(device).eval()
-                with torch.no_grad():
-                    for prm in model.model.parameters():
-                        prm.add_(0.02 * torch.randn_like(prm))
-                model.model_ema = LitEma(model.model)  # sampling reads the EMA weights: these ones
+                model = tv2.toy_model(arm, seed, device, perturb=0.02)
             else:
-                ckpt = os.path.join(args.run, "arms", arm, f"seed{seed}", f"step{preset.steps:06d}.ckpt")
-                if not os.path.isfile(ckpt):
-                    print(f"labelmap_v2.py: error: {ckpt} is missing (train it: bench/anatomy.py -o {args.run} "
-                          f"--arms {arm} --seeds {seed})", file=sys.stderr)
+                try:
+                    model = tv2.trained_model(args.run, setup, arm, seed, preset.steps, device)
+                except FileNotFoundError as err:
+                    print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
                     return 2
-                model = am.load_trained(av2.arm_config(arm, preset, ae_ckpt, scale), ckpt, device)
             res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
                                  args.per_mask)
             per_seed.setdefault(arm, {})[seed] = res

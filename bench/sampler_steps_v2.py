@@ -110,14 +110,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 samples, 2 seeds")
     p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
-    import anatomy_models as am
     import anatomy_v2 as av2
     import records as rec
+    import trained_v2 as tv2
     from anatomy import _device_name
-    from downstream import run_first_stage, run_preset
     from ldm.atomic_io import write_json, write_text
-    from ldm.evaluation.segmenter import load_segmenter, train_segmenter
-    from ldm.util import instantiate_from_config, resolve_device
+    from ldm.util import resolve_device
 
     try:
         seeds = av2._seed_list(args.seeds)
@@ -139,28 +137,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:
         preset_name, preset = "quick", av2.PRESETS_V2["quick"]
         seeds, n = seeds[:2] if len(seeds) >= 2 else [0, 1], 4
-        data = av2.split(preset, "train")
-        judge = train_segmenter(am.TensorSlices(data["image"], data["segmentation"]), av2.NUM_CLASSES, steps=2,
-                                batch_size=8, seed=0, device=device)
+        judge = tv2.toy_judge(device)
     else:
-        preset_name, preset = run_preset(args.run)
-        n = args.n
-        judge = load_segmenter(os.path.join(args.run, "setup", "judge_A.pt"), device)[0]
-        ae_ckpt, scale = run_first_stage(args.run)
+        setup = tv2.run_setup(args.run, device)
+        preset_name, preset, judge, n = setup["preset_name"], setup["preset"], setup["judge"], args.n
     raw: dict[str, dict[str, Any]] = {}
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:
         for seed in seeds:
             if args.quick:
-                torch.manual_seed(seed)
-                model = instantiate_from_config(av2.arm_config(arm, preset, None, 1.0)).to(device).eval()
+                model = tv2.toy_model(arm, seed, device)
             else:
-                ckpt = os.path.join(args.run, "arms", arm, f"seed{seed}", f"step{preset.steps:06d}.ckpt")
-                if not os.path.isfile(ckpt):
-                    print(f"sampler_steps_v2.py: error: {ckpt} is missing (train it: bench/anatomy.py -o {args.run} "
-                          f"--arms {arm} --seeds {seed})", file=sys.stderr)
+                try:
+                    model = tv2.trained_model(args.run, setup, arm, seed, preset.steps, device)
+                except FileNotFoundError as err:
+                    print(f"sampler_steps_v2.py: error: {err}", file=sys.stderr)
                     return 2
-                model = am.load_trained(av2.arm_config(arm, preset, ae_ckpt, scale), ckpt, device)
             res = evaluate_model(model, judge, n, noise_seed, min_frac, device, samplers)
             per_seed.setdefault(arm, {})[seed] = res
             raw.setdefault(arm, {})[str(seed)] = {s: {k: v for k, v in r.items() if k != "plausible"}

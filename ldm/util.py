@@ -1,6 +1,8 @@
 """Small helpers shared by the whole package: config instantiation and checking, parameter counting."""
 from __future__ import annotations
 
+import math
+
 import difflib
 import importlib
 import inspect
@@ -285,6 +287,18 @@ def __getattr__(name: str) -> Any:
 
         return read_state_dict
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def nonnegative_number(value: Any, name: str, hint: str = "") -> float:
+    """``value`` as a float; ``ValueError`` naming ``name`` unless it is a finite number >= 0 (``hint`` follows the
+    rule in the message, e.g. ``" (0: off)"``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be finite and >= 0{hint}, got {value!r}")
+    return number
 
 
 def resolve_device(name: Optional[str] = None) -> torch.device:

@@ -12,7 +12,6 @@ sampling the checkpoint without a mask), anything else two calls per step.
 """
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
@@ -20,17 +19,12 @@ import numpy as np
 import torch
 
 from ldm.modules.mask_condition import MASK_CONDITION_KEY
+from ldm.util import nonnegative_number
 
 
 def check_guidance_scale(scale: Any) -> float:
     """``scale`` as a float; ValueError unless finite and >= 0."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance_scale must be a number, got {scale!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"guidance_scale must be finite and >= 0 (1: conditional, 0: unconditional), got {scale!r}")
-    return value
+    return nonnegative_number(scale, "guidance_scale", " (1: conditional, 0: unconditional)")
 
 
 def mask_condition_of(model: torch.nn.Module):

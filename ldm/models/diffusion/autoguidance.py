@@ -25,18 +25,12 @@ from typing import Any, Optional
 import torch
 
 from ldm.models.diffusion.samplers import Denoiser
+from ldm.util import nonnegative_number
 
 
 def check_autoguidance_weight(weight: Any) -> float:
     """``weight`` as a float; ``ValueError`` unless it is finite and >= 0 (1: the model alone)."""
-    try:
-        value = float(weight)
-    except (TypeError, ValueError):
-        raise ValueError(f"autoguidance weight must be a number, got {weight!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"autoguidance weight must be finite and >= 0 (1: no guidance; Karras et al. use 1.5-3), "
-                         f"got {weight!r}")
-    return value
+    return nonnegative_number(weight, "autoguidance weight", " (1: no guidance; Karras et al. use 1.5-3)")
 
 
 def _latent_space(model: torch.nn.Module) -> dict[str, Any]:

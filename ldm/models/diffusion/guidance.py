@@ -32,6 +32,7 @@ from ldm.data.labels import LabelSet, get_label_set
 from ldm.data.phantom_rules import PHANTOM_THRESHOLDS
 from ldm.models.diffusion.samplers import Denoiser
 from ldm.modules.diffusionmodules.util import extract_into_tensor
+from ldm.util import nonnegative_number
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +178,7 @@ class AnatomicalEnergy:
 def check_guidance_scale(scale: Any, model: Optional[torch.nn.Module] = None) -> float:
     """``scale`` as a float; ``ValueError`` unless it is finite and >= 0, and (when > 0 and ``model`` is given)
     the model predicts masks."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"anatomy_guidance must be a number, got {scale!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"anatomy_guidance must be finite and >= 0 (0: off), got {scale!r}")
+    value = nonnegative_number(scale, "anatomy_guidance", " (0: off)")
     if value > 0 and model is not None and not (getattr(model, "use_anatomy", False)
                                                 and hasattr(model, "apply_model_with_anatomy")):
         raise ValueError(f"anatomy_guidance > 0 needs an anatomical model (AnatomicalLatentDiffusion with "
