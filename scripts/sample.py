@@ -12,12 +12,12 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ldm.cli_flags import ArgumentParser, add_threads_argument  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.models.diffusion.samplers import SAMPLERS  # noqa: E402
@@ -65,9 +65,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="autoguidance weight w with --autoguide (1: the model alone; default 2.0)")
     p.add_argument("--masks", default=None, metavar="PATH",
                    help="mask-conditioned models (mask_condition): draw images for these label maps instead of "
-                        "unconditional samples: a folder of PNG (class ids) / NPY masks, or one such file; pixels "
-                        "with the run's ignore value (255) are unknown, so a partial mask is filled in. Writes "
-                        "images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new folder")
+                        "unconditional samples: a folder of PNG (class ids) / NPY masks, one such file, or a NIfTI "
+                        "label volume (sliced as the training data; the samples are also written as volumes in its "
+                        "geometry); pixels with the run's ignore value (255) are unknown, so a partial mask is "
+                        "filled in. Writes images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new "
+                        "folder")
     p.add_argument("--per_mask", type=int, default=1, metavar="K", help="with --masks: images per mask")
     p.add_argument("--guidance_scale", type=float, default=1.0, metavar="S",
                    help="with --masks: classifier-free guidance scale (1: conditional, default; 0: the unconditional "
@@ -112,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                      args.vanilla_sample, args.anatomy_guidance)
     if args.autoguide is not None:
         check_autoguide(args)
-    masks = read_condition_masks(args) if args.masks is not None else None
     _, run_dir, _, config = sampling.read_run_config(args.resume, args.base)
+    masks = read_condition_masks(args, config) if args.masks is not None else None
     out_dir = args.logdir
     if out_dir is None:
         base = run_dir or os.path.dirname(os.path.abspath(args.resume))
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{guide_info['checkpoint_sha256'][:16]})")
     info["load_s"] = time.perf_counter() - t0
     if masks is not None:
-        return sample_masks(model, info, args, out_dir, *masks)
+        return sample_masks(model, info, args, out_dir, masks)
     if args.mask_from is not None:
         if not hasattr(model, "mask_from") or getattr(model, "is_joint", False):
             print(f"sample.py: error: --mask_from needs an anatomical model with a segmentation head; "
@@ -179,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read_condition_masks(args: argparse.Namespace) -> tuple[list[str], np.ndarray]:
-    """``--masks`` read and its settings checked before any model is loaded: ``(names, masks)``."""
+def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """``--masks`` read and its settings checked before any model is loaded: ``{"names", "masks"}`` of mask files,
+    or ``{"names", "volume", "slicing"}`` of a NIfTI label volume (sliced as the run's training data)."""
+    from ldm.sampling.label_volumes import data_slicing, is_label_volume, read_label_volume
     from ldm.sampling.masks import check_guidance_scale, read_mask_files
 
     check_guidance_scale(args.guidance_scale)
@@ -193,18 +197,34 @@ def read_condition_masks(args: argparse.Namespace) -> tuple[list[str], np.ndarra
         raise ValueError(f"--masks does not combine with {', '.join(clash)} yet")
     if args.logdir is not None and os.path.isdir(args.logdir) and os.listdir(args.logdir):
         raise ValueError(f"output folder {args.logdir} is not empty; sampling from masks writes into a new folder")
-    return read_mask_files(args.masks)
+    if is_label_volume(args.masks):
+        slicing = data_slicing(sampling.resolve_config(config))
+        volume = read_label_volume(args.masks, slicing["slice_axis"])
+        return {"names": volume.names, "volume": volume, "slicing": slicing}
+    names, masks = read_mask_files(args.masks)
+    return {"names": names, "masks": masks}
 
 
-def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, out_dir: str, names: list[str],
-                 masks: np.ndarray) -> int:
-    """The ``--masks`` session: ``--per_mask`` images for every mask into ``out_dir``."""
-    from ldm.sampling.masks import write_from_masks
+def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, out_dir: str,
+                 inputs: dict[str, Any]) -> int:
+    """The ``--masks`` session: ``--per_mask`` images for every mask into ``out_dir`` (for a label volume also as
+    volumes in its geometry)."""
+    from ldm.sampling.label_volumes import fit_label_volume
+    from ldm.sampling.masks import model_image_size, write_from_masks
+
+    names, masks, volume = inputs["names"], inputs.get("masks"), None
+    if "volume" in inputs:
+        slicing = inputs["slicing"]
+        size = model_image_size(model)
+        if size[0] != size[1]:
+            raise ValueError(f"label volumes need a model of square images, this one draws {size[0]}x{size[1]}")
+        masks, affine = fit_label_volume(inputs["volume"], size[0], slicing["square"], slicing["spacing"])
+        volume = {"affine": affine, "slice_axis": inputs["volume"].slice_axis, "source": inputs["volume"].path}
 
     record = write_from_masks(model, out_dir, names, masks, args.per_mask, args.custom_steps, args.eta, args.seed,
                               args.guidance_scale, args.batch_size, args.sampler, args.ema and info["has_ema"],
                               args.save_masks, colours=sampling.palette_for(model), info=info,
-                              progress=args.progress)
+                              progress=args.progress, volume=volume)
     print(f"wrote {record['masks'] * record['per_mask']} images for {record['masks']} masks (guidance scale "
           f"{args.guidance_scale:g}) to {out_dir}; record {os.path.join(out_dir, 'from_masks.json')}")
     return 0

@@ -364,3 +364,62 @@ def test_edit_script_moves_a_structure_in_a_real_slice(conditioned_run, tmp_path
         edit.main([*args[:6], "--new_mask", str(tmp_path / "small.png"), "-l", str(tmp_path / "o2")])
     with pytest.raises(ValueError, match="one of them"):
         edit.main([*args, "--keep", str(tmp_path / "mask.png"), "-l", str(tmp_path / "o3")])
+
+
+def _label_volume(path, side=32, flip=True):
+    """Five phantom masks as a label volume (display slices -> canonical), 1.5 x 1.5 x 2.5 mm, stored LPS-flipped
+    (``flip``) so that reading it must reorient."""
+    import nibabel as nib
+    import numpy as np
+
+    from ldm.data.io import display_slices_to_volume
+    from ldm.data.phantom import PhantomDataset
+
+    ds = PhantomDataset(size=side, num_samples=5, seed=4)
+    slices = np.stack([np.asarray(ds[i]["segmentation"]) for i in range(5)]).astype(np.uint8)
+    data = display_slices_to_volume(slices)
+    affine = np.diag([1.5, 1.5, 2.5, 1.0])
+    affine[:3, 3] = [-20.0, 10.0, 5.0]
+    if flip:  # the same voxels stored with the first two axes reversed
+        n = np.array(data.shape[:2], dtype=float) - 1
+        flip_m = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip_m[:2, 3] = n
+        data, affine = data[::-1, ::-1], affine @ flip_m
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), str(path))
+    return slices
+
+
+def test_sampling_from_a_label_volume_writes_volumes_in_its_geometry(conditioned_run, tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from test_sample_run import load_script
+
+    slices = _label_volume(tmp_path / "labels.nii.gz")
+    out = tmp_path / "out"
+    assert load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "labels.nii.gz"), "-c", "2",
+                                       "--per_mask", "2", "--no-progress", "--device", "cpu", "-l", str(out)]) == 0
+    assert sorted(os.listdir(out / "images"))[:3] == ["labels_0000_0.png", "labels_0000_1.png", "labels_0001_0.png"]
+    for i in range(5):  # the slices are the volume's display slices, as the training data are sliced
+        assert np.array_equal(np.asarray(Image.open(out / "condition_masks" / f"labels_{i:04d}.png")), slices[i])
+    source = nib.as_closest_canonical(nib.load(tmp_path / "labels.nii.gz"))
+    for name in ("condition_masks.nii.gz", "images_0.nii.gz", "images_1.nii.gz"):
+        written = nib.as_closest_canonical(nib.load(out / name))
+        assert written.shape == source.shape and np.allclose(written.affine, source.affine, atol=1e-5), name
+    cond = nib.as_closest_canonical(nib.load(out / "condition_masks.nii.gz"))
+    assert np.array_equal(np.asarray(cond.dataobj), np.asarray(source.dataobj))  # the labels round-trip
+    image = np.asarray(nib.load(out / "images_0.nii.gz").dataobj)
+    assert image.dtype.kind == "f" and -1.0 <= image.min() <= image.max() <= 1.0
+    record = json.loads((out / "from_masks.json").read_text())
+    assert record["volumes"]["slice_axis"] == 2 and record["masks"] == 5
+    # a volume of another in-plane size is resampled as the training data would be: 40 -> 32 pixels
+    _label_volume(tmp_path / "big.nii.gz", side=40, flip=False)
+    big = tmp_path / "big_out"
+    assert load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "big.nii.gz"), "-c", "2",
+                                       "--no-progress", "--device", "cpu", "-l", str(big)]) == 0
+    resampled = nib.load(big / "condition_masks.nii.gz")
+    assert resampled.shape == (32, 32, 5)
+    assert np.allclose(np.linalg.norm(resampled.affine[:3, :3], axis=0), [1.5 * 40 / 32, 1.5 * 40 / 32, 2.5])

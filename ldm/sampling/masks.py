@@ -124,8 +124,8 @@ def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
             raise ValueError(f"--masks {path}: no {'/'.join(MASK_SUFFIXES)} mask files in the folder")
     elif os.path.isfile(path):
         if not path.lower().endswith(MASK_SUFFIXES):
-            raise ValueError(f"--masks {path}: a mask must be a {' or '.join(MASK_SUFFIXES)} file of class ids "
-                             "(NIfTI label volumes are not read yet)")
+            raise ValueError(f"--masks {path}: a mask must be a {' or '.join(MASK_SUFFIXES)} file of class ids, or "
+                             "one NIfTI label volume (.nii / .nii.gz)")
         files = [path]
     else:
         raise FileNotFoundError(f"--masks {path}: no such file or folder")
@@ -153,14 +153,19 @@ def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
     return names, np.stack(arrays)
 
 
-def check_mask_size(model: torch.nn.Module, masks: np.ndarray) -> None:
-    """ValueError unless the masks have the size of the model's images (latent size x the first stage's factor)."""
+def model_image_size(model: torch.nn.Module) -> tuple[int, int]:
+    """``(H, W)`` of the model's images: its latent size times the first stage's factor."""
     from ldm.sampling import latent_shape
     from ldm.training.fit_checks import first_stage_factor
 
     h, w = latent_shape(model)[1:]
     factor = first_stage_factor(model) or 1
-    expected = (h * factor, w * factor)
+    return h * factor, w * factor
+
+
+def check_mask_size(model: torch.nn.Module, masks: np.ndarray) -> None:
+    """ValueError unless the masks have the size of the model's images (latent size x the first stage's factor)."""
+    expected = model_image_size(model)
     if tuple(masks.shape[1:]) != expected:
         raise ValueError(f"the masks are {masks.shape[1]}x{masks.shape[2]}, the model draws {expected[0]}x"
                          f"{expected[1]} images; give masks of the training images' size")
@@ -169,10 +174,12 @@ def check_mask_size(model: torch.nn.Module, masks: np.ndarray) -> None:
 def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], masks: np.ndarray, per_mask: int,
                      ddim_steps: int, eta: float, seed: int, guidance_scale: float, batch_size: int, sampler: str,
                      use_ema: bool, save_masks: bool, colours: Any = None, info: Optional[dict] = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, volume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Sample ``per_mask`` images for every mask into a new folder ``out_dir``: ``images/<name>_<k>.png``, the mask
     each was made from (``condition_masks/``, class ids; unknown = the ignore value) and with ``save_masks`` the
-    model's own masks (``masks/``, ``masks_colour/``); ``from_masks.json`` records the settings and the files."""
+    model's own masks (``masks/``, ``masks_colour/``); ``from_masks.json`` records the settings and the files.
+    ``volume`` (``{"affine", "slice_axis", "source"}``: the masks are the slices of a label volume) also writes the
+    samples and the masks as volumes on that grid (:func:`ldm.sampling.label_volumes.write_volumes`)."""
     import os
     import time
 
@@ -187,7 +194,7 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
     labels = as_mask_batch(masks, condition.num_classes, condition.ignore_index)
     check_mask_size(model, masks)
     os.makedirs(os.path.join(out_dir, CONDITION_DIR), exist_ok=True)
-    start, files = time.perf_counter(), []
+    start, files, kept = time.perf_counter(), [], []
     bar = tqdm(total=len(names) * per_mask, desc="sampling from masks", unit="img", disable=not progress)
     for first in range(0, len(names), max(1, batch_size // per_mask)):
         chunk = list(range(first, min(len(names), first + max(1, batch_size // per_mask))))
@@ -195,6 +202,8 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
                                   sampler=sampler, use_ema=use_ema, return_masks=save_masks,
                                   first_index=first * per_mask)
         images, own = drawn if save_masks else (drawn, None)
+        if volume is not None:
+            kept.append(images.detach().float().clamp(-1, 1).cpu().numpy()[:, 0])
         for m in chunk:
             _save_png(os.path.join(out_dir, CONDITION_DIR, f"{names[m]}.png"), labels[m].numpy().astype(np.uint8))
             files.append({"mask": names[m], "images": [f"{names[m]}_{k}" for k in range(per_mask)]})
@@ -208,9 +217,18 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
                                os.path.join(out_dir, sub, f"{names[m]}_{k}.png"))
         bar.update(len(chunk) * per_mask)
     bar.close()
+    volumes = None
+    if volume is not None:
+        from ldm.sampling.label_volumes import write_volumes
+
+        volumes = {"files": write_volumes(out_dir, np.concatenate(kept), labels.numpy(), volume["affine"],
+                                          volume["slice_axis"], per_mask),
+                   "source": volume["source"], "slice_axis": volume["slice_axis"],
+                   "affine": np.asarray(volume["affine"]).tolist()}
     record = {"masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler, "ddim_steps": ddim_steps,
               "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema, "own_masks": save_masks,
               "ignore_index": condition.ignore_index, "files": files, "seconds": time.perf_counter() - start,
-              "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": (info or {}).get("checkpoint_sha256")}
+              "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": (info or {}).get("checkpoint_sha256"),
+              "volumes": volumes}
     write_json(os.path.join(out_dir, "from_masks.json"), record)
     return record
