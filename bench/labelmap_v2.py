@@ -21,7 +21,11 @@ noise seed). Per sample, judge A segments the image and:
 - **diversity**: mean MS-SSIM between the ``--per-mask`` samples of each of the first ``--div-masks`` masks (lower:
   more diverse), against that of as many unconditional samples;
 - **partial masks**: the same masks with only the liver drawn (every other pixel unknown): the liver's Dice and the
-  rule pass rate of the whole image (a plausible slice around the given liver).
+  rule pass rate of the whole image (a plausible slice around the given liver);
+- **editing** (``ldm.sampling.edit.edit_image``): in the first ``--n-edit`` test slices with a liver, the liver moved
+  ``EDIT_SHIFT`` pixels to the patient's left (its old place unknown) and the slice redrawn there: the kept region's
+  MAE and PSNR against the real slice (beside those of the autoencoder's reconstruction, the floor), and the moved
+  liver's Dice in the edited slice; ``editing.png`` shows examples (slice | its mask | the edited mask | the edit).
 
 Development seeds: a hypothesis, not a claim.
 """
@@ -42,6 +46,42 @@ import torch  # noqa: E402
 
 IGNORE = 255
 LIVER = 1  # phantom2 class id (ldm.data.labels: background, liver, spleen, ...)
+EDIT_SHIFT = 6  # pixels the liver moves in the editing measurement (64-pixel slices: about a tenth of the body)
+
+
+def moved_liver(masks: torch.Tensor, shift: int = EDIT_SHIFT) -> torch.Tensor:
+    """The masks with the liver moved ``shift`` pixels along the columns; its old place and what it covers now
+    unknown except the liver itself (the model decides what lies around it)."""
+    new = masks.clone()
+    liver = masks == LIVER
+    new[liver] = IGNORE
+    new[torch.roll(liver, shifts=shift, dims=-1)] = LIVER
+    return new
+
+
+def editing(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torch.Tensor], steps: int,
+            noise_seed: int, n_edit: int, num_classes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The editing measures (see the module docstring) and the arrays of the first examples for the figure."""
+    from ldm.evaluation.segmenter import segment
+    from ldm.sampling.edit import edit_image, encode_image, kept_region_error
+
+    has_liver = [i for i in range(len(test["segmentation"])) if bool((test["segmentation"][i] == LIVER).any())]
+    idx = has_liver[:n_edit]
+    if not idx:
+        raise ValueError("no test slice has a liver to move; the editing measurement needs one")
+    image, masks = test["image"][idx], test["segmentation"][idx]
+    new = moved_liver(masks)
+    out = edit_image(model, image, new, old_mask=masks, ddim_steps=steps, seed=noise_seed)
+    edited = out["images"].clamp(-1, 1).cpu()
+    with model.ema_scope("editing"):
+        recon = model.decode_first_stage(encode_image(model, image.to(next(model.parameters()).device))).cpu()
+    keep = out["keep"].cpu()
+    seg = segment(judge, edited, batch_size=128)
+    return ({"n": len(idx), "kept_region": kept_region_error(edited, image, keep),
+             "reconstruction": kept_region_error(recon, image, keep),
+             "redrawn_pixel_share": float((~keep).float().mean()),
+             "moved_liver_dice": pooled_dice(seg, new, num_classes)[LIVER]},
+            {"image": image[:4], "mask": masks[:4], "new": new[:4], "edited": edited[:4]})
 
 
 def pooled_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[int, Optional[float]]:
@@ -79,7 +119,7 @@ def within_mask_ms_ssim(images: torch.Tensor, per_mask: int) -> float:
 
 def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torch.Tensor], scales: list[float],
                    steps: int, noise_seed: int, min_frac: float, num_classes: int, div_masks: int,
-                   per_mask: int) -> dict[str, Any]:
+                   per_mask: int, n_edit: int = 50) -> dict[str, Any]:
     """Every measure of one model (see the module docstring)."""
     import anatomy_v2 as av2
     from ldm.evaluation.segmenter import segment
@@ -108,7 +148,26 @@ def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[st
     seg = segment(judge, images, batch_size=128)
     out["partial_liver"] = {"liver_dice": pooled_dice(seg, liver_only, num_classes)[LIVER],
                             "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"]))}
+    out["editing"], out["_examples"] = editing(model, judge, test, steps, noise_seed, n_edit, num_classes)
     return out
+
+
+def editing_figure(path: str, examples: dict[str, torch.Tensor]) -> None:
+    """Rows of examples: the real slice | its mask | the edited mask | the edited slice."""
+    from PIL import Image
+
+    from ldm.data.labels import colourise, get_label_set
+    from ldm.sample_io import to_uint8
+
+    palette = get_label_set("phantom2").palette()
+    rows = []
+    for i in range(len(examples["image"])):
+        grey = [np.repeat(to_uint8(examples[k][i:i + 1])[0][..., None], 3, -1) for k in ("image", "edited")]
+        panels = [grey[0], colourise(examples["mask"][i].numpy(), palette),
+                  colourise(examples["new"][i].numpy(), palette), grey[1]]
+        rows.append(np.concatenate([np.pad(p, ((2, 2), (2, 2), (0, 0)), constant_values=255) for p in panels], 1))
+    figure = np.concatenate(rows, 0)
+    Image.fromarray(figure).resize((figure.shape[1] * 3, figure.shape[0] * 3), Image.NEAREST).save(path)
 
 
 def reference(judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: float, num_classes: int
@@ -130,6 +189,10 @@ def _rows(scales: list[float]) -> dict[str, tuple[str, ...]]:
             for m in ("fg_mean", "pass_rate", "intensity_gap")}
     rows.update({f"diversity: {m}": ("diversity", m) for m in ("ms_ssim_within_mask", "ms_ssim_unconditional")})
     rows.update({f"partial liver: {m}": ("partial_liver", m) for m in ("liver_dice", "pass_rate")})
+    rows.update({"editing: kept-region PSNR": ("editing", "kept_region", "psnr"),
+                 "editing: reconstruction PSNR (floor)": ("editing", "reconstruction", "psnr"),
+                 "editing: kept-region MAE": ("editing", "kept_region", "mae"),
+                 "editing: moved liver Dice": ("editing", "moved_liver_dice")})
     return rows
 
 
@@ -178,6 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--scales", default="0,1,2", help="comma-separated guidance scales")
     p.add_argument("--div-masks", "--div_masks", dest="div_masks", type=int, default=8)
     p.add_argument("--per-mask", "--per_mask", dest="per_mask", type=int, default=4)
+    p.add_argument("--n-edit", "--n_edit", dest="n_edit", type=int, default=50, help="test slices edited")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 masks, 2 seeds")
     p.add_argument("-o", "--out", required=True)
@@ -235,7 +299,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
                     return 2
             res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
-                                 args.per_mask)
+                                 args.per_mask, 2 if args.quick else args.n_edit)
+            examples = res.pop("_examples")
+            if seed == seeds[0]:
+                os.makedirs(args.out, exist_ok=True)
+                editing_figure(os.path.join(args.out, f"editing_{arm}.png"), examples)
             per_seed.setdefault(arm, {})[seed] = res
             print(f"{arm} seed {seed}: " + ", ".join(f"scale {k}: Dice {v['fg_mean']:.3f} pass {v['pass_rate']:.3f}"
                                                      for k, v in res["scales"].items()), flush=True)

@@ -29,11 +29,16 @@ def test_quick_mode_measures_every_scale_per_seed(tmp_path):
             "partial liver: liver_dice"} <= rows
     for row in rows:
         values = arm["per_seed"][row]
-        assert len(values) == 2 and all(v is None or -1.0 <= v <= 2.0 for v in values), row
+        bound = 100.0 if "PSNR" in row else 2.0  # PSNR in dB, the rest shares, Dice, MS-SSIM or image units
+        assert len(values) == 2 and all(v is None or -1.0 <= v <= bound for v in values), row
     raw = report["raw"]["plain_labelmap"]["0"]
     assert set(raw["scales"]["1"]["dice"]) == {str(c) for c in range(1, 10)}
     assert 0.0 <= report["reference"]["fg_mean"] <= 1.0
     assert "| plain_labelmap | scale 1: fg_mean |" in (out / "labelmap.md").read_text()
+    editing = raw["editing"]
+    assert 1 <= editing["n"] <= 2 and 0 < editing["redrawn_pixel_share"] < 1  # the quick slices with a liver
+    assert editing["kept_region"]["psnr"] > 0 and editing["reconstruction"]["psnr"] > 0
+    assert (out / "editing_plain_labelmap.png").stat().st_size > 2000
 
 
 def test_an_arm_without_the_condition_is_refused(tmp_path):
