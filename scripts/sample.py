@@ -190,6 +190,8 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
     check_guidance_scale(args.guidance_scale)
     if args.per_mask < 1:
         raise ValueError(f"--per_mask must be >= 1, got {args.per_mask}")
+    if args.n_samples != get_parser().get_default("n_samples"):
+        raise ValueError("-n does not apply with --masks (one image per mask and --per_mask); drop -n")
     clash = [flag for flag, on in (("--anatomy_guidance", args.anatomy_guidance), ("--autoguide", args.autoguide),
                                    ("--vanilla_sample", args.vanilla_sample), ("--stack", args.stack),
                                    ("--hu", args.hu), ("--format nii/npz", set(args.format) - {"png"})) if on]

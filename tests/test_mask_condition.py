@@ -273,7 +273,8 @@ def test_bad_mask_inputs_are_refused_before_loading(conditioned_run, tmp_path, m
             (["--masks", str(tmp_path / "colour")], ValueError, "is a colour image"),
             (["--masks", str(tmp_path / "colour"), "--guidance_scale", "-1"], ValueError, "guidance_scale must be"),
             (["--masks", str(tmp_path / "colour"), "--anatomy_guidance", "1"], ValueError, "does not combine"),
-            (["--masks", str(tmp_path / "colour"), "-l", str(tmp_path / "full")], ValueError, "is not empty")):
+            (["--masks", str(tmp_path / "colour"), "-l", str(tmp_path / "full")], ValueError, "is not empty"),
+            (["--masks", str(tmp_path / "colour"), "-n", "3"], ValueError, "-n does not apply with --masks")):
         with pytest.raises(error, match=match):
             sample.main(["-r", conditioned_run, "--no-progress", *flags])
 
