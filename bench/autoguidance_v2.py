@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-DEFAULT_WEIGHTS = (1.5, 2.0, 3.0)
+DEFAULT_WEIGHTS = (1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def _evals(sampler_steps: int, alphas_cumprod: Any) -> int:
@@ -48,11 +48,20 @@ def _evals(sampler_steps: int, alphas_cumprod: Any) -> int:
     return int(len(sampler_timesteps("ddim", sampler_steps, alphas_cumprod))) - 1
 
 
+MEASURES = ("recall", "coverage", "presence_tv", "ms_ssim")  # beside the pass rate, in the evaluation
+
+
 def pass_rate(model: torch.nn.Module, judge: torch.nn.Module, n: int, noise_seed: int, min_frac: float,
-              steps: int, eta: float, guide: Optional[torch.nn.Module], weight: float) -> dict[str, Any]:
-    """``{"plausible": bool [n], "pass_rate", "seconds_per_sample", "evals_per_sample"}`` of one setting."""
+              steps: int, eta: float, guide: Optional[torch.nn.Module], weight: float,
+              real_seg: Optional[torch.Tensor] = None) -> dict[str, Any]:
+    """``{"plausible": bool [n], "pass_rate", "seconds_per_sample", "evals_per_sample"}`` of one setting; with
+    ``real_seg`` (judge A's masks of the real test slices) also the guidance's price in diversity: ``recall`` and
+    ``coverage`` of the samples' mask descriptors against the real ones, the presence-pattern ``presence_tv``
+    (lower: closer) and the mean ``ms_ssim`` between sample pairs (lower: more diverse)."""
     import anatomy_models as am
     import anatomy_v2 as av2
+    from ldm.evaluation.descriptors import anatomy_measures
+    from ldm.evaluation.diversity import ms_ssim_diversity
     from ldm.evaluation.segmenter import segment
     from ldm.models.diffusion.autoguidance import Autoguidance
 
@@ -61,11 +70,18 @@ def pass_rate(model: torch.nn.Module, judge: torch.nn.Module, n: int, noise_seed
     drawn = am.draw_samples(model, n, steps, noise_seed, 100, None, False, sampler="ddim", eta=eta,
                             autoguidance=steer)
     seconds = time.perf_counter() - t0
-    plausible = np.asarray(av2.judge_masks(segment(judge, drawn["image"], batch_size=128), min_frac)["plausible"],
-                           dtype=bool)
+    seg = segment(judge, drawn["image"], batch_size=128)
+    plausible = np.asarray(av2.judge_masks(seg, min_frac)["plausible"], dtype=bool)
     evals = _evals(steps, model.alphas_cumprod) * (1 if steer is None else 2)
-    return {"plausible": plausible, "pass_rate": float(plausible.mean()), "seconds_per_sample": seconds / n,
-            "evals_per_sample": evals}
+    out = {"plausible": plausible, "pass_rate": float(plausible.mean()), "seconds_per_sample": seconds / n,
+           "evals_per_sample": evals}
+    if real_seg is not None:
+        measures = anatomy_measures(real_seg.numpy(), seg.numpy(), av2.NUM_CLASSES)
+        prdc = measures["prdc"] or {}
+        out.update(recall=prdc.get("recall"), coverage=prdc.get("coverage"),
+                   presence_tv=measures["presence"]["tv"],
+                   ms_ssim=ms_ssim_diversity(drawn["image"], num_pairs=300)["ms_ssim"])
+    return out
 
 
 def with_guide_ema(guide: torch.nn.Module) -> torch.nn.Module:
@@ -110,7 +126,9 @@ def summarise(per_seed: dict[str, dict[int, dict[str, Any]]], settings: list[str
         for s, t in tests.items():
             t["p_holm"] = p_adj[s]
         arms[arm] = {"seeds": order, "pass_rate": {s: mean_interval(rates[s]) for s in settings},
-                     "per_seed": rates, "vs_reference": tests}
+                     "per_seed": rates, "vs_reference": tests,
+                     "measures": {s: {m: mean_interval([seeds[k][s].get(m) for k in order]) for m in MEASURES}
+                                  for s in settings}}
     return arms
 
 
@@ -125,7 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['noise_seed']} ({report['n']} samples per model). Judge A at the primary minimum size; "
              f"{report['device']}.", "",
              "| arm | setting | weight | evals/sample | pass rate % (mean over seeds [95 % t]) | per seed "
-             "| minus unguided (points [95 %], p Holm) | s/sample |", "|---|---|---|---|---|---|---|---|"]
+             "| minus unguided (points [95 %], p Holm) | recall / coverage / presence TV / MS-SSIM (means) "
+             "| s/sample |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, a in report["arms"].items():
         for s in report["settings"]:
             iv = a["pass_rate"][s]
@@ -135,8 +154,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f" [{100 * test['lo']:+.1f}, {100 * test['hi']:+.1f}], p {test['p_holm']:.3f}"
                 if test.get("lo") is not None and test.get("p_holm") is not None else ""))
             raw = [report["raw"][arm][str(k)][s] for k in a["seeds"]]
+            means = " / ".join("-" if a["measures"][s][m]["mean"] is None else f"{a['measures'][s][m]['mean']:.3f}"
+                               for m in MEASURES)
             lines.append(f"| {arm} | {s} | {raw[0]['weight']:g} | {raw[0]['evals_per_sample']} | {cell} | "
-                         f"{', '.join(pct(v) for v in a['per_seed'][s])} | {diff} | "
+                         f"{', '.join(pct(v) for v in a['per_seed'][s])} | {diff} | {means} | "
                          f"{np.mean([r['seconds_per_sample'] for r in raw]):.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -214,6 +235,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
     n, n_tune = (4, 4) if args.quick else (args.n, args.n_tune)
     tuned = tune(models, judge, samplers, weights, n_tune, tune_seed, min_frac, steps)
+    from ldm.evaluation.segmenter import segment
+
+    real_seg = segment(judge, torch.as_tensor(av2.split(preset, "test")["image"]).float(), batch_size=128)
     half = max(1, steps // 2)
     settings = [f"{s}:{label}" for s in samplers for label in ("unguided", "auto_equal_steps", "auto_equal_evals")]
     raw: dict[str, dict[str, Any]] = {}
@@ -225,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 w = tuned[arm][s]["chosen"]
                 for label, (k, weight) in {"unguided": (steps, 1.0), "auto_equal_steps": (steps, w),
                                            "auto_equal_evals": (half, w)}.items():
-                    r = pass_rate(model, judge, n, noise_seed, min_frac, k, eta, guide, weight)
+                    r = pass_rate(model, judge, n, noise_seed, min_frac, k, eta, guide, weight, real_seg)
                     res[f"{s}:{label}"] = {**r, "weight": weight, "sampler_steps": k, "eta": eta}
             per_seed.setdefault(arm, {})[seed] = res
             raw.setdefault(arm, {})[str(seed)] = {s: {k: v for k, v in r.items() if k != "plausible"}

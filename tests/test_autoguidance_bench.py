@@ -41,6 +41,10 @@ def test_quick_mode_tunes_then_compares_with_unguided_per_seed(tmp_path):
         assert raw["ddim:auto_equal_evals"]["sampler_steps"] == steps // 2
         assert raw["ddim:auto_equal_evals"]["evals_per_sample"] <= raw["ddim:unguided"]["evals_per_sample"] + 2
         assert all(0.0 <= v <= 1.0 for s in settings for v in a["per_seed"][s])
+    for arm in ("plain", "lean"):
+        measures = report["arms"][arm]["measures"]["ddim:auto_equal_steps"]
+        assert set(measures) == {"recall", "coverage", "presence_tv", "ms_ssim"}
+        assert 0.0 <= measures["ms_ssim"]["mean"] <= 1.0 and 0.0 <= measures["presence_tv"]["mean"] <= 1.0
     assert "| lean | ddim_eta1:auto_equal_evals |" in (out / "autoguidance.md").read_text()
 
 
