@@ -138,7 +138,8 @@ def markdown(report: dict[str, Any]) -> str:
 
     lines = [f"# Autoguidance on trained benchmark-v2 models ({report['mode']}, not a claim)", "",
              f"Run `{report['run']}`, preset {report['preset']}; each final model guided by its own step-"
-             f"{report['guide_step']} checkpoint (EMA weights). Weights tuned on noise seed {report['tune_noise_seed']} "
+             f"{report['guide_step']} checkpoint (EMA weights). Weights tuned on noise seed "
+             f"{report['tune_noise_seed']} "
              f"({report['n_tune']} samples per model and weight, from {report['weights']}); evaluated on noise seed "
              f"{report['noise_seed']} ({report['n']} samples per model). Judge A at the primary minimum size; "
              f"{report['device']}.", "",

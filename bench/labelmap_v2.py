@@ -137,7 +137,8 @@ def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[st
         out["scales"][f"{s:g}"] = {
             "dice": {str(c): v for c, v in dice.items()}, "fg_mean": float(np.mean(present)) if present else None,
             "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"])),
-            "intensity_gap": intensity_gap(images, real, masks, num_classes), "seconds_per_sample": seconds / len(masks)}
+            "intensity_gap": intensity_gap(images, real, masks, num_classes),
+            "seconds_per_sample": seconds / len(masks)}
     div = masks[:div_masks]
     cond = sample_from_masks(model, div, steps, 0.0, noise_seed + 1, 1.0, per_mask=per_mask).clamp(-1, 1).cpu()
     uncond = sample_from_masks(model, div, steps, 0.0, noise_seed + 1, 0.0, per_mask=per_mask).clamp(-1, 1).cpu()

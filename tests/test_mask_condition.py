@@ -351,7 +351,8 @@ def test_edit_script_moves_a_structure_in_a_real_slice(conditioned_run, tmp_path
             "--new_mask", str(tmp_path / "edited.png"), "-c", "3", "--device", "cpu"]
     assert edit.main([*args, "-l", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
-    assert {"edited.png", "input.png", "new_mask.png", "kept.png", "edit_figure.png", "edit.json"} <= set(os.listdir(out))
+    written = set(os.listdir(out))
+    assert {"edited.png", "input.png", "new_mask.png", "kept.png", "edit_figure.png", "edit.json"} <= written
     record = json.loads((out / "edit.json").read_text())
     assert 0 < record["redrawn_pixel_share"] < 1 and record["kept_region"]["psnr"] > 0
     kept = np.asarray(Image.open(out / "kept.png")) > 0

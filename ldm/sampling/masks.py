@@ -70,8 +70,8 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
                       first_index: int = 0) -> Any:
     """Images ``[N * per_mask, C, H, W]`` (in [-1, 1], not clamped) for the label maps ``masks`` ``[N, H, W]``
     (``ignore_index`` = unknown: a partial mask), ``per_mask`` samples each (sample ``i`` is mask ``i // per_mask``,
-    from the start noise of ``(seed, first_index + i)``). With ``return_masks`` (anatomical models) also the model's own predicted
-    masks of the samples: ``(images, predicted)``."""
+    from the start noise of ``(seed, first_index + i)``). With ``return_masks`` (anatomical models) also the model's
+    own predicted masks of the samples (its head reads the sample, not the condition): ``(images, predicted)``."""
     from ldm.sampling import check_sampling_settings, draw_batch, is_anatomical, latent_shape
 
     condition = mask_condition_of(model)

@@ -38,7 +38,8 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = _normalize_conditioning_key(conditioning_key)
 
     def route(self, x: torch.Tensor, c_concat: Optional[Sequence[torch.Tensor]] = None,
-              c_crossattn: Optional[Sequence[torch.Tensor]] = None, **extra: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+              c_crossattn: Optional[Sequence[torch.Tensor]] = None,
+              **extra: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """The UNet's input and conditioning keywords for ``x`` and the conditioning (``forward`` uses it); ``extra``
         conditioning (e.g. ``mask_condition``) goes to the UNet as keywords."""
         concat, keyword = self._ROUTES[self.conditioning_key]

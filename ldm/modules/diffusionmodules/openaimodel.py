@@ -579,4 +579,5 @@ class UNetModel(nn.Module):
         return self.forward_with_state(x, timesteps, context, y, **kwargs)[0]
 
 
-from ldm.modules.diffusionmodules.compile import compile_unet  # noqa: E402,F401  (its old home; after UNetModel: no cycle)
+# compile_unet's old home (imported after UNetModel: no import cycle)
+from ldm.modules.diffusionmodules.compile import compile_unet  # noqa: E402,F401
