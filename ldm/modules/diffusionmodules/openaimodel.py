@@ -24,7 +24,7 @@ from ldm.modules.diffusionmodules.util import (ConditionedBlock, TimestepBlock, 
 
 
 __all__ = ["TimestepBlock", "TimestepEmbedSequential", "Upsample", "Downsample", "ResBlock", "AttentionBlock", "UNetModel",
-           "qkv_attention", "token_qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState"]
+           "qkv_attention", "token_qkv_attention", "BlockInfo", "BlockKind", "BlockStage", "UNetState", "compile_unet"]
 
 
 class BlockStage(enum.StrEnum):
