@@ -25,6 +25,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.anatomical_losses import soft_class_targets
@@ -108,26 +109,28 @@ class MaskCondition:
         return cls(**dict(config))
 
     def drop(self, mask: torch.Tensor, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
-        """A training batch's masks after condition dropout (``None`` when every sample is dropped)."""
+        """A training batch's masks after condition dropout (``None`` when every sample is dropped). Vectorised over
+        the batch (no per-sample loop, nothing read back to the host)."""
         if self.dropout >= 1.0:
             return None  # no random numbers drawn: exactly the unconditional model's training
-        b = mask.shape[0]
-        mask = mask.clone()
+        b, c = mask.shape[0], self.num_classes
         rand = lambda *shape: torch.rand(shape, generator=generator, device=mask.device)  # noqa: E731
+        unknown = torch.full_like(mask, self.ignore_index)
         if self.dropout > 0:
-            mask[rand(b) < self.dropout] = self.ignore_index
+            dropped = (rand(b) < self.dropout).view(b, *([1] * (mask.dim() - 1)))
+            mask = torch.where(dropped, unknown, mask)
         if self.partial > 0:
-            chosen = rand(b) < self.partial
-            for i in torch.nonzero(chosen).flatten().tolist():
-                present = [c for c in mask[i].unique().tolist() if c != self.ignore_index]
-                if len(present) < 2:
-                    continue
-                keep = rand(len(present)) < 0.5
-                if not bool(keep.any()):
-                    keep[int(torch.randint(len(present), (1,), generator=generator, device=mask.device))] = True
-                for c, k in zip(present, keep.tolist()):
-                    if not k:
-                        mask[i][mask[i] == c] = self.ignore_index
+            known = mask != self.ignore_index
+            flat = torch.where(known, mask, torch.zeros_like(mask)).clamp(0, c - 1).flatten(1)
+            present = torch.stack([((flat == k) & known.flatten(1)).any(1) for k in range(c)], 1)  # [B, C]
+            chosen = (rand(b) < self.partial) & (present.sum(1) >= 2)
+            keep = (rand(b, c) < 0.5) & present
+            # a sample that would keep no class keeps one present class, drawn at random
+            pick = torch.where(present, rand(b, c), torch.full((b, c), -1.0, device=mask.device)).argmax(1)
+            keep = keep | ((~keep.any(1)).unsqueeze(1) & F.one_hot(pick, c).bool())
+            keep = torch.where(chosen.unsqueeze(1), keep, torch.ones_like(keep))
+            kept = keep.gather(1, flat).view_as(mask)
+            mask = torch.where(kept & known, mask, unknown)
         return mask
 
     def condition(self, mask: Optional[torch.Tensor], size: Sequence[int]) -> Optional[dict[str, torch.Tensor]]:
