@@ -63,7 +63,7 @@ def editing(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torc
             noise_seed: int, n_edit: int, num_classes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The editing measures (see the module docstring) and the arrays of the first examples for the figure."""
     from ldm.evaluation.segmenter import segment
-    from ldm.sampling.edit import edit_image, encode_image, kept_region_error
+    from ldm.sampling.edit import edit_image, kept_region_error
 
     has_liver = [i for i in range(len(test["segmentation"])) if bool((test["segmentation"][i] == LIVER).any())]
     idx = has_liver[:n_edit]
@@ -74,7 +74,8 @@ def editing(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torc
     out = edit_image(model, image, new, old_mask=masks, ddim_steps=steps, seed=noise_seed)
     edited = out["images"].clamp(-1, 1).cpu()
     with model.ema_scope("editing"):
-        recon = model.decode_first_stage(encode_image(model, image.to(next(model.parameters()).device))).cpu()
+        source = image.to(next(model.parameters()).device).clamp(-1, 1)
+        recon = model.decode_first_stage(model.encode_mean(source)).cpu()
     keep = out["keep"].cpu()
     seg = segment(judge, edited, batch_size=128)
     return ({"n": len(idx), "kept_region": kept_region_error(edited, image, keep),
@@ -85,15 +86,12 @@ def editing(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torc
 
 
 def pooled_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[int, Optional[float]]:
-    """Dice per class pooled over all samples (``None`` for a class absent from both); unknown target pixels
-    (``IGNORE``) are left out."""
-    known = target != IGNORE
-    out: dict[int, Optional[float]] = {}
-    for c in range(1, num_classes):
-        p, t = (pred == c) & known, (target == c) & known
-        size = int(p.sum() + t.sum())
-        out[c] = None if size == 0 else float(2 * (p & t).sum()) / size
-    return out
+    """Foreground Dice per class pooled over all samples (:func:`ldm.modules.dice.dice_scores`; ``None`` for a class
+    absent from both); unknown target pixels (``IGNORE``) are left out."""
+    from ldm.modules.dice import dice_scores
+
+    scores = dice_scores(pred, target, num_classes, ignore_index=IGNORE).tolist()
+    return {c: (None if np.isnan(scores[c]) else float(scores[c])) for c in range(1, num_classes)}
 
 
 def intensity_gap(images: torch.Tensor, real: torch.Tensor, masks: torch.Tensor, num_classes: int) -> float:

@@ -257,14 +257,22 @@ def data_intensity(config: Mapping[str, Any], volumes: bool) -> dict[str, Any]:
     return out
 
 
+def data_slicing(config: Mapping[str, Any]) -> dict[str, Any]:
+    """How a run's training data slice their volumes: ``{"slice_axis", "size", "square", "spacing"}`` of its dataset
+    config (the dataset class's defaults where it sets none)."""
+    target, params = _dataset_entry(config)
+    spacing = params.get("spacing")
+    return {"slice_axis": int(params.get("slice_axis", 2)),
+            "size": params.get("size", _class_default(_dataset_class(target), "size", None)),
+            "square": str(params.get("square", "pad")),
+            "spacing": None if spacing is None else ([float(spacing)] * 2 if np.isscalar(spacing) else list(spacing))}
+
+
 def resolve_geometry(config: Mapping[str, Any], reference: Optional[str] = None) -> SampleGeometry:
     """The geometry of this run's NIfTI samples (order in the module docstring); logs where it came from."""
     target, params = _dataset_entry(config)
-    slice_axis = int(params.get("slice_axis", 2))
-    size = params.get("size", _class_default(_dataset_class(target), "size", None))
-    square = str(params.get("square", "pad"))
-    spacing = params.get("spacing")
-    spacing = None if spacing is None else ([float(spacing)] * 2 if np.isscalar(spacing) else list(spacing))
+    slicing = data_slicing(config)
+    slice_axis, size, square, spacing = (slicing[k] for k in ("slice_axis", "size", "square", "spacing"))
     if config.get("geometry") and reference is None:
         geometry = SampleGeometry.from_dict(config["geometry"])
     else:

@@ -49,35 +49,22 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_array(path: str, what: str) -> np.ndarray:
-    """A PNG (as stored) or an .npy; one 2D array."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        array = np.load(path, allow_pickle=False) if path.lower().endswith(".npy") else np.asarray(Image.open(path))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{what} {path} is not a readable PNG or .npy ({err})") from None
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise ValueError(f"{what} {path} has shape {array.shape}; expected one single-channel slice [H, W]")
-    return array
-
-
 def read_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """The image in [-1, 1] and the masks, checked against each other before any model is loaded."""
+    """The image in [-1, 1] and the masks (``ldm.data.io``'s readers: PNG or .npy), checked against each other
+    before any model is loaded."""
+    from ldm.data.io import read_image_2d, read_mask_2d
+
     if (args.mask is None) == (args.keep is None):
         raise ValueError("give the slice's own mask (--mask) or the region to keep (--keep), one of them")
-    raw = read_array(args.image, "--image")
+    raw = read_image_2d(args.image)
     image = raw.astype(np.float32) / 127.5 - 1.0 if raw.dtype == np.uint8 else raw.astype(np.float32)
     if not np.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
         raise ValueError(f"--image {args.image}: an .npy image must be in [-1, 1] (8-bit PNGs are scaled)")
-    out = {"image": image, "new_mask": read_array(args.new_mask, "--new_mask")}
+    out = {"image": image, "new_mask": read_mask_2d(args.new_mask)}
     if args.mask is not None:
-        out["mask"] = read_array(args.mask, "--mask")
+        out["mask"] = read_mask_2d(args.mask)
     else:
-        out["keep"] = read_array(args.keep, "--keep") != 0
+        out["keep"] = read_mask_2d(args.keep) != 0
     for key, value in out.items():
         if value.shape != image.shape:
             raise ValueError(f"--{key} is {value.shape[0]}x{value.shape[1]} but --image is {image.shape[0]}x"

@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """``--masks`` read and its settings checked before any model is loaded: ``{"names", "masks"}`` of mask files,
     or ``{"names", "volume", "slicing"}`` of a NIfTI label volume (sliced as the run's training data)."""
-    from ldm.sampling.label_volumes import data_slicing, is_label_volume, read_label_volume
+    from ldm.sample_geometry import data_slicing
+    from ldm.sampling.label_volumes import is_label_volume, read_label_volume
     from ldm.sampling.masks import check_guidance_scale, read_mask_files
 
     check_guidance_scale(args.guidance_scale)

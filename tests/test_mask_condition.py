@@ -265,7 +265,9 @@ def test_bad_mask_inputs_are_refused_before_loading(conditioned_run, tmp_path, m
     monkeypatch.setattr(sample.sampling, "load_model_for_sampling",
                         lambda *a, **k: pytest.fail("the model was loaded before the masks were checked"))
     (tmp_path / "colour").mkdir()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "colour" / "c.png")
+    colour = np.zeros((32, 32, 3), np.uint8)
+    colour[..., 0] = 200  # a colour preview (masks_colour/), not class ids; a gray RGB mask would be read
+    Image.fromarray(colour).save(tmp_path / "colour" / "c.png")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     for flags, error, match in (

@@ -33,12 +33,6 @@ def kept_latent_cells(keep: torch.Tensor, latent_size: tuple[int, int], margin: 
     return 1.0 - cells
 
 
-def encode_image(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """``scale_factor`` x the posterior mean of ``image`` ``[B, C, H, W]`` in [-1, 1] (no sampling noise)."""
-    posterior = model.encode_first_stage(image.clamp(-1, 1))
-    return model.scale_factor * (posterior.mode() if hasattr(posterior, "mode") else model._raw_latent(posterior))
-
-
 def kept_region_error(edited: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
     """Mean absolute error and PSNR (data range 2) between ``edited`` and ``image`` over the kept pixels."""
     diff = (edited.clamp(-1, 1) - image.clamp(-1, 1)).abs().mean(1)[keep]
@@ -75,7 +69,7 @@ def edit_image(model: torch.nn.Module, image: torch.Tensor, new_mask: Any, old_m
     grid = latent_shape(model)[1:]
     ema = model.ema_scope("editing") if use_ema and getattr(model, "use_ema", False) else nullcontext()
     with ema:
-        z0 = encode_image(model, image.to(device))
+        z0 = model.encode_mean(image.to(device).clamp(-1, 1))  # the posterior mean: no sampling noise
         cells = kept_latent_cells(keep.to(device), tuple(z0.shape[2:]), margin)
         x_T = initial_noise(latent_shape(model), seed, list(range(image.shape[0])), device=device)
         cond = condition.condition(new.to(device), grid) if scale > 0 else None

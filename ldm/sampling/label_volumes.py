@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -47,17 +47,6 @@ class LabelVolume:
                 stem = stem[: -len(suffix)]
                 break
         return [f"{stem}_{i:04d}" for i in range(len(self.slices))]
-
-
-def data_slicing(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"slice_axis", "square", "spacing"}`` of a run's training data config (the dataset defaults otherwise)."""
-    from ldm.sample_geometry import _dataset_entry
-
-    _, params = _dataset_entry(config)
-    spacing = params.get("spacing")
-    spacing = None if spacing is None else ([float(spacing)] * 2 if np.isscalar(spacing) else list(spacing))
-    return {"slice_axis": int(params.get("slice_axis", 2)), "square": str(params.get("square", "pad")),
-            "spacing": spacing}
 
 
 def read_label_volume(path: str, slice_axis: int = 2) -> LabelVolume:

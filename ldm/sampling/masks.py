@@ -116,7 +116,7 @@ def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
     a folder of them (sorted by name; an ``.npy`` stack gives ``<stem>_<i>``). All masks must share one size."""
     import os
 
-    from PIL import Image
+    from ldm.data.io import read_mask_2d
 
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(MASK_SUFFIXES))
@@ -132,13 +132,13 @@ def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
     names, arrays = [], []
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]
-        try:
-            array = np.load(f, allow_pickle=False) if f.lower().endswith(".npy") else np.asarray(Image.open(f))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--masks: {f} is not a readable mask ({err})") from None
-        if array.ndim == 3 and f.lower().endswith(".png"):
-            raise ValueError(f"--masks: {f} is a colour image; masks are single-channel PNGs of class ids (the "
-                             "masks/ folder of sample.py, not masks_colour/)")
+        if f.lower().endswith(".npy"):  # [H, W] or a stack [N, H, W]
+            try:
+                array = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"--masks: {f} is not a readable .npy ({err})") from None
+        else:
+            array = read_mask_2d(f)  # single-channel (or gray) PNG of class ids; a colour one is an error
         stack = array[None] if array.ndim == 2 else array
         if stack.ndim != 3:
             raise ValueError(f"--masks: {f} has shape {array.shape}; expected [H, W] or [N, H, W]")

@@ -382,8 +382,7 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             return z
         if images is None:
             images = self.decode_first_stage(z)
-        posterior = self.encode_first_stage(images.clamp(-1, 1).to(z.dtype))
-        return self.scale_factor * (posterior.mode() if hasattr(posterior, "mode") else self._raw_latent(posterior))
+        return self.encode_mean(images.clamp(-1, 1).to(z.dtype))
 
     @torch.no_grad()
     def decode_with_anatomy(self, latents: torch.Tensor, cond: Any = None) -> dict:

@@ -392,6 +392,12 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         """``scale_factor`` * a sample of the posterior (or the tensor itself)."""
         return self.scale_factor * self._raw_latent(encoder_posterior)
 
+    def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale_factor`` x the first stage's posterior mean of ``x`` (no sampling noise; a deterministic first
+        stage's output as it is)."""
+        posterior = self.encode_first_stage(x)
+        return self.scale_factor * (posterior.mode() if hasattr(posterior, "mode") else self._raw_latent(posterior))
+
     @staticmethod
     def _raw_latent(encoder_posterior: Any) -> torch.Tensor:
         if isinstance(encoder_posterior, torch.Tensor):
