@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import trained_v2 as tv2  # noqa: E402
+
 DEFAULT_WEIGHTS = (1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -167,7 +169,6 @@ def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: t
           ) -> tuple[str, Any, torch.nn.Module, dict[str, dict[int, tuple]], int]:
     """``(preset name, preset, judge, {arm: {seed: (model, guide)}}, guide step)``."""
     import anatomy_v2 as av2
-    import trained_v2 as tv2
 
     if args.quick:
         preset = av2.PRESETS_V2["quick"]
@@ -186,9 +187,7 @@ def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: t
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
-    p.add_argument("--arms", default="plain,lean")
-    p.add_argument("--seeds", default="0,1,2")
+    tv2.add_run_arguments(p, "plain,lean", "0,1,2", "untrained toy models at the quick preset, 4 samples, 2 seeds")
     p.add_argument("--n", type=int, default=300, help="samples per model and setting (evaluation)")
     p.add_argument("--n-tune", "--n_tune", dest="n_tune", type=int, default=150,
                    help="samples per model and weight (tuning)")
@@ -196,15 +195,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="comma-separated autoguidance weights to tune over (> 1)")
     p.add_argument("--tune-noise-seed", "--tune_noise_seed", dest="tune_noise_seed", type=int, default=None,
                    help="start-noise seed of the tuning (default: the protocol's development noise seed + 1)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 samples, 2 seeds")
-    p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
     import anatomy_v2 as av2
     import records as rec
     from anatomy import _device_name
-    from ldm.atomic_io import write_json, write_text
-    from ldm.util import resolve_device
 
     protocol = rec.load_protocol()
     try:
@@ -220,9 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"autoguidance_v2.py: error: {err}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    device = tv2.study_device(args.device)
     noise_seed = int(protocol["dev_noise_seed"])
     min_frac = av2.min_sizes(protocol)["primary"]
     samplers = {"ddim": float(protocol["samplers"]["ddim"]["eta"]),
@@ -258,15 +250,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{arm} seed {seed}: " + ", ".join(f"{s} {100 * r['pass_rate']:.1f} %" for s, r in res.items()),
                   flush=True)
     report = {"mode": "quick" if args.quick else "development", "claim": False, "preset": preset_name,
-              "run": "toy models" if args.quick else os.path.relpath(os.path.abspath(args.run), os.path.dirname(HERE)),
+              "run": tv2.run_label(args.run, args.quick),
               "n": n, "n_tune": n_tune, "weights": weights, "noise_seed": noise_seed, "tune_noise_seed": tune_seed,
               "guide_step": guide_step, "sampler_steps": steps, "min_area_frac": min_frac,
               "device": _device_name(device), "settings": settings, "tuning": tuned,
               "arms": summarise(per_seed, settings, "unguided"), "raw": raw, "code": rec.code_commit()}
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "autoguidance.json"), report)
-    write_text(os.path.join(args.out, "autoguidance.md"), markdown(report))
-    print(markdown(report))
+    tv2.write_study(args.out, "autoguidance", report, markdown(report))
     return 0
 
 

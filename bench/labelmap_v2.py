@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import trained_v2 as tv2  # noqa: E402
+
 IGNORE = 255
 LIVER = 1  # phantom2 class id (ldm.data.labels: background, liver, spleen, ...)
 EDIT_SHIFT = 6  # pixels the liver moves in the editing measurement (64-pixel slices: about a tenth of the body)
@@ -233,24 +235,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
-    p.add_argument("--arms", default="plain_labelmap")
-    p.add_argument("--seeds", default="0,1,2")
+    tv2.add_run_arguments(p, "plain_labelmap", "0,1,2", "untrained toy models at the quick preset, 4 masks, 2 seeds")
     p.add_argument("--n", type=int, default=200, help="test masks (one sample each per scale)")
     p.add_argument("--scales", default="0,1,2", help="comma-separated guidance scales")
     p.add_argument("--div-masks", "--div_masks", dest="div_masks", type=int, default=8)
     p.add_argument("--per-mask", "--per_mask", dest="per_mask", type=int, default=4)
     p.add_argument("--n-edit", "--n_edit", dest="n_edit", type=int, default=50, help="test slices edited")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 masks, 2 seeds")
-    p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
     import anatomy_v2 as av2
     import records as rec
-    import trained_v2 as tv2
     from anatomy import _device_name
-    from ldm.atomic_io import write_json, write_text
-    from ldm.util import resolve_device
 
     try:
         seeds = av2._seed_list(args.seeds)
@@ -265,9 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, KeyError) as err:
         print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    device = tv2.study_device(args.device)
     protocol = rec.load_protocol()
     noise_seed, min_frac = int(protocol["dev_noise_seed"]), av2.min_sizes(protocol)["primary"]
     if args.quick:
@@ -308,15 +300,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                      for k, v in res["scales"].items()), flush=True)
             del model
     report = {"mode": "quick" if args.quick else "development", "claim": False, "preset": preset_name,
-              "run": "toy models" if args.quick else os.path.relpath(os.path.abspath(args.run), os.path.dirname(HERE)),
+              "run": tv2.run_label(args.run, args.quick),
               "n": n, "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac, "scales": scales,
               "per_mask": args.per_mask, "div_masks": div, "device": _device_name(device),
               "reference": reference(judge, test, min_frac, av2.NUM_CLASSES), "arms": summarise(per_seed, scales),
               "raw": {a: {str(k): v for k, v in s.items()} for a, s in per_seed.items()}, "code": rec.code_commit()}
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "labelmap.json"), report)
-    write_text(os.path.join(args.out, "labelmap.md"), markdown(report))
-    print(markdown(report))
+    tv2.write_study(args.out, "labelmap", report, markdown(report))
     return 0
 
 

@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import trained_v2 as tv2  # noqa: E402
+
 # name -> (registry sampler, steps); all eta 0 (deterministic), so the comparison is of ODE solvers
 SAMPLERS: dict[str, tuple[str, int]] = {"ddim200": ("ddim", 200), "ddim25": ("ddim", 25),
                                         "dpmpp2m20": ("dpmpp2m", 20), "dpmpp2m10": ("dpmpp2m", 10)}
@@ -101,21 +103,13 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
-    p.add_argument("--arms", default="plain,lean")
-    p.add_argument("--seeds", default="0,1")
+    tv2.add_run_arguments(p, "plain,lean", "0,1", "untrained toy models at the quick preset, 4 samples, 2 seeds")
     p.add_argument("--n", type=int, default=300, help="samples per model and sampler")
     p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma-separated subset of {', '.join(SAMPLERS)}")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--quick", action="store_true", help="untrained toy models at the quick preset, 4 samples, 2 seeds")
-    p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
     import anatomy_v2 as av2
     import records as rec
-    import trained_v2 as tv2
     from anatomy import _device_name
-    from ldm.atomic_io import write_json, write_text
-    from ldm.util import resolve_device
 
     try:
         seeds = av2._seed_list(args.seeds)
@@ -127,9 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as err:
         print(f"sampler_steps_v2.py: error: {err}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
+    device = tv2.study_device(args.device)
     protocol = rec.load_protocol()
     noise_seed = int(protocol["dev_noise_seed"])
     min_frac = av2.min_sizes(protocol)["primary"]
@@ -161,15 +153,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                   flush=True)
             del model
     report = {"mode": "quick" if args.quick else "development", "claim": False, "preset": preset_name,
-              "run": "toy models" if args.quick else os.path.relpath(os.path.abspath(args.run), os.path.dirname(HERE)),
+              "run": tv2.run_label(args.run, args.quick),
               "n": n, "noise_seed": noise_seed, "min_area_frac": min_frac, "device": _device_name(device),
               "samplers": names, "sampler_specs": {s: {"sampler": samplers[s][0], "steps": samplers[s][1], "eta": 0.0}
                                                    for s in names},
               "arms": summarise(per_seed, names), "raw": raw, "code": rec.code_commit()}
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "sampler_steps.json"), report)
-    write_text(os.path.join(args.out, "sampler_steps.md"), markdown(report))
-    print(markdown(report))
+    tv2.write_study(args.out, "sampler_steps", report, markdown(report))
     return 0
 
 

@@ -2,10 +2,53 @@
 (``sampler_steps_v2.py``, ``autoguidance_v2.py``, ``labelmap_v2.py``), and their ``--quick`` stand-ins."""
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def add_run_arguments(p: argparse.ArgumentParser, arms: str, seeds: str, quick_help: str) -> None:
+    """The flags every study shares: ``--run``, ``--arms``, ``--seeds``, ``--device``, ``--quick``, ``-o``."""
+    p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
+    p.add_argument("--arms", default=arms)
+    p.add_argument("--seeds", default=seeds)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("-o", "--out", required=True)
+
+
+def run_label(run: str, quick: bool) -> str:
+    """What a study report says it read: the run folder relative to the repository when it lies inside it, else as
+    given (a study started from a git worktree on the main checkout's run), or ``toy models``."""
+    if quick:
+        return "toy models"
+    root = os.path.dirname(HERE)
+    path = os.path.abspath(run)
+    return os.path.relpath(path, root) if os.path.commonpath([path, root]) == root else run
+
+
+def write_study(out_dir: str, stem: str, report: dict[str, Any], text: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` of a study into ``out_dir`` (atomic writes), and the text printed."""
+    from ldm.atomic_io import write_json, write_text
+
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"{stem}.json"), report)
+    write_text(os.path.join(out_dir, f"{stem}.md"), text)
+    print(text)
+
+
+def study_device(name: str) -> torch.device:
+    """The device of a study (``--device``); one thread on the CPU (several studies share a machine)."""
+    from ldm.util import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    return device
 
 
 def toy_judge(device: torch.device) -> torch.nn.Module:
