@@ -90,9 +90,14 @@ ARMS_V2: dict[str, str] = {
                      "registers as capacity, the masks from a probe that cannot pull on the denoiser",
     "plain_labelmap": "the plain LDM with the mask as an optional condition (issue 28: mask_condition, dropout 0.1, "
                       "partial 0.3); the benchmark samples it without a mask, bench/labelmap_v2.py from masks",
+    "plain_labelmap_nodrop": "plain_labelmap without condition dropout (dropout 0, partial 0.3): the "
+                             "mask-conditioned model the issue compares with; its unconditional samples are a reference",
+    "plain_labelmap_drop30": "plain_labelmap with condition dropout 0.3 (partial 0.3): more training of the "
+                             "unconditional path",
 }
 LABELMAP_CONDITION = {"key": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": 255, "dropout": 0.1,
                       "partial": 0.3}
+LABELMAP_DROPOUT = {"plain_labelmap": 0.1, "plain_labelmap_nodrop": 0.0, "plain_labelmap_drop30": 0.3}  # arm -> p
 # arm -> what it changes in the lean arm's model params (AnatomicalLatentDiffusion) and its UNet's params
 LEAN_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lean_v3": ({"anatomical_schedule": "ramp", "anatomical_timestep_weighting": "none",
@@ -262,10 +267,10 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
     """The ``model:`` config of one v2 arm (see ``ARMS_V2``)."""
     if arm not in ARMS_V2:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS_V2)}")
-    if arm in ("plain", "plain_labelmap") or arm in MATCH_TARGETS:
+    if arm == "plain" or arm in LABELMAP_DROPOUT or arm in MATCH_TARGETS:
         cfg = am.baseline_config(preset, ae_ckpt, scale_factor)
-        if arm == "plain_labelmap":
-            cfg["params"]["mask_condition"] = dict(LABELMAP_CONDITION)
+        if arm in LABELMAP_DROPOUT:
+            cfg["params"]["mask_condition"] = {**LABELMAP_CONDITION, "dropout": LABELMAP_DROPOUT[arm]}
             cfg["params"]["unet_config"]["params"]["mask_condition_classes"] = NUM_CLASSES
         if arm in MATCH_TARGETS:
             cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset, MATCH_TARGETS[arm])["unet"])

@@ -253,3 +253,15 @@ def test_the_labelmap_arm_is_the_plain_arm_plus_the_mask_condition():
     assert unet == plain["params"]["unet_config"]["params"]
     assert {k: v for k, v in params.items() if k != "unet_config"} == \
         {k: v for k, v in plain["params"].items() if k != "unet_config"}
+
+
+def test_the_labelmap_dropout_arms_differ_from_plain_labelmap_only_in_the_dropout():
+    import anatomy_v2 as v2
+
+    preset = v2.PRESETS_V2["quick"]
+    base = v2.arm_config("plain_labelmap", preset, None, 1.0)
+    for arm, p in (("plain_labelmap_nodrop", 0.0), ("plain_labelmap_drop30", 0.3)):
+        cfg = v2.arm_config(arm, preset, None, 1.0)
+        assert cfg["params"]["mask_condition"]["dropout"] == p
+        cfg["params"]["mask_condition"]["dropout"] = 0.1
+        assert cfg == base
