@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def add_run_arguments(p: argparse.ArgumentParser, arms: str, seeds: str, quick_help: str) -> None:
-    """The flags every study shares: ``--run``, ``--arms``, ``--seeds``, ``--device``, ``--quick``, ``-o``."""
+def add_run_arguments(p: argparse.ArgumentParser, arms: Optional[str], seeds: str, quick_help: str) -> None:
+    """The flags every study shares: ``--run``, ``--arms`` (not with ``arms=None``: a study that names its arms by
+    role), ``--seeds``, ``--device``, ``--quick``, ``-o``."""
     p.add_argument("--run", default=os.path.join(HERE, "out", "v2_cpu"), help="benchmark-v2 run folder")
-    p.add_argument("--arms", default=arms)
+    if arms is not None:
+        p.add_argument("--arms", default=arms)
     p.add_argument("--seeds", default=seeds)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help=quick_help)
