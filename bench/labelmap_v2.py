@@ -13,11 +13,14 @@ sample each, at every guidance scale of ``--scales`` (DDIM at the protocol's ste
 noise seed). Per sample, judge A segments the image and:
 
 - **faithfulness**: Dice per class between judge A's mask and the input mask, pooled over the samples (foreground
-  classes; ``fg_mean`` is their mean). The ceiling is judge A's Dice on the real test images of the same masks.
-  Scale 0 is the unconditional model: its Dice against masks it never saw is the chance level;
+  classes; ``fg_mean`` is their mean). The ceiling is judge A's Dice on the real test images of the same masks;
+  a latent model's own ceiling is that on their reconstructions by the run's autoencoder (``reconstruction`` in the
+  reference). Scale 0 is the unconditional model: its Dice against masks it never saw is the chance level;
 - **realism**: the share of samples whose judge-A mask passes the phantom-v2 rules (the benchmark's primary
-  measure; real images of the same masks give the reference), and the mean absolute difference, per class region of
-  the input mask, of mean intensity between sample and real image (``intensity_gap``, image units in [-1, 1]);
+  measure; real images of the same masks give the reference), the benchmark's image statistics against the whole
+  real test split (FID on judge-A features and on pooled pixels, intensity-histogram W1; the unconditional model at
+  scale 0 is the reference the issue names), and the mean absolute difference, per class region of the input mask,
+  of mean intensity between sample and real image (``intensity_gap``, image units in [-1, 1]);
 - **diversity**: mean MS-SSIM between the ``--per-mask`` samples of each of the first ``--div-masks`` masks (lower:
   more diverse), against that of as many unconditional samples;
 - **partial masks**: the same masks with only the liver drawn (every other pixel unknown): the liver's Dice and the
@@ -48,6 +51,7 @@ import trained_v2 as tv2  # noqa: E402
 
 IGNORE = 255
 LIVER = 1  # phantom2 class id (ldm.data.labels: background, liver, spleen, ...)
+IMAGE_STATISTICS = ("fid_segmenter", "fid_pixel8", "histogram_w1")  # bench/anatomy_eval.image_statistics
 EDIT_SHIFT = 6  # pixels the liver moves in the editing measurement (64-pixel slices: about a tenth of the body)
 
 
@@ -138,6 +142,7 @@ def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[st
             "dice": {str(c): v for c, v in dice.items()}, "fg_mean": float(np.mean(present)) if present else None,
             "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"])),
             "intensity_gap": intensity_gap(images, real, masks, num_classes),
+            **image_statistics(images, test["real"], judge, test["real_features"]),
             "seconds_per_sample": seconds / len(masks)}
     div = masks[:div_masks]
     cond = sample_from_masks(model, div, steps, 0.0, noise_seed + 1, 1.0, per_mask=per_mask).clamp(-1, 1).cpu()
@@ -171,23 +176,46 @@ def editing_figure(path: str, examples: dict[str, torch.Tensor]) -> None:
     Image.fromarray(figure).resize((figure.shape[1] * 3, figure.shape[0] * 3), Image.NEAREST).save(path)
 
 
-def reference(judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: float, num_classes: int
-              ) -> dict[str, Any]:
-    """Judge A on the real test images of the same masks: the ceiling of faithfulness and the realism reference."""
+def image_statistics(images: torch.Tensor, real: torch.Tensor, judge: torch.nn.Module,
+                     real_features: np.ndarray) -> dict[str, float]:
+    """The benchmark's image statistics of ``images`` against the whole real test split (``bench/anatomy_eval.py``):
+    FID on judge-A features and on pooled pixels, intensity-histogram W1 (lower: closer to real)."""
+    from anatomy_eval import image_statistics as stats
+
+    return stats(images, real, judge, real_features)
+
+
+def judged_reference(images: torch.Tensor, judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: float,
+                     num_classes: int) -> dict[str, Any]:
+    """Judge A on ``images`` drawn for (or of) the test masks: Dice per class against them, their mean, the rule
+    pass rate and the image statistics."""
     import anatomy_v2 as av2
     from ldm.evaluation.segmenter import segment
 
-    seg = segment(judge, test["image"], batch_size=128)
+    seg = segment(judge, images, batch_size=128)
     dice = pooled_dice(seg, test["segmentation"], num_classes)
     present = [v for v in dice.values() if v is not None]
     return {"dice": {str(c): v for c, v in dice.items()}, "fg_mean": float(np.mean(present)),
-            "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"]))}
+            "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"])),
+            **image_statistics(images, test["real"], judge, test["real_features"])}
+
+
+def reference(judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: float, num_classes: int,
+              model: torch.nn.Module) -> dict[str, Any]:
+    """Judge A on the real test images of the same masks (the ceiling of faithfulness and the realism reference)
+    and on their reconstructions by the run's autoencoder (``model``'s first stage, shared by every arm: the ceiling
+    of any latent model, ``reconstruction``)."""
+    with torch.no_grad():
+        recon = model.decode_first_stage(model.encode_mean(
+            test["image"].to(next(model.parameters()).device))).clamp(-1, 1).float().cpu()
+    return {**judged_reference(test["image"], judge, test, min_frac, num_classes),
+            "reconstruction": judged_reference(recon, judge, test, min_frac, num_classes)}
 
 
 def _rows(scales: list[float]) -> dict[str, tuple[str, ...]]:
     """Headline row name -> the path of its number in one seed's result."""
     rows = {f"scale {s:g}: {m}": ("scales", f"{s:g}", m) for s in scales
-            for m in ("fg_mean", "pass_rate", "intensity_gap")}
+            for m in ("fg_mean", "pass_rate", "intensity_gap") + IMAGE_STATISTICS}
     rows.update({f"diversity: {m}": ("diversity", m) for m in ("ms_ssim_within_mask", "ms_ssim_unconditional")})
     rows.update({f"partial liver: {m}": ("partial_liver", m) for m in ("liver_dice", "pass_rate")})
     rows.update({"editing: kept-region PSNR": ("editing", "kept_region", "psnr"),
@@ -223,8 +251,12 @@ def markdown(report: dict[str, Any]) -> str:
              f"Run `{report['run']}`, preset {report['preset']}: the first {report['n']} test-split masks, one sample "
              f"each, DDIM {report['sampler_steps']} steps eta 0, noise seed {report['noise_seed']}; judge A at the "
              f"primary minimum size; {report['device']}. Real test images of the same masks: judge-A Dice "
-             f"(foreground mean) {num(ref['fg_mean'])}, rule pass rate {num(ref['pass_rate'])}. Scale 0 = the "
-             "unconditional model (chance-level Dice).", "",
+             f"(foreground mean) {num(ref['fg_mean'])}, rule pass rate {num(ref['pass_rate'])}; their reconstructions by the "
+             f"autoencoder (the ceiling of a latent model): Dice {num(ref['reconstruction']['fg_mean'])}, pass rate "
+             f"{num(ref['reconstruction']['pass_rate'])}, judge-A FID {num(ref['reconstruction']['fid_segmenter'])}, "
+             f"histogram W1 {num(ref['reconstruction']['histogram_w1'])}. Image statistics against the whole test "
+             f"split ({report['n_real']} slices; FID of {report['n']} samples: compare rows, not with other "
+             "studies). Scale 0 = the unconditional model (chance-level Dice).", "",
              "| arm | measure | mean over seeds [95 % t] | per seed |", "|---|---|---|---|"]
     for arm, a in report["arms"].items():
         for row, iv in a["rows"].items():
@@ -276,8 +308,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                               args.div_masks)
     steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
     test_split = av2.split(preset, "test")
-    test = {"image": torch.as_tensor(test_split["image"][:n]).float(),
-            "segmentation": torch.as_tensor(test_split["segmentation"][:n]).long()}
+    from anatomy_eval import segmenter_features
+
+    real = torch.as_tensor(test_split["image"]).float()
+    test = {"image": real[:n], "segmentation": torch.as_tensor(test_split["segmentation"][:n]).long(),
+            "real": real, "real_features": segmenter_features(judge, real)}
+    ref = None
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:
         for seed in seeds:
@@ -289,6 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except FileNotFoundError as err:
                     print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
                     return 2
+            if ref is None:
+                ref = reference(judge, test, min_frac, av2.NUM_CLASSES, model)
             res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
                                  args.per_mask, 2 if args.quick else args.n_edit)
             examples = res.pop("_examples")
@@ -303,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               "run": tv2.run_label(args.run, args.quick),
               "n": n, "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac, "scales": scales,
               "per_mask": args.per_mask, "div_masks": div, "device": _device_name(device),
-              "reference": reference(judge, test, min_frac, av2.NUM_CLASSES), "arms": summarise(per_seed, scales),
+              "n_real": len(real), "reference": ref, "arms": summarise(per_seed, scales),
               "raw": {a: {str(k): v for k, v in s.items()} for a, s in per_seed.items()}, "code": rec.code_commit()}
     tv2.write_study(args.out, "labelmap", report, markdown(report))
     return 0

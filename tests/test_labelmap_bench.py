@@ -27,13 +27,20 @@ def test_quick_mode_measures_every_scale_per_seed(tmp_path):
     rows = set(arm["rows"])
     assert {"scale 0: fg_mean", "scale 1: pass_rate", "scale 1: intensity_gap", "diversity: ms_ssim_within_mask",
             "partial liver: liver_dice"} <= rows
+    assert {"scale 1: fid_segmenter", "scale 1: fid_pixel8", "scale 0: histogram_w1"} <= rows
     for row in rows:
         values = arm["per_seed"][row]
+        if "fid" in row:  # unbounded above
+            assert len(values) == 2 and all(v >= 0.0 for v in values), row
+            continue
         bound = 100.0 if "PSNR" in row else 2.0  # PSNR in dB, the rest shares, Dice, MS-SSIM or image units
         assert len(values) == 2 and all(v is None or -1.0 <= v <= bound for v in values), row
     raw = report["raw"]["plain_labelmap"]["0"]
     assert set(raw["scales"]["1"]["dice"]) == {str(c) for c in range(1, 10)}
-    assert 0.0 <= report["reference"]["fg_mean"] <= 1.0
+    ref = report["reference"]
+    assert 0.0 <= ref["fg_mean"] <= 1.0 and 0.0 <= ref["reconstruction"]["fg_mean"] <= 1.0
+    assert ref["fid_segmenter"] >= 0 and ref["reconstruction"]["histogram_w1"] >= 0
+    assert report["n_real"] >= report["n"]
     assert "| plain_labelmap | scale 1: fg_mean |" in (out / "labelmap.md").read_text()
     editing = raw["editing"]
     assert 1 <= editing["n"] <= 2 and 0 < editing["redrawn_pixel_share"] < 1  # the quick slices with a liver
