@@ -152,7 +152,7 @@ def training_flops_per_sample(model_config: dict, batch: int = 2, device: Any = 
     checkpoint path is ignored, nothing is loaded). A random latent batch ``[batch, channels, s, s]`` (the
     model's channels and latent size) and, for an anatomical model, random masks at image size with the
     config's number of classes are fed to ``p_losses`` (the training loss path from latents) under
-    ``flops.count``. Returns ``{"train_flops_per_sample", "sample_step_flops_per_sample",
+    ``flops.count``; a mask-conditioned model (``mask_condition``) gets random masks as its condition. Returns ``{"train_flops_per_sample", "sample_step_flops_per_sample",
     "encode_flops_per_sample", "params", "batch"}`` (the encode is left out of the training FLOPs: it is the
     same frozen encoder for every arm; ``include_encode=False`` skips counting it and reports ``None``).
     """
@@ -166,13 +166,17 @@ def training_flops_per_sample(model_config: dict, batch: int = 2, device: Any = 
     z = torch.randn(batch, int(model.channels), size, size, generator=gen).to(device)
     t = torch.randint(0, int(model.num_timesteps), (batch,), generator=gen).to(device)
     image = _image_size(model)
-    extra = {}
+    extra, cond = {}, None
     if _uses_anatomy(model):
         extra["anatomy_target"] = torch.randint(0, _num_classes_of(model), (batch, image, image),
                                                 generator=gen).to(device)
+    condition = getattr(model, "mask_condition", None)
+    if condition is not None:  # a mask-conditioned model is counted with its condition (its encoder runs)
+        masks = torch.randint(0, condition.num_classes, (batch, image, image), generator=gen).to(device)
+        cond = condition.condition(masks, (size, size))
 
     def train_sample() -> None:
-        loss, _ = model.p_losses(z, None, t, **extra)
+        loss, _ = model.p_losses(z, cond, t, **extra)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()}")
         loss.backward()
@@ -181,7 +185,7 @@ def training_flops_per_sample(model_config: dict, batch: int = 2, device: Any = 
     model.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad():
-        step, _ = count(lambda: model.apply_model(z, t, None))
+        step, _ = count(lambda: model.apply_model(z, t, cond))
         encode = None
         if include_encode:
             first = model.first_stage_model

@@ -188,3 +188,16 @@ def test_cli_quick_writes_json(quick10):
         record["preset_steps"], arms["anatomical"]["train_flops_per_sample"], arms["plain"]["train_flops_per_sample"])
     assert record["matched_config"]["params"]["unet_config"]["target"] == capacity.PLAIN_UNET_TARGET
     assert record["matched_config"] == quick10["matched_cfg"]
+
+
+def test_a_mask_conditioned_arm_is_counted_with_its_condition_encoder():
+    import anatomy_v2 as v2
+
+    preset = v2.PRESETS_V2["quick"]
+    plain = capacity.training_flops_per_sample(v2.arm_config("plain", preset, None, 1.0), include_encode=False)
+    cond = capacity.training_flops_per_sample(v2.arm_config("plain_labelmap", preset, None, 1.0),
+                                              include_encode=False)
+    assert cond["params"] > plain["params"]
+    # the encoder's convolutions run in the training loss and in every sampling step
+    assert cond["train_flops_per_sample"] > 1.01 * plain["train_flops_per_sample"]
+    assert cond["sample_step_flops_per_sample"] > 1.01 * plain["sample_step_flops_per_sample"]

@@ -181,6 +181,25 @@ def test_sampling_from_masks_guidance_and_partial_masks():
         sample_from_masks(plain, masks, 4)
 
 
+def test_logged_samples_are_unconditional_and_a_row_is_drawn_from_the_inputs_masks():
+    model = _perturbed(_config({**CONDITION, "dropout": 0.1}))
+    batch = _batches(1)[0]
+    kwargs = dict(N=2, ddim_steps=3, ddim_eta=0.0, plot_diffusion_rows=False, plot_progressive_rows=False)
+    torch.manual_seed(5)
+    log = model.log_images(batch, **kwargs)
+    torch.manual_seed(5)  # the same draws again: the encoding, then the two rows' start noises
+    model.get_input(batch, "image", return_first_stage_outputs=True, force_c_encode=True, return_original_cond=True,
+                    bs=2)
+    free, _ = model.sample_log(cond=None, batch_size=2, ddim=True, ddim_steps=3, eta=0.0)
+    cond = model.mask_condition.condition(batch["segmentation"][:2].long(), (16, 16))
+    given, _ = model.sample_log(cond=cond, batch_size=2, ddim=True, ddim_steps=3, eta=0.0)
+    assert torch.allclose(log["samples"], model.decode_first_stage(free))
+    assert torch.allclose(log["samples_from_masks"], model.decode_first_stage(given))
+    assert (log["samples"] - log["samples_from_masks"]).abs().max() > 1e-4
+    plain = _perturbed(_config())
+    assert "samples_from_masks" not in plain.log_images(batch, **kwargs)
+
+
 def test_an_anatomical_model_takes_the_condition_and_predicts_its_masks():
     model = _perturbed(_config({**CONDITION, "dropout": 0.2, "partial": 0.5}, anatomical=True))
     model.train()
@@ -190,6 +209,9 @@ def test_an_anatomical_model_takes_the_condition_and_predicts_its_masks():
     masks = _batches(1)[0]["segmentation"][:2]
     images, predicted = sample_from_masks(model, masks, 4, seed=0, return_masks=True)
     assert images.shape == (2, 1, 32, 32) and predicted.shape == (2, 32, 32) and predicted.dtype == torch.int64
+    log = model.log_images(_batches(1)[0], N=2, ddim_steps=2, plot_diffusion_rows=False, plot_progressive_rows=False)
+    assert {"samples", "samples_mask", "samples_from_masks"} <= set(log)
+    assert log["samples_from_masks"].shape == log["samples"].shape
 
 
 @pytest.fixture(scope="module")

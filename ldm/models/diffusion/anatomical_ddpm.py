@@ -457,7 +457,8 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
 
         Added keys (RGB in [-1, 1]): ``inputs_mask`` (the batch's masks), ``inputs_predicted_mask`` and
         ``inputs_class_attention`` (model on the clean input latents), ``samples_mask`` and
-        ``samples_class_attention`` (for the samples, which need no mask).
+        ``samples_class_attention`` (for the samples, which need no mask); a mask-conditioned model also
+        ``samples_from_masks`` (drawn from the inputs' masks).
         """
         anatomical = (self.use_anatomy or self.is_joint) and self.use_anatomical_inference
         log = super().log_images(batch, N=N, n_row=n_row, sample=sample and not anatomical,
@@ -481,6 +482,7 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             log["samples_mask"] = colourise_labels(res["masks"], self.label_set)
             if "class_attention" in res:
                 log["samples_class_attention"] = self._attention_image(res["class_attention"], image_size)
+            log.update(self.log_samples_from_masks(batch, n, ddim_steps, ddim_eta))
         return log
 
     def _argmax_at(self, seg_logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -536,7 +536,9 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
                    plot_diffusion_rows: bool = True, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Images for the image logger, in [-1, 1]: inputs, reconstruction, conditioning (when image-like),
         diffusion_row, samples (EMA weights; DDIM unless ``ddim_steps`` is None), denoise_row, progressive_row.
-        Other CompVis keyword arguments (``split``, ``inpaint``, ``quantize_denoised``, ...) are ignored.
+        A mask-conditioned model's ``samples`` (and rows) are its unconditional ones, and ``samples_from_masks`` are
+        drawn from the inputs' masks. Other CompVis keyword arguments (``split``, ``inpaint``,
+        ``quantize_denoised``, ...) are ignored.
         """
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
@@ -544,6 +546,8 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         log: dict[str, torch.Tensor] = {"inputs": x, "reconstruction": xrec}
         if self.model.conditioning_key is not None and isimage(xc):
             log["conditioning"] = xc
+        if self.mask_condition is not None:
+            c = None  # the mask is an optional condition: the samples need none
         if plot_diffusion_rows:
             log["diffusion_row"] = diffusion_row(self, z[:n_row], self.decode_first_stage)
         if sample:
@@ -553,10 +557,26 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
             log["samples"] = self.decode_first_stage(samples)
             if plot_denoise_rows:
                 log["denoise_row"] = denoise_grid(self.decode_first_stage, [r[:n_row] for r in inter["x_inter"]])
+            log.update(self.log_samples_from_masks(batch, N, ddim_steps, ddim_eta))
         if plot_progressive_rows:
             with self.ema_scope("Plotting Progressives"):
                 _, x0_rows = self.sample(cond=c, batch_size=n_row, return_intermediates=True, verbose=False,
                                          record_x0=True)
             log["progressive_row"] = denoise_grid(self.decode_first_stage, x0_rows[1:])
         return {k: v for k, v in log.items() if k in return_keys} if return_keys else log
+
+    @torch.no_grad()
+    def log_samples_from_masks(self, batch: Mapping[str, Any], N: int, ddim_steps: Optional[int],
+                               ddim_eta: float) -> dict[str, torch.Tensor]:
+        """``{"samples_from_masks"}``: a mask-conditioned model's samples of the first ``N`` masks of the batch
+        (EMA weights, guidance scale 1); ``{}`` for a model without a mask condition."""
+        if self.mask_condition is None:
+            return {}
+        masks = {self.mask_condition.key: batch[self.mask_condition.key][:N]}
+        n = len(masks[self.mask_condition.key])
+        cond = self.mask_condition.from_batch(masks, (self.image_size, self.image_size), self.device, False)
+        with self.ema_scope("Plotting from masks"):
+            samples, _ = self.sample_log(cond=cond, batch_size=n, ddim=ddim_steps is not None,
+                                         ddim_steps=ddim_steps, eta=ddim_eta)
+        return {"samples_from_masks": self.decode_first_stage(samples)}
 
