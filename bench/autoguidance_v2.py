@@ -86,13 +86,6 @@ def pass_rate(model: torch.nn.Module, judge: torch.nn.Module, n: int, noise_seed
     return out
 
 
-def with_guide_ema(guide: torch.nn.Module) -> torch.nn.Module:
-    """The guide with its EMA weights in place (it is never trained again), as the sampled model uses its own."""
-    if getattr(guide, "use_ema", False):
-        guide.model_ema.copy_to(guide.model)
-    return guide
-
-
 def tune(models: dict[str, dict[int, tuple]], judge: torch.nn.Module, samplers: dict[str, float], weights: list[float],
          n: int, noise_seed: int, min_frac: float, steps: int) -> dict[str, dict[str, Any]]:
     """Per arm and sampler: the mean pass rate over seeds of every weight on the tuning noise and the chosen one."""
@@ -173,14 +166,14 @@ def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: t
     if args.quick:
         preset = av2.PRESETS_V2["quick"]
         models = {arm: {seed: (tv2.toy_model(arm, 100 * seed, device, perturb=0.02),
-                               with_guide_ema(tv2.toy_model(arm, 100 * seed + 1, device, perturb=0.02)))
+                               tv2.with_guide_ema(tv2.toy_model(arm, 100 * seed + 1, device, perturb=0.02)))
                         for seed in seeds} for arm in arms}
         return "quick", preset, tv2.toy_judge(device), models, preset.steps // 4
     setup = tv2.run_setup(args.run, device)
     preset = setup["preset"]
-    guide_step = int(round(preset.steps * min(preset.fractions)))
+    guide_step = tv2.guide_step(preset)
     models = {arm: {seed: (tv2.trained_model(args.run, setup, arm, seed, preset.steps, device),
-                           with_guide_ema(tv2.trained_model(args.run, setup, arm, seed, guide_step, device)))
+                           tv2.with_guide_ema(tv2.trained_model(args.run, setup, arm, seed, guide_step, device)))
                     for seed in seeds} for arm in arms}
     return setup["preset_name"], preset, setup["judge"], models, guide_step
 

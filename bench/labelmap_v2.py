@@ -21,6 +21,9 @@ noise seed). Per sample, judge A segments the image and:
   real test split (FID on judge-A features and on pooled pixels, intensity-histogram W1; the unconditional model at
   scale 0 is the reference the issue names), and the mean absolute difference, per class region of the input mask,
   of mean intensity between sample and real image (``intensity_gap``, image units in [-1, 1]);
+- **autoguided** (``--auto-weights``): the same masks' samples guided by the model's own quarter checkpoint given
+  the same masks (:class:`~ldm.models.diffusion.autoguidance.Autoguidance` in place of classifier-free guidance;
+  two model calls per step), with every measure above;
 - **diversity**: mean MS-SSIM between the ``--per-mask`` samples of each of the first ``--div-masks`` masks (lower:
   more diverse), against that of as many unconditional samples;
 - **partial masks**: the same masks with only the liver drawn (every other pixel unknown): the liver's Dice and the
@@ -123,22 +126,28 @@ def within_mask_ms_ssim(images: torch.Tensor, per_mask: int) -> float:
 
 def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torch.Tensor], scales: list[float],
                    steps: int, noise_seed: int, min_frac: float, num_classes: int, div_masks: int,
-                   per_mask: int, n_edit: int = 50) -> dict[str, Any]:
-    """Every measure of one model (see the module docstring)."""
+                   per_mask: int, n_edit: int = 50, guide: Optional[torch.nn.Module] = None,
+                   auto_weights: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Every measure of one model (see the module docstring); with a ``guide`` (the model's quarter checkpoint, EMA
+    weights in place) also the samples of the masks autoguided at each of ``auto_weights`` (``"auto"``)."""
     import anatomy_v2 as av2
     from ldm.evaluation.segmenter import segment
+    from ldm.models.diffusion.autoguidance import Autoguidance
     from ldm.sampling.masks import sample_from_masks
 
     masks, real = test["segmentation"], test["image"]
-    out: dict[str, Any] = {"scales": {}}
-    for s in scales:
+    out: dict[str, Any] = {"scales": {}, "auto": {}}
+    settings = [("scales", f"{s:g}", s, None) for s in scales] + [
+        ("auto", f"{w:g}", 1.0, Autoguidance(model, guide, w, guide_ema=False)) for w in auto_weights]
+    for group, key, s, steer in settings:
         t0 = time.perf_counter()
-        images = sample_from_masks(model, masks, steps, 0.0, noise_seed, s, batch_size=100).clamp(-1, 1).cpu()
+        images = sample_from_masks(model, masks, steps, 0.0, noise_seed, s, batch_size=100,
+                                   autoguidance=steer).clamp(-1, 1).cpu()
         seconds = time.perf_counter() - t0
         seg = segment(judge, images, batch_size=128)
         dice = pooled_dice(seg, masks, num_classes)
         present = [v for v in dice.values() if v is not None]
-        out["scales"][f"{s:g}"] = {
+        out[group][key] = {
             "dice": {str(c): v for c, v in dice.items()}, "fg_mean": float(np.mean(present)) if present else None,
             "pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"])),
             "intensity_gap": intensity_gap(images, real, masks, num_classes),
@@ -212,10 +221,11 @@ def reference(judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: f
             "reconstruction": judged_reference(recon, judge, test, min_frac, num_classes)}
 
 
-def _rows(scales: list[float]) -> dict[str, tuple[str, ...]]:
+def _rows(scales: list[float], auto_weights: tuple[float, ...] = ()) -> dict[str, tuple[str, ...]]:
     """Headline row name -> the path of its number in one seed's result."""
-    rows = {f"scale {s:g}: {m}": ("scales", f"{s:g}", m) for s in scales
-            for m in ("fg_mean", "pass_rate", "intensity_gap") + IMAGE_STATISTICS}
+    measures = ("fg_mean", "pass_rate", "intensity_gap") + IMAGE_STATISTICS
+    rows = {f"scale {s:g}: {m}": ("scales", f"{s:g}", m) for s in scales for m in measures}
+    rows.update({f"autoguided w {w:g}: {m}": ("auto", f"{w:g}", m) for w in auto_weights for m in measures})
     rows.update({f"diversity: {m}": ("diversity", m) for m in ("ms_ssim_within_mask", "ms_ssim_unconditional")})
     rows.update({f"partial liver: {m}": ("partial_liver", m) for m in ("liver_dice", "pass_rate")})
     rows.update({"editing: kept-region PSNR": ("editing", "kept_region", "psnr"),
@@ -225,7 +235,8 @@ def _rows(scales: list[float]) -> dict[str, tuple[str, ...]]:
     return rows
 
 
-def summarise(per_seed: dict[str, dict[int, dict[str, Any]]], scales: list[float]) -> dict[str, Any]:
+def summarise(per_seed: dict[str, dict[int, dict[str, Any]]], scales: list[float],
+              auto_weights: tuple[float, ...] = ()) -> dict[str, Any]:
     """Per arm: every headline number per seed, with its mean and t interval over seeds."""
     from anatomy_stats import mean_interval
 
@@ -237,7 +248,7 @@ def summarise(per_seed: dict[str, dict[int, dict[str, Any]]], scales: list[float
     arms = {}
     for arm, seeds in per_seed.items():
         order = sorted(seeds)
-        values = {row: [get(seeds[k], path) for k in order] for row, path in _rows(scales).items()}
+        values = {row: [get(seeds[k], path) for k in order] for row, path in _rows(scales, auto_weights).items()}
         arms[arm] = {"seeds": order, "rows": {row: mean_interval(v) for row, v in values.items()}, "per_seed": values}
     return arms
 
@@ -256,7 +267,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{num(ref['reconstruction']['pass_rate'])}, judge-A FID {num(ref['reconstruction']['fid_segmenter'])}, "
              f"histogram W1 {num(ref['reconstruction']['histogram_w1'])}. Image statistics against the whole test "
              f"split ({report['n_real']} slices; FID of {report['n']} samples: compare rows, not with other "
-             "studies). Scale 0 = the unconditional model (chance-level Dice).", "",
+             "studies). Scale 0 = the unconditional model (chance-level Dice)." + (
+                 f" Autoguided rows: guidance scale 1, guided by each model's step-{report['guide_step']} checkpoint "
+                 "given the same masks." if report.get("auto_weights") else ""), "",
              "| arm | measure | mean over seeds [95 % t] | per seed |", "|---|---|---|---|"]
     for arm, a in report["arms"].items():
         for row, iv in a["rows"].items():
@@ -273,6 +286,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--div-masks", "--div_masks", dest="div_masks", type=int, default=8)
     p.add_argument("--per-mask", "--per_mask", dest="per_mask", type=int, default=4)
     p.add_argument("--n-edit", "--n_edit", dest="n_edit", type=int, default=50, help="test slices edited")
+    p.add_argument("--auto-weights", "--auto_weights", dest="auto_weights", default="",
+                   help="comma-separated autoguidance weights (> 1): the masks' samples also autoguided by each "
+                        "model's quarter checkpoint (the benchmark keeps it), guidance scale 1")
     args = p.parse_args(argv)
     import anatomy_v2 as av2
     import records as rec
@@ -282,6 +298,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         seeds = av2._seed_list(args.seeds)
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         scales = [float(s) for s in args.scales.split(",") if s.strip()]
+        auto_weights = tuple(float(w) for w in args.auto_weights.split(",") if w.strip())
+        if any(not np.isfinite(w) or w <= 1 for w in auto_weights):
+            raise ValueError(f"--auto-weights must be numbers > 1, got {args.auto_weights}")
         for arm in arms:
             if "mask_condition" not in av2.arm_config(arm, av2.PRESETS_V2["quick"], None, 1.0)["params"]:
                 raise ValueError(f"arm {arm!r} is not mask-conditioned")
@@ -317,18 +336,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:
         for seed in seeds:
+            guide = None
             if args.quick:
                 model = tv2.toy_model(arm, seed, device, perturb=0.02)
+                if auto_weights:
+                    guide = tv2.with_guide_ema(tv2.toy_model(arm, seed + 100, device, perturb=0.02))
             else:
                 try:
                     model = tv2.trained_model(args.run, setup, arm, seed, preset.steps, device)
+                    if auto_weights:
+                        guide = tv2.with_guide_ema(tv2.trained_model(args.run, setup, arm, seed,
+                                                                     tv2.guide_step(preset), device))
                 except FileNotFoundError as err:
                     print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
                     return 2
             if ref is None:
                 ref = reference(judge, test, min_frac, av2.NUM_CLASSES, model)
             res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
-                                 args.per_mask, 2 if args.quick else args.n_edit)
+                                 args.per_mask, 2 if args.quick else args.n_edit, guide, auto_weights)
             examples = res.pop("_examples")
             if seed == seeds[0]:
                 os.makedirs(args.out, exist_ok=True)
@@ -341,7 +366,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "run": tv2.run_label(args.run, args.quick),
               "n": n, "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac, "scales": scales,
               "per_mask": args.per_mask, "div_masks": div, "device": _device_name(device),
-              "n_real": len(real), "reference": ref, "arms": summarise(per_seed, scales),
+              "n_real": len(real), "reference": ref, "arms": summarise(per_seed, scales, auto_weights),
+              "auto_weights": list(auto_weights), "guide_step": tv2.guide_step(preset) if auto_weights else None,
               "raw": {a: {str(k): v for k, v in s.items()} for a, s in per_seed.items()}, "code": rec.code_commit()}
     tv2.write_study(args.out, "labelmap", report, markdown(report))
     return 0

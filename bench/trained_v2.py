@@ -104,3 +104,15 @@ def trained_model(run: str, setup: dict[str, Any], arm: str, seed: int, step: in
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"{ckpt} is missing (train it: bench/anatomy.py -o {run} --arms {arm} --seeds {seed})")
     return am.load_trained(av2.arm_config(arm, setup["preset"], setup["ae_ckpt"], setup["scale"]), ckpt, device)
+
+
+def guide_step(preset: Any) -> int:
+    """The step of a run's earliest kept checkpoint (a quarter of the steps): the autoguidance guide."""
+    return int(round(preset.steps * min(preset.fractions)))
+
+
+def with_guide_ema(guide: torch.nn.Module) -> torch.nn.Module:
+    """The guide with its EMA weights in place (it is never trained again), as the sampled model uses its own."""
+    if getattr(guide, "use_ema", False):
+        guide.model_ema.copy_to(guide.model)
+    return guide

@@ -60,7 +60,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoguide", default=None, metavar="RUN_DIR_OR_CKPT",
                    help="guide every step with a weaker model of the same latent space, e.g. an earlier checkpoint "
                         "of the run (autoguidance, Karras et al. 2024): eps = eps_guide + w (eps_model - eps_guide); "
-                        "two model calls per step; its config is found as for -r (or given with -b)")
+                        "two model calls per step; its config is found as for -r (or given with -b); with --masks "
+                        "the guide reads the same masks (in place of classifier-free guidance)")
     p.add_argument("--autoguide_weight", type=float, default=2.0, metavar="W",
                    help="autoguidance weight w with --autoguide (1: the model alone; default 2.0)")
     p.add_argument("--masks", default=None, metavar="PATH",
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{guide_info['checkpoint_sha256'][:16]})")
     info["load_s"] = time.perf_counter() - t0
     if masks is not None:
-        return sample_masks(model, info, args, out_dir, masks)
+        return sample_masks(model, info, args, out_dir, masks, autoguidance)
     if args.mask_from is not None:
         if not hasattr(model, "mask_from") or getattr(model, "is_joint", False):
             print(f"sample.py: error: --mask_from needs an anatomical model with a segmentation head; "
@@ -193,7 +194,10 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
         raise ValueError(f"--per_mask must be >= 1, got {args.per_mask}")
     if args.n_samples != get_parser().get_default("n_samples"):
         raise ValueError("-n does not apply with --masks (one image per mask and --per_mask); drop -n")
-    clash = [flag for flag, on in (("--anatomy_guidance", args.anatomy_guidance), ("--autoguide", args.autoguide),
+    if args.autoguide is not None and args.guidance_scale not in (0.0, 1.0):
+        raise ValueError(f"--autoguide takes the place of classifier-free guidance: --guidance_scale 1 (from the "
+                         f"masks) or 0, not {args.guidance_scale:g}")
+    clash = [flag for flag, on in (("--anatomy_guidance", args.anatomy_guidance),
                                    ("--vanilla_sample", args.vanilla_sample), ("--stack", args.stack),
                                    ("--hu", args.hu), ("--format nii/npz", set(args.format) - {"png"})) if on]
     if clash:
@@ -209,9 +213,9 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
 
 
 def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, out_dir: str,
-                 inputs: dict[str, Any]) -> int:
+                 inputs: dict[str, Any], autoguidance: Any = None) -> int:
     """The ``--masks`` session: ``--per_mask`` images for every mask into ``out_dir`` (for a label volume also as
-    volumes in its geometry)."""
+    volumes in its geometry), autoguided with ``--autoguide``."""
     from ldm.sampling.label_volumes import fit_label_volume
     from ldm.sampling.masks import model_image_size, write_from_masks
 
@@ -227,7 +231,7 @@ def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, o
     record = write_from_masks(model, out_dir, names, masks, args.per_mask, args.custom_steps, args.eta, args.seed,
                               args.guidance_scale, args.batch_size, args.sampler, args.ema and info["has_ema"],
                               args.save_masks, colours=sampling.palette_for(model), info=info,
-                              progress=args.progress, volume=volume)
+                              progress=args.progress, volume=volume, autoguidance=autoguidance)
     print(f"wrote {record['masks'] * record['per_mask']} images for {record['masks']} masks (guidance scale "
           f"{args.guidance_scale:g}) to {out_dir}; record {os.path.join(out_dir, 'from_masks.json')}")
     return 0

@@ -18,7 +18,7 @@ def _run(*args, timeout=600):
 
 def test_quick_mode_measures_every_scale_per_seed(tmp_path):
     out = tmp_path / "lm"
-    proc = _run("--quick", "--scales", "0,1", "-o", str(out))
+    proc = _run("--quick", "--scales", "0,1", "--auto-weights", "2", "-o", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "labelmap.json").read_text())
     assert report["mode"] == "quick" and report["claim"] is False and report["scales"] == [0.0, 1.0]
@@ -27,7 +27,12 @@ def test_quick_mode_measures_every_scale_per_seed(tmp_path):
     rows = set(arm["rows"])
     assert {"scale 0: fg_mean", "scale 1: pass_rate", "scale 1: intensity_gap", "diversity: ms_ssim_within_mask",
             "partial liver: liver_dice"} <= rows
-    assert {"scale 1: fid_segmenter", "scale 1: fid_pixel8", "scale 0: histogram_w1"} <= rows
+    assert {"scale 1: fid_segmenter", "scale 1: fid_pixel8", "scale 0: histogram_w1", "autoguided w 2: fg_mean",
+            "autoguided w 2: pass_rate"} <= rows
+    assert report["auto_weights"] == [2.0] and report["guide_step"] >= 1
+    # the autoguided samples are not the unguided ones (the guide is another toy model)
+    assert report["raw"]["plain_labelmap"]["0"]["auto"]["2"]["fg_mean"] != \
+        report["raw"]["plain_labelmap"]["0"]["scales"]["1"]["fg_mean"]
     for row in rows:
         values = arm["per_seed"][row]
         if "fid" in row:  # unbounded above

@@ -181,6 +181,36 @@ def test_sampling_from_masks_guidance_and_partial_masks():
         sample_from_masks(plain, masks, 4)
 
 
+def test_autoguided_sampling_from_masks():
+    from ldm.models.diffusion.autoguidance import Autoguidance
+
+    config = _config({**CONDITION, "dropout": 0.1})
+    model, guide = _perturbed(config), _perturbed(config)
+    with torch.no_grad():  # a guide that differs from the model
+        for p in guide.model.parameters():
+            p.mul_(0.9)
+    masks = _batches(1)[0]["segmentation"][:2]
+    cond = sample_from_masks(model, masks, 4, seed=3)
+    same = sample_from_masks(model, masks, 4, seed=3, autoguidance=Autoguidance(model, guide, 1.0))
+    assert torch.equal(same, cond)  # weight 1: the model alone
+    steer = Autoguidance(model, guide, 2.5)
+    guided = sample_from_masks(model, masks, 4, seed=3, autoguidance=steer)
+    assert guided.shape == cond.shape and (guided - cond).abs().max() > 1e-4 and steer.calls == 4  # one per step
+    # eps = eps_guide + w (eps_model - eps_guide), both given the mask: the denoiser at one step, by hand
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 50)
+    c = model.mask_condition.condition(masks.long(), (16, 16))
+    eps, _ = steer.denoiser(c)(x, t)
+    e_m, e_g = model.apply_model(x, t, c), guide.apply_model(x, t, c)
+    assert torch.allclose(eps, e_g + 2.5 * (e_m - e_g), atol=1e-5)
+    with pytest.raises(ValueError, match="takes the place of classifier-free guidance"):
+        sample_from_masks(model, masks, 4, guidance_scale=2.0, autoguidance=steer)
+    with pytest.raises(ValueError, match="made for another model"):
+        sample_from_masks(guide, masks, 4, autoguidance=steer)
+    plain = _perturbed(_config())
+    with pytest.raises(ValueError, match="needs a mask-conditioned model"):
+        sample_from_masks(model, masks, 4, autoguidance=Autoguidance(model, plain, 2.0))
+
+
 def test_logged_samples_are_unconditional_and_a_row_is_drawn_from_the_inputs_masks():
     model = _perturbed(_config({**CONDITION, "dropout": 0.1}))
     batch = _batches(1)[0]
@@ -277,6 +307,33 @@ def test_sample_script_draws_images_for_mask_files(conditioned_run, tmp_path):
     assert (out / "images" / "a_0.png").read_bytes() != (zero / "images" / "a_0.png").read_bytes()
 
 
+def test_sample_script_autoguides_sampling_from_masks(conditioned_run, tmp_path):
+    import json
+    import shutil
+
+    from test_sample_run import load_script
+
+    guide = tmp_path / "2026-01-01T00-00-00_guide"
+    shutil.copytree(conditioned_run, guide)
+    ckpt = torch.load(guide / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["state_dict"] = {k: v * 0.9 if k.startswith("model.") and v.is_floating_point() else v
+                          for k, v in ckpt["state_dict"].items()}  # a weaker model of the same latent space
+    torch.save(ckpt, guide / "checkpoints" / "last.ckpt")
+    _mask_folder(tmp_path / "masks")
+    sample = load_script("sample")
+    common = ["-r", conditioned_run, "-c", "4", "--seed", "2", "--no-progress", "--device", "cpu", "--masks",
+              str(tmp_path / "masks")]
+    plain, guided = tmp_path / "plain", tmp_path / "guided"
+    assert sample.main([*common, "-l", str(plain)]) == 0
+    assert sample.main([*common, "--autoguide", str(guide), "--autoguide_weight", "2", "-l", str(guided)]) == 0
+    record = json.load(open(guided / "from_masks.json"))
+    assert record["autoguidance"]["weight"] == 2.0 and record["autoguidance"]["calls"] == 4  # 4 steps, one batch
+    assert "last.ckpt" in record["autoguidance"]["guide"]
+    assert json.load(open(plain / "from_masks.json"))["autoguidance"] is None
+    assert sorted(os.listdir(guided / "images")) == sorted(os.listdir(plain / "images"))
+    assert (guided / "images" / "a_0.png").read_bytes() != (plain / "images" / "a_0.png").read_bytes()
+
+
 def test_bad_mask_inputs_are_refused_before_loading(conditioned_run, tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
@@ -298,7 +355,9 @@ def test_bad_mask_inputs_are_refused_before_loading(conditioned_run, tmp_path, m
             (["--masks", str(tmp_path / "colour"), "--guidance_scale", "-1"], ValueError, "guidance_scale must be"),
             (["--masks", str(tmp_path / "colour"), "--anatomy_guidance", "1"], ValueError, "does not combine"),
             (["--masks", str(tmp_path / "colour"), "-l", str(tmp_path / "full")], ValueError, "is not empty"),
-            (["--masks", str(tmp_path / "colour"), "-n", "3"], ValueError, "-n does not apply with --masks")):
+            (["--masks", str(tmp_path / "colour"), "-n", "3"], ValueError, "-n does not apply with --masks"),
+            (["--masks", str(tmp_path / "colour"), "--autoguide", conditioned_run, "--guidance_scale", "2"],
+             ValueError, "takes the place of classifier-free guidance")):
         with pytest.raises(error, match=match):
             sample.main(["-r", conditioned_run, "--no-progress", *flags])
 

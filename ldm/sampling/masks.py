@@ -67,15 +67,25 @@ def conditional_denoiser(model: torch.nn.Module, guidance_scale: float, uncond: 
 def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, eta: float = 0.0, seed: int = 0,
                       guidance_scale: float = 1.0, per_mask: int = 1, batch_size: Optional[int] = None,
                       sampler: str = "ddim", use_ema: bool = True, return_masks: bool = False,
-                      first_index: int = 0) -> Any:
+                      first_index: int = 0, autoguidance: Any = None) -> Any:
     """Images ``[N * per_mask, C, H, W]`` (in [-1, 1], not clamped) for the label maps ``masks`` ``[N, H, W]``
     (``ignore_index`` = unknown: a partial mask), ``per_mask`` samples each (sample ``i`` is mask ``i // per_mask``,
     from the start noise of ``(seed, first_index + i)``). With ``return_masks`` (anatomical models) also the model's
-    own predicted masks of the samples (its head reads the sample, not the condition): ``(images, predicted)``."""
+    own predicted masks of the samples (its head reads the sample, not the condition): ``(images, predicted)``.
+    ``autoguidance`` (an :class:`~ldm.models.diffusion.autoguidance.Autoguidance` of this model, e.g. by an earlier
+    checkpoint of its run) guides the conditional model by the guide given the same mask, in place of
+    classifier-free guidance (``guidance_scale`` 1; 0: both unconditional)."""
     from ldm.sampling import check_sampling_settings, draw_batch, is_anatomical, latent_shape
 
     condition = mask_condition_of(model)
     scale = check_guidance_scale(guidance_scale)
+    if autoguidance is not None:
+        if scale not in (0.0, 1.0):
+            raise ValueError(f"autoguidance takes the place of classifier-free guidance: guidance_scale 1 (from the "
+                             f"masks) or 0 (unconditional), not {scale:g}")
+        if autoguidance.model is not model:
+            raise ValueError("the autoguidance was made for another model than the one sampled")
+        mask_condition_of(autoguidance.guide)  # the guide must read the same condition
     if int(per_mask) < 1:
         raise ValueError(f"per_mask must be >= 1, got {per_mask}")
     labels = as_mask_batch(masks, condition.num_classes, condition.ignore_index)
@@ -93,7 +103,7 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
             indices = list(range(first, min(total, first + size)))
             batch_masks = labels[[i // int(per_mask) for i in indices]].to(device)
             cond = None if scale == 0 else condition.condition(batch_masks, grid)
-            make = None
+            make = None if autoguidance is None else autoguidance.denoiser
             if cond is not None and scale != 1.0:
                 make = conditional_denoiser(model, scale,
                                             {MASK_CONDITION_KEY: torch.zeros_like(cond[MASK_CONDITION_KEY])})
@@ -174,12 +184,14 @@ def check_mask_size(model: torch.nn.Module, masks: np.ndarray) -> None:
 def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], masks: np.ndarray, per_mask: int,
                      ddim_steps: int, eta: float, seed: int, guidance_scale: float, batch_size: int, sampler: str,
                      use_ema: bool, save_masks: bool, colours: Any = None, info: Optional[dict] = None,
-                     progress: bool = True, volume: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                     progress: bool = True, volume: Optional[dict[str, Any]] = None,
+                     autoguidance: Any = None) -> dict[str, Any]:
     """Sample ``per_mask`` images for every mask into a new folder ``out_dir``: ``images/<name>_<k>.png``, the mask
     each was made from (``condition_masks/``, class ids; unknown = the ignore value) and with ``save_masks`` the
     model's own masks (``masks/``, ``masks_colour/``); ``from_masks.json`` records the settings and the files.
     ``volume`` (``{"affine", "slice_axis", "source"}``: the masks are the slices of a label volume) also writes the
-    samples and the masks as volumes on that grid (:func:`ldm.sampling.label_volumes.write_volumes`)."""
+    samples and the masks as volumes on that grid (:func:`ldm.sampling.label_volumes.write_volumes`).
+    ``autoguidance``: see :func:`sample_from_masks` (recorded with its weight, guide and calls)."""
     import os
     import time
 
@@ -200,7 +212,7 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
         chunk = list(range(first, min(len(names), first + max(1, batch_size // per_mask))))
         drawn = sample_from_masks(model, labels[chunk], ddim_steps, eta, seed, guidance_scale, per_mask,
                                   sampler=sampler, use_ema=use_ema, return_masks=save_masks,
-                                  first_index=first * per_mask)
+                                  first_index=first * per_mask, autoguidance=autoguidance)
         images, own = drawn if save_masks else (drawn, None)
         if volume is not None:
             kept.append(images.detach().float().clamp(-1, 1).cpu().numpy()[:, 0])
@@ -229,6 +241,6 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
               "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema, "own_masks": save_masks,
               "ignore_index": condition.ignore_index, "files": files, "seconds": time.perf_counter() - start,
               "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": (info or {}).get("checkpoint_sha256"),
-              "volumes": volumes}
+              "volumes": volumes, "autoguidance": None if autoguidance is None else autoguidance.summary()}
     write_json(os.path.join(out_dir, "from_masks.json"), record)
     return record
