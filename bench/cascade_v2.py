@@ -17,6 +17,8 @@ stage use the same one), ``--n`` samples from the protocol's development noise s
 - ``prior``: the prior arm's own samples (its images);
 - ``prior_masks``: the prior's masks themselves checked by the rules (no judge: what the cascade hands on);
 - ``cascade:s<S>``: the image arm's samples of the prior's masks at guidance scale ``S``;
+- ``cascade_half:s1``: the same at guidance scale 1 with both stages at half the sampler steps (the prior's masks
+  drawn again at that count): as many model evaluations per sample as the plain LDM's;
 - ``real_masks:s<S>``: the image arm's samples of the first ``n`` real test masks (a perfect prior of real anatomy:
   the cascade's ceiling with this image model);
 - ``unconditional``: the image arm's samples without a mask (its own unconditional model).
@@ -86,12 +88,21 @@ def evaluate_seed(models: dict[str, torch.nn.Module], judge: torch.nn.Module, re
                                 "seconds_per_sample": prior_seconds}
         masks = prior["own_mask"].long()
         out[f"{name}:prior_masks"] = {"pass_rate": float(np.mean(av2.judge_masks(masks, min_frac)["plausible"]))}
+        half = max(1, steps // 2)
+        t0 = time.perf_counter()
+        short = am.draw_samples(models["prior"], n, half, noise_seed, 100, None, True, eta=eta)["own_mask"].long()
+        short_seconds = (time.perf_counter() - t0) / n
         for s in scales:
             per_step = 1 if s in (0.0, 1.0) else 2
-            draw = (lambda m, s=s: sample_from_masks(models["image"], m, steps, eta, noise_seed, s, batch_size=100,
-                                                     first_index=n).clamp(-1, 1).cpu())
+
+            def draw(m: torch.Tensor, k: int = steps, s: float = s) -> torch.Tensor:
+                return sample_from_masks(models["image"], m, k, eta, noise_seed, s, batch_size=100,
+                                         first_index=n).clamp(-1, 1).cpu()
             timed(f"cascade:s{s:g}", steps + per_step * steps, lambda: draw(masks), masks)
             out[f"{name}:cascade:s{s:g}"]["seconds_per_sample"] += prior_seconds
+            if s == 1.0:  # both stages at half the steps: the plain LDM's model evaluations
+                timed("cascade_half:s1", 2 * half, lambda: draw(short, half), short)
+                out[f"{name}:cascade_half:s1"]["seconds_per_sample"] += short_seconds
             timed(f"real_masks:s{s:g}", per_step * steps, lambda: draw(real_masks), real_masks)
         timed("unconditional", steps, lambda: sample_from_masks(models["image"], real_masks, steps, eta, noise_seed,
                                                                 0.0, batch_size=100, first_index=n).clamp(-1, 1).cpu())
@@ -110,11 +121,11 @@ def summarise(per_seed: dict[int, dict[str, dict[str, Any]]], samplers: list[str
                   if m in ("pass_rate", "faithfulness")} for r in rows}
     tests = {}
     for name in samplers:
-        for s in scales:
+        cascades = [f"cascade:s{s:g}" for s in scales] + (["cascade_half:s1"] if 1.0 in scales else [])
+        for row in cascades:
             for ref in ("plain", "prior"):
-                key = f"{name}:cascade:s{s:g} - {name}:{ref}"
-                tests[key] = seed_paired_test(values[f"{name}:cascade:s{s:g}"]["pass_rate"],
-                                              values[f"{name}:{ref}"]["pass_rate"])
+                tests[f"{name}:{row} - {name}:{ref}"] = seed_paired_test(values[f"{name}:{row}"]["pass_rate"],
+                                                                         values[f"{name}:{ref}"]["pass_rate"])
     adjusted = holm({k: t["p"] for k, t in tests.items()})
     for k, t in tests.items():
         t["p_holm"] = adjusted[k]

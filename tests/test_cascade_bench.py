@@ -25,7 +25,8 @@ def test_quick_mode_judges_every_row_per_seed_and_pairs_the_cascade(tmp_path):
     s = report["summary"]
     assert s["seeds"] == [0, 1]
     rows = {f"{k}:{r}" for k in ("ddim", "ddim_eta1") for r in ("plain", "prior", "prior_masks", "cascade:s1",
-                                                                "cascade:s2", "real_masks:s1", "unconditional")}
+                                                                "cascade:s2", "cascade_half:s1", "real_masks:s1",
+                                                                "unconditional")}
     assert rows <= set(s["rows"])
     for row in rows:
         assert all(0.0 <= v <= 1.0 for v in s["per_seed"][row]["pass_rate"]), row
@@ -35,8 +36,9 @@ def test_quick_mode_judges_every_row_per_seed_and_pairs_the_cascade(tmp_path):
     # the prior's evaluations plus one per step at scale 1, two at scale 2
     assert (s["evals_per_sample"]["ddim:cascade:s1"], s["evals_per_sample"]["ddim:cascade:s2"]) == (2 * steps,
                                                                                                   3 * steps)
-    assert set(s["contrasts"]) == {f"{k}:cascade:s{x} - {k}:{r}" for k in ("ddim", "ddim_eta1") for x in (1, 2)
-                                   for r in ("plain", "prior")}
+    assert s["evals_per_sample"]["ddim:cascade_half:s1"] == 2 * (steps // 2) <= s["evals_per_sample"]["ddim:plain"]
+    assert set(s["contrasts"]) == {f"{k}:{c} - {k}:{r}" for k in ("ddim", "ddim_eta1")
+                                   for c in ("cascade:s1", "cascade:s2", "cascade_half:s1") for r in ("plain", "prior")}
     assert all(t["p_holm"] is None or t["p_holm"] >= t["p"] for t in s["contrasts"].values())
     assert "| ddim:cascade:s1 |" in (out / "cascade.md").read_text()
 
