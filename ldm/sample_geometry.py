@@ -258,11 +258,15 @@ def data_intensity(config: Mapping[str, Any], volumes: bool) -> dict[str, Any]:
 
 
 def data_slicing(config: Mapping[str, Any]) -> dict[str, Any]:
-    """How a run's training data slice their volumes: ``{"slice_axis", "size", "square", "spacing"}`` of its dataset
-    config (the dataset class's defaults where it sets none)."""
+    """How a run's training data slice their volumes: ``{"slice_axis", "size", "square", "spacing", "label_map"}`` of
+    its dataset config (the dataset class's defaults where it sets none; ``label_map``: the class's default map,
+    e.g. CT-ORG's brain id to background, updated by the config's)."""
     target, params = _dataset_entry(config)
     spacing = params.get("spacing")
+    label_map = dict(getattr(_dataset_class(target), "default_label_map", None) or {})
+    label_map.update(params.get("label_map") or {})
     return {"slice_axis": int(params.get("slice_axis", 2)),
+            "label_map": {int(k): int(v) for k, v in label_map.items()},
             "size": params.get("size", _class_default(_dataset_class(target), "size", None)),
             "square": str(params.get("square", "pad")),
             "spacing": None if spacing is None else ([float(spacing)] * 2 if np.isscalar(spacing) else list(spacing))}

@@ -206,7 +206,7 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
         raise ValueError(f"output folder {args.logdir} is not empty; sampling from masks writes into a new folder")
     if is_label_volume(args.masks):
         slicing = data_slicing(sampling.resolve_config(config))
-        volume = read_label_volume(args.masks, slicing["slice_axis"])
+        volume = read_label_volume(args.masks, slicing["slice_axis"], slicing["label_map"])
         return {"names": volume.names, "volume": volume, "slicing": slicing}
     names, masks = read_mask_files(args.masks)
     return {"names": names, "masks": masks}
@@ -226,7 +226,8 @@ def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, o
         if size[0] != size[1]:
             raise ValueError(f"label volumes need a model of square images, this one draws {size[0]}x{size[1]}")
         masks, affine = fit_label_volume(inputs["volume"], size[0], slicing["square"], slicing["spacing"])
-        volume = {"affine": affine, "slice_axis": inputs["volume"].slice_axis, "source": inputs["volume"].path}
+        volume = {"affine": affine, "slice_axis": inputs["volume"].slice_axis, "source": inputs["volume"].path,
+                  "label_map": slicing["label_map"]}
 
     record = write_from_masks(model, out_dir, names, masks, args.per_mask, args.custom_steps, args.eta, args.seed,
                               args.guidance_scale, args.batch_size, args.sampler, args.ema and info["has_ema"],

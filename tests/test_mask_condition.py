@@ -508,3 +508,43 @@ def test_sampling_from_a_label_volume_writes_volumes_in_its_geometry(conditioned
     resampled = nib.load(big / "condition_masks.nii.gz")
     assert resampled.shape == (32, 32, 5)
     assert np.allclose(np.linalg.norm(resampled.affine[:3, :3], axis=0), [1.5 * 40 / 32, 1.5 * 40 / 32, 2.5])
+
+
+def test_a_raw_label_volume_is_mapped_by_the_training_datasets_label_map(conditioned_run, tmp_path):
+    import json
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from test_sample_run import load_script
+
+    run = tmp_path / "2026-01-01T00-00-00_ctorg"
+    shutil.copytree(conditioned_run, run)
+    project = run / "configs" / "2026-01-01T00-00-00-project.yaml"
+    config = OmegaConf.load(project)
+    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, "train": {
+        "target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32, "label_map": {9: 2}}}}}
+    OmegaConf.save(config, project)
+    slices = _label_volume(tmp_path / "raw.nii.gz", flip=False)
+    raw = slices.copy()
+    raw[slices == 2] = 9  # stored as 9, trained as 2 (the config's map)
+    raw[:, :2, :2] = 6  # CT-ORG's raw brain id: background for the CT-Organ datasets (their default map)
+    volume = nib.load(tmp_path / "raw.nii.gz")
+    from ldm.data.io import display_slices_to_volume
+
+    nib.save(nib.Nifti1Image(display_slices_to_volume(raw), volume.affine), str(tmp_path / "raw.nii.gz"))
+    out = tmp_path / "out"
+    assert load_script("sample").main(["-r", str(run), "--masks", str(tmp_path / "raw.nii.gz"), "-c", "2",
+                                       "--no-progress", "--device", "cpu", "-l", str(out)]) == 0
+    expected = slices.copy()
+    expected[:, :2, :2] = 0
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(out / "condition_masks" / f"raw_{i:04d}.png")), expected[i])
+    assert json.loads((out / "from_masks.json").read_text())["volumes"]["label_map"] == {"6": 0, "9": 2}
+    # the run without the dataset's map refuses the stored ids, naming them
+    with pytest.raises(ValueError, match=r"labels \[6, 9\] outside 0..5"):
+        load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "raw.nii.gz"), "-c", "2",
+                                    "--no-progress", "--device", "cpu", "-l", str(tmp_path / "refused")])

@@ -19,6 +19,17 @@ logger = logging.getLogger("ldm.data.medical_images")  # the datasets' logger, n
 NONFINITE_POLICIES: tuple[str, ...] = ("error", "fill")
 
 
+def apply_label_map(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """``labels`` with each stored id of ``label_map`` replaced by its class id (all at once: a map may swap ids);
+    ``labels`` itself when the map is empty."""
+    if not label_map:
+        return labels
+    out = labels.copy()
+    for src, dst in label_map.items():
+        out[labels == src] = dst
+    return out
+
+
 class MedicalReadMixin:
     """The reading of ``MedicalImagesBase``, as methods of the dataset: they read its parameters (``intensity``,
     ``window``, ``percentiles``, ``nonfinite``, ``label_map``, ``n_labels``, ``ignore_index``, ``slice_axis``,
@@ -32,11 +43,7 @@ class MedicalReadMixin:
         return arr.astype(np.int64)
 
     def _map_labels(self, labels: np.ndarray, path: Path, slice_index: int = -1) -> np.ndarray:
-        if self.label_map:
-            out = labels.copy()
-            for src, dst in self.label_map.items():
-                out[labels == src] = dst
-            labels = out
+        labels = apply_label_map(labels, self.label_map)
         bad = (labels < 0) | ((labels >= self.n_labels) & (labels != self.ignore_index)) if self.n_labels \
             else (labels < 0)
         if np.any(bad):

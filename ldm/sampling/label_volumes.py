@@ -49,9 +49,11 @@ class LabelVolume:
         return [f"{stem}_{i:04d}" for i in range(len(self.slices))]
 
 
-def read_label_volume(path: str, slice_axis: int = 2) -> LabelVolume:
-    """The display slices of a NIfTI label volume (integer labels; a non-integer volume is an error)."""
+def read_label_volume(path: str, slice_axis: int = 2, label_map: Optional[dict[int, int]] = None) -> LabelVolume:
+    """The display slices of a NIfTI label volume (integer labels; a non-integer volume is an error), its stored ids
+    mapped to class ids by ``label_map`` as the training data's are (``{stored id: class id}``)."""
     from ldm.data.io import load_canonical, nifti_info, volume_slice_to_display
+    from ldm.data.medical_read import apply_label_map
 
     if slice_axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
@@ -60,7 +62,7 @@ def read_label_volume(path: str, slice_axis: int = 2) -> LabelVolume:
     if volume.dtype.kind == "f":
         if not np.all(np.isfinite(volume)) or not np.all(volume == np.round(volume)):
             raise ValueError(f"--masks {path}: a label volume must hold integer labels")
-    volume = volume.astype(np.int64)
+    volume = apply_label_map(volume.astype(np.int64), label_map)
     slices = np.stack([volume_slice_to_display(volume, i, slice_axis) for i in range(volume.shape[slice_axis])])
     return LabelVolume(path=str(path), slices=slices, affine=np.asarray(info.affine, dtype=np.float64),
                        shape=tuple(int(s) for s in info.shape), slice_axis=int(slice_axis))

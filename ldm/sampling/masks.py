@@ -236,7 +236,8 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
         volumes = {"files": write_volumes(out_dir, np.concatenate(kept), labels.numpy(), volume["affine"],
                                           volume["slice_axis"], per_mask),
                    "source": volume["source"], "slice_axis": volume["slice_axis"],
-                   "affine": np.asarray(volume["affine"]).tolist()}
+                   "affine": np.asarray(volume["affine"]).tolist(),
+                   "label_map": {str(k): v for k, v in (volume.get("label_map") or {}).items()}}
     record = {"masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler, "ddim_steps": ddim_steps,
               "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema, "own_masks": save_masks,
               "ignore_index": condition.ignore_index, "files": files, "seconds": time.perf_counter() - start,
