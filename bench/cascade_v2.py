@@ -204,16 +204,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     noise_seed, min_frac = int(protocol["dev_noise_seed"]), av2.min_sizes(protocol)["primary"]
     samplers = {k: float(protocol["samplers"][k]["eta"]) for k in ("ddim", "ddim_eta1")}
     roles = {"plain": args.baseline, "prior": args.prior, "image": args.image_arm}
+    try:
+        study = tv2.study_setup(args.run, args.quick, device)
+    except FileNotFoundError as err:
+        print(f"cascade_v2.py: error: {err}", file=sys.stderr)
+        return 2
+    preset_name, preset, judge, setup = (study[k] for k in ("preset_name", "preset", "judge", "setup"))
+    n = 4 if args.quick else args.n
     if args.quick:
-        preset_name, preset, judge, n = "quick", av2.PRESETS_V2["quick"], tv2.toy_judge(device), 4
         seeds = seeds[:2] if len(seeds) >= 2 else [0, 1]
-    else:
-        try:
-            setup = tv2.run_setup(args.run, device)
-        except FileNotFoundError as err:
-            print(f"cascade_v2.py: error: {err}", file=sys.stderr)
-            return 2
-        preset_name, preset, judge, n = setup["preset_name"], setup["preset"], setup["judge"], args.n
     steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
     real_masks = torch.as_tensor(av2.split(preset, "test")["segmentation"][:n]).long()
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}

@@ -313,18 +313,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = tv2.study_device(args.device)
     protocol = rec.load_protocol()
     noise_seed, min_frac = int(protocol["dev_noise_seed"]), av2.min_sizes(protocol)["primary"]
+    try:
+        study = tv2.study_setup(args.run, args.quick, device)
+    except FileNotFoundError as err:
+        print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
+        return 2
+    preset_name, preset, judge, setup = (study[k] for k in ("preset_name", "preset", "judge", "setup"))
+    n, div = (4, 2) if args.quick else (args.n, args.div_masks)
     if args.quick:
-        preset_name, preset = "quick", av2.PRESETS_V2["quick"]
-        seeds, n, div = seeds[:2] if len(seeds) >= 2 else [0, 1], 4, 2
-        judge = tv2.toy_judge(device)
-    else:
-        try:
-            setup = tv2.run_setup(args.run, device)
-        except FileNotFoundError as err:
-            print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
-            return 2
-        preset_name, preset, judge, n, div = (setup["preset_name"], setup["preset"], setup["judge"], args.n,
-                                              args.div_masks)
+        seeds = seeds[:2] if len(seeds) >= 2 else [0, 1]
     steps = int(preset.sampler_steps or protocol["samplers"]["ddim"]["steps"])
     test_split = av2.split(preset, "test")
     from anatomy_eval import segmenter_features

@@ -81,6 +81,17 @@ def toy_model(arm: str, seed: int, device: torch.device, perturb: float = 0.0) -
     return model
 
 
+def study_setup(run: str, quick: bool, device: torch.device) -> dict[str, Any]:
+    """``{"preset_name", "preset", "judge", "setup"}`` of a study: the run folder's (:func:`run_setup`;
+    FileNotFoundError without one), or with ``quick`` the quick preset, a toy judge and no setup."""
+    import anatomy_v2 as av2
+
+    if quick:
+        return {"preset_name": "quick", "preset": av2.PRESETS_V2["quick"], "judge": toy_judge(device), "setup": None}
+    setup = run_setup(run, device)
+    return {"preset_name": setup["preset_name"], "preset": setup["preset"], "judge": setup["judge"], "setup": setup}
+
+
 def run_setup(run: str, device: torch.device) -> dict[str, Any]:
     """``{"preset_name", "preset", "judge", "ae_ckpt", "scale"}`` of a run folder (FileNotFoundError without one)."""
     from downstream import run_first_stage, run_preset
