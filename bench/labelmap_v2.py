@@ -33,7 +33,9 @@ noise seed). Per sample, judge A segments the image and:
   MAE and PSNR against the real slice (beside those of the autoencoder's reconstruction, the floor), and the moved
   liver's Dice in the edited slice; ``editing.png`` shows examples (slice | its mask | the edited mask | the edit).
 
-Development seeds: a hypothesis, not a claim.
+Each (arm, seed)'s numbers are kept in ``<out>/per_seed/`` as they are measured; a later run with the same
+settings reuses them and measures only what is missing (e.g. ``--seeds 0,1,2`` after a run of ``0,1``), so a study
+can span sessions. Development seeds: a hypothesis, not a claim.
 """
 from __future__ import annotations
 
@@ -329,10 +331,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     real = torch.as_tensor(test_split["image"]).float()
     test = {"image": real[:n], "segmentation": torch.as_tensor(test_split["segmentation"][:n]).long(),
             "real": real, "real_features": segmenter_features(judge, real)}
-    ref = None
+    settings = {"run": tv2.run_label(args.run, args.quick), "n": n, "scales": scales, "auto_weights": list(auto_weights),
+                "per_mask": args.per_mask, "div_masks": div, "n_edit": 2 if args.quick else args.n_edit,
+                "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac}
+    ref = tv2.cached_result(args.out, "reference", {"run": settings["run"], "n": n})
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:
         for seed in seeds:
+            done = tv2.cached_result(args.out, f"{arm}_seed{seed}", settings)
+            if done is not None:  # measured by an earlier run of the same settings: kept, not redone
+                per_seed.setdefault(arm, {})[seed] = done
+                print(f"{arm} seed {seed}: kept from {os.path.join(args.out, tv2.PER_SEED_DIR)}", flush=True)
+                continue
             guide = None
             if args.quick:
                 model = tv2.toy_model(arm, seed, device, perturb=0.02)
@@ -349,6 +359,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     return 2
             if ref is None:
                 ref = reference(judge, test, min_frac, av2.NUM_CLASSES, model)
+                tv2.cache_result(args.out, "reference", {"run": settings["run"], "n": n}, ref)
             res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
                                  args.per_mask, 2 if args.quick else args.n_edit, guide, auto_weights)
             examples = res.pop("_examples")
@@ -356,6 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 os.makedirs(args.out, exist_ok=True)
                 editing_figure(os.path.join(args.out, f"editing_{arm}.png"), examples)
             per_seed.setdefault(arm, {})[seed] = res
+            tv2.cache_result(args.out, f"{arm}_seed{seed}", settings, res)
             print(f"{arm} seed {seed}: " + ", ".join(f"scale {k}: Dice {v['fg_mean']:.3f} pass {v['pass_rate']:.3f}"
                                                      for k, v in res["scales"].items()), flush=True)
             del model

@@ -127,3 +127,29 @@ def with_guide_ema(guide: torch.nn.Module) -> torch.nn.Module:
     if getattr(guide, "use_ema", False):
         guide.model_ema.copy_to(guide.model)
     return guide
+
+
+PER_SEED_DIR = "per_seed"
+
+
+def cached_result(out_dir: str, name: str, settings: dict[str, Any]) -> Any:
+    """The result a study kept as ``<out_dir>/per_seed/<name>.json`` when it was measured with these ``settings``
+    (JSON-equal), else ``None`` (absent, or other settings: measured again)."""
+    import json
+
+    path = os.path.join(out_dir, PER_SEED_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        kept = json.load(f)
+    return kept["result"] if kept.get("settings") == json.loads(json.dumps(settings)) else None
+
+
+def cache_result(out_dir: str, name: str, settings: dict[str, Any], result: Any) -> None:
+    """Keep ``result`` (JSON) as ``<out_dir>/per_seed/<name>.json`` with its settings and the code commit (atomic)."""
+    import records as rec
+    from ldm.atomic_io import write_json
+
+    os.makedirs(os.path.join(out_dir, PER_SEED_DIR), exist_ok=True)
+    write_json(os.path.join(out_dir, PER_SEED_DIR, f"{name}.json"),
+               {"settings": settings, "code": rec.code_commit(), "result": result})

@@ -51,6 +51,13 @@ def test_quick_mode_measures_every_scale_per_seed(tmp_path):
     assert 1 <= editing["n"] <= 2 and 0 < editing["redrawn_pixel_share"] < 1  # the quick slices with a liver
     assert editing["kept_region"]["psnr"] > 0 and editing["reconstruction"]["psnr"] > 0
     assert (out / "editing_plain_labelmap.png").stat().st_size > 2000
+    # a second run of the same settings keeps every seed's numbers (a study spans sessions); other settings redo them
+    again = _run("--quick", "--scales", "0,1", "--auto-weights", "2", "-o", str(out))
+    assert again.returncode == 0 and again.stdout.count("kept from") == 2, again.stdout[-2000:]
+    assert json.loads((out / "labelmap.json").read_text())["arms"] == report["arms"]
+    other = _run("--quick", "--scales", "0", "-o", str(out))
+    assert other.returncode == 0 and "kept from" not in other.stdout
+    assert set(json.loads((out / "labelmap.json").read_text())["arms"]["plain_labelmap"]["rows"]) < rows
 
 
 def test_an_arm_without_the_condition_is_refused(tmp_path):
