@@ -19,7 +19,8 @@ noise seed). Per sample, judge A segments the image and:
 - **realism**: the share of samples whose judge-A mask passes the phantom-v2 rules (the benchmark's primary
   measure; real images of the same masks give the reference), the benchmark's image statistics against the whole
   real test split (FID on judge-A features and on pooled pixels, intensity-histogram W1; the unconditional model at
-  scale 0 is the reference the issue names), and the mean absolute difference, per class region of the input mask,
+  scale 0, and the ``--baseline`` arm trained without the condition, sampled as the benchmark does, are the
+  references the issue names), and the mean absolute difference, per class region of the input mask,
   of mean intensity between sample and real image (``intensity_gap``, image units in [-1, 1]);
 - **autoguided** (``--auto-weights``): the same masks' samples guided by the model's own quarter checkpoint given
   the same masks (:class:`~ldm.models.diffusion.autoguidance.Autoguidance` in place of classifier-free guidance;
@@ -169,6 +170,20 @@ def evaluate_model(model: torch.nn.Module, judge: torch.nn.Module, test: dict[st
     return out
 
 
+def evaluate_baseline(model: torch.nn.Module, judge: torch.nn.Module, test: dict[str, torch.Tensor], n: int,
+                      steps: int, noise_seed: int, min_frac: float) -> dict[str, Any]:
+    """The model trained without the condition, sampled as the benchmark samples it (``n`` samples, DDIM eta 0, the
+    noise seed's start noises): rule pass rate and image statistics, the reference of realism."""
+    import anatomy_models as am
+    import anatomy_v2 as av2
+    from ldm.evaluation.segmenter import segment
+
+    images = am.draw_samples(model, n, steps, noise_seed, 100, None, False)["image"]
+    seg = segment(judge, images, batch_size=128)
+    return {"pass_rate": float(np.mean(av2.judge_masks(seg, min_frac)["plausible"])),
+            **image_statistics(images, test["real"], judge, test["real_features"])}
+
+
 def editing_figure(path: str, examples: dict[str, torch.Tensor]) -> None:
     """Rows of examples: the real slice | its mask | the edited mask | the edited slice."""
     from PIL import Image
@@ -273,7 +288,10 @@ def markdown(report: dict[str, Any]) -> str:
                  f" Autoguided rows: guidance scale 1, guided by each model's step-{report['guide_step']} checkpoint "
                  "given the same masks." if report.get("auto_weights") else ""), "",
              "| arm | measure | mean over seeds [95 % t] | per seed |", "|---|---|---|---|"]
-    for arm, a in report["arms"].items():
+    groups = list(report["arms"].items())
+    if report.get("baseline"):
+        groups.append((f"{report['baseline']['arm']} (trained without the condition)", report["baseline"]))
+    for arm, a in groups:
         for row, iv in a["rows"].items():
             cell = num(iv["mean"]) + (f" [{num(iv['lo'])}, {num(iv['hi'])}]" if iv.get("lo") is not None else "")
             lines.append(f"| {arm} | {row} | {cell} | {', '.join(num(v) for v in a['per_seed'][row])} |")
@@ -288,6 +306,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--div-masks", "--div_masks", dest="div_masks", type=int, default=8)
     p.add_argument("--per-mask", "--per_mask", dest="per_mask", type=int, default=4)
     p.add_argument("--n-edit", "--n_edit", dest="n_edit", type=int, default=50, help="test slices edited")
+    p.add_argument("--baseline", default="plain",
+                   help="the arm trained without the condition whose unconditional samples (--n, as the benchmark "
+                        "draws them) are the realism reference, per seed ('' : none)")
     p.add_argument("--auto-weights", "--auto_weights", dest="auto_weights", default="",
                    help="comma-separated autoguidance weights (> 1): the masks' samples also autoguided by each "
                         "model's quarter checkpoint (the benchmark keeps it), guidance scale 1")
@@ -298,6 +319,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         seeds = av2._seed_list(args.seeds)
+        if args.baseline and args.baseline not in av2.ARMS_V2:
+            raise ValueError(f"--baseline {args.baseline!r} is not a benchmark-v2 arm")
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         scales = [float(s) for s in args.scales.split(",") if s.strip()]
         auto_weights = tuple(float(w) for w in args.auto_weights.split(",") if w.strip())
@@ -371,11 +394,34 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{arm} seed {seed}: " + ", ".join(f"scale {k}: Dice {v['fg_mean']:.3f} pass {v['pass_rate']:.3f}"
                                                      for k, v in res["scales"].items()), flush=True)
             del model
+    baseline = None
+    if args.baseline:
+        base_settings = {k: settings[k] for k in ("run", "n", "noise_seed", "sampler_steps", "min_area_frac")}
+        base_seeds = {}
+        for seed in seeds:
+            name = f"baseline_{args.baseline}_seed{seed}"
+            res = tv2.cached_result(args.out, name, base_settings)
+            if res is None:
+                try:
+                    model = (tv2.toy_model(args.baseline, seed, device, perturb=0.02) if args.quick else
+                             tv2.trained_model(args.run, setup, args.baseline, seed, preset.steps, device))
+                except FileNotFoundError as err:
+                    print(f"labelmap_v2.py: error: {err}", file=sys.stderr)
+                    return 2
+                res = evaluate_baseline(model, judge, test, n, steps, noise_seed, min_frac)
+                tv2.cache_result(args.out, name, base_settings, res)
+            base_seeds[seed] = res
+        from anatomy_stats import mean_interval
+
+        order = sorted(base_seeds)
+        values = {f"unconditional: {m}": [base_seeds[k][m] for k in order] for m in ("pass_rate",) + IMAGE_STATISTICS}
+        baseline = {"arm": args.baseline, "seeds": order, "rows": {r: mean_interval(v) for r, v in values.items()},
+                    "per_seed": values}
     report = {"mode": "quick" if args.quick else "development", "claim": False, "preset": preset_name,
               "run": tv2.run_label(args.run, args.quick),
               "n": n, "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac, "scales": scales,
               "per_mask": args.per_mask, "div_masks": div, "device": _device_name(device),
-              "n_real": len(real), "reference": ref, "arms": summarise(per_seed, scales, auto_weights),
+              "n_real": len(real), "reference": ref, "baseline": baseline, "arms": summarise(per_seed, scales, auto_weights),
               "auto_weights": list(auto_weights), "guide_step": tv2.guide_step(preset) if auto_weights else None,
               "raw": {a: {str(k): v for k, v in s.items()} for a, s in per_seed.items()}, "code": rec.code_commit()}
     tv2.write_study(args.out, "labelmap", report, markdown(report))

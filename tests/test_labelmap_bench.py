@@ -30,6 +30,10 @@ def test_quick_mode_measures_every_scale_per_seed(tmp_path):
     assert {"scale 1: fid_segmenter", "scale 1: fid_pixel8", "scale 0: histogram_w1", "autoguided w 2: fg_mean",
             "autoguided w 2: pass_rate"} <= rows
     assert report["auto_weights"] == [2.0] and report["guide_step"] >= 1
+    base = report["baseline"]
+    assert base["arm"] == "plain" and base["seeds"] == [0, 1]
+    assert all(0.0 <= v <= 1.0 for v in base["per_seed"]["unconditional: pass_rate"])
+    assert all(v >= 0.0 for v in base["per_seed"]["unconditional: fid_segmenter"])
     # the autoguided samples are not the unguided ones (the guide is another toy model)
     assert report["raw"]["plain_labelmap"]["0"]["auto"]["2"]["fg_mean"] != \
         report["raw"]["plain_labelmap"]["0"]["scales"]["1"]["fg_mean"]
