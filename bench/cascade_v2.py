@@ -165,6 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
         diff = "-" if t.get("diff") is None else f"{100 * t['diff']:+.1f}" + (
             f" [{100 * t['lo']:+.1f}, {100 * t['hi']:+.1f}]" if t.get("lo") is not None else "")
         p_holm = "-" if t.get("p_holm") is None else f"{t['p_holm']:.3f}"
+        if t.get("note"):  # the t-test's limit, not evidence: the seeds' differences happened to be equal
+            p_holm += " (differences equal in every seed: no variance to test against)"
         lines.append(f"| {k} | {diff} | {p_holm} |")
     return "\n".join(lines) + "\n"
 
