@@ -187,16 +187,15 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
     or ``{"names", "volume", "slicing"}`` of a NIfTI label volume (sliced as the run's training data)."""
     from ldm.sample_geometry import data_slicing
     from ldm.sampling.label_volumes import is_label_volume, read_label_volume
-    from ldm.sampling.masks import check_guidance_scale, read_mask_files
+    from ldm.sampling.masks import check_autoguided_scale, check_guidance_scale, read_mask_files
 
     check_guidance_scale(args.guidance_scale)
     if args.per_mask < 1:
         raise ValueError(f"--per_mask must be >= 1, got {args.per_mask}")
     if args.n_samples != get_parser().get_default("n_samples"):
         raise ValueError("-n does not apply with --masks (one image per mask and --per_mask); drop -n")
-    if args.autoguide is not None and args.guidance_scale not in (0.0, 1.0):
-        raise ValueError(f"--autoguide takes the place of classifier-free guidance: --guidance_scale 1 (from the "
-                         f"masks) or 0, not {args.guidance_scale:g}")
+    if args.autoguide is not None:
+        check_autoguided_scale(args.guidance_scale)
     clash = [flag for flag, on in (("--anatomy_guidance", args.anatomy_guidance),
                                    ("--vanilla_sample", args.vanilla_sample), ("--stack", args.stack),
                                    ("--hu", args.hu), ("--format nii/npz", set(args.format) - {"png"})) if on]

@@ -27,6 +27,14 @@ def check_guidance_scale(scale: Any) -> float:
     return nonnegative_number(scale, "guidance_scale", " (1: conditional, 0: unconditional)")
 
 
+def check_autoguided_scale(scale: float) -> None:
+    """ValueError unless ``scale`` is 1 (from the masks) or 0 (unconditional): autoguidance takes the place of
+    classifier-free guidance."""
+    if scale not in (0.0, 1.0):
+        raise ValueError(f"autoguidance takes the place of classifier-free guidance: guidance scale 1 (from the "
+                         f"masks) or 0 (unconditional), not {scale:g}")
+
+
 def mask_condition_of(model: torch.nn.Module):
     """The model's :class:`~ldm.modules.mask_condition.MaskCondition`, or a ValueError for a model without one."""
     condition = getattr(model, "mask_condition", None)
@@ -80,9 +88,7 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
     condition = mask_condition_of(model)
     scale = check_guidance_scale(guidance_scale)
     if autoguidance is not None:
-        if scale not in (0.0, 1.0):
-            raise ValueError(f"autoguidance takes the place of classifier-free guidance: guidance_scale 1 (from the "
-                             f"masks) or 0 (unconditional), not {scale:g}")
+        check_autoguided_scale(scale)
         if autoguidance.model is not model:
             raise ValueError("the autoguidance was made for another model than the one sampled")
         mask_condition_of(autoguidance.guide)  # the guide must read the same condition
