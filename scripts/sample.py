@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -70,7 +70,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "label volume (sliced as the training data; the samples are also written as volumes in its "
                         "geometry); pixels with the run's ignore value (255) are unknown, so a partial mask is "
                         "filled in. Writes images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new "
-                        "folder")
+                        "folder (the same command again finishes an interrupted session there); --format npz/nii "
+                        "and --hu as for unconditional samples (a label volume's NIfTI files are its volumes)")
     p.add_argument("--per_mask", type=int, default=1, metavar="K", help="with --masks: images per mask")
     p.add_argument("--guidance_scale", type=float, default=1.0, metavar="S",
                    help="with --masks: classifier-free guidance scale (1: conditional, default; 0: the unconditional "
@@ -126,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         tag += f"_autoguided{args.autoguide_weight:g}" if args.autoguide is not None else ""
         tag = f"from_masks_{tag}_g{args.guidance_scale:g}" if masks is not None else tag
         out_dir = os.path.join(base, "samples", f"{tag}_seed{args.seed}")
-    sampling.check_output_dir(out_dir)
+    if masks is None:
+        sampling.check_output_dir(out_dir)
+    else:
+        from ldm.sampling.masks import check_from_masks_folder
+
+        check_from_masks_folder(out_dir)  # new, or its own interrupted session to finish
     geometry = None
     if "nii" in args.format or args.hu or args.stack:
         from ldm.sample_geometry import resolve_geometry
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{guide_info['checkpoint_sha256'][:16]})")
     info["load_s"] = time.perf_counter() - t0
     if masks is not None:
-        return sample_masks(model, info, args, out_dir, masks, autoguidance)
+        return sample_masks(model, info, args, out_dir, masks, autoguidance, geometry)
     if args.mask_from is not None:
         if not hasattr(model, "mask_from") or getattr(model, "is_joint", False):
             print(f"sample.py: error: --mask_from needs an anatomical model with a segmentation head; "
@@ -187,7 +193,7 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
     or ``{"names", "volume", "slicing"}`` of a NIfTI label volume (sliced as the run's training data)."""
     from ldm.sample_geometry import data_slicing
     from ldm.sampling.label_volumes import is_label_volume, read_label_volume
-    from ldm.sampling.masks import check_autoguided_scale, check_guidance_scale, read_mask_files
+    from ldm.sampling.masks import check_autoguided_scale, check_from_masks_folder, check_guidance_scale, read_mask_files
 
     check_guidance_scale(args.guidance_scale)
     if args.per_mask < 1:
@@ -197,12 +203,14 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
     if args.autoguide is not None:
         check_autoguided_scale(args.guidance_scale)
     clash = [flag for flag, on in (("--anatomy_guidance", args.anatomy_guidance),
-                                   ("--vanilla_sample", args.vanilla_sample), ("--stack", args.stack),
-                                   ("--hu", args.hu), ("--format nii/npz", set(args.format) - {"png"})) if on]
+                                   ("--vanilla_sample", args.vanilla_sample)) if on]
     if clash:
         raise ValueError(f"--masks does not combine with {', '.join(clash)} yet")
-    if args.logdir is not None and os.path.isdir(args.logdir) and os.listdir(args.logdir):
-        raise ValueError(f"output folder {args.logdir} is not empty; sampling from masks writes into a new folder")
+    if args.stack:
+        raise ValueError("--stack does not apply with --masks: the samples of a NIfTI label volume are written as "
+                         "volumes in its geometry, those of mask files one NIfTI each with --format nii")
+    if args.logdir is not None:
+        check_from_masks_folder(args.logdir)
     if is_label_volume(args.masks):
         slicing = data_slicing(sampling.resolve_config(config))
         volume = read_label_volume(args.masks, slicing["slice_axis"], slicing["label_map"])
@@ -212,11 +220,11 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
 
 
 def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, out_dir: str,
-                 inputs: dict[str, Any], autoguidance: Any = None) -> int:
+                 inputs: dict[str, Any], autoguidance: Any = None, geometry: Any = None) -> int:
     """The ``--masks`` session: ``--per_mask`` images for every mask into ``out_dir`` (for a label volume also as
-    volumes in its geometry), autoguided with ``--autoguide``."""
+    volumes in its geometry), autoguided with ``--autoguide``; the same command again finishes an interrupted one."""
     from ldm.sampling.label_volumes import fit_label_volume
-    from ldm.sampling.masks import model_image_size, write_from_masks
+    from ldm.sampling.masks import masks_complete, model_image_size, write_from_masks
 
     names, masks, volume = inputs["names"], inputs.get("masks"), None
     if "volume" in inputs:
@@ -228,12 +236,24 @@ def sample_masks(model: torch.nn.Module, info: dict, args: argparse.Namespace, o
         volume = {"affine": affine, "slice_axis": inputs["volume"].slice_axis, "source": inputs["volume"].path,
                   "label_map": slicing["label_map"]}
 
-    record = write_from_masks(model, out_dir, names, masks, args.per_mask, args.custom_steps, args.eta, args.seed,
-                              args.guidance_scale, args.batch_size, args.sampler, args.ema and info["has_ema"],
-                              args.save_masks, colours=sampling.palette_for(model), info=info,
-                              progress=args.progress, volume=volume, autoguidance=autoguidance)
+    try:
+        record = write_from_masks(model, out_dir, names, masks, args.per_mask, args.custom_steps, args.eta,
+                                  args.seed, args.guidance_scale, args.batch_size, args.sampler,
+                                  args.ema and info["has_ema"], args.save_masks, colours=sampling.palette_for(model),
+                                  info=info, progress=args.progress, volume=volume, autoguidance=autoguidance,
+                                  formats=args.format, geometry=geometry, hu=args.hu)
+    except KeyboardInterrupt as err:
+        done, total = masks_complete(out_dir)
+        raise SamplingInterrupted(out_dir, f"{done} of {total} masks have all their images in {out_dir} "
+                                           "(from_masks.json records the session)") from err
+    record_path = os.path.join(out_dir, "from_masks.json")
+    if record.get("already_complete"):
+        print(f"{out_dir} already holds this session, complete; nothing to do (record {record_path})")
+        return 0
+    resumed = record.get("resumed")
+    kept = f" (kept {resumed['kept_masks']} masks of the interrupted session)" if resumed else ""
     print(f"wrote {record['masks'] * record['per_mask']} images for {record['masks']} masks (guidance scale "
-          f"{args.guidance_scale:g}) to {out_dir}; record {os.path.join(out_dir, 'from_masks.json')}")
+          f"{args.guidance_scale:g}) to {out_dir}{kept}; record {record_path}")
     return 0
 
 
@@ -252,14 +272,20 @@ def check_autoguide(args: argparse.Namespace) -> None:
 class SamplingInterrupted(KeyboardInterrupt):
     """Ctrl-C during a sampling session into ``out_dir``; what it wrote is kept (:func:`cli` says so in one line)."""
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str, kept: Optional[str] = None) -> None:
         super().__init__(f"sampling into {out_dir} interrupted")
         self.out_dir = out_dir
+        self.kept = kept  # what the folder holds, when the session knows it (sampling from masks)
 
 
-def stopped_line(out_dir: str, what: str) -> str:
-    """One line for a session that stopped before its end: why, what is in the folder, how to finish."""
+def stopped_line(out_dir: str, what: str, kept: Optional[str] = None) -> str:
+    """One line for a session that stopped before its end: why, what is in the folder (``kept``, else counted from
+    ``samples.json``), how to finish."""
     from ldm.sample_io import MANIFEST, read_manifest, scan_samples
+
+    if kept is not None:
+        return (f"sample.py: {what}; {kept}. Run the same command again to finish it: the incomplete masks are "
+                "redone and the complete ones kept")
 
     try:
         complete: int | None = len(scan_samples(out_dir, sessions=read_manifest(out_dir).get("sessions", []))[0])
@@ -279,7 +305,7 @@ def cli(argv: list[str] | None = None) -> int:
     except SamplingInterrupted as stop:
         if os.environ.get("LDM_TRACEBACK"):
             raise
-        sys.stderr.write(stopped_line(stop.out_dir, "interrupted (Ctrl-C)") + "\n")
+        sys.stderr.write(stopped_line(stop.out_dir, "interrupted (Ctrl-C)", stop.kept) + "\n")
         return 130
     except KeyboardInterrupt:
         if os.environ.get("LDM_TRACEBACK"):

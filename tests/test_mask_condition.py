@@ -548,3 +548,164 @@ def test_a_raw_label_volume_is_mapped_by_the_training_datasets_label_map(conditi
     with pytest.raises(ValueError, match=r"labels \[6, 9\] outside 0..5"):
         load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "raw.nii.gz"), "-c", "2",
                                     "--no-progress", "--device", "cpu", "-l", str(tmp_path / "refused")])
+
+
+def _ct_run(conditioned_run, tmp_path):
+    """The conditioned run as a CT-Organ run (its dataset names the CT window the samples are drawn in)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "2026-01-01T00-00-00_ct"
+    shutil.copytree(conditioned_run, run)
+    project = run / "configs" / "2026-01-01T00-00-00-project.yaml"
+    config = OmegaConf.load(project)
+    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, "train": {
+        "target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32}}}}
+    OmegaConf.save(config, project)
+    return str(run)
+
+
+def test_sampling_from_mask_files_writes_npz_nifti_and_hounsfield_units(conditioned_run, tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from ldm.data.intensity import hu_from_ct
+    from ldm.sample_geometry import display_to_canonical
+    from test_sample_run import load_script
+
+    full, partial = _mask_folder(tmp_path / "masks")
+    sample = load_script("sample")
+    common = ["--masks", str(tmp_path / "masks"), "-c", "3", "--seed", "1", "--per_mask", "2", "--save_masks",
+              "--no-progress", "--device", "cpu"]
+    out = tmp_path / "out"
+    assert sample.main(["-r", conditioned_run, *common, "--format", "npz", "nii", "-l", str(out)]) == 0
+    names = ["a_0", "a_1", "b_liver_only_0", "b_liver_only_1"]
+    assert sorted(os.listdir(out / "images")) == sorted(f"{n}{e}" for n in names for e in (".png", ".npz", ".nii.gz"))
+    assert sorted(os.listdir(out / "masks")) == sorted(f"{n}{e}" for n in names for e in (".png", ".nii.gz"))
+    for name in names:
+        npz = np.load(out / "images" / f"{name}.npz")
+        png = np.asarray(Image.open(out / "images" / f"{name}.png")).astype(np.float32)
+        assert npz["image"].shape == (32, 32) and np.abs((npz["image"] + 1) * 127.5 - png).max() <= 0.5 + 1e-4
+        assert np.array_equal(npz["mask"], np.asarray(Image.open(out / "masks" / f"{name}.png")))
+        nifti = np.asarray(nib.load(out / "images" / f"{name}.nii.gz").dataobj)
+        assert np.allclose(nifti, display_to_canonical(npz["image"][None]), atol=1e-6)
+    for stem, mask in (("a", full), ("b_liver_only", partial)):  # the condition as a label NIfTI, unknown = 255
+        cond = np.asarray(nib.load(out / "condition_masks" / f"{stem}.nii.gz").dataobj)
+        assert np.array_equal(cond, display_to_canonical(mask[None]))
+    record = json.loads((out / "from_masks.json").read_text())
+    assert record["formats"] == ["png", "npz", "nii"] and record["status"] == "complete"
+    assert record["geometry"]["orientation"] == "RAS" and record["hu"] is False
+    # --hu: a CT run's samples in Hounsfield units, the same samples as in [-1, 1] through the window inverted
+    with pytest.raises(ValueError, match="--hu needs a CT run"):
+        sample.main(["-r", conditioned_run, *common, "--hu", "-l", str(tmp_path / "not_ct")])
+    ct = _ct_run(conditioned_run, tmp_path)
+    plain, hu = tmp_path / "ct_plain", tmp_path / "ct_hu"
+    assert sample.main(["-r", ct, *common, "--format", "npz", "-l", str(plain)]) == 0
+    assert sample.main(["-r", ct, *common, "--hu", "-l", str(hu)]) == 0
+    hu_record = json.loads((hu / "from_masks.json").read_text())
+    assert hu_record["hu"] is True and "nii" in hu_record["formats"]
+    level_width = hu_record["geometry"]["intensity"]["window"]
+    for name in names:
+        unit = display_to_canonical(np.load(plain / "images" / f"{name}.npz")["image"][None])
+        written = np.asarray(nib.load(hu / "images" / f"{name}.nii.gz").dataobj)
+        assert np.allclose(written, hu_from_ct(unit, level_width), atol=1e-2)
+        assert np.abs(written - unit).max() > 10  # HU, not the network's [-1, 1]
+
+
+def test_sampling_from_masks_finishes_an_interrupted_session(conditioned_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    import ldm.sample_io as sample_io
+    from test_sample_run import load_script
+
+    _mask_folder(tmp_path / "masks")
+    (tmp_path / "masks" / "c.npy").write_bytes((tmp_path / "masks" / "b_liver_only.npy").read_bytes())
+    sample = load_script("sample")
+    common = ["-r", conditioned_run, "--masks", str(tmp_path / "masks"), "-c", "3", "--seed", "5", "--per_mask",
+              "2", "--batch_size", "2", "--save_masks", "--format", "npz", "--no-progress", "--device", "cpu"]
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert sample.main([*common, "-l", str(fresh)]) == 0
+    real_save, calls = sample_io.save_samples, []
+
+    def interrupted(*args, **kwargs):  # the second batch (the second mask) is stopped half-way through its files
+        calls.append(1)
+        if len(calls) == 2:
+            real_save(*args, **kwargs)
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(sample_io, "save_samples", interrupted)
+    assert sample.cli([*common, "-l", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (Ctrl-C); 1 of 3 masks have all their images" in err and "Run the same command again" in err
+    assert json.loads((out / "from_masks.json").read_text())["status"] == "started"
+    assert "000000.png" in os.listdir(out / "images")  # the interrupted batch's files, not yet renamed
+    monkeypatch.setattr(sample_io, "save_samples", real_save)
+    with pytest.raises(ValueError, match="guidance_scale 1.0 there, 2.0 now"):
+        sample.main([*common, "--guidance_scale", "2", "-l", str(out)])
+    assert sample.main([*common, "-l", str(out)]) == 0
+    assert "kept 1 masks of the interrupted session" in capsys.readouterr().out
+    record = json.loads((out / "from_masks.json").read_text())
+    assert record["status"] == "complete" and record["resumed"] == {"kept_masks": 1, "redone_masks": 2}
+    for sub in ("images", "masks", "masks_colour", "condition_masks"):  # the same files as one uninterrupted run
+        assert sorted(os.listdir(out / sub)) == sorted(os.listdir(fresh / sub)), sub
+        for name in os.listdir(fresh / sub):
+            if name.endswith(".png"):
+                assert (out / sub / name).read_bytes() == (fresh / sub / name).read_bytes(), name
+    assert sample.main([*common, "-l", str(out)]) == 0
+    assert "already holds this session, complete; nothing to do" in capsys.readouterr().out
+
+
+def test_a_label_volume_session_in_hounsfield_units_with_own_masks_and_a_resume(conditioned_run, tmp_path,
+                                                                                 monkeypatch):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    import ldm.sample_io as sample_io
+    from ldm.data.intensity import hu_from_ct
+    from test_sample_run import load_script
+
+    _label_volume(tmp_path / "labels.nii.gz")
+    ct = _ct_run(conditioned_run, tmp_path)
+    sample = load_script("sample")
+    common = ["-r", ct, "--masks", str(tmp_path / "labels.nii.gz"), "-c", "2", "--save_masks", "--batch_size", "2",
+              "--no-progress", "--device", "cpu"]
+    plain, hu = tmp_path / "plain", tmp_path / "hu"
+    assert sample.main([*common, "-l", str(plain)]) == 0
+    real_save, calls = sample_io.save_samples, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(sample_io, "save_samples", interrupted)
+    assert sample.cli([*common, "--hu", "-l", str(hu)]) == 130
+    monkeypatch.setattr(sample_io, "save_samples", real_save)
+    assert sample.main([*common, "--hu", "-l", str(hu)]) == 0
+    record = json.loads((hu / "from_masks.json").read_text())
+    assert record["resumed"] == {"kept_masks": 2, "redone_masks": 3} and record["volumes"]["hu"] is True
+    assert sorted(record["volumes"]["files"]) == ["condition_masks.nii.gz", "images_0.nii.gz", "masks_0.nii.gz"]
+    assert not (hu / ".volume_slices").exists() and not list((hu / "images").glob("*.nii.gz"))
+    assert record["geometry"] is None  # a label volume's NIfTI files are its volumes, in its own geometry
+    source = nib.load(tmp_path / "labels.nii.gz")
+    in_hu = nib.load(hu / "images_0.nii.gz")
+    assert np.allclose(in_hu.affine, nib.load(plain / "images_0.nii.gz").affine)
+    from ldm.data.medical_images import CTOrganTrain
+
+    expected = hu_from_ct(np.asarray(nib.load(plain / "images_0.nii.gz").dataobj), CTOrganTrain.default_window)
+    assert np.allclose(np.asarray(in_hu.dataobj), expected, atol=1e-2)
+    own = nib.as_closest_canonical(nib.load(hu / "masks_0.nii.gz"))
+    assert own.shape == nib.as_closest_canonical(source).shape
+    first = np.asarray(Image.open(hu / "masks" / "labels_0000_0.png"))
+    from ldm.data.io import volume_slice_to_display
+
+    assert np.array_equal(volume_slice_to_display(np.asarray(own.dataobj), 0, 2), first)

@@ -97,17 +97,23 @@ def stack_volume(slices: np.ndarray, slice_axis: int) -> np.ndarray:
 
 
 def write_volumes(out_dir: str, images: np.ndarray, masks: np.ndarray, affine: np.ndarray, slice_axis: int,
-                  per_mask: int) -> list[str]:
-    """``images_<k>.nii.gz`` (float, [-1, 1]; ``images`` ``[N * per_mask, H, W]`` grouped by slice) for every
-    ``k < per_mask`` and ``condition_masks.nii.gz`` (uint8), on the grid of ``affine``; returns the file names."""
+                  per_mask: int, own_masks: Optional[np.ndarray] = None) -> list[str]:
+    """``images_<k>.nii.gz`` (float: [-1, 1], or HU; ``images`` ``[N * per_mask, H, W]`` grouped by slice) for every
+    ``k < per_mask``, ``condition_masks.nii.gz`` (uint8) and, given the model's own masks ``own_masks`` (grouped as
+    the images), ``masks_<k>.nii.gz``, on the grid of ``affine``; returns the file names."""
     from ldm.sample_io import save_nifti
 
     names = []
     grouped = images.reshape(-1, per_mask, *images.shape[1:])
+    own = None if own_masks is None else own_masks.reshape(-1, per_mask, *own_masks.shape[1:])
     for k in range(per_mask):
         name = f"images_{k}.nii.gz"
         save_nifti(os.path.join(out_dir, name), stack_volume(grouped[:, k].astype(np.float32), slice_axis), affine)
         names.append(name)
+        if own is not None:
+            save_nifti(os.path.join(out_dir, f"masks_{k}.nii.gz"), stack_volume(own[:, k].astype(np.uint8), slice_axis),
+                       affine)
+            names.append(f"masks_{k}.nii.gz")
     save_nifti(os.path.join(out_dir, "condition_masks.nii.gz"), stack_volume(masks.astype(np.uint8), slice_axis),
                affine)
     return names + ["condition_masks.nii.gz"]

@@ -13,7 +13,7 @@ sampling the checkpoint without a mask), anything else two calls per step.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,11 +75,13 @@ def conditional_denoiser(model: torch.nn.Module, guidance_scale: float, uncond: 
 def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, eta: float = 0.0, seed: int = 0,
                       guidance_scale: float = 1.0, per_mask: int = 1, batch_size: Optional[int] = None,
                       sampler: str = "ddim", use_ema: bool = True, return_masks: bool = False,
-                      first_index: int = 0, autoguidance: Any = None) -> Any:
+                      first_index: int = 0, autoguidance: Any = None,
+                      noise_indices: Optional[Sequence[int]] = None) -> Any:
     """Images ``[N * per_mask, C, H, W]`` (in [-1, 1], not clamped) for the label maps ``masks`` ``[N, H, W]``
     (``ignore_index`` = unknown: a partial mask), ``per_mask`` samples each (sample ``i`` is mask ``i // per_mask``,
-    from the start noise of ``(seed, first_index + i)``). With ``return_masks`` (anatomical models) also the model's
-    own predicted masks of the samples (its head reads the sample, not the condition): ``(images, predicted)``.
+    from the start noise of ``(seed, first_index + i)``, or of ``(seed, noise_indices[i])``). With ``return_masks``
+    (anatomical models) also the model's own predicted masks of the samples (its head reads the sample, not the
+    condition): ``(images, predicted)``.
     ``autoguidance`` (an :class:`~ldm.models.diffusion.autoguidance.Autoguidance` of this model, e.g. by an earlier
     checkpoint of its run) guides the conditional model by the guide given the same mask, in place of
     classifier-free guidance (``guidance_scale`` 1; 0: both unconditional)."""
@@ -96,6 +98,9 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
         raise ValueError(f"per_mask must be >= 1, got {per_mask}")
     labels = as_mask_batch(masks, condition.num_classes, condition.ignore_index)
     total = labels.shape[0] * int(per_mask)
+    noise = list(range(first_index, first_index + total)) if noise_indices is None else [int(i) for i in noise_indices]
+    if len(noise) != total:
+        raise ValueError(f"noise_indices has {len(noise)} entries for {total} samples")
     size = int(batch_size or total)
     sampler = check_sampling_settings(total, size, ddim_steps, eta, sampler)
     if return_masks and not is_anatomical(model):
@@ -113,7 +118,7 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
             if cond is not None and scale != 1.0:
                 make = conditional_denoiser(model, scale,
                                             {MASK_CONDITION_KEY: torch.zeros_like(cond[MASK_CONDITION_KEY])})
-            drawn = draw_batch(model, [first_index + i for i in indices], seed, ddim_steps, eta, sampler,
+            drawn = draw_batch(model, [noise[i] for i in indices], seed, ddim_steps, eta, sampler,
                                masks=return_masks, cond=cond, make_denoiser=make)
             images.append(drawn["images"])
             if return_masks:
@@ -125,6 +130,11 @@ def sample_from_masks(model: torch.nn.Module, masks: Any, ddim_steps: int = 50, 
 # ---------------------------------------------------------------------------------------------- files
 MASK_SUFFIXES = (".png", ".npy")
 CONDITION_DIR = "condition_masks"
+RECORD = "from_masks.json"
+PARTIAL_DIR = ".volume_slices"  # a label-volume session's float images per mask until the volumes are written
+#: what a session must share with the folder's earlier one to finish it (``write_from_masks``'s resume)
+RESUME_SETTINGS = ("names", "masks_sha256", "per_mask", "seed", "sampler", "ddim_steps", "eta", "guidance_scale",
+                   "ema", "own_masks", "formats", "hu", "checkpoint_sha256", "autoguidance_key", "volume_source")
 
 
 def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
@@ -187,67 +197,227 @@ def check_mask_size(model: torch.nn.Module, masks: np.ndarray) -> None:
                          f"{expected[1]} images; give masks of the training images' size")
 
 
+def sample_files(name: str, per_mask: int, formats: Any, save_masks: bool, volume: bool = False) -> list[str]:
+    """The files (relative to the folder) one mask's samples have when complete; the image PNGs last, as written."""
+    image_ext = [e for e, f in ((".npz", "npz"), (".nii.gz", "nii")) if f in formats and not (volume and f == "nii")]
+    mask_ext = [".png"] + ([".nii.gz"] if "nii" in formats and not volume else [])
+    files = [f"{CONDITION_DIR}/{name}.png"] + ([f"{CONDITION_DIR}/{name}.nii.gz"] if mask_ext[1:] else [])
+    for k in range(per_mask):
+        stem = f"{name}_{k}"
+        if save_masks:
+            files += [f"masks/{stem}{e}" for e in mask_ext] + [f"masks_colour/{stem}.png"]
+        files += [f"images/{stem}{e}" for e in image_ext]
+    if volume:
+        files.append(f"{PARTIAL_DIR}/{name}.npy")
+    return files + [f"images/{name}_{k}.png" for k in range(per_mask)]
+
+
+def _masks_sha256(names: list[str], labels: torch.Tensor) -> str:
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(names).encode())
+    digest.update(np.ascontiguousarray(labels.numpy().astype(np.int64)).tobytes())
+    return digest.hexdigest()
+
+
+def folder_holds_session(out_dir: str) -> bool:
+    """Whether ``out_dir`` is empty (but for a lock) or holds an earlier sampling-from-masks session to finish."""
+    import os
+
+    from ldm.folder_lock import LOCK_NAME
+
+    if not os.path.isdir(out_dir):
+        return True
+    return not (set(os.listdir(out_dir)) - {LOCK_NAME}) or os.path.isfile(os.path.join(out_dir, RECORD))
+
+
+def check_from_masks_folder(out_dir: str) -> None:
+    """ValueError unless ``out_dir`` is new, empty or an earlier sampling-from-masks session (to finish)."""
+    if not folder_holds_session(out_dir):
+        raise ValueError(f"output folder {out_dir} is not empty and holds no {RECORD}: sampling from masks writes into "
+                         "a new folder (or finishes its own interrupted session there)")
+
+
+def _earlier_session(out_dir: str, settings: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The folder's earlier record when it is this session run again (same settings), None for a new folder; a
+    ValueError naming what differs otherwise."""
+    import json
+    import os
+
+    check_from_masks_folder(out_dir)
+    path = os.path.join(out_dir, RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({err}); sample into a new folder") from None
+    differ = [k for k in RESUME_SETTINGS if earlier.get("settings", {}).get(k) != settings[k]]
+    if differ:
+        shown = ", ".join(f"{k} {earlier.get('settings', {}).get(k)!r} there, {settings[k]!r} now"
+                          for k in differ if k not in ("names", "masks_sha256"))
+        what = "other masks" if {"names", "masks_sha256"} & set(differ) else ""
+        raise ValueError(f"{out_dir} holds a sampling-from-masks session with {' and '.join(filter(None, [what, shown]))}"
+                         f"; run the same command to finish it, or sample into a new folder")
+    return earlier
+
+
+def masks_complete(out_dir: str) -> tuple[int, int]:
+    """``(complete, total)`` masks of the sampling-from-masks session recorded in ``out_dir`` (``(0, 0)`` without
+    a readable record)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(out_dir, RECORD)) as f:
+            record = json.load(f)
+        settings = record["settings"]
+    except (OSError, ValueError, KeyError):
+        return 0, 0
+    volume = settings.get("volume_source") is not None
+    done = sum(all(os.path.isfile(os.path.join(out_dir, f)) for f in
+                   sample_files(n, settings["per_mask"], settings["formats"], settings["own_masks"], volume))
+               for n in settings["names"])
+    return done, len(settings["names"])
+
+
 def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], masks: np.ndarray, per_mask: int,
                      ddim_steps: int, eta: float, seed: int, guidance_scale: float, batch_size: int, sampler: str,
                      use_ema: bool, save_masks: bool, colours: Any = None, info: Optional[dict] = None,
                      progress: bool = True, volume: Optional[dict[str, Any]] = None,
-                     autoguidance: Any = None) -> dict[str, Any]:
-    """Sample ``per_mask`` images for every mask into a new folder ``out_dir``: ``images/<name>_<k>.png``, the mask
-    each was made from (``condition_masks/``, class ids; unknown = the ignore value) and with ``save_masks`` the
-    model's own masks (``masks/``, ``masks_colour/``); ``from_masks.json`` records the settings and the files.
-    ``volume`` (``{"affine", "slice_axis", "source"}``: the masks are the slices of a label volume) also writes the
-    samples and the masks as volumes on that grid (:func:`ldm.sampling.label_volumes.write_volumes`).
-    ``autoguidance``: see :func:`sample_from_masks` (recorded with its weight, guide and calls)."""
+                     autoguidance: Any = None, formats: Any = ("png",), geometry: Any = None,
+                     hu: bool = False) -> dict[str, Any]:
+    """Sample ``per_mask`` images for every mask into ``out_dir``: ``images/<name>_<k>.png``, the mask each was made
+    from (``condition_masks/``, class ids; unknown = the ignore value) and with ``save_masks`` the model's own masks
+    (``masks/``, ``masks_colour/``); ``from_masks.json`` records the settings, the files and the session's state.
+
+    ``formats`` adds ``npz`` (the float image in [-1, 1], the own mask) and ``nii`` (per sample: the image, its
+    condition and own masks as NIfTI in ``geometry``, :class:`~ldm.sample_geometry.SampleGeometry`, default 1 mm);
+    ``hu`` writes CT images in Hounsfield units (``geometry``'s window inverted). ``volume`` (``{"affine",
+    "slice_axis", "source"}``: the masks are the slices of a label volume) writes the samples, the condition and own
+    masks as volumes on that grid instead of per-sample NIfTI files
+    (:func:`ldm.sampling.label_volumes.write_volumes`).
+
+    The folder is new, or holds this session interrupted: run again with the same settings and masks, it keeps the
+    masks whose files are all there, redoes the rest (each sample's start noise depends on its index only) and
+    ends complete; other settings are a ValueError naming them. ``autoguidance``: see :func:`sample_from_masks`
+    (recorded with its weight, guide and calls)."""
     import os
     import time
 
     from tqdm import tqdm
 
     from ldm.atomic_io import write_json
-    from ldm.sample_io import _save_png, save_samples
+    from ldm.folder_lock import FolderLock
+    from ldm.sample_geometry import SampleGeometry
+    from ldm.sample_io import _SAMPLE_FILE_RE, _save_png, remove_temporary_files, save_nifti, save_samples
 
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"output folder {out_dir} is not empty; sampling from masks writes into a new folder")
     condition = mask_condition_of(model)
     labels = as_mask_batch(masks, condition.num_classes, condition.ignore_index)
     check_mask_size(model, masks)
-    os.makedirs(os.path.join(out_dir, CONDITION_DIR), exist_ok=True)
-    start, files, kept = time.perf_counter(), [], []
-    bar = tqdm(total=len(names) * per_mask, desc="sampling from masks", unit="img", disable=not progress)
-    for first in range(0, len(names), max(1, batch_size // per_mask)):
-        chunk = list(range(first, min(len(names), first + max(1, batch_size // per_mask))))
-        drawn = sample_from_masks(model, labels[chunk], ddim_steps, eta, seed, guidance_scale, per_mask,
-                                  sampler=sampler, use_ema=use_ema, return_masks=save_masks,
-                                  first_index=first * per_mask, autoguidance=autoguidance)
-        images, own = drawn if save_masks else (drawn, None)
+    formats = list(dict.fromkeys(["png", *formats, *(["nii"] if hu and volume is None else [])]))
+    geometry = geometry or SampleGeometry()
+    if hu:
+        geometry.check_hu()
+    settings = {"names": list(names), "masks_sha256": _masks_sha256(list(names), labels), "per_mask": per_mask,
+                "seed": seed, "sampler": sampler, "ddim_steps": ddim_steps, "eta": eta,
+                "guidance_scale": guidance_scale, "ema": use_ema, "own_masks": save_masks, "formats": formats,
+                "hu": bool(hu), "checkpoint_sha256": (info or {}).get("checkpoint_sha256"),
+                "autoguidance_key": None if autoguidance is None else [autoguidance.weight, autoguidance.description],
+                "volume_source": None if volume is None else volume["source"]}
+    with FolderLock(out_dir, purpose="sampling from masks", advice="sample into another folder"):
+        earlier = _earlier_session(out_dir, settings)
+        if earlier is not None and earlier.get("status") == "complete":
+            return {**earlier, "already_complete": True}
+        remove_temporary_files(out_dir)
+        for sub in ("images", "masks", "masks_colour"):  # numbered files of a batch interrupted before renaming
+            folder = os.path.join(out_dir, sub)
+            for f in os.listdir(folder) if os.path.isdir(folder) else []:
+                if _SAMPLE_FILE_RE.match(f):
+                    os.remove(os.path.join(folder, f))
+        done = [m for m, name in enumerate(names)
+                if all(os.path.isfile(os.path.join(out_dir, f))
+                       for f in sample_files(name, per_mask, formats, save_masks, volume is not None))]
+        todo = [m for m in range(len(names)) if m not in set(done)]
+        record: dict[str, Any] = {
+            "status": "started", "masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler,
+            "ddim_steps": ddim_steps, "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema,
+            "own_masks": save_masks, "formats": formats, "hu": bool(hu),
+            "geometry": geometry.to_dict() if "nii" in formats and volume is None else None,
+            "ignore_index": condition.ignore_index,
+            "files": [{"mask": n, "images": [f"{n}_{k}" for k in range(per_mask)]} for n in names],
+            "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": settings["checkpoint_sha256"],
+            "volumes": None, "autoguidance": None, "settings": settings,
+            "resumed": None if earlier is None else {"kept_masks": len(done), "redone_masks": len(todo)}}
+        write_json(os.path.join(out_dir, RECORD), record)
+        for sub in (CONDITION_DIR,) + ((PARTIAL_DIR,) if volume is not None else ()):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+        start = time.perf_counter()
+        step = max(1, batch_size // per_mask)
+        bar = tqdm(total=len(todo) * per_mask, desc="sampling from masks", unit="img", disable=not progress)
+        for first in range(0, len(todo), step):
+            chunk = todo[first:first + step]
+            drawn = sample_from_masks(model, labels[chunk], ddim_steps, eta, seed, guidance_scale, per_mask,
+                                      sampler=sampler, use_ema=use_ema, return_masks=save_masks,
+                                      autoguidance=autoguidance,
+                                      noise_indices=[m * per_mask + k for m in chunk for k in range(per_mask)])
+            images, own = drawn if save_masks else (drawn, None)
+            for m in chunk:
+                _save_png(os.path.join(out_dir, CONDITION_DIR, f"{names[m]}.png"), labels[m].numpy().astype(np.uint8))
+                if "nii" in formats and volume is None:
+                    cond_volume, affine = _nifti_mask(labels[m].numpy(), geometry)
+                    save_nifti(os.path.join(out_dir, CONDITION_DIR, f"{names[m]}.nii.gz"), cond_volume, affine)
+            numbered = list(range(len(chunk) * per_mask))
+            save_samples(out_dir, numbered, images, own, [f for f in formats if not (volume and f == "nii")],
+                         colours=colours, geometry=geometry, hu=hu)
+            floats = images.detach().float().clamp(-1, 1).cpu().numpy()[:, 0] if volume is not None else None
+            for j, m in enumerate(chunk):  # numbered files -> <mask name>_<k>; the image PNGs last
+                if floats is not None:
+                    np.save(os.path.join(out_dir, PARTIAL_DIR, f"{names[m]}.npy"),
+                            floats[j * per_mask:(j + 1) * per_mask].astype(np.float32))
+                moves = []
+                for k in range(per_mask):
+                    index = f"{j * per_mask + k:06d}"
+                    for sub in ("masks", "masks_colour", "images") if save_masks else ("images",):
+                        for ext in (".nii.gz", ".npz", ".png"):
+                            if os.path.isfile(os.path.join(out_dir, sub, index + ext)):
+                                moves.append((os.path.join(out_dir, sub, index + ext),
+                                              os.path.join(out_dir, sub, f"{names[m]}_{k}{ext}")))
+                moves.sort(key=lambda move: move[0].endswith(".png") and f"{os.sep}images{os.sep}" in move[0])
+                for source, target in moves:
+                    os.replace(source, target)
+            bar.update(len(chunk) * per_mask)
+        bar.close()
         if volume is not None:
-            kept.append(images.detach().float().clamp(-1, 1).cpu().numpy()[:, 0])
-        for m in chunk:
-            _save_png(os.path.join(out_dir, CONDITION_DIR, f"{names[m]}.png"), labels[m].numpy().astype(np.uint8))
-            files.append({"mask": names[m], "images": [f"{names[m]}_{k}" for k in range(per_mask)]})
-        save_samples(out_dir, list(range(first * per_mask, (first + len(chunk)) * per_mask)), images, own,
-                     colours=colours)
-        for j, m in enumerate(chunk):  # numbered files -> <mask name>_<k>
-            for k in range(per_mask):
-                index = (first + j) * per_mask + k
-                for sub in ("images",) + (("masks", "masks_colour") if save_masks else ()):
-                    os.replace(os.path.join(out_dir, sub, f"{index:06d}.png"),
-                               os.path.join(out_dir, sub, f"{names[m]}_{k}.png"))
-        bar.update(len(chunk) * per_mask)
-    bar.close()
-    volumes = None
-    if volume is not None:
-        from ldm.sampling.label_volumes import write_volumes
+            from ldm.sampling.label_volumes import write_volumes
 
-        volumes = {"files": write_volumes(out_dir, np.concatenate(kept), labels.numpy(), volume["affine"],
-                                          volume["slice_axis"], per_mask),
-                   "source": volume["source"], "slice_axis": volume["slice_axis"],
-                   "affine": np.asarray(volume["affine"]).tolist(),
-                   "label_map": {str(k): v for k, v in (volume.get("label_map") or {}).items()}}
-    record = {"masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler, "ddim_steps": ddim_steps,
-              "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema, "own_masks": save_masks,
-              "ignore_index": condition.ignore_index, "files": files, "seconds": time.perf_counter() - start,
-              "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": (info or {}).get("checkpoint_sha256"),
-              "volumes": volumes, "autoguidance": None if autoguidance is None else autoguidance.summary()}
-    write_json(os.path.join(out_dir, "from_masks.json"), record)
+            kept = np.concatenate([np.load(os.path.join(out_dir, PARTIAL_DIR, f"{n}.npy")) for n in names])
+            own_masks = None
+            if save_masks:
+                from ldm.data.io import read_mask_2d
+
+                own_masks = np.stack([read_mask_2d(os.path.join(out_dir, "masks", f"{n}_{k}.png"))
+                                      for n in names for k in range(per_mask)])
+            record["volumes"] = {
+                "files": write_volumes(out_dir, geometry.to_hu(kept) if hu else kept, labels.numpy(),
+                                       volume["affine"], volume["slice_axis"], per_mask, own_masks),
+                "source": volume["source"], "slice_axis": volume["slice_axis"], "hu": bool(hu),
+                "affine": np.asarray(volume["affine"]).tolist(),
+                "label_map": {str(k): v for k, v in (volume.get("label_map") or {}).items()}}
+            for n in names:
+                os.remove(os.path.join(out_dir, PARTIAL_DIR, f"{n}.npy"))
+            os.rmdir(os.path.join(out_dir, PARTIAL_DIR))
+        record.update({"status": "complete", "seconds": time.perf_counter() - start,
+                       "autoguidance": None if autoguidance is None else autoguidance.summary()})
+        write_json(os.path.join(out_dir, RECORD), record)
     return record
+
+
+def _nifti_mask(mask: np.ndarray, geometry: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One display-oriented condition mask as the canonical uint8 volume of a sample (unknown stays the ignore
+    value) and its affine."""
+    from ldm.sample_geometry import display_to_canonical
+
+    volume = display_to_canonical(mask[None].astype(np.uint8), geometry.slice_axis)
+    return volume, geometry.affine(volume.shape)
