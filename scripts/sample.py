@@ -66,9 +66,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="autoguidance weight w with --autoguide (1: the model alone; default 2.0)")
     p.add_argument("--masks", default=None, metavar="PATH",
                    help="mask-conditioned models (mask_condition): draw images for these label maps instead of "
-                        "unconditional samples: a folder of PNG (class ids) / NPY masks, one such file, or a NIfTI "
+                        "unconditional samples: a folder of PNG (class ids) / NPY masks, one such file, a NIfTI "
                         "label volume (sliced as the training data; the samples are also written as volumes in its "
-                        "geometry); pixels with the run's ignore value (255) are unknown, so a partial mask is "
+                        "geometry), or data:SPLIT[:N], the masks of the run config's data split (the first N); pixels with the run's ignore value (255) are unknown, so a partial mask is "
                         "filled in. Writes images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new "
                         "folder (the same command again finishes an interrupted session there); --format npz/nii "
                         "and --hu as for unconditional samples (a label volume's NIfTI files are its volumes)")
@@ -193,7 +193,8 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
     or ``{"names", "volume", "slicing"}`` of a NIfTI label volume (sliced as the run's training data)."""
     from ldm.sample_geometry import data_slicing
     from ldm.sampling.label_volumes import is_label_volume, read_label_volume
-    from ldm.sampling.masks import check_autoguided_scale, check_from_masks_folder, check_guidance_scale, read_mask_files
+    from ldm.sampling.masks import (check_autoguided_scale, check_from_masks_folder, check_guidance_scale,
+                                    is_dataset_masks, read_dataset_masks, read_mask_files)
 
     check_guidance_scale(args.guidance_scale)
     if args.per_mask < 1:
@@ -211,6 +212,9 @@ def read_condition_masks(args: argparse.Namespace, config: Any) -> dict[str, Any
                          "volumes in its geometry, those of mask files one NIfTI each with --format nii")
     if args.logdir is not None:
         check_from_masks_folder(args.logdir)
+    if is_dataset_masks(args.masks):
+        names, masks = read_dataset_masks(config, args.masks, args.progress)
+        return {"names": names, "masks": masks}
     if is_label_volume(args.masks):
         slicing = data_slicing(sampling.resolve_config(config))
         volume = read_label_volume(args.masks, slicing["slice_axis"], slicing["label_map"])

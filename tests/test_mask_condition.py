@@ -709,3 +709,43 @@ def test_a_label_volume_session_in_hounsfield_units_with_own_masks_and_a_resume(
     from ldm.data.io import volume_slice_to_display
 
     assert np.array_equal(volume_slice_to_display(np.asarray(own.dataobj), 0, 2), first)
+
+
+def test_masks_from_the_runs_own_data_split(conditioned_run, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import numpy as np
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from ldm.data.phantom import PhantomDataset
+    from test_sample_run import load_script
+
+    run = tmp_path / "2026-01-01T00-00-00_data"
+    shutil.copytree(conditioned_run, run)
+    project = run / "configs" / "2026-01-01T00-00-00-project.yaml"
+    config = OmegaConf.load(project)
+    params = {"size": 32, "num_samples": 5, "seed": 3, "split": "validation"}
+    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, "validation": {
+        "target": "ldm.data.phantom.PhantomDataset", "params": params}}}
+    OmegaConf.save(config, project)
+    sample = load_script("sample")
+    out = tmp_path / "out"
+    assert sample.main(["-r", str(run), "--masks", "data:validation:3", "-c", "2", "--no-progress", "--device", "cpu",
+                        "-l", str(out)]) == 0
+    real = PhantomDataset(**params)
+    assert sorted(os.listdir(out / "images")) == [f"validation_{i:05d}_0.png" for i in range(3)]
+    for i in range(3):  # the validation split's own labelmaps, as the model saw them in training
+        written = np.asarray(Image.open(out / "condition_masks" / f"validation_{i:05d}.png"))
+        assert np.array_equal(written, real[i]["segmentation"]) and len(np.unique(written)) > 2
+    assert json.loads((out / "from_masks.json").read_text())["masks"] == 3
+    monkeypatch.setattr(sample.sampling, "load_model_for_sampling",
+                        lambda *a, **k: pytest.fail("the model was loaded before the masks were checked"))
+    for spec, match in (("data:train", r"no data split 'train' \(it has validation\)"),
+                        ("data:validation:0", "expected data:SPLIT or data:SPLIT:N"),
+                        ("data:validation:x", "expected data:SPLIT or data:SPLIT:N")):
+        with pytest.raises(ValueError, match=match):
+            sample.main(["-r", str(run), "--masks", spec, "--no-progress", "-l", str(tmp_path / "refused")])
+    with pytest.raises(ValueError, match="no data section"):
+        sample.main(["-r", conditioned_run, "--masks", "data:validation", "--no-progress"])

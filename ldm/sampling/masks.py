@@ -179,6 +179,54 @@ def read_mask_files(path: str) -> tuple[list[str], np.ndarray]:
     return names, np.stack(arrays)
 
 
+DATA_PREFIX = "data:"
+
+
+def is_dataset_masks(spec: str) -> bool:
+    """Whether ``--masks`` names the run's own data (``data:SPLIT[:N]``) rather than files."""
+    return str(spec).startswith(DATA_PREFIX)
+
+
+def read_dataset_masks(config: Any, spec: str, progress: bool = False) -> tuple[list[str], np.ndarray]:
+    """``(names, masks [N, H, W])`` of ``data:SPLIT[:N]``: the labelmaps of the run config's data split ``SPLIT``
+    (``data.params.<SPLIT>``, built as in training, so sliced, resampled and label-mapped as the model saw them),
+    the first ``N`` items that have a mask (all without ``N``), named ``<SPLIT>_<index:05d>`` by dataset index."""
+    from tqdm import tqdm
+
+    from ldm.sampling.run import resolve_config
+    from ldm.util import instantiate_from_config
+
+    parts = spec[len(DATA_PREFIX):].split(":")
+    split, count = parts[0], None
+    if len(parts) > 2 or not split or (len(parts) == 2 and not parts[1].isdigit()) or \
+            (len(parts) == 2 and int(parts[1]) < 1):
+        raise ValueError(f"--masks {spec}: expected data:SPLIT or data:SPLIT:N (N >= 1), e.g. data:validation:16")
+    if len(parts) == 2:
+        count = int(parts[1])
+    data = ((resolve_config(config) or {}).get("data") or {}).get("params") or {}
+    splits = sorted(k for k, v in data.items() if isinstance(v, dict) and "target" in v)
+    if split not in splits:
+        raise ValueError(f"--masks {spec}: the run's config has no data split {split!r}"
+                         f" (it has {', '.join(splits) if splits else 'no data section'})")
+    dataset = instantiate_from_config(data[split])
+    names, masks = [], []
+    bar = tqdm(total=count or len(dataset), desc=f"reading {split} masks", unit="mask", disable=not progress)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item.get("segmentation") is None or not bool(item.get("has_segmentation", True)):
+            continue
+        mask = item["segmentation"]
+        masks.append(np.asarray(mask.numpy() if hasattr(mask, "numpy") else mask).astype(np.int64))
+        names.append(f"{split}_{index:05d}")
+        bar.update(1)
+        if count is not None and len(names) == count:
+            break
+    bar.close()
+    if not masks:
+        raise ValueError(f"--masks {spec}: the {split} split ({len(dataset)} items) has no item with a mask")
+    return names, np.stack(masks)
+
+
 def model_image_size(model: torch.nn.Module) -> tuple[int, int]:
     """``(H, W)`` of the model's images: its latent size times the first stage's factor."""
     from ldm.sampling import latent_shape
