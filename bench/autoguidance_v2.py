@@ -5,6 +5,8 @@
     python bench/autoguidance_v2.py --run bench/out/v2_cpu --arms plain,lean --seeds 0,1,2 \\
         -o bench/autoguidance_v2_cpu_dev          # the CPU development run
     python bench/autoguidance_v2.py -o /tmp/q --quick     # untrained toy models (tests/test_autoguidance_bench.py)
+    python bench/autoguidance_v2.py --claim --run bench/out/v2_cpu -o bench/autoguidance_v2_cpu_claim
+                                                          # addendum 1 (bench/PROTOCOL_AUTOGUIDANCE.md) on the claim run
 
 For every (arm, training seed) of a benchmark-v2 run folder (``--run``: its ``setup/`` judge A and autoencoder,
 ``arms/<arm>/seed<s>/step<steps>.ckpt`` and the quarter checkpoint ``step<steps/4>.ckpt``, which the benchmark keeps
@@ -18,6 +20,12 @@ for its learning curve) the final model is guided by the quarter checkpoint (bot
    unguided DDIM at the protocol's steps (the reference, as the benchmark samples), autoguided at the chosen weight
    at the same steps (**equal steps**: twice the model evaluations), and autoguided at half the steps (**equal
    evaluations**, up to the grid's rounding: the table gives the evaluations per sample).
+
+``--claim`` runs the pre-registered addendum instead (``bench/PROTOCOL_AUTOGUIDANCE.md``): no tuning (its fixed
+weights), its claim seeds and the base protocol's claim noise, on the claim run's final and quarter checkpoints; one
+record per (arm, training seed) into ``bench/records/v2_cpu_claim_autoguidance/`` as each model is done (models not
+trained in the run folder yet are skipped, kept records are not redone), then the report of every record: the four
+primary tests with Holm and the secondary ones, marked partial until every seed of every arm is in.
 
 Measure: benchmark v2's primary measure (judge A's masks checked by the phantom-v2 rules at the primary minimum
 size), one number per (arm, training seed, setting). Seed-level paired differences against the reference, Holm over
@@ -178,9 +186,225 @@ def _load(args: argparse.Namespace, arms: list[str], seeds: list[int], device: t
     return setup["preset_name"], preset, setup["judge"], models, guide_step
 
 
+# ------------------------------------------------------------------------------------ the pre-registered claim
+ADDENDUM_PATH = os.path.join(HERE, "PROTOCOL_AUTOGUIDANCE.md")
+CLAIM_RECORDS = os.path.join(HERE, "records", "v2_cpu_claim_autoguidance")
+ADDENDUM_KEYS = ("addendum", "version", "base_protocol_hash", "arms", "training_seeds", "noise_seed", "samples",
+                 "weights", "settings", "primary")
+
+
+def load_addendum(path: str = ADDENDUM_PATH) -> dict[str, Any]:
+    """The autoguidance addendum's JSON block (``bench/PROTOCOL_AUTOGUIDANCE.md``), checked."""
+    import records as rec
+
+    addendum = rec.json_block(path, "addendum")
+    missing = [k for k in ADDENDUM_KEYS if k not in addendum]
+    if missing:
+        raise ValueError(f"{path}: the addendum lacks {missing}")
+    return addendum
+
+
+def claim_settings(addendum: dict[str, Any], quick_steps: Optional[int] = None) -> dict[str, tuple[int, bool]]:
+    """``{setting: (sampler steps, guided)}``; at the quick preset the steps scale to its ``quick_steps``."""
+    full = max(s["steps"] for s in addendum["settings"].values())
+    out = {}
+    for name, s in addendum["settings"].items():
+        steps = s["steps"] if quick_steps is None else max(1, round(s["steps"] * quick_steps / full))
+        out[name] = (int(steps), bool(s["guided"]))
+    return out
+
+
+def claim_record(model: torch.nn.Module, guide: torch.nn.Module, judge: torch.nn.Module, n: int, noise_seed: int,
+                 min_frac: float, samplers: dict[str, float], weights: dict[str, float],
+                 settings: dict[str, tuple[int, bool]], real_seg: torch.Tensor) -> dict[str, Any]:
+    """Every (sampler, setting) of one model: its pass rate, per-sample verdicts, evaluations and measures."""
+    out = {}
+    for sampler, eta in samplers.items():
+        for name, (steps, guided) in settings.items():
+            weight = float(weights[sampler]) if guided else 1.0
+            r = pass_rate(model, judge, n, noise_seed, min_frac, steps, eta, guide if guided else None, weight,
+                          real_seg)
+            out[f"{sampler}:{name}"] = {**{k: v for k, v in r.items() if k != "plausible"},
+                                        "plausible": [int(v) for v in r["plausible"]], "weight": weight,
+                                        "sampler_steps": steps, "eta": eta}
+    return out
+
+
+def v1_pass_rate(run: str, arm: str, seed: int, sampler: str) -> Optional[float]:
+    """The claim record's own pass rate of the final model under ``sampler`` (``None`` without that record)."""
+    import json
+
+    path = os.path.join(run, "records", f"{arm}_seed{seed}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)["evals"][f"steps/{sampler}"]["judges"]["A"]["primary"]["pass_rate"])
+
+
+def claim_report(records: list[dict[str, Any]], addendum: dict[str, Any]) -> dict[str, Any]:
+    """Per arm and setting the mean pass rate over seeds; the primary contrasts (Holm over the 4) and the secondary
+    ones, each over the training seeds both of its arms have."""
+    from anatomy_stats import holm, mean_interval, seed_paired_test
+
+    rates: dict[str, dict[int, dict[str, float]]] = {}
+    for r in records:
+        rates.setdefault(r["arm"], {})[r["training_seed"]] = {k: v["pass_rate"] for k, v in r["results"].items()}
+    keys = sorted({k for r in records for k in r["results"]})
+    arms = {arm: {"seeds": sorted(by_seed), "pass_rate": {k: mean_interval([by_seed[s][k] for s in sorted(by_seed)])
+                                                          for k in keys}}
+            for arm, by_seed in rates.items()}
+
+    def contrast(a: str, b: str, sampler: str) -> dict[str, Any]:
+        (arm_a, set_a), (arm_b, set_b) = a.split(":"), b.split(":")
+        seeds = sorted(set(rates.get(arm_a, {})) & set(rates.get(arm_b, {})))
+        x = [rates[arm_a][s][f"{sampler}:{set_a}"] for s in seeds]
+        y = [rates[arm_b][s][f"{sampler}:{set_b}"] for s in seeds]
+        return {"a": a, "b": b, "sampler": sampler, "seeds": seeds, **seed_paired_test(x, y)}
+
+    primary = {f"{a} - {b} ({s})": contrast(a, b, s) for a, b in addendum["primary"]["contrasts"]
+               for s in addendum["primary"]["samplers"]}
+    for name, p in holm({k: v["p"] for k, v in primary.items()}).items():
+        primary[name]["p_holm"] = p
+    secondary_pairs = [("anatomical:auto_equal_evals", "plain:auto_equal_evals"),
+                       ("matched:auto_equal_evals", "matched:unguided"),
+                       ("anatomical:auto_equal_evals", "anatomical:unguided"),
+                       ("anatomical:auto_equal_steps", "matched:auto_equal_steps"),
+                       ("plain:auto_equal_steps", "plain:unguided")]
+    secondary = {f"{a} - {b} ({s})": contrast(a, b, s) for a, b in secondary_pairs
+                 for s in addendum["primary"]["samplers"]}
+    complete = sorted(set.intersection(*(set(rates.get(a, {})) for a in addendum["arms"]))) if rates else []
+    return {"arms": arms, "primary": primary, "secondary": secondary, "complete_seeds": complete,
+            "is_claim": complete == sorted(addendum["training_seeds"])}
+
+
+def claim_markdown(report: dict[str, Any], addendum: dict[str, Any], mode: str) -> str:
+    def pct(x: Optional[float]) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    n_all = len(addendum["training_seeds"])
+    status = ("the pre-registered claim: every seed is in" if report["is_claim"] else
+              f"partial: {len(report['complete_seeds'])} of {n_all} training seeds have every arm; not a claim until "
+              "all are in")
+    lines = [f"# Autoguidance on the claim models: addendum 1 ({mode}; {status})", "",
+             f"Addendum `bench/PROTOCOL_AUTOGUIDANCE.md` (hash {report['addendum_hash']}), base protocol "
+             f"{addendum['base_protocol_hash']}; weights {addendum['weights']} (fixed, not tuned); noise seed "
+             f"{addendum['noise_seed']}, {report['n']} samples per model and setting; judge A at the primary minimum "
+             "size.", "", "| arm | seeds | " + " | ".join(report["settings"]) + " |",
+             "|---|---|" + "---|" * len(report["settings"])]
+    for arm, a in report["arms"].items():
+        cells = [pct(a["pass_rate"].get(k, {}).get("mean")) for k in report["settings"]]
+        lines.append(f"| {arm} | {', '.join(map(str, a['seeds']))} | " + " | ".join(cells) + " |")
+    for title, table, holm_col in (("Primary contrasts (Holm over these 4)", report["primary"], True),
+                                   ("Secondary contrasts (not corrected; labelled as such)", report["secondary"],
+                                    False)):
+        lines += ["", f"{title}: seed-level paired differences, points [95 % t]:", "",
+                  "| contrast | seeds | difference | p" + (" (Holm)" if holm_col else "") + " |", "|---|---|---|---|"]
+        for name, t in table.items():
+            diff = "-" if t.get("diff") is None else f"{100 * t['diff']:+.1f}" + (
+                f" [{100 * t['lo']:+.1f}, {100 * t['hi']:+.1f}]" if t.get("lo") is not None else "")
+            p = t.get("p_holm") if holm_col else t.get("p")
+            lines.append(f"| {name} | {len(t['seeds'])} | {diff} | {'-' if p is None else f'{p:.4f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_claim(args: argparse.Namespace, device: torch.device) -> int:
+    """``--claim``: the addendum's models (every arm and seed this run folder holds, or ``--arms``/``--seeds`` of
+    them), one record each into ``--records`` (kept ones are skipped), then the report of all records there."""
+    import json
+
+    import anatomy_v2 as av2
+    import records as rec
+    from anatomy import _device_name
+    from ldm.atomic_io import write_json
+    from ldm.evaluation.segmenter import segment
+
+    protocol = rec.load_protocol()
+    addendum = load_addendum()
+    ahash = rec.canonical_hash(addendum)
+    arms = addendum["arms"] if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+    seeds = addendum["training_seeds"] if args.seeds is None else av2._seed_list(args.seeds)
+    records_dir = os.path.join(args.out, "records") if args.quick else (args.records or CLAIM_RECORDS)
+    try:
+        if set(arms) - set(addendum["arms"]) or set(seeds) - set(addendum["training_seeds"]):
+            raise ValueError(f"--claim runs the addendum's arms {addendum['arms']} and training seeds "
+                             f"{addendum['training_seeds']} only")
+        if int(addendum["noise_seed"]) != int(protocol["claim_noise_seed"]):
+            raise ValueError("the addendum's noise seed is not the base protocol's claim noise seed")
+        if not args.quick:
+            run_json = os.path.join(args.run, "run.json")
+            if not os.path.isfile(run_json):
+                raise ValueError(f"{args.run} holds no run.json (not a benchmark-v2 run folder)")
+            with open(run_json) as f:
+                found = json.load(f).get("protocol_hash")
+            if found != addendum["base_protocol_hash"]:
+                raise ValueError(f"{args.run} is a run of protocol {found}; the addendum is for "
+                                 f"{addendum['base_protocol_hash']}")
+    except ValueError as err:
+        print(f"autoguidance_v2.py: error: {err}", file=sys.stderr)
+        return 2
+    study = tv2.study_setup(args.run, args.quick, device)
+    preset, judge = study["preset"], study["judge"]
+    n = 4 if args.quick else int(addendum["samples"])
+    settings = claim_settings(addendum, preset.sampler_steps if args.quick else None)
+    samplers = {s: float(protocol["samplers"][s]["eta"]) for s in addendum["primary"]["samplers"]}
+    min_frac = av2.min_sizes(protocol)["primary"]
+    real_seg = segment(judge, torch.as_tensor(av2.split(preset, "test")["image"]).float(), batch_size=128)
+    os.makedirs(records_dir, exist_ok=True)
+    for arm in arms:
+        for seed in seeds[:2] if args.quick else seeds:
+            path = os.path.join(records_dir, f"{arm}_seed{seed}.json")
+            if os.path.isfile(path):
+                continue
+            try:
+                if args.quick:
+                    model = tv2.toy_model(arm, seed, device, perturb=0.02)
+                    guide = tv2.with_guide_ema(tv2.toy_model(arm, seed + 1, device, perturb=0.02))
+                else:
+                    model = tv2.trained_model(args.run, study["setup"], arm, seed, preset.steps, device)
+                    guide = tv2.with_guide_ema(tv2.trained_model(args.run, study["setup"], arm, seed,
+                                                                 tv2.guide_step(preset), device))
+            except FileNotFoundError as err:
+                print(f"{arm} seed {seed}: skipped, not trained in {args.run} ({err})", flush=True)
+                continue
+            t0 = time.perf_counter()
+            results = claim_record(model, guide, judge, n, int(addendum["noise_seed"]), min_frac, samplers,
+                                   addendum["weights"], settings, real_seg)
+            reference = {s: None if args.quick else v1_pass_rate(args.run, arm, seed, s) for s in samplers}
+            write_json(path, {"format": "anatomy-autoguidance-claim/1", "addendum_hash": ahash, "arm": arm,
+                              "training_seed": seed, "quick": bool(args.quick), "preset": study["preset_name"],
+                              "n": n, "results": results, "claim_record_pass_rate": reference,
+                              "unguided_minus_claim_record": {
+                                  s: None if reference[s] is None else
+                                  results[f"{s}:unguided"]["pass_rate"] - reference[s] for s in samplers},
+                              "device": _device_name(device), "code": rec.code_commit(),
+                              "seconds": time.perf_counter() - t0,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {100 * v['pass_rate']:.1f} %" for k, v in results.items())
+                  + f" -> {path}", flush=True)
+    kept = []
+    for name in sorted(os.listdir(records_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(records_dir, name)) as f:
+                record = json.load(f)
+            if record.get("addendum_hash") != ahash:
+                print(f"autoguidance_v2.py: error: {name} was made under another addendum ({record.get('addendum_hash')}"
+                      f", this one is {ahash}); keep records of one addendum in one folder", file=sys.stderr)
+                return 2
+            kept.append(record)
+    if not kept:
+        print("autoguidance_v2.py: no record yet (no arm of the addendum is trained in the run folder)")
+        return 0
+    report = {"addendum_hash": ahash, "mode": "quick" if args.quick else "claim", "n": n,
+              "settings": [f"{s}:{k}" for s in samplers for k in settings], "records": records_dir,
+              **claim_report(kept, addendum)}
+    tv2.write_study(args.out, "autoguidance_claim", report, claim_markdown(report, addendum, report["mode"]))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    tv2.add_run_arguments(p, "plain,lean", "0,1,2", "untrained toy models at the quick preset, 4 samples, 2 seeds")
+    tv2.add_run_arguments(p, None, None, "untrained toy models at the quick preset, 4 samples, 2 seeds")
+    p.add_argument("--arms", default=None, help="comma-separated arms (default plain,lean; with --claim the addendum's)")
     p.add_argument("--n", type=int, default=300, help="samples per model and setting (evaluation)")
     p.add_argument("--n-tune", "--n_tune", dest="n_tune", type=int, default=150,
                    help="samples per model and weight (tuning)")
@@ -188,11 +412,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="comma-separated autoguidance weights to tune over (> 1)")
     p.add_argument("--tune-noise-seed", "--tune_noise_seed", dest="tune_noise_seed", type=int, default=None,
                    help="start-noise seed of the tuning (default: the protocol's development noise seed + 1)")
+    p.add_argument("--claim", action="store_true",
+                   help="the pre-registered addendum (bench/PROTOCOL_AUTOGUIDANCE.md): its fixed weights, claim seeds "
+                        "and claim noise on the run's claim models, no tuning; one record per arm and seed into "
+                        "--records, then the report of every record there")
+    p.add_argument("--records", default=None,
+                   help=f"with --claim: the records folder (default {os.path.relpath(CLAIM_RECORDS, os.path.dirname(HERE))})")
     args = p.parse_args(argv)
     import anatomy_v2 as av2
     import records as rec
     from anatomy import _device_name
 
+    if args.claim:
+        return run_claim(args, tv2.study_device(args.device))
+    args.arms = "plain,lean" if args.arms is None else args.arms
+    args.seeds = "0,1,2" if args.seeds is None else args.seeds
     protocol = rec.load_protocol()
     try:
         seeds = av2._seed_list(args.seeds)

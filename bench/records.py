@@ -41,17 +41,22 @@ def canonical_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def load_protocol(path: str = PROTOCOL_PATH) -> dict[str, Any]:
-    """The protocol's JSON block (the first fenced ``json`` block of ``path``)."""
+def json_block(path: str, what: str = "protocol") -> dict[str, Any]:
+    """The first fenced ``json`` block of the Markdown file ``path`` (a pre-registration), parsed."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     found = re.search(r"```json\s*\n(.*?)\n```", text, flags=re.S)
     if found is None:
-        raise ValueError(f"{path} holds no ```json block with the protocol")
+        raise ValueError(f"{path} holds no ```json block with the {what}")
     try:
-        protocol = json.loads(found.group(1))
+        return json.loads(found.group(1))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the protocol's JSON block does not parse: {err}") from None
+        raise ValueError(f"{path}: the {what}'s JSON block does not parse: {err}") from None
+
+
+def load_protocol(path: str = PROTOCOL_PATH) -> dict[str, Any]:
+    """The protocol's JSON block (the first fenced ``json`` block of ``path``)."""
+    protocol = json_block(path)
     for key in ("protocol", "version", "arms", "claim_training_seeds", "claim_noise_seed", "dev_training_seeds",
                 "dev_noise_seed", "samplers", "budgets", "primary"):
         if key not in protocol:

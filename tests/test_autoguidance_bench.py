@@ -53,3 +53,44 @@ def test_bad_settings_are_refused(tmp_path):
                         (["--run", str(tmp_path)], "no run.json")):
         proc = _run(*args, "-o", str(tmp_path / "x"), timeout=120)
         assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-1000:]
+
+
+def test_claim_mode_records_each_model_once_and_reports_the_preregistered_tests(tmp_path):
+    out = tmp_path / "claim"
+    proc = _run("--quick", "--claim", "-o", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = sorted(os.listdir(out / "records"))
+    assert records == [f"{arm}_seed{s}.json" for arm in ("anatomical", "matched", "plain") for s in (7301, 7302)]
+    record = json.loads((out / "records" / "plain_seed7301.json").read_text())
+    settings = [f"{s}:{k}" for s in ("ddim", "ddim_eta1") for k in ("unguided", "auto_equal_evals", "auto_equal_steps")]
+    assert sorted(record["results"]) == sorted(settings) and record["quick"] is True
+    res = record["results"]
+    assert res["ddim:unguided"]["weight"] == 1.0 and res["ddim:auto_equal_evals"]["weight"] == 3.0  # fixed, not tuned
+    assert res["ddim:auto_equal_steps"]["evals_per_sample"] == 2 * res["ddim:unguided"]["evals_per_sample"]
+    assert res["ddim:auto_equal_evals"]["evals_per_sample"] <= res["ddim:unguided"]["evals_per_sample"] + 2
+    assert all(len(r["plausible"]) == 4 and r["pass_rate"] == sum(r["plausible"]) / 4 for r in res.values())
+    report = json.loads((out / "autoguidance_claim.json").read_text())
+    assert report["complete_seeds"] == [7301, 7302] and report["is_claim"] is False
+    assert list(report["primary"]) == [
+        "plain:auto_equal_evals - plain:unguided (ddim)", "plain:auto_equal_evals - plain:unguided (ddim_eta1)",
+        "anatomical:auto_equal_evals - matched:auto_equal_evals (ddim)",
+        "anatomical:auto_equal_evals - matched:auto_equal_evals (ddim_eta1)"]
+    assert all(t["seeds"] == [7301, 7302] and "p_holm" in t for t in report["primary"].values())
+    assert "partial: 2 of 5 training seeds" in (out / "autoguidance_claim.md").read_text()
+    # kept records are not redone; a record of another addendum is refused
+    before = (out / "records" / "plain_seed7301.json").stat().st_mtime_ns
+    assert _run("--quick", "--claim", "-o", str(out)).returncode == 0
+    assert (out / "records" / "plain_seed7301.json").stat().st_mtime_ns == before
+    record["addendum_hash"] = "0" * 16
+    (out / "records" / "plain_seed7301.json").write_text(json.dumps(record))
+    proc = _run("--quick", "--claim", "-o", str(out))
+    assert proc.returncode == 2 and "made under another addendum" in proc.stderr
+
+
+def test_claim_mode_refuses_development_seeds_and_other_runs(tmp_path):
+    proc = _run("--quick", "--claim", "--seeds", "0", "-o", str(tmp_path / "x"), timeout=120)
+    assert proc.returncode == 2 and "training seeds [7301" in proc.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"protocol_hash": "feedfacefeedface"}))
+    proc = _run("--claim", "--run", str(tmp_path / "run"), "-o", str(tmp_path / "y"), timeout=120)
+    assert proc.returncode == 2 and "is a run of protocol feedfacefeedface" in proc.stderr
