@@ -94,10 +94,16 @@ ARMS_V2: dict[str, str] = {
                              "mask-conditioned model the issue compares with; its unconditional samples are a reference",
     "plain_labelmap_drop30": "plain_labelmap with condition dropout 0.3 (partial 0.3): more training of the "
                              "unconditional path",
+    "plain_labelmap_drop50": "plain_labelmap with condition dropout 0.5 (partial 0.3)",
+    "plain_labelmap_detail4": "plain_labelmap with the condition on a 4x finer grid than the latent one, each "
+                              "latent cell's 4x4 sub-cells stacked as channels (mask_condition_detail 4): where a "
+                              "boundary runs inside a cell, which the cell's class fractions do not say",
 }
 LABELMAP_CONDITION = {"key": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": 255, "dropout": 0.1,
                       "partial": 0.3}
-LABELMAP_DROPOUT = {"plain_labelmap": 0.1, "plain_labelmap_nodrop": 0.0, "plain_labelmap_drop30": 0.3}  # arm -> p
+LABELMAP_DROPOUT = {"plain_labelmap": 0.1, "plain_labelmap_nodrop": 0.0, "plain_labelmap_drop30": 0.3,
+                    "plain_labelmap_drop50": 0.5, "plain_labelmap_detail4": 0.1}  # arm -> p
+LABELMAP_DETAIL = {"plain_labelmap_detail4": 4}  # arm -> mask_condition_detail (1 otherwise)
 # arm -> what it changes in the lean arm's model params (AnatomicalLatentDiffusion) and its UNet's params
 LEAN_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lean_v3": ({"anatomical_schedule": "ramp", "anatomical_timestep_weighting": "none",
@@ -272,6 +278,8 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
         if arm in LABELMAP_DROPOUT:
             cfg["params"]["mask_condition"] = {**LABELMAP_CONDITION, "dropout": LABELMAP_DROPOUT[arm]}
             cfg["params"]["unet_config"]["params"]["mask_condition_classes"] = NUM_CLASSES
+            if arm in LABELMAP_DETAIL:
+                cfg["params"]["unet_config"]["params"]["mask_condition_detail"] = LABELMAP_DETAIL[arm]
         if arm in MATCH_TARGETS:
             cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset, MATCH_TARGETS[arm])["unet"])
         return _first_stage_from_moments(cfg)

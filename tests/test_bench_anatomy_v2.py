@@ -260,8 +260,11 @@ def test_the_labelmap_dropout_arms_differ_from_plain_labelmap_only_in_the_dropou
 
     preset = v2.PRESETS_V2["quick"]
     base = v2.arm_config("plain_labelmap", preset, None, 1.0)
-    for arm, p in (("plain_labelmap_nodrop", 0.0), ("plain_labelmap_drop30", 0.3)):
+    for arm, p in (("plain_labelmap_nodrop", 0.0), ("plain_labelmap_drop30", 0.3), ("plain_labelmap_drop50", 0.5)):
         cfg = v2.arm_config(arm, preset, None, 1.0)
         assert cfg["params"]["mask_condition"]["dropout"] == p
         cfg["params"]["mask_condition"]["dropout"] = 0.1
         assert cfg == base
+    detail = v2.arm_config("plain_labelmap_detail4", preset, None, 1.0)  # only the condition's grid differs
+    assert detail["params"]["unet_config"]["params"].pop("mask_condition_detail") == 4
+    assert detail == base

@@ -63,6 +63,41 @@ def test_zero_maps_add_exactly_zero_and_a_plain_checkpoint_loads():
         plain(x, t, mask_condition=fractions)
 
 
+
+def test_sub_cell_detail_sees_where_a_boundary_runs_inside_a_latent_cell():
+    """mask_condition_detail 4: two masks with the same class fractions in every latent cell but the boundary in
+    another place inside the cells give the same condition at detail 1 and different ones at detail 4."""
+    left = torch.zeros(1, 32, 32, dtype=torch.long)
+    left[0, :, ::4] = 1  # class 1 on the first pixel column of every 4-pixel cell ...
+    right = torch.zeros(1, 32, 32, dtype=torch.long)
+    right[0, :, 3::4] = 1  # ... or on the last: the same fractions per cell
+    coarse, fine = MaskCondition(**CONDITION), MaskCondition(**CONDITION)
+    fine.detail = 4
+    assert torch.equal(coarse.condition(left, (8, 8))["mask_condition"],
+                       coarse.condition(right, (8, 8))["mask_condition"])
+    assert fine.condition(left, (8, 8))["mask_condition"].shape == (1, 6, 32, 32)
+    torch.manual_seed(0)
+    enc1, enc4 = MaskConditionEncoder(6, 16), MaskConditionEncoder(6, 16, detail=4)
+    assert enc4.inp.weight.shape == (16, 6 * 16, 1, 1)  # space to depth, then a 1x1 convolution
+    with torch.no_grad():
+        enc1.out.weight.normal_()
+        enc4.out.weight.normal_()
+    assert torch.equal(enc4(torch.zeros(2, 6, 32, 32), (8, 8)), torch.zeros(2, 16, 8, 8))  # zeros stay exactly zero
+    same = [enc1(coarse.condition(m, (8, 8))["mask_condition"], (8, 8)) for m in (left, right)]
+    other = [enc4(fine.condition(m, (8, 8))["mask_condition"], (8, 8)) for m in (left, right)]
+    assert torch.equal(same[0], same[1]) and (other[0] - other[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"coarser than the condition grid \(32, 32\)"):
+        fine.condition(torch.zeros(1, 16, 16, dtype=torch.long), (8, 8))
+    with pytest.raises(ValueError, match="the UNet's encoder needs"):
+        enc4(torch.zeros(1, 6, 8, 8), (8, 8))
+    # through the model: the condition takes the UNet's detail, trains, and a plain checkpoint still loads
+    config = _config({**CONDITION, "dropout": 0.0})
+    config["params"]["unet_config"]["params"]["mask_condition_detail"] = 2
+    model = _train(config, steps=2)
+    assert model.mask_condition.detail == 2 and model.model.diffusion_model.mask_condition.out.weight.abs().sum() > 0
+    missing, unexpected = model.load_state_dict(_train(_config(), steps=1).state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("model.diffusion_model.mask_condition.") for k in missing)
+
 def test_condition_dropout_and_partial_masks():
     mask = torch.zeros(400, 8, 8, dtype=torch.long)
     mask[:, :4] = 1

@@ -51,14 +51,24 @@ def mask_fractions(mask: torch.Tensor, num_classes: int, ignore_index: int, size
 
 
 class MaskConditionEncoder(nn.Module):
-    """Class fractions ``[B, C, h, w]`` -> a residual ``[B, channels, h, w]`` for the UNet's first feature map
-    (``conv3x3 -> SiLU -> conv3x3``, no biases, the second zero-initialised: zeros in, exactly zeros out)."""
+    """Class fractions ``[B, C, h d, w d]`` -> a residual ``[B, channels, h, w]`` for the UNet's first feature map
+    (``conv -> SiLU -> conv3x3``, no biases, the second zero-initialised: zeros in, exactly zeros out).
 
-    def __init__(self, num_classes: int, channels: int, hidden: Optional[int] = None, dims: int = 2) -> None:
+    ``detail`` ``d``: the fractions come on a grid ``d`` times finer than the latent one and each latent cell's
+    ``d x d`` sub-cells are stacked as channels (space to depth, ``C d^2`` maps), so the encoder sees where inside a
+    cell a boundary runs, which the cell's fractions alone (``d = 1``) do not say. With ``d > 1`` the first
+    convolution is 1x1 (the sub-cells already are the neighbourhood), keeping the cost near that of ``d = 1``."""
+
+    def __init__(self, num_classes: int, channels: int, hidden: Optional[int] = None, dims: int = 2,
+                 detail: int = 1) -> None:
         super().__init__()
         hidden = int(hidden or channels)
-        self.num_classes = int(num_classes)
-        self.inp = conv_nd(dims, self.num_classes, hidden, 3, padding=1, bias=False)
+        self.num_classes, self.detail = int(num_classes), int(detail)
+        if self.detail < 1 or (self.detail > 1 and dims != 2):
+            raise ValueError(f"mask_condition_detail must be >= 1 (and 1 unless the UNet is 2D), got {detail!r}")
+        kernel = 3 if self.detail == 1 else 1
+        self.inp = conv_nd(dims, self.num_classes * self.detail ** 2, hidden, kernel, padding=kernel // 2,
+                           bias=False)
         self.act = nn.SiLU()
         self.out = conv_nd(dims, hidden, int(channels), 3, padding=1, bias=False)
         nn.init.zeros_(self.out.weight)
@@ -67,8 +77,14 @@ class MaskConditionEncoder(nn.Module):
         if fractions.shape[1] != self.num_classes:
             raise ValueError(f"mask condition has {fractions.shape[1]} class maps, the UNet expects "
                              f"{self.num_classes} (mask_condition_classes)")
-        if tuple(fractions.shape[2:]) != tuple(size):
-            fractions = adaptive_avg_pool_nd(fractions, tuple(size))
+        fine = tuple(int(s) * self.detail for s in size)
+        if tuple(fractions.shape[2:]) != fine:
+            if any(have < want or have % want for have, want in zip(fractions.shape[2:], fine)):
+                raise ValueError(f"mask condition of size {tuple(fractions.shape[2:])}: the UNet's encoder needs "
+                                 f"{fine} (latent {tuple(size)} x mask_condition_detail {self.detail}) or a multiple")
+            fractions = adaptive_avg_pool_nd(fractions, fine)
+        if self.detail > 1:
+            fractions = F.pixel_unshuffle(fractions, self.detail)
         return self.out(self.act(self.inp(fractions.to(self.inp.weight.dtype))))
 
 
@@ -96,6 +112,7 @@ class MaskCondition:
             raise ValueError(f"mask_condition.num_classes must be >= 2 (background included), got {num_classes!r}")
         self.key, self.num_classes, self.ignore_index = str(key), int(num_classes), int(ignore_index)
         self.dropout, self.partial = _probability("dropout", dropout), _probability("partial", partial)
+        self.detail = 1  # the UNet encoder's sub-cell factor (its mask_condition_detail; check_mask_condition)
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]]) -> Optional["MaskCondition"]:
@@ -134,10 +151,15 @@ class MaskCondition:
         return mask
 
     def condition(self, mask: Optional[torch.Tensor], size: Sequence[int]) -> Optional[dict[str, torch.Tensor]]:
-        """``{"mask_condition": fractions [B, C, *size]}`` of integer masks, or ``None`` for no mask."""
+        """``{"mask_condition": fractions [B, C, *(size x detail)]}`` of integer masks (the latent grid ``size``
+        refined by the UNet encoder's ``detail``), or ``None`` for no mask."""
         if mask is None:
             return None
-        return {MASK_CONDITION_KEY: mask_fractions(mask.long(), self.num_classes, self.ignore_index, size)}
+        fine = [int(s) * self.detail for s in size]
+        if any(have < want for have, want in zip(mask.shape[1:], fine)):
+            raise ValueError(f"masks of size {tuple(mask.shape[1:])} are coarser than the condition grid "
+                             f"{tuple(fine)} (latent {tuple(size)} x mask_condition_detail {self.detail})")
+        return {MASK_CONDITION_KEY: mask_fractions(mask.long(), self.num_classes, self.ignore_index, fine)}
 
     def from_batch(self, batch: Mapping[str, Any], size: Sequence[int], device: torch.device, training: bool,
                    generator: Optional[torch.Generator] = None) -> Optional[dict[str, torch.Tensor]]:
@@ -169,4 +191,5 @@ def check_mask_condition(condition: Optional[MaskCondition], model: nn.Module) -
         raise ValueError(f"mask_condition.num_classes is {condition.num_classes}, but the UNet's "
                          f"mask_condition_classes is {classes or 'not set'}; set unet_config.params."
                          f"mask_condition_classes: {condition.num_classes}")
+    condition.detail = int(unet.mask_condition.detail)  # the fractions' grid is the encoder's
     return condition

@@ -359,6 +359,8 @@ class UNetModel(nn.Module):
         legacy: CompVis head-size rule (keep True for CompVis checkpoints).
         mask_condition_classes: ``C`` > 0: the UNet takes ``mask_condition=`` class fractions ``[B, C, h, w]``
             (:mod:`ldm.modules.mask_condition`, keys ``mask_condition.*``); none given, or zeros: unconditional.
+        mask_condition_detail: ``d`` >= 1: the fractions come on a grid ``d`` times finer than the latent one,
+            each cell's sub-cells stacked as channels (:class:`~ldm.modules.mask_condition.MaskConditionEncoder`).
 
     Extension point: ``forward_with_state`` runs the network and returns ``(out, state)``;
     subclasses set ``state_type`` to a :class:`UNetState` subclass, override ``prepare_state`` (fill
@@ -377,7 +379,8 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
                  transformer_depth: int = 1, context_dim: Optional[int] = None, n_embed: Optional[int] = None,
-                 legacy: bool = True, mask_condition_classes: Optional[int] = None) -> None:
+                 legacy: bool = True, mask_condition_classes: Optional[int] = None,
+                 mask_condition_detail: int = 1) -> None:
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer=True needs context_dim (the cross-attention conditioning size)")
@@ -439,7 +442,8 @@ class UNetModel(nn.Module):
         self._reserved_state_names = self.state_type.reserved_names()
         if self.mask_condition_classes:  # class fractions added to the first feature map (ldm.modules.mask_condition)
             with torch.random.fork_rng(devices=[]):  # every other weight is drawn as without it
-                self.mask_condition = MaskConditionEncoder(self.mask_condition_classes, model_channels, dims=self.dims)
+                self.mask_condition = MaskConditionEncoder(self.mask_condition_classes, model_channels, dims=self.dims,
+                                                           detail=mask_condition_detail)
         if use_fp16:
             self.convert_to_fp16()
 
