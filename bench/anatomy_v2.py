@@ -407,6 +407,12 @@ def _independent_stages(sdir: str, preset: PresetV2, train: dict, device: torch.
         return train_autoencoder(preset, train, sdir, device, progress)  # finished: reads the checkpoint and scale
 
 
+def setup_identity(sdir: str, ae_ckpt: str) -> str:
+    """The instrument's id: the hash of the autoencoder's and the judges' checkpoints (records of one id pair up)."""
+    return rec.canonical_hash({"autoencoder": _sha256(ae_ckpt),
+                               **{f"judge_{j}": _sha256(os.path.join(sdir, f"judge_{j}.pt")) for j in JUDGES}})
+
+
 def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.device, progress: bool
           ) -> dict[str, Any]:
     """The shared instrument: data, autoencoder, moments, judges, calibration (cached in ``out/setup``)."""
@@ -426,8 +432,7 @@ def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.de
         cal = _jload(cal_path) if os.path.isfile(cal_path) else calibrate(preset, protocol, train, test, ae_ckpt,
                                                                            scale, judges, device)
         _jdump(cal, cal_path)
-    setup_id = rec.canonical_hash({"autoencoder": _sha256(ae_ckpt),
-                                   **{f"judge_{j}": _sha256(os.path.join(sdir, f"judge_{j}.pt")) for j in judges}})
+    setup_id = setup_identity(sdir, ae_ckpt)
     real_seg = segment(judges["A"], test["image"], batch_size=128)
     grid = os.path.join(sdir, "real_grid.npz")
     if not os.path.isfile(grid):  # the report's figure shows real slices with their true masks first

@@ -356,8 +356,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "real": real, "real_features": segmenter_features(judge, real)}
     settings = {"run": tv2.run_label(args.run, args.quick), "n": n, "scales": scales, "auto_weights": list(auto_weights),
                 "per_mask": args.per_mask, "div_masks": div, "n_edit": 2 if args.quick else args.n_edit,
-                "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac}
-    ref = tv2.cached_result(args.out, "reference", {"run": settings["run"], "n": n})
+                "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac,
+                "setup_id": "quick" if setup is None else setup["setup_id"]}  # results of one instrument only
+    ref = tv2.cached_result(args.out, "reference", {"run": settings["run"], "n": n, "setup_id": settings["setup_id"]})
     per_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:
         for seed in seeds:
@@ -382,7 +383,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     return 2
             if ref is None:
                 ref = reference(judge, test, min_frac, av2.NUM_CLASSES, model)
-                tv2.cache_result(args.out, "reference", {"run": settings["run"], "n": n}, ref)
+                tv2.cache_result(args.out, "reference", {"run": settings["run"], "n": n,
+                                                         "setup_id": settings["setup_id"]}, ref)
             res = evaluate_model(model, judge, test, scales, steps, noise_seed, min_frac, av2.NUM_CLASSES, div,
                                  args.per_mask, 2 if args.quick else args.n_edit, guide, auto_weights)
             examples = res.pop("_examples")
@@ -396,7 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             del model
     baseline = None
     if args.baseline:
-        base_settings = {k: settings[k] for k in ("run", "n", "noise_seed", "sampler_steps", "min_area_frac")}
+        base_settings = {k: settings[k] for k in ("run", "n", "noise_seed", "sampler_steps", "min_area_frac",
+                                                  "setup_id")}
         base_seeds = {}
         for seed in seeds:
             name = f"baseline_{args.baseline}_seed{seed}"

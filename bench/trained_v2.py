@@ -93,15 +93,18 @@ def study_setup(run: str, quick: bool, device: torch.device) -> dict[str, Any]:
 
 
 def run_setup(run: str, device: torch.device) -> dict[str, Any]:
-    """``{"preset_name", "preset", "judge", "ae_ckpt", "scale"}`` of a run folder (FileNotFoundError without one)."""
+    """``{"preset_name", "preset", "judge", "ae_ckpt", "scale", "setup_id"}`` of a run folder (FileNotFoundError
+    without one); ``setup_id`` names its instrument as the benchmark's records do."""
     from downstream import run_first_stage, run_preset
     from ldm.evaluation.segmenter import load_segmenter
+
+    import anatomy_v2 as av2
 
     name, preset = run_preset(run)
     ae_ckpt, scale = run_first_stage(run)
     return {"preset_name": name, "preset": preset, "judge": load_segmenter(os.path.join(run, "setup", "judge_A.pt"),
                                                                            device)[0],
-            "ae_ckpt": ae_ckpt, "scale": scale}
+            "ae_ckpt": ae_ckpt, "scale": scale, "setup_id": av2.setup_identity(os.path.join(run, "setup"), ae_ckpt)}
 
 
 def trained_model(run: str, setup: dict[str, Any], arm: str, seed: int, step: int,
