@@ -226,6 +226,26 @@ def judged_reference(images: torch.Tensor, judge: torch.nn.Module, test: dict[st
             **image_statistics(images, test["real"], judge, test["real_features"])}
 
 
+def condition_information(masks: torch.Tensor, latent: int, num_classes: int, details: tuple[int, ...] = (1, 4)
+                          ) -> dict[str, float]:
+    """What the mask condition can say at all: the test masks recovered from their condition's class fractions on
+    the ``latent x detail`` grid (bilinear upsampling, then the most likely class), foreground Dice against the
+    masks (pooled per class, mean). No model: a bound on the information the encoder receives."""
+    import torch.nn.functional as F
+
+    from ldm.modules.mask_condition import mask_fractions
+
+    out = {}
+    for d in details:
+        grid = latent * d
+        if masks.shape[-1] % grid:
+            continue
+        fractions = mask_fractions(masks.long(), num_classes, IGNORE, (grid, grid))
+        up = F.interpolate(fractions, size=tuple(masks.shape[-2:]), mode="bilinear", align_corners=False)
+        dice = [v for v in pooled_dice(up.argmax(1), masks, num_classes).values() if v is not None]
+        out[f"detail {d}"] = float(np.mean(dice))
+    return out
+
 def reference(judge: torch.nn.Module, test: dict[str, torch.Tensor], min_frac: float, num_classes: int,
               model: torch.nn.Module) -> dict[str, Any]:
     """Judge A on the real test images of the same masks (the ceiling of faithfulness and the realism reference)
@@ -282,7 +302,10 @@ def markdown(report: dict[str, Any]) -> str:
              f"(foreground mean) {num(ref['fg_mean'])}, rule pass rate {num(ref['pass_rate'])}; their reconstructions by the "
              f"autoencoder (the ceiling of a latent model): Dice {num(ref['reconstruction']['fg_mean'])}, pass rate "
              f"{num(ref['reconstruction']['pass_rate'])}, judge-A FID {num(ref['reconstruction']['fid_segmenter'])}, "
-             f"histogram W1 {num(ref['reconstruction']['histogram_w1'])}. Image statistics against the whole test "
+             f"histogram W1 {num(ref['reconstruction']['histogram_w1'])}. The masks recovered from their condition alone "
+             f"(fractions upsampled, no model): Dice " + ", ".join(f"{num(v)} at {k}" for k, v in
+                                                          report.get("condition_information", {}).items()) +
+             ". Image statistics against the whole test "
              f"split ({report['n_real']} slices; FID of {report['n']} samples: compare rows, not with other "
              "studies). Scale 0 = the unconditional model (chance-level Dice)." + (
                  f" Autoguided rows: guidance scale 1, guided by each model's step-{report['guide_step']} checkpoint "
@@ -424,7 +447,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "run": tv2.run_label(args.run, args.quick),
               "n": n, "noise_seed": noise_seed, "sampler_steps": steps, "min_area_frac": min_frac, "scales": scales,
               "per_mask": args.per_mask, "div_masks": div, "device": _device_name(device),
-              "n_real": len(real), "reference": ref, "baseline": baseline, "arms": summarise(per_seed, scales, auto_weights),
+              "n_real": len(real), "reference": ref,
+              "condition_information": condition_information(test["segmentation"], preset.size // 4, av2.NUM_CLASSES), "baseline": baseline, "arms": summarise(per_seed, scales, auto_weights),
               "auto_weights": list(auto_weights), "guide_step": tv2.guide_step(preset) if auto_weights else None,
               "raw": {a: {str(k): v for k, v in s.items()} for a, s in per_seed.items()}, "code": rec.code_commit()}
     tv2.write_study(args.out, "labelmap", report, markdown(report))

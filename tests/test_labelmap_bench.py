@@ -22,6 +22,8 @@ def test_quick_mode_measures_every_scale_per_seed(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "labelmap.json").read_text())
     assert report["mode"] == "quick" and report["claim"] is False and report["scales"] == [0.0, 1.0]
+    info = report["condition_information"]  # the condition at the image's own grid holds the whole mask
+    assert info["detail 4"] == 1.0 and 0.3 < info["detail 1"] < 0.99
     arm = report["arms"]["plain_labelmap"]
     assert arm["seeds"] == [0, 1]
     rows = set(arm["rows"])
