@@ -53,16 +53,69 @@ def _case_name(prefix: str, text: str) -> str:
 
 
 def read_sample_manifest(sample_dir: str) -> dict[str, Any]:
-    """The ``samples.json`` of a sample folder; a missing folder or manifest is an error naming it."""
+    """The ``samples.json`` of a sample folder, or for a folder of ``sample.py --masks`` its ``from_masks.json`` in
+    the same shape (one session; ``from_masks`` holds the record); a missing folder or manifest is an error naming
+    it."""
+    import json
+
     from ldm.sample_io import MANIFEST, read_manifest
+    from ldm.sampling.masks import RECORD
 
     if not os.path.isdir(sample_dir):
         raise FileNotFoundError(f"sample folder not found: {sample_dir}")
     path = os.path.join(sample_dir, MANIFEST)
+    from_masks = os.path.join(sample_dir, RECORD)
+    if not os.path.isfile(path) and os.path.isfile(from_masks):
+        try:
+            with open(from_masks) as f:
+                record = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{from_masks} is damaged ({err})") from None
+        session = {"id": "from_masks", **{k: record.get(k) for k in (
+            "seed", "sampler", "ddim_steps", "eta", "ema", "guidance_scale", "formats", "hu", "status")},
+                   "masks": True}
+        return {**{k: record.get(k) for k in ("checkpoint", "checkpoint_sha256", "config", "config_files",
+                                              "geometry")},
+                "mask_source": "condition", "masks_generated_jointly": False, "sessions": [session],
+                "from_masks": record}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: export a folder written by scripts/sample.py (its samples.json "
                                 "records the checkpoint, config and seeds the dataset card needs)")
     return read_manifest(sample_dir)
+
+
+def _from_masks_cases(sample_dir: str, record: Mapping[str, Any]) -> tuple[list[Case], list[int]]:
+    """The images of a ``sample.py --masks`` folder as cases, each labelled by the mask it was made from
+    (``condition_masks/<mask>``, NIfTI beside NIfTI images; unknown pixels stay the ignore value), and the indices
+    of masks skipped as incomplete."""
+    from ldm.sampling.masks import CONDITION_DIR, sample_files
+
+    settings = record.get("settings") or {}
+    formats = record.get("formats") or ["png"]
+    volume = settings.get("volume_source") is not None
+    cases, skipped = [], []
+    for m, entry in enumerate(record.get("files") or []):
+        needed = sample_files(entry["mask"], len(entry["images"]), formats, bool(record.get("own_masks")), volume)
+        if not all(os.path.isfile(os.path.join(sample_dir, f)) for f in needed if not f.startswith(".")):
+            skipped.append(m)
+            continue
+        for k, name in enumerate(entry["images"]):
+            nii = os.path.join(sample_dir, "images", name + ".nii.gz")
+            npz = os.path.join(sample_dir, "images", name + ".npz")
+            label_png = os.path.join(sample_dir, CONDITION_DIR, entry["mask"] + ".png")
+            if os.path.isfile(nii):
+                kind, image, label = "nifti", nii, os.path.join(sample_dir, CONDITION_DIR, entry["mask"] + ".nii.gz")
+            elif os.path.isfile(npz):
+                kind, image, label = "npz", npz, label_png
+            else:
+                kind, image, label = "png", os.path.join(sample_dir, "images", name + ".png"), label_png
+            info = {"sample_index": m * len(entry["images"]) + k, "mask": entry["mask"], "seed": record.get("seed"),
+                    "session": "from_masks", "format": kind, "ignore_index": record.get("ignore_index")}
+            cases.append(Case(_case_name(SYNTHETIC_PREFIX, name), image, label, kind, "synthetic", info))
+    if not cases:
+        raise ValueError(f"{sample_dir} holds no complete sample drawn from masks; run its sample.py command again "
+                         "to finish it")
+    return cases, skipped
 
 
 def _session_of(index: int, sessions: Sequence[Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:
@@ -85,6 +138,8 @@ def synthetic_cases(sample_dir: str, manifest: Mapping[str, Any]) -> tuple[list[
     error naming the file; files of a sample without its image PNG (an interrupted session) are skipped."""
     from ldm.sample_io import IMAGE_DIR, MASK_DIR, present_files
 
+    if manifest.get("from_masks") is not None:
+        return _from_masks_cases(sample_dir, manifest["from_masks"])
     sessions = manifest.get("sessions") or []
     if not any(s.get("masks") for s in sessions) and not manifest.get("mask_source"):
         raise ValueError(f"{os.path.join(sample_dir, 'samples.json')} records no masks: a training set needs a label "

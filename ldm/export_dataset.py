@@ -99,19 +99,26 @@ def _check_target(out_dir: str, folder: str, overwrite: bool) -> str:
 
 
 def _write_cases(staging: str, cases: Sequence[Case], labels: LabelSet, manifest: Mapping[str, Any],
-                 progress: bool) -> tuple[dict[str, list[str]], list[str]]:
+                 progress: bool) -> tuple[dict[str, list[str]], list[str], bool]:
     """Every case's image and label files in the staging folder, its label values checked against the label set;
-    returns the intensity units by source and the single-slice cases thinner than their in-plane spacing."""
+    returns the intensity units by source, the single-slice cases thinner than their in-plane spacing and whether
+    a case has unknown pixels (a partial mask given to ``sample.py --masks``: written as nnU-Net's ignore label,
+    the id after the last class)."""
     from tqdm import tqdm
 
     allowed = set(range(labels.num_classes))
     units: dict[str, list[str]] = {"synthetic": [], "real": []}
     thin: list[str] = []
+    ignored = False
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(staging, sub))
     for case in tqdm(cases, desc="exporting", unit="case", disable=not progress):
         image, mask, affine, unit = read_case(case)
-        found = set(np.unique(mask).tolist())
+        unknown = case.info.get("ignore_index")
+        if unknown is not None and bool((mask == unknown).any()):
+            mask = np.where(mask == unknown, labels.num_classes, mask)
+            ignored = True
+        found = set(np.unique(mask).tolist()) - ({labels.num_classes} if unknown is not None else set())
         if not found <= allowed:
             raise ValueError(f"{case.label} holds label values {sorted(found - allowed)} outside the label set "
                              f"{labels.name!r} (ids 0..{labels.num_classes - 1}: {', '.join(labels.classes)}); "
@@ -124,7 +131,7 @@ def _write_cases(staging: str, cases: Sequence[Case], labels: LabelSet, manifest
         if mask.shape[2] == 1 and zooms[2] < zooms[:2].max() - 1e-6:
             thin.append(case.name)
         write_case(staging, case.name, image, mask, affine)
-    return units, thin
+    return units, thin, ignored
 
 
 def _warn_about_units_and_slices(units: Mapping[str, list[str]], thin: Sequence[str], has_real: bool) -> None:
@@ -163,7 +170,7 @@ def export_dataset(sample_dir: str, out_dir: str, dataset_id: int, name: str, re
     staging = os.path.join(out_dir, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{folder}")
     cases = [*synthetic, *real]
     try:
-        units, thin = _write_cases(staging, cases, labels, manifest, progress)
+        units, thin, ignored = _write_cases(staging, cases, labels, manifest, progress)
         _warn_about_units_and_slices(units, thin, bool(real))
         kinds = {c.kind for c in synthetic}
         card = build_card(manifest, sample_dir, folder, synthetic, real,
@@ -174,8 +181,9 @@ def export_dataset(sample_dir: str, out_dir: str, dataset_id: int, name: str, re
         description = (f"Synthetic {labels.name} image/label pairs from an anatomical latent diffusion model "
                        f"(checkpoint sha256 {str(manifest.get('checkpoint_sha256'))[:12]}...)"
                        + (f" and {len(real)} real cases" if real else "") + f"; see {CARD_MD}")
-        write_dataset_json(staging, folder, description, channel_name, labels, len(synthetic), len(real))
-        write_datalist(staging, folder, description, channel_name, labels, cases)
+        card["ignore_label"] = labels.num_classes if ignored else None
+        write_dataset_json(staging, folder, description, channel_name, labels, len(synthetic), len(real), ignored)
+        write_datalist(staging, folder, description, channel_name, labels, cases, ignored)
         write_json(os.path.join(staging, CARD_JSON), card, default=str)
         write_text(os.path.join(staging, CARD_MD), card_markdown(card))
         _move_into_place(staging, target)

@@ -33,9 +33,11 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{int(dataset_id):03d}_{name}"
 
 
-def nnunet_labels(label_set: LabelSet) -> dict[str, int]:
-    """nnU-Net's ``labels``: ``{"background": 0, <class 1>: 1, ...}`` (names as in the registry)."""
-    return {("background" if i == 0 else name): i for i, name in enumerate(label_set.classes)}
+def nnunet_labels(label_set: LabelSet, ignore: bool = False) -> dict[str, int]:
+    """nnU-Net's ``labels``: ``{"background": 0, <class 1>: 1, ...}`` (names as in the registry), with ``ignore``
+    also ``"ignore": C`` (nnU-Net v2's ignore label, the highest id: pixels of unknown class, left out of its loss)."""
+    labels = {("background" if i == 0 else name): i for i, name in enumerate(label_set.classes)}
+    return {**labels, "ignore": label_set.num_classes} if ignore else labels
 
 
 def write_case(folder: str, case: str, image: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> None:
@@ -46,23 +48,25 @@ def write_case(folder: str, case: str, image: np.ndarray, labels: np.ndarray, af
 
 
 def write_dataset_json(folder: str, name: str, description: str, channel_name: str, label_set: LabelSet,
-                       num_synthetic: int, num_real: int) -> None:
-    """nnU-Net's ``dataset.json`` in ``folder``: channel name, labels, case count and file ending."""
+                       num_synthetic: int, num_real: int, ignore: bool = False) -> None:
+    """nnU-Net's ``dataset.json`` in ``folder``: channel name, labels (``ignore``: with the ignore label), case count
+    and file ending."""
     write_json(os.path.join(folder, "dataset.json"),
                {"name": name, "description": description, "channel_names": {"0": channel_name},
-                "labels": nnunet_labels(label_set), "numTraining": num_synthetic + num_real, "file_ending": FILE_ENDING,
+                "labels": nnunet_labels(label_set, ignore), "numTraining": num_synthetic + num_real,
+                "file_ending": FILE_ENDING,
                 "reference": "synthetic (anatomical-ldm scripts/export_dataset.py)",
                 "synthetic_cases": num_synthetic,
                 "real_cases": num_real})
 
 
 def write_datalist(folder: str, name: str, description: str, channel_name: str, label_set: LabelSet,
-                   cases: Sequence[Case]) -> None:
+                   cases: Sequence[Case], ignore: bool = False) -> None:
     """MONAI's ``datalist.json`` in ``folder`` (``monai.data.load_decathlon_datalist``): every case as training
     data, its image and label paths relative to ``folder``."""
     write_json(os.path.join(folder, DATALIST),
                {"name": name, "description": description, "modality": {"0": channel_name},
-                "labels": {str(i): n for n, i in nnunet_labels(label_set).items()}, "numTraining": len(cases),
+                "labels": {str(i): n for n, i in nnunet_labels(label_set, ignore).items()}, "numTraining": len(cases),
                 "training": [{"image": f"imagesTr/{c.name}_0000{FILE_ENDING}",
                               "label": f"labelsTr/{c.name}{FILE_ENDING}", "source": c.source} for c in cases],
                 "testing": []})

@@ -784,3 +784,42 @@ def test_masks_from_the_runs_own_data_split(conditioned_run, tmp_path, monkeypat
             sample.main(["-r", str(run), "--masks", spec, "--no-progress", "-l", str(tmp_path / "refused")])
     with pytest.raises(ValueError, match="no data section"):
         sample.main(["-r", conditioned_run, "--masks", "data:validation", "--no-progress"])
+
+
+def test_images_drawn_from_masks_export_as_an_nnunet_dataset_with_the_ignore_label(conditioned_run, tmp_path,
+                                                                                   monkeypatch):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from ldm.export_dataset import export_dataset
+    from test_sample_run import load_script
+
+    full, partial = _mask_folder(tmp_path / "masks")
+    out = tmp_path / "drawn"
+    assert load_script("sample").main(["-r", conditioned_run, "--masks", str(tmp_path / "masks"), "-c", "2",
+                                       "--per_mask", "2", "--format", "nii", "--no-progress", "--device", "cpu",
+                                       "-l", str(out)]) == 0
+    result = export_dataset(str(out), str(tmp_path / "raw"), 511, "FromMasks", progress=False)
+    assert sorted(result.cases) == ["syn_a_0", "syn_a_1", "syn_b_liver_only_0", "syn_b_liver_only_1"]
+    dataset = json.loads(open(result.dataset_json).read())
+    assert dataset["labels"]["ignore"] == 6 and max(dataset["labels"].values()) == 6  # nnU-Net: ignore is the highest
+    for case, stem, mask in (("syn_a_1", "a", full), ("syn_b_liver_only_0", "b_liver_only", partial)):
+        label = nib.load(tmp_path / "raw" / "Dataset511_FromMasks" / "labelsTr" / f"{case}.nii.gz")
+        condition = nib.load(out / "condition_masks" / f"{stem}.nii.gz")  # the mask the image was drawn from
+        expected = np.where(np.asarray(condition.dataobj) == 255, 6, np.asarray(condition.dataobj))
+        assert np.array_equal(np.asarray(label.dataobj), expected) and np.allclose(label.affine, condition.affine)
+        assert sorted(np.unique(expected).tolist()) == sorted(np.unique(np.where(mask == 255, 6, mask)).tolist())
+    image = np.asarray(nib.load(tmp_path / "raw" / "Dataset511_FromMasks" / "imagesTr" / "syn_a_0_0000.nii.gz").dataobj)
+    assert np.allclose(image, np.asarray(nib.load(out / "images" / "a_0.nii.gz").dataobj))
+    card = json.loads(open(result.card_json).read())
+    assert card["mask_source"] == "condition" and card["ignore_label"] == 6
+    assert "the labelmap the image was generated from" in card["statement"]
+    assert "the labels are the model's" not in card["statement"]
+    pytest.importorskip("nnunetv2")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(result.dataset_dir, num_processes=1)  # nnU-Net's own checker accepts it

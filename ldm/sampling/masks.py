@@ -396,7 +396,8 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
             "ignore_index": condition.ignore_index,
             "files": [{"mask": n, "images": [f"{n}_{k}" for k in range(per_mask)]} for n in names],
             "checkpoint": (info or {}).get("checkpoint"), "checkpoint_sha256": settings["checkpoint_sha256"],
-            "volumes": None, "autoguidance": None, "settings": settings,
+            "config": (info or {}).get("config"), "config_files": (info or {}).get("config_files"),
+            "mask_source": "condition", "volumes": None, "autoguidance": None, "settings": settings,
             "resumed": None if earlier is None else {"kept_masks": len(done), "redone_masks": len(todo)}}
         write_json(os.path.join(out_dir, RECORD), record)
         for sub in (CONDITION_DIR,) + ((PARTIAL_DIR,) if volume is not None else ()):
