@@ -189,6 +189,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "trains nothing")
     p.add_argument("--protocol-hash", "--protocol_hash", dest="protocol_hash", default=None,
                    help="with --report: the protocol hash to report when the directories hold several")
+    p.add_argument("--new-instrument", "--new_instrument", dest="new_instrument", action="store_true",
+                   help="train the autoencoder and judges afresh even where the preset has a committed instrument "
+                        "(bench/instruments/v2_<preset>/, otherwise adopted so that records of every session pair)")
+    p.add_argument("--save-instrument", "--save_instrument", dest="save_instrument", action="store_true",
+                   help="after the setup, copy the run's autoencoder and judges to bench/instruments/v2_<preset>/ "
+                        "(to commit) and stop")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", default="auto", help=THREADS_HELP + " (decided once at the start here)")
     p.add_argument("--no-progress", "--no_progress", dest="progress", action="store_false", help="no progress bars")
@@ -407,17 +413,79 @@ def _independent_stages(sdir: str, preset: PresetV2, train: dict, device: torch.
         return train_autoencoder(preset, train, sdir, device, progress)  # finished: reads the checkpoint and scale
 
 
+INSTRUMENTS = os.path.join(HERE, "instruments")
+INSTRUMENT_FILES = ("autoencoder.ckpt", "autoencoder.json", *(f"judge_{j}.pt" for j in ("A", "B")))
+INSTRUMENT_RECORD = "INSTRUMENT.json"
+
+
+def instrument_dir(preset_name: str, root: Optional[str] = None) -> Optional[str]:
+    """The committed instrument of a preset (``bench/instruments/v2_<preset>/``: the autoencoder and the judges a
+    claim run spanning sessions and machines shares), or None."""
+    path = os.path.join(root or INSTRUMENTS, f"v2_{preset_name}")
+    return path if os.path.isfile(os.path.join(path, INSTRUMENT_RECORD)) else None
+
+
+def adopt_instrument(sdir: str, instrument: str) -> str:
+    """Copy a committed instrument into a run's ``setup/`` that has none of its files yet (an existing, complete one
+    must be that instrument); returns its setup id. A mismatch is a ValueError: the run folder was built with another
+    instrument, whose records would not pair with the committed one's."""
+    import shutil
+
+    expected = _jload(os.path.join(instrument, INSTRUMENT_RECORD))["setup_id"]
+    present = [f for f in INSTRUMENT_FILES if os.path.isfile(os.path.join(sdir, f))]
+    if not present:
+        os.makedirs(sdir, exist_ok=True)
+        for f in INSTRUMENT_FILES:
+            shutil.copyfile(os.path.join(instrument, f), os.path.join(sdir, f + ".part"))
+            os.replace(os.path.join(sdir, f + ".part"), os.path.join(sdir, f))
+        logger.info("using the committed instrument %s (%s)", expected, instrument)
+    if len(present) in (0, len(INSTRUMENT_FILES)):
+        found = setup_identity(sdir, os.path.join(sdir, "autoencoder.ckpt"))
+        if found == expected:
+            return found
+        raise ValueError(f"{sdir} holds the instrument {found}, not the committed {expected} ({instrument}); use a "
+                         "new run folder (it adopts the committed instrument), or --new-instrument to keep this one")
+    raise ValueError(f"{sdir} holds only part of an instrument ({', '.join(present)}); remove them, or use a new run "
+                     "folder")
+
+
+def save_instrument(out: str, preset_name: str, protocol_hash: str, root: Optional[str] = None) -> str:
+    """Commit-ready copy of a run's instrument as ``<root>/v2_<preset>/`` (``--save-instrument``)."""
+    import shutil
+
+    sdir = os.path.join(out, "setup")
+    missing = [f for f in INSTRUMENT_FILES if not os.path.isfile(os.path.join(sdir, f))]
+    if missing:
+        raise ValueError(f"{sdir} lacks {missing}: run the benchmark there first")
+    target = os.path.join(root or INSTRUMENTS, f"v2_{preset_name}")
+    if os.path.isdir(target):
+        raise ValueError(f"{target} exists: an instrument is never replaced (records pair by it); remove it by hand "
+                         "only if no record uses it")
+    os.makedirs(target)
+    for f in INSTRUMENT_FILES:
+        shutil.copyfile(os.path.join(sdir, f), os.path.join(target, f))
+    setup_id = setup_identity(target, os.path.join(target, "autoencoder.ckpt"))
+    _jdump({"setup_id": setup_id, "preset": preset_name, "protocol_hash": protocol_hash, "files": list(INSTRUMENT_FILES),
+            "from_run": out, "code": rec.code_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+           os.path.join(target, INSTRUMENT_RECORD))
+    return target
+
+
 def setup_identity(sdir: str, ae_ckpt: str) -> str:
     """The instrument's id: the hash of the autoencoder's and the judges' checkpoints (records of one id pair up)."""
     return rec.canonical_hash({"autoencoder": _sha256(ae_ckpt),
                                **{f"judge_{j}": _sha256(os.path.join(sdir, f"judge_{j}.pt")) for j in JUDGES}})
 
 
-def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.device, progress: bool
-          ) -> dict[str, Any]:
-    """The shared instrument: data, autoencoder, moments, judges, calibration (cached in ``out/setup``)."""
+def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.device, progress: bool,
+          instrument: Optional[str] = None) -> dict[str, Any]:
+    """The shared instrument: data, autoencoder, moments, judges, calibration (cached in ``out/setup``); with
+    ``instrument`` (a committed one, :func:`instrument_dir`) its autoencoder and judges instead of training them."""
     sdir = os.path.join(out, "setup")
     os.makedirs(sdir, exist_ok=True)
+    if instrument is not None:
+        with exclusive(os.path.join(sdir, "instrument")):
+            adopt_instrument(sdir, instrument)
     train, test = split(preset, "train"), split(preset, "test")
     ae_ckpt, scale = _independent_stages(sdir, preset, train, device, progress)
     judges = {name: load_segmenter(os.path.join(sdir, f"judge_{name}.pt"), device)[0] for name in JUDGES}
@@ -621,7 +689,15 @@ def _main(args: argparse.Namespace) -> int:
                 args.out, phash, "claim" if claim else "development", seeds)
     t0 = time.perf_counter()
     ctx_code = rec.code_commit()  # the code this process runs (files edited while it runs do not change it)
-    inst = setup(args.out, preset, protocol, device, args.progress)
+    instrument = None if args.new_instrument else instrument_dir(name)
+    try:
+        inst = setup(args.out, preset, protocol, device, args.progress, instrument)
+    except ValueError as err:
+        print(f"anatomy.py: error: {err}", file=sys.stderr)
+        return 2
+    if args.save_instrument:
+        logger.info("wrote the instrument %s", save_instrument(args.out, name, phash))
+        return 0
     costs = model_costs(preset, arms, os.path.join(args.out, "setup", "costs.json"))
     setup_record = {"setup_id": inst["setup_id"], "protocol_hash": phash, "preset": name, "settings": settings,
                     "calibration": inst["calibration"], "costs": costs, "device": _device_name(device),

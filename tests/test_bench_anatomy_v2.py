@@ -268,3 +268,44 @@ def test_the_labelmap_dropout_arms_differ_from_plain_labelmap_only_in_the_dropou
     detail = v2.arm_config("plain_labelmap_detail4", preset, None, 1.0)  # only the condition's grid differs
     assert detail["params"]["unet_config"]["params"].pop("mask_condition_detail") == 4
     assert detail == base
+
+
+def test_a_committed_instrument_is_adopted_by_new_run_folders_and_a_foreign_one_refused(quick_run, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A claim run spans sessions and machines: the autoencoder and judges committed under bench/instruments are
+    copied into a new run folder instead of trained (its records carry that instrument's id), and a run folder
+    built with another instrument is refused."""
+    import json
+
+    import torch
+
+    import anatomy
+    import anatomy_v2 as av2
+
+    phash = json.load(open(os.path.join(quick_run, "run.json")))["protocol_hash"]
+    root = tmp_path / "instruments"
+    target = av2.save_instrument(quick_run, "quick", phash, root=str(root))
+    with pytest.raises(ValueError, match="is never replaced"):
+        av2.save_instrument(quick_run, "quick", phash, root=str(root))
+    judge = os.path.join(target, "judge_A.pt")  # another instrument than the one a quick run builds
+    state = torch.load(judge, weights_only=True)
+    first = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
+    state["state_dict"][first] = state["state_dict"][first] + 1e-3
+    torch.save(state, judge)
+    record_path = os.path.join(target, av2.INSTRUMENT_RECORD)
+    record = json.load(open(record_path))
+    record["setup_id"] = av2.setup_identity(target, os.path.join(target, "autoencoder.ckpt"))
+    json.dump(record, open(record_path, "w"))
+    monkeypatch.setattr(av2, "INSTRUMENTS", str(root))
+    new = str(tmp_path / "new")
+    args = ["--quick", "--no-progress", "--threads", "1", "--arms", "plain", "--seeds", "0"]
+    assert anatomy.main(["-o", new, *args]) == 0
+    adopted, _ = rec.read_record(os.path.join(new, "records", "plain_seed0.json"))
+    built, _ = rec.read_record(os.path.join(quick_run, "records", "plain_seed0.json"))
+    assert adopted["setup_id"] == record["setup_id"] != built["setup_id"]
+    for f in av2.INSTRUMENT_FILES:  # copied, not trained
+        assert open(os.path.join(new, "setup", f), "rb").read() == open(os.path.join(target, f), "rb").read()
+    capsys.readouterr()
+    assert anatomy.main(["-o", quick_run, *args]) == 2  # built with its own instrument: refused ...
+    assert f"not the committed {record['setup_id']}" in capsys.readouterr().err
+    assert anatomy.main(["-o", quick_run, *args, "--new-instrument"]) == 0  # ... unless asked to keep it
