@@ -387,7 +387,7 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
         done = [m for m, name in enumerate(names)
                 if all(os.path.isfile(os.path.join(out_dir, f))
                        for f in sample_files(name, per_mask, formats, save_masks, volume is not None))]
-        todo = [m for m in range(len(names)) if m not in set(done)]
+        todo = sorted(set(range(len(names))) - set(done))
         record: dict[str, Any] = {
             "status": "started", "masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler,
             "ddim_steps": ddim_steps, "eta": eta, "guidance_scale": guidance_scale, "ema": use_ema,
@@ -425,17 +425,13 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
                 if floats is not None:
                     np.save(os.path.join(out_dir, PARTIAL_DIR, f"{names[m]}.npy"),
                             floats[j * per_mask:(j + 1) * per_mask].astype(np.float32))
-                moves = []
-                for k in range(per_mask):
-                    index = f"{j * per_mask + k:06d}"
-                    for sub in ("masks", "masks_colour", "images") if save_masks else ("images",):
-                        for ext in (".nii.gz", ".npz", ".png"):
-                            if os.path.isfile(os.path.join(out_dir, sub, index + ext)):
-                                moves.append((os.path.join(out_dir, sub, index + ext),
-                                              os.path.join(out_dir, sub, f"{names[m]}_{k}{ext}")))
-                moves.sort(key=lambda move: move[0].endswith(".png") and f"{os.sep}images{os.sep}" in move[0])
-                for source, target in moves:
-                    os.replace(source, target)
+                moves = [(sub, f"{j * per_mask + k:06d}{ext}", f"{names[m]}_{k}{ext}") for k in range(per_mask)
+                         for sub in (("masks", "masks_colour") if save_masks else ()) + ("images",)
+                         for ext in (".nii.gz", ".npz", ".png")]
+                moves.sort(key=lambda move: move[0] == "images" and move[1].endswith(".png"))  # complete when last
+                for sub, source, target in moves:
+                    if os.path.isfile(os.path.join(out_dir, sub, source)):
+                        os.replace(os.path.join(out_dir, sub, source), os.path.join(out_dir, sub, target))
             bar.update(len(chunk) * per_mask)
         bar.close()
         if volume is not None:
