@@ -68,8 +68,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="mask-conditioned models (mask_condition): draw images for these label maps instead of "
                         "unconditional samples: a folder of PNG (class ids) / NPY masks, one such file, a NIfTI "
                         "label volume (sliced as the training data; the samples are also written as volumes in its "
-                        "geometry), or data:SPLIT[:N], the masks of the run config's data split (the first N); pixels with the run's ignore value (255) are unknown, so a partial mask is "
-                        "filled in. Writes images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new "
+                        "geometry), or data:SPLIT[:N], the masks of the run config's data split (the first N); "
+                        "pixels with the run's ignore value (255) are unknown, so a partial mask is filled in. Writes images/<mask>_<k>.png, condition_masks/ and from_masks.json into a new "
                         "folder (the same command again finishes an interrupted session there); --format npz/nii "
                         "and --hu as for unconditional samples (a label volume's NIfTI files are its volumes)")
     p.add_argument("--per_mask", type=int, default=1, metavar="K", help="with --masks: images per mask")
