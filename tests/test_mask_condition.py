@@ -547,22 +547,15 @@ def test_sampling_from_a_label_volume_writes_volumes_in_its_geometry(conditioned
 
 def test_a_raw_label_volume_is_mapped_by_the_training_datasets_label_map(conditioned_run, tmp_path):
     import json
-    import shutil
 
     import nibabel as nib
     import numpy as np
-    from omegaconf import OmegaConf
     from PIL import Image
 
     from test_sample_run import load_script
 
-    run = tmp_path / "2026-01-01T00-00-00_ctorg"
-    shutil.copytree(conditioned_run, run)
-    project = run / "configs" / "2026-01-01T00-00-00-project.yaml"
-    config = OmegaConf.load(project)
-    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, "train": {
-        "target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32, "label_map": {9: 2}}}}}
-    OmegaConf.save(config, project)
+    run = _run_with_data(conditioned_run, tmp_path, "ctorg", {"train": {
+        "target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32, "label_map": {9: 2}}}})
     slices = _label_volume(tmp_path / "raw.nii.gz", flip=False)
     raw = slices.copy()
     raw[slices == 2] = 9  # stored as 9, trained as 2 (the config's map)
@@ -585,20 +578,25 @@ def test_a_raw_label_volume_is_mapped_by_the_training_datasets_label_map(conditi
                                     "--no-progress", "--device", "cpu", "-l", str(tmp_path / "refused")])
 
 
-def _ct_run(conditioned_run, tmp_path):
-    """The conditioned run as a CT-Organ run (its dataset names the CT window the samples are drawn in)."""
+def _run_with_data(conditioned_run, tmp_path, name, splits):
+    """A copy of the conditioned run whose config has the data section ``splits`` (``{split: dataset config}``)."""
     import shutil
 
     from omegaconf import OmegaConf
 
-    run = tmp_path / "2026-01-01T00-00-00_ct"
+    run = tmp_path / f"2026-01-01T00-00-00_{name}"
     shutil.copytree(conditioned_run, run)
     project = run / "configs" / "2026-01-01T00-00-00-project.yaml"
     config = OmegaConf.load(project)
-    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, "train": {
-        "target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32}}}}
+    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, **splits}}
     OmegaConf.save(config, project)
     return str(run)
+
+
+def _ct_run(conditioned_run, tmp_path):
+    """The conditioned run as a CT-Organ run (its dataset names the CT window the samples are drawn in)."""
+    return _run_with_data(conditioned_run, tmp_path, "ct", {"train": {
+        "target": "ldm.data.medical_images.CTOrganTrain", "params": {"size": 32}}})
 
 
 def test_sampling_from_mask_files_writes_npz_nifti_and_hounsfield_units(conditioned_run, tmp_path):
@@ -748,23 +746,16 @@ def test_a_label_volume_session_in_hounsfield_units_with_own_masks_and_a_resume(
 
 def test_masks_from_the_runs_own_data_split(conditioned_run, tmp_path, monkeypatch):
     import json
-    import shutil
 
     import numpy as np
-    from omegaconf import OmegaConf
     from PIL import Image
 
     from ldm.data.phantom import PhantomDataset
     from test_sample_run import load_script
 
-    run = tmp_path / "2026-01-01T00-00-00_data"
-    shutil.copytree(conditioned_run, run)
-    project = run / "configs" / "2026-01-01T00-00-00-project.yaml"
-    config = OmegaConf.load(project)
     params = {"size": 32, "num_samples": 5, "seed": 3, "split": "validation"}
-    config.data = {"target": "main.DataModuleFromConfig", "params": {"batch_size": 2, "validation": {
-        "target": "ldm.data.phantom.PhantomDataset", "params": params}}}
-    OmegaConf.save(config, project)
+    run = _run_with_data(conditioned_run, tmp_path, "data", {"validation": {
+        "target": "ldm.data.phantom.PhantomDataset", "params": params}})
     sample = load_script("sample")
     out = tmp_path / "out"
     assert sample.main(["-r", str(run), "--masks", "data:validation:3", "-c", "2", "--no-progress", "--device", "cpu",
