@@ -227,11 +227,31 @@ def _sensitivity_lines(cal: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: the claim seeds every arm needs before a claim run's report is a claim (bench/PROTOCOL.md, "Number of claim seeds")
+DECIDED_CLAIM_SEEDS = (7301, 7302, 7303, 7304, 7305)
+
+
+def claim_status(summary: dict[str, Any]) -> str:
+    """What the report is: a complete claim run, a partial one (and what is missing), or not a claim."""
+    if summary["mixed_claim"]:
+        return "**mixed claim and development records: not a claim**"
+    if not summary["claim"]:
+        return "**development run, not a claim** (development seeds)"
+    missing = {arm: sorted(set(DECIDED_CLAIM_SEEDS) - set(summary["seeds"].get(arm, [])))
+               for arm in summary["protocol"]["arms"]}
+    missing = {arm: seeds for arm, seeds in missing.items() if seeds}
+    if missing:
+        return ("**partial claim run: not a claim until every arm has the claim seeds "
+                f"{list(DECIDED_CLAIM_SEEDS)}** (missing: "
+                + "; ".join(f"{arm} {seeds}" for arm, seeds in missing.items()) + ")")
+    if len(summary["setups"]) > 1:
+        return "**claim seeds from several instruments: pairs are formed within one, see Setups**"
+    return "**claim run** (the protocol's claim seeds)"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     proto = summary["protocol"]
-    kind = ("**claim run** (the protocol's claim seeds)" if summary["claim"] else
-            "**development run, not a claim** (development seeds)" if not summary["mixed_claim"] else
-            "**mixed claim and development records: not a claim**")
+    kind = claim_status(summary)
     out = [f"# Anatomy benchmark v2 report", "",
            f"{kind}; protocol `{proto['protocol']}` v{proto['version']}, hash `{summary['protocol_hash']}`; "
            f"code {', '.join(summary['commits'])}.", ""]

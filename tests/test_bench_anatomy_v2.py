@@ -309,3 +309,19 @@ def test_a_committed_instrument_is_adopted_by_new_run_folders_and_a_foreign_one_
     assert anatomy.main(["-o", quick_run, *args]) == 2  # built with its own instrument: refused ...
     assert f"not the committed {record['setup_id']}" in capsys.readouterr().err
     assert anatomy.main(["-o", quick_run, *args, "--new-instrument"]) == 0  # ... unless asked to keep it
+
+
+def test_a_claim_report_is_a_claim_only_when_every_arm_has_the_decided_seeds():
+    import anatomy_v2_report as report
+
+    seeds = list(report.DECIDED_CLAIM_SEEDS)
+    base = {"protocol": {"arms": ["plain", "matched", "anatomical"]}, "claim": True, "mixed_claim": False,
+            "setups": {"da1b59efe1a61e1f": {}}, "seeds": {a: seeds for a in ("plain", "matched", "anatomical")}}
+    assert report.claim_status(base) == "**claim run** (the protocol's claim seeds)"
+    partial = {**base, "seeds": {"plain": seeds[:2], "matched": seeds[:1]}}
+    status = report.claim_status(partial)
+    assert status.startswith("**partial claim run: not a claim")
+    assert "plain [7303, 7304, 7305]" in status and "anatomical [7301, 7302, 7303, 7304, 7305]" in status
+    assert "several instruments" in report.claim_status({**base, "setups": {"a": {}, "b": {}}})
+    assert "not a claim" in report.claim_status({**base, "mixed_claim": True})
+    assert "development run" in report.claim_status({**base, "claim": False})
