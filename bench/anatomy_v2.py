@@ -418,6 +418,12 @@ INSTRUMENT_FILES = ("autoencoder.ckpt", "autoencoder.json", *(f"judge_{j}.pt" fo
 INSTRUMENT_RECORD = "INSTRUMENT.json"
 
 
+def instrument_settings(preset: PresetV2) -> dict[str, Any]:
+    """What an instrument is built from: the preset's data, autoencoder and judge settings and the judges' specs."""
+    fields = ("size", "train_slices", "test_slices", "ae_steps", "ae_batch", "ae_ch", "seg_steps")
+    return json.loads(json.dumps({**{f: getattr(preset, f) for f in fields}, "judges": JUDGES}))
+
+
 def instrument_dir(preset_name: str, root: Optional[str] = None) -> Optional[str]:
     """The committed instrument of a preset (``bench/instruments/v2_<preset>/``: the autoencoder and the judges a
     claim run spanning sessions and machines shares), or None."""
@@ -425,13 +431,19 @@ def instrument_dir(preset_name: str, root: Optional[str] = None) -> Optional[str
     return path if os.path.isfile(os.path.join(path, INSTRUMENT_RECORD)) else None
 
 
-def adopt_instrument(sdir: str, instrument: str) -> str:
+def adopt_instrument(sdir: str, instrument: str, preset: PresetV2) -> str:
     """Copy a committed instrument into a run's ``setup/`` that has none of its files yet (an existing, complete one
     must be that instrument); returns its setup id. A mismatch is a ValueError: the run folder was built with another
-    instrument, whose records would not pair with the committed one's."""
+    instrument, whose records would not pair with the committed one's, or the preset now builds another one."""
     import shutil
 
-    expected = _jload(os.path.join(instrument, INSTRUMENT_RECORD))["setup_id"]
+    record = _jload(os.path.join(instrument, INSTRUMENT_RECORD))
+    expected = record["setup_id"]
+    built_from = record.get("instrument_settings")
+    if built_from is not None and built_from != instrument_settings(preset):
+        raise ValueError(f"the committed instrument {expected} ({instrument}) was built with other preset settings "
+                         f"({built_from}) than the preset's now ({instrument_settings(preset)}); pass "
+                         "--new-instrument (its records will not pair with the committed ones)")
     present = [f for f in INSTRUMENT_FILES if os.path.isfile(os.path.join(sdir, f))]
     if not present:
         os.makedirs(sdir, exist_ok=True)
@@ -449,7 +461,8 @@ def adopt_instrument(sdir: str, instrument: str) -> str:
                      "folder")
 
 
-def save_instrument(out: str, preset_name: str, protocol_hash: str, root: Optional[str] = None) -> str:
+def save_instrument(out: str, preset_name: str, preset: PresetV2, protocol_hash: str,
+                    root: Optional[str] = None) -> str:
     """Commit-ready copy of a run's instrument as ``<root>/v2_<preset>/`` (``--save-instrument``)."""
     import shutil
 
@@ -465,7 +478,8 @@ def save_instrument(out: str, preset_name: str, protocol_hash: str, root: Option
     for f in INSTRUMENT_FILES:
         shutil.copyfile(os.path.join(sdir, f), os.path.join(target, f))
     setup_id = setup_identity(target, os.path.join(target, "autoencoder.ckpt"))
-    _jdump({"setup_id": setup_id, "preset": preset_name, "protocol_hash": protocol_hash, "files": list(INSTRUMENT_FILES),
+    _jdump({"setup_id": setup_id, "preset": preset_name, "instrument_settings": instrument_settings(preset),
+            "protocol_hash": protocol_hash, "files": list(INSTRUMENT_FILES),
             "from_run": out, "code": rec.code_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
            os.path.join(target, INSTRUMENT_RECORD))
     return target
@@ -485,7 +499,7 @@ def setup(out: str, preset: PresetV2, protocol: dict[str, Any], device: torch.de
     os.makedirs(sdir, exist_ok=True)
     if instrument is not None:
         with exclusive(os.path.join(sdir, "instrument")):
-            adopt_instrument(sdir, instrument)
+            adopt_instrument(sdir, instrument, preset)
     train, test = split(preset, "train"), split(preset, "test")
     ae_ckpt, scale = _independent_stages(sdir, preset, train, device, progress)
     judges = {name: load_segmenter(os.path.join(sdir, f"judge_{name}.pt"), device)[0] for name in JUDGES}
@@ -696,7 +710,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"anatomy.py: error: {err}", file=sys.stderr)
         return 2
     if args.save_instrument:
-        logger.info("wrote the instrument %s", save_instrument(args.out, name, phash))
+        logger.info("wrote the instrument %s", save_instrument(args.out, name, preset, phash))
         return 0
     costs = model_costs(preset, arms, os.path.join(args.out, "setup", "costs.json"))
     setup_record = {"setup_id": inst["setup_id"], "protocol_hash": phash, "preset": name, "settings": settings,

@@ -284,9 +284,10 @@ def test_a_committed_instrument_is_adopted_by_new_run_folders_and_a_foreign_one_
 
     phash = json.load(open(os.path.join(quick_run, "run.json")))["protocol_hash"]
     root = tmp_path / "instruments"
-    target = av2.save_instrument(quick_run, "quick", phash, root=str(root))
+    quick = av2.PRESETS_V2["quick"]
+    target = av2.save_instrument(quick_run, "quick", quick, phash, root=str(root))
     with pytest.raises(ValueError, match="is never replaced"):
-        av2.save_instrument(quick_run, "quick", phash, root=str(root))
+        av2.save_instrument(quick_run, "quick", quick, phash, root=str(root))
     judge = os.path.join(target, "judge_A.pt")  # another instrument than the one a quick run builds
     state = torch.load(judge, weights_only=True)
     first = next(k for k, v in state["state_dict"].items() if v.is_floating_point())
@@ -309,6 +310,10 @@ def test_a_committed_instrument_is_adopted_by_new_run_folders_and_a_foreign_one_
     assert anatomy.main(["-o", quick_run, *args]) == 2  # built with its own instrument: refused ...
     assert f"not the committed {record['setup_id']}" in capsys.readouterr().err
     assert anatomy.main(["-o", quick_run, *args, "--new-instrument"]) == 0  # ... unless asked to keep it
+    import dataclasses
+
+    with pytest.raises(ValueError, match="built with other preset settings"):  # the preset now builds another one
+        av2.adopt_instrument(str(tmp_path / "other"), target, dataclasses.replace(quick, ae_steps=quick.ae_steps + 1))
 
 
 def test_a_claim_report_is_a_claim_only_when_every_arm_has_the_decided_seeds():
