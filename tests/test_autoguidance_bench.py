@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,6 +57,7 @@ def test_bad_settings_are_refused(tmp_path):
         assert proc.returncode == 2 and match in proc.stderr, proc.stderr[-1000:]
 
 
+@pytest.mark.slow(70)
 def test_claim_mode_records_each_model_once_and_reports_the_preregistered_tests(tmp_path):
     out = tmp_path / "claim"
     proc = _run("--quick", "--claim", "-o", str(out))

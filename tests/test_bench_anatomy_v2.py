@@ -270,6 +270,7 @@ def test_the_labelmap_dropout_arms_differ_from_plain_labelmap_only_in_the_dropou
     assert detail == base
 
 
+@pytest.mark.slow(60)
 def test_a_committed_instrument_is_adopted_by_new_run_folders_and_a_foreign_one_refused(quick_run, tmp_path,
                                                                                          monkeypatch, capsys):
     """A claim run spans sessions and machines: the autoencoder and judges committed under bench/instruments are
