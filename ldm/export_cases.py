@@ -88,15 +88,15 @@ def _from_masks_cases(sample_dir: str, record: Mapping[str, Any]) -> tuple[list[
     """The images of a ``sample.py --masks`` folder as cases, each labelled by the mask it was made from
     (``condition_masks/<mask>``, NIfTI beside NIfTI images; unknown pixels stay the ignore value), and the indices
     of masks skipped as incomplete."""
-    from ldm.sampling.masks import CONDITION_DIR, sample_files
+    from ldm.sampling.masks import CONDITION_DIR, mask_complete
 
     settings = record.get("settings") or {}
     formats = record.get("formats") or ["png"]
     volume = settings.get("volume_source") is not None
     cases, skipped = [], []
     for m, entry in enumerate(record.get("files") or []):
-        needed = sample_files(entry["mask"], len(entry["images"]), formats, bool(record.get("own_masks")), volume)
-        if not all(os.path.isfile(os.path.join(sample_dir, f)) for f in needed if not f.startswith(".")):
+        if not mask_complete(sample_dir, entry["mask"], len(entry["images"]), formats, bool(record.get("own_masks")),
+                             volume, staged=False):
             skipped.append(m)
             continue
         for k, name in enumerate(entry["images"]):

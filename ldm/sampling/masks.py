@@ -260,6 +260,16 @@ def sample_files(name: str, per_mask: int, formats: Any, save_masks: bool, volum
     return files + [f"images/{name}_{k}.png" for k in range(per_mask)]
 
 
+def mask_complete(out_dir: str, name: str, per_mask: int, formats: Any, save_masks: bool, volume: bool = False,
+                  staged: bool = True) -> bool:
+    """Whether every file of one mask's samples (:func:`sample_files`) is in ``out_dir``; ``staged=False`` leaves out
+    a label-volume session's staged float images (removed once its volumes are written)."""
+    import os
+
+    return all(os.path.isfile(os.path.join(out_dir, f)) for f in sample_files(name, per_mask, formats, save_masks, volume)
+               if staged or not f.startswith(PARTIAL_DIR))
+
+
 def _masks_sha256(names: list[str], labels: torch.Tensor) -> str:
     import hashlib
 
@@ -324,8 +334,7 @@ def masks_complete(out_dir: str) -> tuple[int, int]:
     except (OSError, ValueError, KeyError):
         return 0, 0
     volume = settings.get("volume_source") is not None
-    done = sum(all(os.path.isfile(os.path.join(out_dir, f)) for f in
-                   sample_files(n, settings["per_mask"], settings["formats"], settings["own_masks"], volume))
+    done = sum(mask_complete(out_dir, n, settings["per_mask"], settings["formats"], settings["own_masks"], volume)
                for n in settings["names"])
     return done, len(settings["names"])
 
@@ -385,8 +394,7 @@ def write_from_masks(model: torch.nn.Module, out_dir: str, names: list[str], mas
                 if _SAMPLE_FILE_RE.match(f):
                     os.remove(os.path.join(folder, f))
         done = [m for m, name in enumerate(names)
-                if all(os.path.isfile(os.path.join(out_dir, f))
-                       for f in sample_files(name, per_mask, formats, save_masks, volume is not None))]
+                if mask_complete(out_dir, name, per_mask, formats, save_masks, volume is not None)]
         todo = sorted(set(range(len(names))) - set(done))
         record: dict[str, Any] = {
             "status": "started", "masks": len(names), "per_mask": per_mask, "seed": seed, "sampler": sampler,
