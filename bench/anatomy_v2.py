@@ -98,6 +98,9 @@ ARMS_V2: dict[str, str] = {
     "plain_labelmap_detail4": "plain_labelmap with the condition on a 4x finer grid than the latent one, each "
                               "latent cell's 4x4 sub-cells stacked as channels (mask_condition_detail 4): where a "
                               "boundary runs inside a cell, which the cell's class fractions do not say",
+    "plain_repa": "the plain LDM trained with representation alignment (REPA, issue 29): its middle block's features "
+                  "of the noisy latent projected onto a frozen mask encoder's features of the clean sample's mask "
+                  "(an autoencoder of the real training masks, not a judge), weight 0.5; sampled as the plain LDM",
 }
 LABELMAP_CONDITION = {"key": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": 255, "dropout": 0.1,
                       "partial": 0.3}
@@ -110,6 +113,10 @@ LEAN_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                  "attention_alignment_weight": 0.0}, {"mask_head_levels": "all"}),
     "lean_stopgrad": ({"attention_alignment_weight": 0.0}, {"segmentation_stop_gradient": True}),
 }
+# arm -> its representation_alignment settings (LatentDiffusion); the encoder is trained once per run folder
+REPA_ARMS: dict[str, dict[str, Any]] = {"plain_repa": {"layer": "middle_block", "weight": 0.5, "hidden": 256}}
+REPA_ENCODER = {"patch": 4, "channels": 32, "depth": 1, "feature_dim": 64}  # MaskFeatureEncoder: on the latent grid
+REPA_ENCODER_TRAINING = {"steps": 600, "batch_size": 32, "lr": 2e-3, "seed": 2}  # quick preset: 10 steps
 JUDGES = {"A": {"base_channels": 16, "seed": 0}, "B": {"base_channels": 24, "seed": 1}}
 MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean", "lean_no_loss", "lean_v3", "lean_stopgrad")
 MATCH_TARGETS = {"matched": "anatomical", "matched_lean": "lean"}  # capacity-matched plain arm -> the arm it matches
@@ -289,6 +296,12 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
         if arm in MATCH_TARGETS:
             cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset, MATCH_TARGETS[arm])["unet"])
         return _first_stage_from_moments(cfg)
+    if arm in REPA_ARMS:
+        cfg = am.baseline_config(preset, ae_ckpt, scale_factor)
+        cfg["params"]["representation_alignment"] = {
+            "num_classes": NUM_CLASSES, "mask_key": "segmentation", "ignore_index": 255, **REPA_ARMS[arm],
+            "encoder": dict(REPA_ENCODER), "encoder_path": None if ae_ckpt is None else mask_encoder_path(ae_ckpt)}
+        return _first_stage_from_moments(cfg)
     no_loss = arm in ("registers_no_loss", "lean_no_loss")
     cfg = am.arm_config("registers_no_loss" if no_loss else "anatomical", preset, ae_ckpt, scale_factor)
     cfg = capacity.set_num_classes(cfg, NUM_CLASSES)
@@ -302,6 +315,29 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
         unet.update({k: len(unet["channel_mult"]) if v == "all" else v for k, v in unet_changes.items()})
     cfg["params"]["label_set"] = LABEL_SET
     return _first_stage_from_moments(cfg)
+
+
+def mask_encoder_path(ae_ckpt: str) -> str:
+    """Where a run keeps the REPA arms' mask encoder: beside its autoencoder, in the run's ``setup`` folder."""
+    return os.path.join(os.path.dirname(ae_ckpt), "mask_encoder.pt")
+
+
+def ensure_mask_encoder(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train the REPA arms' mask encoder on the run's real training masks once (a lock keeps two processes from
+    both training it); returns its meta (training settings and reconstruction accuracy, the file's sha256)."""
+    from ldm.modules.representation_alignment import load_mask_encoder, save_mask_encoder, train_mask_encoder
+
+    path = mask_encoder_path(ctx["setup"]["ae_ckpt"])
+    with exclusive(path):
+        if not os.path.isfile(path):
+            training = {**REPA_ENCODER_TRAINING, **({"steps": 10} if ctx["preset_name"] == "quick" else {})}
+            masks = ctx["setup"]["train"]["segmentation"].long()
+            model, info = train_mask_encoder(masks, NUM_CLASSES, ignore_index=255, progress=ctx["progress"],
+                                             **training, **REPA_ENCODER)
+            save_mask_encoder(path, model, {**training, **info})
+            logger.info("mask encoder %s: pixel accuracy %.4f after %d steps", path, info["pixel_accuracy"],
+                        info["steps"])
+    return {**load_mask_encoder(path)[1], "sha256": _sha256(path)}
 
 
 _MATCHED: dict[str, dict[str, Any]] = {}
@@ -591,6 +627,7 @@ def run_task(arm: str, seed: int, ctx: dict[str, Any]) -> str:
     steps = budgets(arm, preset, ctx["costs"])
     fractions = tuple(sorted({s / preset.steps for s in steps.values()}))
     data = {"image": ctx["setup"]["moments"], "segmentation": ctx["setup"]["train"]["segmentation"]}
+    extra_train = {"mask_encoder": ensure_mask_encoder(ctx)} if arm in REPA_ARMS else {}
     info = am.train_ldm(config, data, dataclasses.replace(preset, fractions=fractions), seed, tdir, ctx["device"],
                         progress=ctx["progress"])
     ckpts = {name: info["checkpoints"][str(s)] for name, s in steps.items()}
@@ -614,7 +651,7 @@ def run_task(arm: str, seed: int, ctx: dict[str, Any]) -> str:
               "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "model": {**ctx["costs"][arm], "config_sha": rec.canonical_hash(arm_config(arm, preset, None, 1.0))},
               "train": {"steps": preset.steps, "budget_steps": steps, "train_seconds": info["train_seconds"],
-                        "resumed_from_step": info.get("resumed_from_step", 0)},
+                        "resumed_from_step": info.get("resumed_from_step", 0), **extra_train},
               "evals": evals}
     written = rec.write_record(os.path.join(out, "records"), record, arrays)
     logger.info("record %s", written)

@@ -152,7 +152,8 @@ def training_flops_per_sample(model_config: dict, batch: int = 2, device: Any = 
     checkpoint path is ignored, nothing is loaded). A random latent batch ``[batch, channels, s, s]`` (the
     model's channels and latent size) and, for an anatomical model, random masks at image size with the
     config's number of classes are fed to ``p_losses`` (the training loss path from latents) under
-    ``flops.count``; a mask-conditioned model (``mask_condition``) gets random masks as its condition. Returns ``{"train_flops_per_sample", "sample_step_flops_per_sample",
+    ``flops.count``; a mask-conditioned model (``mask_condition``) gets random masks as its condition, one with
+    ``representation_alignment`` random masks for its alignment term (its frozen encoder and projector count). Returns ``{"train_flops_per_sample", "sample_step_flops_per_sample",
     "encode_flops_per_sample", "params", "batch"}`` (the encode is left out of the training FLOPs: it is the
     same frozen encoder for every arm; ``include_encode=False`` skips counting it and reports ``None``).
     """
@@ -170,6 +171,9 @@ def training_flops_per_sample(model_config: dict, batch: int = 2, device: Any = 
     if _uses_anatomy(model):
         extra["anatomy_target"] = torch.randint(0, _num_classes_of(model), (batch, image, image),
                                                 generator=gen).to(device)
+    if getattr(model, "representation_alignment", None) is not None:  # its encoder and projector run every step
+        extra["alignment_masks"] = torch.randint(0, model.representation_alignment.num_classes, (batch, image, image),
+                                                 generator=gen).to(device)
     condition = getattr(model, "mask_condition", None)
     if condition is not None:  # a mask-conditioned model is counted with its condition (its encoder runs)
         masks = torch.randint(0, condition.num_classes, (batch, image, image), generator=gen).to(device)

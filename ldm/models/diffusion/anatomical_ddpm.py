@@ -123,6 +123,9 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                  mask_scale_by_std: bool = False, joint_mask_loss_weight: float = 1.0, mask_from: str = "latents",
                  **kwargs: Any) -> None:
         ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", ())
+        if kwargs.get("representation_alignment") is not None:
+            raise ValueError("representation_alignment is a LatentDiffusion option; AnatomicalLatentDiffusion does not "
+                             "train it (its loss has its own mask terms): use ldm.models.diffusion.ddpm.LatentDiffusion")
         super().__init__(*args, **kwargs)
         unet = self.unet
         self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))

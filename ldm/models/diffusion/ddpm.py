@@ -27,6 +27,7 @@ from ldm.models.diffusion.wrapper import _NONE_STRINGS, CONDITIONING_KEYS, Diffu
 from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, make_beta_schedule, schedule_arrays
 from ldm.modules.ema import LitEma
 from ldm.modules.mask_condition import MaskCondition, check_mask_condition
+from ldm.modules.representation_alignment import build_representation_alignment
 from ldm.util import (FIRST_STAGE_SENTINEL, UNCONDITIONAL_SENTINEL, count_params, default, instantiate_from_config,
                       isimage)
 
@@ -294,6 +295,9 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         mask_condition: ``{key, num_classes, ignore_index, dropout, partial}``: condition on the batch's masks with
             condition dropout (:class:`~ldm.modules.mask_condition.MaskCondition`; unconditional models only, the
             UNet with ``mask_condition_classes: num_classes``).
+        representation_alignment: ``{num_classes, encoder_path, layer, weight, ...}``: in training, align a UNet
+            feature map to a frozen mask encoder's features of the batch's masks (REPA;
+            :class:`~ldm.modules.representation_alignment.RepresentationAlignment`); sampling is unchanged.
         **kwargs: the :class:`DDPM` parameters (``ckpt_path``/``ignore_keys`` load after the first stage is built).
     """
 
@@ -301,7 +305,8 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
                  num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
                  cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
                  conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
-                 mask_condition: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
+                 mask_condition: Optional[Mapping[str, Any]] = None,
+                 representation_alignment: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         self.scale_by_std = scale_by_std
         if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
@@ -331,6 +336,7 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.mask_condition = check_mask_condition(MaskCondition.from_config(mask_condition), self)
+        self.representation_alignment = build_representation_alignment(representation_alignment, self.unet)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -382,7 +388,15 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         if self.cond_stage_trainable:
             logger.info("%s: also optimizing conditioner params!", type(self).__name__)
             params = params + list(self.cond_stage_model.parameters())
+        if self.representation_alignment is not None:
+            params = params + list(self.representation_alignment.projector.parameters())
         return params
+
+    def on_train_start(self) -> None:
+        """Refuse to train representation alignment without a trained mask encoder (after any checkpoint restore)."""
+        super().on_train_start()
+        if self.representation_alignment is not None:
+            self.representation_alignment.check_ready()
 
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         """The first stage's encoding of ``x`` (a posterior distribution or a tensor)."""
@@ -485,7 +499,26 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
 
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict]:
         x, c = self.get_input(batch, self.first_stage_key)
-        return self(x, c)
+        if self.representation_alignment is None:
+            return self(x, c)
+        return self(x, c, alignment_masks=self.representation_alignment.batch_masks(batch, self.device))
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                 alignment_masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The diffusion loss, plus ``weight`` times the representation alignment to ``alignment_masks`` [B, H, W]
+        when the model has one and masks are given."""
+        align = self.representation_alignment
+        if align is None or alignment_masks is None:
+            return super().p_losses(x_start, cond, t, noise)
+        with align.capture(self.unet) as captured:
+            loss, loss_dict = super().p_losses(x_start, cond, t, noise)
+        align_loss = align.loss(captured.output, alignment_masks)
+        prefix = "train" if self.training else "val"
+        loss_dict[f"{prefix}/diffusion_loss"] = loss.detach()
+        loss_dict[f"{prefix}/alignment_loss"] = align_loss.detach()
+        loss = loss + align.weight * align_loss
+        loss_dict[f"{prefix}/loss"] = loss.detach()
+        return loss, loss_dict
 
     def forward(self, x: torch.Tensor, c: Any = None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()

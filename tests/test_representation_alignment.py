@@ -1,0 +1,186 @@
+"""Representation alignment to a frozen mask encoder (REPA, issue 29): the encoder learns the real masks, the term
+reaches the UNet and the projector but not the encoder, it is learnable, sampling is the plain LDM's, a checkpoint
+carries the encoder, a real Lightning run trains it, and each bad setting is refused with what to change."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from ldm.data.phantom import PhantomDataset
+from ldm.modules.representation_alignment import (MaskFeatureEncoder, load_mask_encoder, save_mask_encoder,
+                                                  train_mask_encoder)
+from ldm.training.scripted import scripted_trainer
+from ldm.util import instantiate_from_config
+from tiny_models import anatomical_params, ldm_config, unet_config
+
+CLASSES = 6  # the phantom's
+SIZE = 16  # image side; latents 8x8 (f2), the two-level UNet's middle block 4x4
+ENCODER = {"patch": 2, "channels": 16, "depth": 1, "feature_dim": 16}
+
+
+def _masks(n: int = 48, seed: int = 0) -> torch.Tensor:
+    ds = PhantomDataset(size=SIZE, num_samples=n, seed=seed)
+    return torch.stack([torch.as_tensor(ds[i]["segmentation"]) for i in range(n)]).long().squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory) -> str:
+    model, info = train_mask_encoder(_masks(), CLASSES, steps=300, batch_size=16, lr=3e-3, seed=0, **ENCODER)
+    return save_mask_encoder(str(tmp_path_factory.mktemp("enc") / "mask_encoder.pt"), model, info)
+
+
+def _config(encoder_path=None, **align):
+    settings = {"num_classes": CLASSES, "encoder_path": encoder_path, "encoder": dict(ENCODER), "hidden": 32,
+                **align}
+    return ldm_config(unet=unet_config(two_level=True), use_ema=False, representation_alignment=settings)
+
+
+def _batches(n: int, seed: int = 1, bs: int = 4):
+    ds = PhantomDataset(size=SIZE, num_samples=n * bs, seed=seed)
+    return [default_collate([ds[i] for i in range(bs * k, bs * k + bs)]) for k in range(n)]
+
+
+def test_the_mask_encoder_learns_the_real_masks_and_round_trips(encoder_file, tmp_path):
+    masks = _masks(32, seed=5)  # masks it was not trained on
+    model, meta = load_mask_encoder(encoder_file)
+    assert meta["steps"] == 300 and meta["pixel_accuracy"] > 0.9
+    onehot = torch.nn.functional.one_hot(masks, CLASSES).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        feats = model(onehot)
+        correct = model.reconstruct(onehot).argmax(1) == masks
+    assert feats.shape == (32, 16, SIZE // 2, SIZE // 2)
+    foreground = correct[masks > 0].float().mean().item()  # background alone is 92 % of the pixels
+    assert foreground > 0.85, foreground
+    assert all(not p.requires_grad for p in model.parameters())
+    with pytest.raises(FileNotFoundError, match="train one with"):
+        load_mask_encoder(str(tmp_path / "none.pt"))
+    with pytest.raises(ValueError, match=r"integer masks \[N, H, W\]"):
+        train_mask_encoder(masks.float(), CLASSES, steps=1)
+    with pytest.raises(ValueError, match="not divisible by the encoder's factor 4"):
+        train_mask_encoder(masks[:, :15, :15], CLASSES, steps=1, patch=4)
+    with pytest.raises(ValueError, match="patch >= 1"):
+        MaskFeatureEncoder(CLASSES, patch=0)
+
+
+def test_the_term_reaches_the_unet_and_projector_not_the_encoder(encoder_file):
+    torch.manual_seed(0)
+    model = instantiate_from_config(_config(encoder_file)).train()
+    loss, logs = model.shared_step(_batches(1)[0])
+    assert {"train/diffusion_loss", "train/alignment_loss", "train/loss"} <= set(logs)
+    assert torch.allclose(logs["train/loss"], logs["train/diffusion_loss"] + 0.5 * logs["train/alignment_loss"])
+    assert 0.0 < float(logs["train/alignment_loss"]) < 2.0
+    loss.backward()
+    align = model.representation_alignment
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in align.projector.parameters())
+    assert all(p.grad is None for p in align.encoder.parameters())
+    middle = model.unet.middle_block
+    assert sum(float(p.grad.abs().sum()) for p in middle.parameters() if p.grad is not None) > 0
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert all(id(p) in trainable for p in align.projector.parameters())
+    assert not any(id(p) in trainable for p in align.encoder.parameters())
+
+
+def test_alignment_is_learnable_and_the_weight_scales_it(encoder_file):
+    """A few optimiser steps on one batch at fixed noise lower the alignment loss well below its start; the
+    weight multiplies the term in the total loss."""
+    torch.manual_seed(0)
+    model = instantiate_from_config(_config(encoder_file, weight=2.0)).train()
+    batch = _batches(1)[0]
+    z, _ = model.get_input(batch, model.first_stage_key)
+    masks = model.representation_alignment.batch_masks(batch, model.device)
+    t, noise = torch.tensor([10, 200, 500, 900]), torch.randn_like(z)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss, logs = model.p_losses(z, None, t, noise, alignment_masks=masks)
+        losses.append(float(logs["train/alignment_loss"]))
+        assert torch.allclose(logs["train/loss"], logs["train/diffusion_loss"] + 2.0 * logs["train/alignment_loss"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_sampling_and_the_unet_are_the_plain_ldms(encoder_file):
+    torch.manual_seed(0)
+    plain = instantiate_from_config(ldm_config(unet=unet_config(two_level=True), use_ema=False))
+    torch.manual_seed(0)
+    aligned = instantiate_from_config(_config(encoder_file))
+    extra = set(aligned.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("representation_alignment.") for k in extra)
+    aligned.load_state_dict({**aligned.state_dict(), **plain.state_dict()})
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(aligned.apply_model(x, t), plain.apply_model(x, t))
+    # without masks (validation of an unlabelled batch, or a caller that gives none) the loss is the plain one
+    z = torch.randn(2, 2, 8, 8)
+    noise = torch.randn_like(z)
+    with torch.no_grad():
+        assert torch.equal(aligned.p_losses(z, None, t, noise)[0], plain.p_losses(z, None, t, noise)[0])
+
+
+def test_a_lightning_run_trains_it_and_its_checkpoint_carries_the_encoder(encoder_file, tmp_path):
+    torch.manual_seed(0)
+    model = instantiate_from_config(_config(encoder_file))
+    model.learning_rate = 1e-3
+    before = copy.deepcopy(model.representation_alignment.projector.state_dict())
+    ds = PhantomDataset(size=SIZE, num_samples=16, seed=2)
+    trainer = scripted_trainer(torch.device("cpu"), 4, progress=False)
+    trainer.fit(model, DataLoader(ds, batch_size=4))
+    assert trainer.global_step == 4
+    after = model.representation_alignment.projector.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the projector trained
+    ckpt = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(ckpt)
+    # on another machine the encoder's file is absent: the checkpoint's weights are the encoder
+    elsewhere = instantiate_from_config(_config(str(tmp_path / "not_here.pt")))
+    assert float(elsewhere.representation_alignment.encoder_ready) == 0.0
+    with pytest.raises(ValueError, match="no trained mask encoder"):
+        elsewhere.on_train_start()
+    elsewhere.init_from_ckpt(ckpt)
+    elsewhere.on_train_start()  # ready now
+    saved = load_mask_encoder(encoder_file)[0].state_dict()
+    loaded = elsewhere.representation_alignment.encoder.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # and a fresh run without any encoder is refused before its first step
+    fresh = instantiate_from_config(_config(None))
+    fresh.learning_rate = 1e-3
+    with pytest.raises(ValueError, match="encoder_path"):
+        scripted_trainer(torch.device("cpu"), 1, progress=False).fit(fresh, DataLoader(ds, batch_size=4))
+
+
+def test_bad_settings_are_refused(encoder_file):
+    with pytest.raises(ValueError, match="unknown keys \\['weigth'\\]"):
+        instantiate_from_config(_config(encoder_file, weigth=1.0))
+    with pytest.raises(ValueError, match="'middle' is not a module of the UNet"):
+        instantiate_from_config(_config(encoder_file, layer="middle"))
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        instantiate_from_config(_config(encoder_file, weight=-1.0))
+    with pytest.raises(ValueError, match="takes 6 classes, representation_alignment.num_classes is 4"):
+        instantiate_from_config(_config(encoder_file, num_classes=4))
+    model = instantiate_from_config(_config(encoder_file))
+    batch = _batches(1)[0]
+    del batch["segmentation"]
+    with pytest.raises(ValueError, match="no key 'segmentation'"):
+        model.shared_step(batch)
+    anatomical = ldm_config(True, unet=unet_config(two_level=True, anatomy=anatomical_params()),
+                            representation_alignment={"num_classes": CLASSES, "encoder_path": encoder_file})
+    with pytest.raises(ValueError, match="AnatomicalLatentDiffusion does not train it"):
+        instantiate_from_config(anatomical)
+
+
+def test_an_output_block_can_be_aligned_and_unlabelled_masks_add_nothing(encoder_file):
+    torch.manual_seed(0)
+    model = instantiate_from_config(_config(encoder_file, layer="output_blocks.0")).train()
+    z, t = torch.randn(2, 2, 8, 8), torch.tensor([5, 600])
+    masks = _masks(2)
+    _, logs = model.p_losses(z, None, t, alignment_masks=masks)
+    assert 0.0 < float(logs["train/alignment_loss"]) < 2.0
+    unknown = torch.full_like(masks, 255)
+    loss, logs = model.p_losses(z, None, t, alignment_masks=unknown)
+    assert float(logs["train/alignment_loss"]) == 0.0
+    assert os.path.isfile(encoder_file)
