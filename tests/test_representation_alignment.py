@@ -184,3 +184,43 @@ def test_an_output_block_can_be_aligned_and_unlabelled_masks_add_nothing(encoder
     loss, logs = model.p_losses(z, None, t, alignment_masks=unknown)
     assert float(logs["train/alignment_loss"]) == 0.0
     assert os.path.isfile(encoder_file)
+
+
+def test_the_demo_config_trains_its_encoder_then_through_main_and_samples_without_it(tmp_path, monkeypatch):
+    """The user path of README_anatomical.md: scripts/train_mask_encoder.py writes the encoder where the demo REPA
+    config points, main.py trains the LDM with it, and sample.py samples the run with the encoder's file gone."""
+    import main
+    from omegaconf import OmegaConf
+
+    from test_sample_run import load_script
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "latent-diffusion")
+    config = os.path.join(configs, "demo_phantom_repa.yaml")
+    load = lambda name: OmegaConf.to_container(OmegaConf.load(os.path.join(configs, name)))  # noqa: E731
+    repa, plain = load("demo_phantom_repa.yaml"), load("demo_phantom_ldm.yaml")
+    align = repa["model"]["params"].pop("representation_alignment")
+    assert repa == plain and align["num_classes"] == 6  # the plain demo plus the alignment, nothing else
+    monkeypatch.chdir(tmp_path)  # the config's encoder_path is relative (logs/...)
+    script = load_script("train_mask_encoder")
+    assert script.main(["--config", config, "--steps", "20", "--max_masks", "64", "--threads", "1"]) == 0
+    encoder = tmp_path / align["encoder_path"]
+    model, meta = load_mask_encoder(str(encoder))
+    assert meta["masks"] == 64 and meta["steps"] == 20 and model.hparams["feature_dim"] == 64
+    small = ["lightning.trainer.max_steps=2", "lightning.trainer.limit_val_batches=1",
+             "lightning.callbacks.image_logger.params.batch_frequency=1000", "data.params.batch_size=4",
+             "data.params.train.params.num_samples=8", "data.params.validation.params.num_samples=4",
+             "model.params.first_stage_config.params.ckpt_path=null"]
+    logs = tmp_path / "runs"
+    assert main.main(["--base", config, "-t", "--accelerator", "cpu", "-l", str(logs), "-n", "repa", *small]) == 0
+    (run,) = list(logs.iterdir())
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert float(state["representation_alignment.encoder_ready"]) == 1.0
+    assert torch.equal(state["representation_alignment.encoder.encoder.0.weight"],
+                       model.state_dict()["encoder.0.weight"])
+    encoder.unlink()  # sampling needs neither the encoder nor masks
+    out = tmp_path / "out"
+    assert load_script("sample").main(["-r", str(run), "-n", "2", "-c", "2", "--no-progress", "--device", "cpu",
+                                       "-l", str(out)]) == 0
+    assert len(os.listdir(out / "images")) == 2
+    with pytest.raises(ValueError, match="give --num_classes and -o/--output"):
+        script.main(["--config", os.path.join(configs, "demo_phantom_ldm.yaml"), "--steps", "1"])
