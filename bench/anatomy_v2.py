@@ -101,6 +101,9 @@ ARMS_V2: dict[str, str] = {
     "plain_repa": "the plain LDM trained with representation alignment (REPA, issue 29): its middle block's features "
                   "of the noisy latent projected onto a frozen mask encoder's features of the clean sample's mask "
                   "(an autoencoder of the real training masks, not a judge), weight 0.5; sampled as the plain LDM",
+    "lean_stopgrad_repa": "lean_stopgrad (the lean registers as capacity, a stop-gradient mask probe) trained with "
+                          "plain_repa's representation alignment: the layout from the alignment, the masks from "
+                          "the probe",
 }
 LABELMAP_CONDITION = {"key": "segmentation", "num_classes": NUM_CLASSES, "ignore_index": 255, "dropout": 0.1,
                       "partial": 0.3}
@@ -114,11 +117,14 @@ LEAN_CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lean_stopgrad": ({"attention_alignment_weight": 0.0}, {"segmentation_stop_gradient": True}),
 }
 # arm -> its representation_alignment settings (LatentDiffusion); the encoder is trained once per run folder
-REPA_ARMS: dict[str, dict[str, Any]] = {"plain_repa": {"layer": "middle_block", "weight": 0.5, "hidden": 256}}
+REPA_SETTINGS = {"layer": "middle_block", "weight": 0.5, "hidden": 256}  # REPA's weight; U-REPA's layer
+REPA_ARMS: dict[str, tuple[str, dict[str, Any]]] = {"plain_repa": ("plain", REPA_SETTINGS),
+                                                    "lean_stopgrad_repa": ("lean_stopgrad", REPA_SETTINGS)}
 REPA_ENCODER = {"patch": 4, "channels": 32, "depth": 1, "feature_dim": 64}  # MaskFeatureEncoder: on the latent grid
 REPA_ENCODER_TRAINING = {"steps": 600, "batch_size": 32, "lr": 2e-3, "seed": 2}  # quick preset: 10 steps
 JUDGES = {"A": {"base_channels": 16, "seed": 0}, "B": {"base_channels": 24, "seed": 1}}
-MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean", "lean_no_loss", "lean_v3", "lean_stopgrad")
+MASK_ARMS_V2 = ("anatomical", "registers_no_loss", "lean", "lean_no_loss", "lean_v3", "lean_stopgrad",
+                "lean_stopgrad_repa")
 MATCH_TARGETS = {"matched": "anatomical", "matched_lean": "lean"}  # capacity-matched plain arm -> the arm it matches
 LEAN_VARIANT = "lean_low"  # bench/register_cost.py variant the lean arm trains
 CAPACITY_TOL = 0.05  # the protocol's capacity_tolerance
@@ -297,11 +303,12 @@ def arm_config(arm: str, preset: PresetV2, ae_ckpt: Optional[str], scale_factor:
             cfg["params"]["unet_config"]["params"] = copy.deepcopy(matched_unet(preset, MATCH_TARGETS[arm])["unet"])
         return _first_stage_from_moments(cfg)
     if arm in REPA_ARMS:
-        cfg = am.baseline_config(preset, ae_ckpt, scale_factor)
+        base, settings = REPA_ARMS[arm]
+        cfg = arm_config(base, preset, ae_ckpt, scale_factor)
         cfg["params"]["representation_alignment"] = {
-            "num_classes": NUM_CLASSES, "mask_key": "segmentation", "ignore_index": 255, **REPA_ARMS[arm],
+            "num_classes": NUM_CLASSES, "mask_key": "segmentation", "ignore_index": 255, **settings,
             "encoder": dict(REPA_ENCODER), "encoder_path": None if ae_ckpt is None else mask_encoder_path(ae_ckpt)}
-        return _first_stage_from_moments(cfg)
+        return cfg
     no_loss = arm in ("registers_no_loss", "lean_no_loss")
     cfg = am.arm_config("registers_no_loss" if no_loss else "anatomical", preset, ae_ckpt, scale_factor)
     cfg = capacity.set_num_classes(cfg, NUM_CLASSES)

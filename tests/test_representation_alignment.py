@@ -167,10 +167,22 @@ def test_bad_settings_are_refused(encoder_file):
     del batch["segmentation"]
     with pytest.raises(ValueError, match="no key 'segmentation'"):
         model.shared_step(batch)
-    anatomical = ldm_config(True, unet=unet_config(two_level=True, anatomy=anatomical_params()),
-                            representation_alignment={"num_classes": CLASSES, "encoder_path": encoder_file})
-    with pytest.raises(ValueError, match="AnatomicalLatentDiffusion does not train it"):
-        instantiate_from_config(anatomical)
+
+
+def test_the_anatomical_model_adds_it_to_its_own_mask_terms(encoder_file):
+    """AnatomicalLatentDiffusion: total = diffusion + w * anatomical + weight * alignment, from the same masks."""
+    torch.manual_seed(0)
+    config = ldm_config(True, unet=unet_config(two_level=True, anatomy=anatomical_params()), use_ema=False,
+                        anatomical_warmup_steps=2, representation_alignment={
+                            "num_classes": CLASSES, "encoder_path": encoder_file, "hidden": 32, "weight": 0.25})
+    model = instantiate_from_config(config).train()
+    loss, logs = model.shared_step(_batches(1)[0])
+    assert float(logs["train/anatomical_loss"]) > 0 and 0 < float(logs["train/alignment_loss"]) < 2
+    expected = (logs["train/diffusion_loss"] + logs["train/weighted_anatomical_loss"]
+                + 0.25 * logs["train/alignment_loss"])
+    assert torch.allclose(logs["train/loss"], expected) and torch.allclose(loss.detach(), expected)
+    loss.backward()
+    assert all(p.grad is not None for p in model.representation_alignment.projector.parameters())
 
 
 def test_an_output_block_can_be_aligned_and_unlabelled_masks_add_nothing(encoder_file):
@@ -224,3 +236,37 @@ def test_the_demo_config_trains_its_encoder_then_through_main_and_samples_withou
     assert len(os.listdir(out / "images")) == 2
     with pytest.raises(ValueError, match="give --num_classes and -o/--output"):
         script.main(["--config", os.path.join(configs, "demo_phantom_ldm.yaml"), "--steps", "1"])
+
+
+def test_the_benchmark_arms_are_their_base_arms_plus_the_alignment_and_run_quick(tmp_path):
+    """bench/anatomy.py --quick trains plain_repa and lean_stopgrad_repa with an encoder trained once on the run's
+    real masks (recorded), counts the alignment's FLOPs in training only, and judges lean_stopgrad_repa's masks."""
+    import json
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import anatomy
+    import anatomy_v2 as av2
+
+    preset = av2.PRESETS_V2["quick"]
+    for arm, base in (("plain_repa", "plain"), ("lean_stopgrad_repa", "lean_stopgrad")):
+        cfg, ref = av2.arm_config(arm, preset, "/run/setup/autoencoder.ckpt", 1.0), \
+            av2.arm_config(base, preset, "/run/setup/autoencoder.ckpt", 1.0)
+        align = cfg["params"].pop("representation_alignment")
+        assert cfg == ref and align["encoder_path"] == "/run/setup/mask_encoder.pt" and align["weight"] == 0.5
+    out = str(tmp_path / "run")
+    assert anatomy.main(["-o", out, "--quick", "--arms", "plain,plain_repa,lean_stopgrad_repa", "--seeds", "0",
+                         "--no-progress", "--threads", "1"]) == 0
+    records = {a: json.load(open(os.path.join(out, "records", f"{a}_seed0.json")))
+               for a in ("plain", "plain_repa", "lean_stopgrad_repa")}
+    encoder = records["plain_repa"]["train"]["mask_encoder"]
+    assert encoder["steps"] == 10 and encoder["seed"] == 2 and 0 < encoder["pixel_accuracy"] <= 1
+    assert records["lean_stopgrad_repa"]["train"]["mask_encoder"]["sha256"] == encoder["sha256"]  # trained once
+    plain, repa = records["plain"]["model"], records["plain_repa"]["model"]
+    assert 1.0 < repa["train_flops_per_sample"] / plain["train_flops_per_sample"] < 1.3
+    assert repa["sample_step_flops_per_sample"] == plain["sample_step_flops_per_sample"]
+    assert records["plain_repa"]["train"]["budget_steps"]["flops"] < records["plain_repa"]["train"]["steps"]
+    assert "own_mask" in records["lean_stopgrad_repa"]["evals"]["steps/ddim"]
+    assert "own_mask" not in records["plain_repa"]["evals"]["steps/ddim"]

@@ -123,9 +123,6 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
                  mask_scale_by_std: bool = False, joint_mask_loss_weight: float = 1.0, mask_from: str = "latents",
                  **kwargs: Any) -> None:
         ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", ())
-        if kwargs.get("representation_alignment") is not None:
-            raise ValueError("representation_alignment is a LatentDiffusion option; AnatomicalLatentDiffusion does not "
-                             "train it (its loss has its own mask terms): use ldm.models.diffusion.ddpm.LatentDiffusion")
         super().__init__(*args, **kwargs)
         unet = self.unet
         self.use_anatomy = bool(getattr(unet, "use_anatomical_registers", False))
@@ -280,13 +277,22 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
             routed["labelled"] = self.joint_mask.present(batch, self.anatomical_mask_key, device=self.device)
         if self.use_anatomy:
             routed["anatomy_target"] = self.get_anatomy_target(batch, labelled_only=True)
+        if self.representation_alignment is not None:
+            routed["alignment_masks"] = self.representation_alignment.batch_masks(batch, self.device)
         return self(x, c, **routed)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                 anatomy_target: Optional[torch.Tensor] = None, labelled: Optional[torch.Tensor] = None):
+                 anatomy_target: Optional[torch.Tensor] = None, labelled: Optional[torch.Tensor] = None,
+                 alignment_masks: Optional[torch.Tensor] = None):
         """The diffusion loss (in joint mode over the image and mask channel groups, the mask channels of the
         examples not ``labelled`` [B] pure noise) plus ``w(step)`` times the anatomical objective on
-        ``anatomy_target``."""
+        ``anatomy_target``, plus the representation alignment to ``alignment_masks`` when configured."""
+        return self.with_alignment(lambda: self.anatomical_losses(x_start, cond, t, noise, anatomy_target, labelled),
+                                   alignment_masks)
+
+    def anatomical_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor],
+                          anatomy_target: Optional[torch.Tensor], labelled: Optional[torch.Tensor]):
+        """:meth:`p_losses` without the representation alignment."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start=x_start, t=t, noise=noise)
         groups = ()

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -505,16 +505,23 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                  alignment_masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The diffusion loss, plus ``weight`` times the representation alignment to ``alignment_masks`` [B, H, W]
-        when the model has one and masks are given."""
+        """The diffusion loss, plus the representation alignment to ``alignment_masks`` [B, H, W] when the model
+        has one and masks are given (:meth:`with_alignment`)."""
+        return self.with_alignment(lambda: super(LatentDiffusion, self).p_losses(x_start, cond, t, noise),
+                                   alignment_masks)
+
+    def with_alignment(self, losses: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                       alignment_masks: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``losses()`` (one training loss with its UNet call), plus ``weight`` times the alignment of the UNet's
+        aligned layer in that call to ``alignment_masks``; ``losses()`` alone without alignment or masks."""
         align = self.representation_alignment
         if align is None or alignment_masks is None:
-            return super().p_losses(x_start, cond, t, noise)
+            return losses()
         with align.capture(self.unet) as captured:
-            loss, loss_dict = super().p_losses(x_start, cond, t, noise)
+            loss, loss_dict = losses()
         align_loss = align.loss(captured.output, alignment_masks)
         prefix = "train" if self.training else "val"
-        loss_dict[f"{prefix}/diffusion_loss"] = loss.detach()
+        loss_dict.setdefault(f"{prefix}/diffusion_loss", loss.detach())
         loss_dict[f"{prefix}/alignment_loss"] = align_loss.detach()
         loss = loss + align.weight * align_loss
         loss_dict[f"{prefix}/loss"] = loss.detach()
