@@ -84,15 +84,42 @@ def read_sample_manifest(sample_dir: str) -> dict[str, Any]:
     return read_manifest(sample_dir)
 
 
-def _from_masks_cases(sample_dir: str, record: Mapping[str, Any]) -> tuple[list[Case], list[int]]:
+def _volume_cases(sample_dir: str, record: Mapping[str, Any]) -> list[Case]:
+    """A finished label-volume session's volumes as 3D cases: ``images_<k>.nii.gz``, each labelled by
+    ``condition_masks.nii.gz`` (the label volume it was drawn from, on its grid); a ValueError if the session has
+    not written them yet."""
+    volumes = record.get("volumes") or {}
+    files = list(volumes.get("files") or [])
+    images = sorted((f for f in files if f.startswith("images_")), key=lambda f: int(f[len("images_"):-7]))
+    label = os.path.join(sample_dir, "condition_masks.nii.gz")
+    missing = [f for f in [*images, "condition_masks.nii.gz"] if not os.path.isfile(os.path.join(sample_dir, f))]
+    if not images or missing:
+        raise ValueError(f"{sample_dir}: this label-volume session has not written its volumes yet (they are written "
+                         f"once every slice is done{'; missing ' + ', '.join(missing) if missing else ''}); run its "
+                         "sample.py command again to finish it, or export its finished slices with --slices")
+    stem = os.path.basename(str(volumes.get("source") or "volume"))
+    for ext in (".nii.gz", ".nii"):
+        stem = stem[:-len(ext)] if stem.endswith(ext) else stem
+    return [Case(_case_name(SYNTHETIC_PREFIX, f"{stem}_{k}"), os.path.join(sample_dir, name), label, "nifti",
+                 "synthetic", {"sample_index": k, "mask": str(volumes.get("source")), "seed": record.get("seed"),
+                               "session": "from_masks", "format": "nifti volume",
+                               "ignore_index": record.get("ignore_index")})
+            for k, name in enumerate(images)]
+
+
+def _from_masks_cases(sample_dir: str, record: Mapping[str, Any], slices: bool = False
+                      ) -> tuple[list[Case], list[int]]:
     """The images of a ``sample.py --masks`` folder as cases, each labelled by the mask it was made from
     (``condition_masks/<mask>``, NIfTI beside NIfTI images; unknown pixels stay the ignore value), and the indices
-    of masks skipped as incomplete."""
+    of masks skipped as incomplete. A label-volume session gives its volumes (:func:`_volume_cases`) unless
+    ``slices``: then its finished slices, each a single-slice case."""
     from ldm.sampling.masks import CONDITION_DIR, mask_complete
 
     settings = record.get("settings") or {}
     formats = record.get("formats") or ["png"]
     volume = settings.get("volume_source") is not None
+    if volume and not slices:
+        return _volume_cases(sample_dir, record), []
     cases, skipped = [], []
     for m, entry in enumerate(record.get("files") or []):
         if not mask_complete(sample_dir, entry["mask"], len(entry["images"]), formats, bool(record.get("own_masks")),
@@ -129,7 +156,8 @@ def _session_of(index: int, sessions: Sequence[Mapping[str, Any]]) -> Optional[M
     return found
 
 
-def synthetic_cases(sample_dir: str, manifest: Mapping[str, Any]) -> tuple[list[Case], list[int]]:
+def synthetic_cases(sample_dir: str, manifest: Mapping[str, Any], slices: bool = False
+                    ) -> tuple[list[Case], list[int]]:
     """The sample folder's samples as cases, and the indices skipped as incomplete.
 
     A sample counts when its image PNG exists (``sample.py`` writes it last, after every other file of the sample);
@@ -139,7 +167,7 @@ def synthetic_cases(sample_dir: str, manifest: Mapping[str, Any]) -> tuple[list[
     from ldm.sample_io import IMAGE_DIR, MASK_DIR, present_files
 
     if manifest.get("from_masks") is not None:
-        return _from_masks_cases(sample_dir, manifest["from_masks"])
+        return _from_masks_cases(sample_dir, manifest["from_masks"], slices)
     sessions = manifest.get("sessions") or []
     if not any(s.get("masks") for s in sessions) and not manifest.get("mask_source"):
         raise ValueError(f"{os.path.join(sample_dir, 'samples.json')} records no masks: a training set needs a label "

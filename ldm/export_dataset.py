@@ -150,14 +150,15 @@ def _warn_about_units_and_slices(units: Mapping[str, list[str]], thin: Sequence[
 def export_dataset(sample_dir: str, out_dir: str, dataset_id: int, name: str, real_dir: Optional[str] = None,
                    real_split: str = "train", benchmark: Optional[str] = None, label_set: Optional[str] = None,
                    channel_name: Optional[str] = None, overwrite: bool = False,
-                   progress: bool = True) -> ExportResult:
+                   progress: bool = True, slices: bool = False) -> ExportResult:
     """Write ``sample_dir`` (and ``real_dir``) as ``out_dir/DatasetNNN_name`` (module docstring); returns what was
-    written. Every input is checked before the first file is written; the dataset appears only when complete."""
+    written. Every input is checked before the first file is written; the dataset appears only when complete.
+    ``slices``: a label-volume ``--masks`` session as single-slice cases instead of its volumes."""
     folder = dataset_folder_name(dataset_id, name)
     target = _check_target(out_dir, folder, overwrite)
     manifest = read_sample_manifest(sample_dir)
     labels = label_set_for(manifest, label_set)
-    synthetic, skipped = synthetic_cases(sample_dir, manifest)
+    synthetic, skipped = synthetic_cases(sample_dir, manifest, slices)
     if skipped:
         logger.warning("%s: samples %s are incomplete (an interrupted session) and are not exported", sample_dir,
                        skipped[:10])

@@ -45,6 +45,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "for CT runs, else zscore)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing non-empty dataset folder (only once the new one is complete)")
+    p.add_argument("--slices", action="store_true",
+                   help="a sample.py --masks session of a NIfTI label volume: export its slices as single-slice "
+                        "cases instead of its volumes (images_<k>.nii.gz labelled by condition_masks.nii.gz)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = export_dataset(args.samples, args.out, args.dataset_id, args.name, real_dir=args.real,
                             real_split=args.real_split, benchmark=args.benchmark, label_set=args.label_set,
-                            channel_name=args.channel_name, overwrite=args.overwrite, progress=args.progress)
+                            channel_name=args.channel_name, overwrite=args.overwrite, progress=args.progress,
+                            slices=args.slices)
     print(f"wrote {result.num_synthetic} synthetic and {result.num_real} real cases to {result.dataset_dir} "
           f"(nnU-Net: {result.dataset_json}; MONAI: {result.datalist}; card: {result.card_md})")
     return 0

@@ -509,7 +509,7 @@ def _label_volume(path, side=32, flip=True):
     return slices
 
 
-def test_sampling_from_a_label_volume_writes_volumes_in_its_geometry(conditioned_run, tmp_path):
+def test_sampling_from_a_label_volume_writes_volumes_in_its_geometry(conditioned_run, tmp_path, monkeypatch):
     import json
 
     import nibabel as nib
@@ -543,6 +543,27 @@ def test_sampling_from_a_label_volume_writes_volumes_in_its_geometry(conditioned
     resampled = nib.load(big / "condition_masks.nii.gz")
     assert resampled.shape == (32, 32, 5)
     assert np.allclose(np.linalg.norm(resampled.affine[:3, :3], axis=0), [1.5 * 40 / 32, 1.5 * 40 / 32, 2.5])
+    # exported for nnU-Net as volumes: each images_<k> a 3D case labelled by the label volume, on its grid
+    from ldm.export_dataset import export_dataset
+
+    result = export_dataset(str(out), str(tmp_path / "raw"), 512, "Volumes", progress=False)
+    assert sorted(result.cases) == ["syn_labels_0", "syn_labels_1"]
+    root = tmp_path / "raw" / "Dataset512_Volumes"
+    label = nib.load(root / "labelsTr" / "syn_labels_1.nii.gz")
+    image = nib.load(root / "imagesTr" / "syn_labels_1_0000.nii.gz")
+    drawn_from = nib.load(out / "condition_masks.nii.gz")
+    assert label.shape == image.shape == drawn_from.shape == (32, 32, 5)
+    assert np.array_equal(np.asarray(label.dataobj), np.asarray(drawn_from.dataobj))
+    assert np.allclose(image.affine, drawn_from.affine) and np.allclose(label.affine, drawn_from.affine)
+    assert np.allclose(np.asarray(image.dataobj), np.asarray(nib.load(out / "images_1.nii.gz").dataobj))
+    sliced = export_dataset(str(out), str(tmp_path / "raw"), 513, "Slices", progress=False, slices=True)
+    assert len(sliced.cases) == 10 and "syn_labels_0004_1" in sliced.cases  # 5 slices x 2 draws
+    pytest.importorskip("nnunetv2")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(result.dataset_dir, num_processes=1)  # nnU-Net's own checker accepts the volumes
 
 
 def test_a_raw_label_volume_is_mapped_by_the_training_datasets_label_map(conditioned_run, tmp_path):
@@ -722,6 +743,11 @@ def test_a_label_volume_session_in_hounsfield_units_with_own_masks_and_a_resume(
 
     monkeypatch.setattr(sample_io, "save_samples", interrupted)
     assert sample.cli([*common, "--hu", "-l", str(hu)]) == 130
+    from ldm.export_dataset import export_dataset
+
+    with pytest.raises(ValueError, match="has not written its volumes yet.*--slices"):  # unfinished: no volumes
+        export_dataset(str(hu), str(tmp_path / "raw"), 514, "Unfinished", progress=False)
+    assert not (tmp_path / "raw" / "Dataset514_Unfinished").exists()
     monkeypatch.setattr(sample_io, "save_samples", real_save)
     assert sample.main([*common, "--hu", "-l", str(hu)]) == 0
     record = json.loads((hu / "from_masks.json").read_text())
