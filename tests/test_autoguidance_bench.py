@@ -97,3 +97,48 @@ def test_claim_mode_refuses_development_seeds_and_other_runs(tmp_path):
     (tmp_path / "run" / "run.json").write_text(json.dumps({"protocol_hash": "feedfacefeedface"}))
     proc = _run("--claim", "--run", str(tmp_path / "run"), "-o", str(tmp_path / "y"), timeout=120)
     assert proc.returncode == 2 and "is a run of protocol feedfacefeedface" in proc.stderr
+
+
+def test_a_claim_report_waits_for_every_model_unless_asked(tmp_path, monkeypatch, capsys):
+    """--claim on a real run folder: with some of the addendum's models recorded, no report is written (nobody reads
+    a claim before its end) unless --partial-report, which marks it partial; with all of them it is the claim.
+    (Made-up records; the run folder's models are all recorded, so nothing is sampled.)"""
+    bench = os.path.join(ROOT, "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import autoguidance_v2 as ag
+    import records as rec
+    import trained_v2 as tv2
+
+    addendum = ag.load_addendum()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"protocol_hash": addendum["base_protocol_hash"]}))
+    real_setup = tv2.study_setup  # the quick preset's judge instead of a trained run's (nothing is sampled)
+    monkeypatch.setattr(tv2, "study_setup", lambda r, quick, device: real_setup(r, True, device))
+    records, out = tmp_path / "records", tmp_path / "report"
+    records.mkdir()
+    keys = [f"{s}:{k}" for s in addendum["primary"]["samplers"] for k in ("unguided", "auto_equal_evals",
+                                                                         "auto_equal_steps")]
+
+    def record(arm, seed):
+        rate = 0.3 + 0.01 * (seed - 7300) + (0.1 if arm == "anatomical" else 0.0)
+        (records / f"{arm}_seed{seed}.json").write_text(json.dumps({
+            "addendum_hash": rec.canonical_hash(addendum), "arm": arm, "training_seed": seed,
+            "results": {k: {"pass_rate": rate + (0.05 if "auto" in k else 0.0)} for k in keys}}))
+
+    for seed in addendum["training_seeds"][:2]:
+        for arm in addendum["arms"]:
+            record(arm, seed)
+    args = ["--claim", "--run", str(run), "--records", str(records), "-o", str(out), "--seeds", "7301,7302"]
+    assert ag.main(args) == 0
+    assert "the report is written when all are in" in capsys.readouterr().out and not out.exists()
+    assert ag.main([*args, "--partial-report"]) == 0
+    assert "partial: 2 of 5 training seeds" in (out / "autoguidance_claim.md").read_text()
+    for seed in addendum["training_seeds"][2:]:
+        for arm in addendum["arms"]:
+            record(arm, seed)
+    assert ag.main([*args[:-2]]) == 0
+    report = json.loads((out / "autoguidance_claim.json").read_text())
+    assert report["is_claim"] is True and report["complete_seeds"] == addendum["training_seeds"]
+    assert "every seed is in" in (out / "autoguidance_claim.md").read_text()
