@@ -166,7 +166,11 @@ def test_bad_settings_are_refused(encoder_file):
     batch = _batches(1)[0]
     del batch["segmentation"]
     with pytest.raises(ValueError, match="no key 'segmentation'"):
-        model.shared_step(batch)
+        model.train().shared_step(batch)  # training needs the masks
+    model.eval()
+    with torch.no_grad():  # validation data without masks: the plain loss, no alignment term
+        _, logs = model.shared_step(batch)
+    assert "val/alignment_loss" not in logs and "val/loss_simple" in logs
 
 
 def test_the_anatomical_model_adds_it_to_its_own_mask_terms(encoder_file):

@@ -214,8 +214,12 @@ class RepresentationAlignment(nn.Module):
                              "encoder_path to a file of ldm.modules.representation_alignment.save_mask_encoder "
                              "(or start from a checkpoint that holds one)")
 
-    def batch_masks(self, batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-        """The batch's masks ``[B, H, W]`` (int64, on ``device``); ValueError naming the key if absent."""
+    def batch_masks(self, batch: Mapping[str, Any], device: torch.device, required: bool = True
+                    ) -> Optional[torch.Tensor]:
+        """The batch's masks ``[B, H, W]`` (int64, on ``device``); without ``mask_key`` in the batch a ValueError
+        naming it, or ``None`` when not ``required`` (validation data without masks: no alignment term)."""
+        if not required and self.mask_key not in batch:
+            return None
         return masks_from_batch(batch, self.mask_key, self.ignore_index).to(device)
 
     @contextlib.contextmanager

@@ -278,7 +278,8 @@ class AnatomicalLatentDiffusion(LatentDiffusion):
         if self.use_anatomy:
             routed["anatomy_target"] = self.get_anatomy_target(batch, labelled_only=True)
         if self.representation_alignment is not None:
-            routed["alignment_masks"] = self.representation_alignment.batch_masks(batch, self.device)
+            align = self.representation_alignment
+            routed["alignment_masks"] = align.batch_masks(batch, self.device, required=self.training)
         return self(x, c, **routed)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,

@@ -501,7 +501,8 @@ class LatentDiffusion(ScaleByStdMixin, DDPM):
         x, c = self.get_input(batch, self.first_stage_key)
         if self.representation_alignment is None:
             return self(x, c)
-        return self(x, c, alignment_masks=self.representation_alignment.batch_masks(batch, self.device))
+        masks = self.representation_alignment.batch_masks(batch, self.device, required=self.training)
+        return self(x, c, alignment_masks=masks)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
                  alignment_masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
