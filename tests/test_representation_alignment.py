@@ -274,3 +274,60 @@ def test_the_benchmark_arms_are_their_base_arms_plus_the_alignment_and_run_quick
     assert records["plain_repa"]["train"]["budget_steps"]["flops"] < records["plain_repa"]["train"]["steps"]
     assert "own_mask" in records["lean_stopgrad_repa"]["evals"]["steps/ddim"]
     assert "own_mask" not in records["plain_repa"]["evals"]["steps/ddim"]
+    # its pre-registered addendum's report (bench/arm_addendum.py) from these records: complete, partial, refused
+    import arm_addendum
+
+    first = records["plain_repa"]
+
+    def addendum_file(name, seeds, repa_sha):
+        block = {"addendum": "anatomy-v2-arm", "name": "repa-quick", "version": 1,
+                 "base_protocol_hash": first["protocol_hash"], "setup_id": first["setup_id"],
+                 "arms": {"plain_repa": repa_sha, "plain": records["plain"]["model"]["config_sha"]},
+                 "training_seeds": seeds,
+                 "primary": {"contrasts": [["plain_repa", "plain", "flops"]], "samplers": ["ddim", "ddim_eta1"],
+                             "alpha": 0.05},
+                 "secondary": {"contrasts": [["plain_repa", "plain", "steps"]], "samplers": ["ddim"]}}
+        path = tmp_path / name
+        path.write_text("# quick addendum\n\n```json\n" + json.dumps(block) + "\n```\n")
+        return str(path)
+
+    report_dir = tmp_path / "addendum"
+    complete = addendum_file("a.md", [0], first["model"]["config_sha"])
+    assert arm_addendum.main(["--addendum", complete, "--records", os.path.join(out, "records"),
+                              "-o", str(report_dir)]) == 0
+    report = json.load(open(report_dir / "repa_quick.json"))
+    assert report["is_claim"] is True and report["seeds"]["plain_repa"] == [0]
+    test = report["primary"]["plain_repa - plain (flops, ddim)"]
+    expected = (first["evals"]["flops/ddim"]["judges"]["A"]["primary"]["pass_rate"]
+                - records["plain"]["evals"]["flops/ddim"]["judges"]["A"]["primary"]["pass_rate"])
+    assert test["n"] == 1 and abs(test["diff"] - expected) < 1e-12  # one seed: a difference, no p
+    assert "every arm has every seed" in (report_dir / "repa_quick.md").read_text()
+    waiting = addendum_file("b.md", [0, 1], first["model"]["config_sha"])
+    assert arm_addendum.main(["--addendum", waiting, "--records", os.path.join(out, "records"),
+                              "-o", str(tmp_path / "early")]) == 0
+    assert not (tmp_path / "early").exists()  # seed 1 is missing: no report unless asked
+    assert arm_addendum.main(["--addendum", waiting, "--records", os.path.join(out, "records"),
+                              "-o", str(tmp_path / "early"), "--partial-report"]) == 0
+    assert "partial, not a claim: missing plain_repa [1]; plain [1]" in (tmp_path / "early" / "repa_quick.md").read_text()
+    changed = addendum_file("c.md", [0], "0000000000000000")
+    assert arm_addendum.main(["--addendum", changed, "--records", os.path.join(out, "records")]) == 2
+
+
+def test_the_pre_registered_addendum_fixes_the_arms_as_the_code_builds_them():
+    """bench/PROTOCOL_REPA.md names the config_sha of plain_repa and plain at the cpu preset: the code must still
+    build exactly those (an edited arm would be refused by its report)."""
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import anatomy_v2 as av2
+    import arm_addendum
+    import records as rec
+
+    addendum = arm_addendum.load_arm_addendum(os.path.join(bench, "PROTOCOL_REPA.md"))
+    assert addendum["base_protocol_hash"] == "74420cfae902bce0" and addendum["training_seeds"] == [7301, 7302, 7303,
+                                                                                                   7304, 7305]
+    for arm, sha in addendum["arms"].items():
+        if sha is not None:
+            assert rec.canonical_hash(av2.arm_config(arm, av2.PRESETS_V2["cpu"], None, 1.0)) == sha, arm
