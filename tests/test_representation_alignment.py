@@ -62,6 +62,8 @@ def test_the_mask_encoder_learns_the_real_masks_and_round_trips(encoder_file, tm
         train_mask_encoder(masks.float(), CLASSES, steps=1)
     with pytest.raises(ValueError, match="not divisible by the encoder's factor 4"):
         train_mask_encoder(masks[:, :15, :15], CLASSES, steps=1, patch=4)
+    with pytest.raises(ValueError, match=r"labels \[6\] outside 0..5"):
+        train_mask_encoder(torch.full((2, 8, 8), 6), CLASSES, steps=1, patch=2)
     with pytest.raises(ValueError, match="patch >= 1"):
         MaskFeatureEncoder(CLASSES, patch=0)
 
@@ -308,7 +310,8 @@ def test_the_benchmark_arms_are_their_base_arms_plus_the_alignment_and_run_quick
     assert not (tmp_path / "early").exists()  # seed 1 is missing: no report unless asked
     assert arm_addendum.main(["--addendum", waiting, "--records", os.path.join(out, "records"),
                               "-o", str(tmp_path / "early"), "--partial-report"]) == 0
-    assert "partial, not a claim: missing plain_repa [1]; plain [1]" in (tmp_path / "early" / "repa_quick.md").read_text()
+    early = (tmp_path / "early" / "repa_quick.md").read_text()
+    assert "partial, not a claim: missing plain_repa [1]; plain [1]" in early
     changed = addendum_file("c.md", [0], "0000000000000000")
     assert arm_addendum.main(["--addendum", changed, "--records", os.path.join(out, "records")]) == 2
 

@@ -1,4 +1,4 @@
-"""Representation alignment to a frozen mask encoder (REPA, Yu et al. 2025; U-REPA for UNets, Tian et al. 2025).
+"""Representation alignment to a frozen mask encoder (REPA, Yu et al. 2025, and U-REPA, its UNet form).
 
 During training, a feature map of the UNet on the *noisy* latent (by default the middle block's output) is mapped by
 a small projector (three 1x1 convolutions, training only) and pulled, position by position, towards the features a
@@ -94,6 +94,11 @@ def train_mask_encoder(masks: torch.Tensor, num_classes: int, steps: int = 600, 
     if steps < 1 or len(masks) < 1:
         raise ValueError(f"train_mask_encoder needs steps >= 1 and at least one mask, got {steps} and {len(masks)}")
     size = masks.shape[-1]
+    bad = (masks != ignore_index) & ((masks < 0) | (masks >= num_classes))
+    if bool(bad.any()):
+        found = sorted(masks[bad].unique().tolist())[:10]
+        raise ValueError(f"the masks hold labels {found} outside 0..{num_classes - 1} (ignore index {ignore_index}); "
+                         "set num_classes to the masks' class count")
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
