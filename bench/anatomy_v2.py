@@ -330,12 +330,27 @@ def mask_encoder_path(ae_ckpt: str) -> str:
 
 
 def ensure_mask_encoder(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train the REPA arms' mask encoder on the run's real training masks once (a lock keeps two processes from
-    both training it); returns its meta (training settings and reconstruction accuracy, the file's sha256)."""
+    """The REPA arms' mask encoder of a run: the committed instrument's (``mask_encoder.pt`` beside its judges) when
+    the run uses that instrument, so records of any machine share it; else trained once on the run's real training
+    masks (a lock keeps two processes from both training it). Returns its meta (training settings and
+    reconstruction accuracy, the file's sha256)."""
     from ldm.modules.representation_alignment import load_mask_encoder, save_mask_encoder, train_mask_encoder
 
     path = mask_encoder_path(ctx["setup"]["ae_ckpt"])
+    committed = instrument_dir(ctx["preset_name"])
+    source = None if committed is None else os.path.join(committed, "mask_encoder.pt")
+    if source is not None and os.path.isfile(source):  # only a run of the committed instrument shares it
+        same = _jload(os.path.join(committed, INSTRUMENT_RECORD))["setup_id"] == ctx["setup"]["setup_id"]
+        source = source if same else None
+    else:
+        source = None
     with exclusive(path):
+        if not os.path.isfile(path) and source is not None:
+            import shutil
+
+            shutil.copyfile(source, path + ".part")
+            os.replace(path + ".part", path)
+            logger.info("mask encoder: the committed one (%s)", source)
         if not os.path.isfile(path):
             training = {**REPA_ENCODER_TRAINING, **({"steps": 10} if ctx["preset_name"] == "quick" else {})}
             masks = ctx["setup"]["train"]["segmentation"].long()

@@ -334,3 +334,34 @@ def test_the_pre_registered_addendum_fixes_the_arms_as_the_code_builds_them():
     for arm, sha in addendum["arms"].items():
         if sha is not None:
             assert rec.canonical_hash(av2.arm_config(arm, av2.PRESETS_V2["cpu"], None, 1.0)) == sha, arm
+
+
+def test_a_run_of_the_committed_instrument_shares_its_committed_mask_encoder(tmp_path, monkeypatch, encoder_file):
+    """bench/anatomy_v2.ensure_mask_encoder: the committed instrument's mask_encoder.pt is copied into a run that uses
+    that instrument (records of any machine share it, same sha256); a run of another instrument trains its own."""
+    import hashlib
+    import shutil
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import anatomy_v2 as av2
+
+    root = tmp_path / "instruments" / "v2_quick"
+    root.mkdir(parents=True)
+    (root / av2.INSTRUMENT_RECORD).write_text('{"setup_id": "committed0000000"}')
+    shutil.copyfile(encoder_file, root / "mask_encoder.pt")
+    monkeypatch.setattr(av2, "INSTRUMENTS", str(tmp_path / "instruments"))
+
+    def ctx(name, setup_id):
+        (tmp_path / name / "setup").mkdir(parents=True)
+        return {"preset_name": "quick", "progress": False,
+                "setup": {"ae_ckpt": str(tmp_path / name / "setup" / "autoencoder.ckpt"), "setup_id": setup_id,
+                          "train": {"segmentation": _masks(16)}}}
+
+    shared = av2.ensure_mask_encoder(ctx("same", "committed0000000"))
+    assert shared["sha256"] == hashlib.sha256(open(encoder_file, "rb").read()).hexdigest()
+    assert shared["steps"] == 300  # the committed encoder's own training, not the quick preset's 10 steps
+    own = av2.ensure_mask_encoder(ctx("other", "another00000000"))
+    assert own["steps"] == 10 and own["sha256"] != shared["sha256"]
