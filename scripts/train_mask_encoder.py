@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"--config {args.config!r} not found")
     loaded = OmegaConf.load(args.config)
     chosen = settings(args, resolve_config(loaded) or {})
-    spec = f"{DATA_PREFIX}{args.split}" + (f":{args.max_masks}" if args.max_masks else "")
+    spec = f"{DATA_PREFIX}{args.split}" + (f":{args.max_masks}" if args.max_masks is not None else "")
     _, masks = read_dataset_masks(loaded, spec, progress=True)
     model, info = train_mask_encoder(torch.from_numpy(masks).long().to(device), chosen["num_classes"],
                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
