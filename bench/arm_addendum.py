@@ -77,8 +77,8 @@ def addendum_report(collected: dict[str, Any], addendum: dict[str, Any]) -> dict
     seeds = {arm: sorted({r["training_seed"] for r, _ in records if r["arm"] == arm}) for arm in addendum["arms"]}
     keys = sorted({f"{c[2]}/{s}" for part in ("primary", "secondary") for c in addendum[part]["contrasts"]
                    for s in addendum[part]["samplers"]})
-    means = {arm: {k: mean_interval(list(_per_seed(records, k).get(arm, {}).values())) for k in keys}
-             for arm in addendum["arms"]}
+    per_key = {k: _per_seed(records, k) for k in keys}  # once per key, not once per (arm, key)
+    means = {arm: {k: mean_interval(list(per_key[k].get(arm, {}).values())) for k in keys} for arm in addendum["arms"]}
     primary = _tests(records, addendum["primary"]["contrasts"], addendum["primary"]["samplers"])
     for name, p in holm({k: v.get("p") for k, v in primary.items()}).items():
         primary[name]["p_holm"] = p

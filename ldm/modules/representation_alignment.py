@@ -108,8 +108,6 @@ def train_mask_encoder(masks: torch.Tensor, num_classes: int, steps: int = 600, 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     from tqdm import tqdm
 
-    loss = torch.zeros(())
-    accuracy = 0.0
     for _ in tqdm(range(int(steps)), desc="mask encoder", disable=not progress):
         idx = torch.randint(0, len(masks), (min(batch_size, len(masks)),), generator=gen).to(masks.device)
         mask = masks[idx].long()
